@@ -1,0 +1,132 @@
+"""The privileged kernel side of a FUSE mount: open /dev/fuse, mount(2), umount2(2), readahead.
+
+The CSI node plugin (root) mounts the target itself and hands the /dev/fuse fd to an
+unprivileged ``objfs serve``; libfuse accepts ``/dev/fd/N`` as an already-mounted fd. Nothing
+here talks to the network or parses untrusted data.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import stat
+from dataclasses import dataclass
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MNT_FORCE = 1
+MNT_DETACH = 2
+UMOUNT_NOFOLLOW = 8
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+def mount_fuse(
+    target: str,
+    *,
+    fsname: str = "objfs",
+    subtype: str = "objfs",
+    read_only: bool = False,
+    allow_other: bool = False,
+    max_read: int = 1024 * 1024,
+) -> int:
+    """Open /dev/fuse and mount it on ``target``; return the fd (inheritable) to serve.
+
+    The fd belongs to the caller: hand it to the server, then close the caller's copy.
+    """
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        opts = [f"fd={fd}", f"rootmode={stat.S_IFDIR:o}", "user_id=0", "group_id=0", f"max_read={max_read}"]
+        if allow_other:
+            opts.append("allow_other")
+        flags = MS_NOSUID | MS_NODEV | (MS_RDONLY if read_only else 0)
+        rc = _libc.mount(
+            fsname.encode(), target.encode(), f"fuse.{subtype}".encode(), flags, ",".join(opts).encode()
+        )
+        if rc != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"mount of {target} failed: {os.strerror(e)}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def unmount(target: str, *, lazy: bool = False) -> None:
+    """umount2(target). ``lazy`` detaches a mount whose server is gone or busy."""
+    flags = UMOUNT_NOFOLLOW | (MNT_DETACH if lazy else 0)
+    if _libc.umount2(target.encode(), flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"unmount of {target} failed: {os.strerror(e)}")
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    mount_id: int
+    major_minor: str
+    root: str
+    mount_point: str
+    options: str
+    fstype: str
+    source: str
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mounts(path: str = "/proc/self/mountinfo") -> list[MountEntry]:
+    entries = []
+    with open(path) as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            a = left.split()
+            b = right.split()
+            if len(a) < 6 or len(b) < 2:
+                continue
+            entries.append(MountEntry(int(a[0]), a[2], _unescape(a[3]), _unescape(a[4]), a[5], b[0],
+                                      _unescape(b[1])))
+    return entries
+
+
+def find_mount(target: str) -> MountEntry | None:
+    """The topmost mount whose mount point is exactly ``target``."""
+    # Never stat or realpath the target: a FUSE mount whose server is gone (or not yet
+    # started) would block the caller until the connection is aborted.
+    target = os.path.normpath(os.path.abspath(target))
+    found = None
+    for m in mounts():
+        if m.mount_point == target:
+            found = m
+    return found
+
+
+def set_readahead(target: str, kb: int) -> bool:
+    """Raise the kernel readahead of a FUSE mount (its bdi) so buffered reads arrive as large
+    requests. Needs root; returns False where the knob is not writable."""
+    m = find_mount(target)
+    if m is None:
+        return False
+    path = f"/sys/class/bdi/{m.major_minor}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(str(kb))
+        return True
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM, errno.ENOENT, errno.EROFS):
+            return False
+        raise

@@ -1,0 +1,134 @@
+"""The object store protocol.
+
+Backends (``s3``, ``gcs``) implement ``BlockingStore``: plain blocking, thread-safe methods that
+raise only ``fusefs.errors`` exceptions. ``AsyncStore`` wraps one for trio code: every call runs
+in a worker thread under a capacity limiter (the event loop never blocks on the network) inside
+our single retry policy. The CSI controller, which is threaded, calls a ``BlockingStore`` through
+``retry.call_sync``.
+
+Keys here are full keys inside the bucket; the mount's prefix is applied by the layers above.
+``ObjectInfo.version`` is the token that pins one version of an object: the S3 ETag, or the
+GCS generation. ``get_range`` with ``version`` set fails with ``ObjectChangedError`` instead of
+returning bytes of another version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+import trio
+
+from .. import retry
+from ..retry import RetryPolicy
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    version: str  # S3 ETag (quotes stripped) or GCS generation
+    mtime: float  # seconds since the epoch
+
+
+@dataclass
+class ListPage:
+    objects: list[ObjectInfo] = field(default_factory=list)
+    prefixes: list[str] = field(default_factory=list)  # full keys ending in the delimiter
+    next_token: str | None = None
+
+
+class MultipartUpload(Protocol):
+    """One in-progress multipart upload. Parts are numbered from 1; all but the last must be at
+    least the store's minimum part size (5 MiB on S3)."""
+
+    key: str
+
+    def upload_part(self, number: int, data: bytes | memoryview) -> None: ...
+    def complete(self) -> ObjectInfo: ...
+    def abort(self) -> None: ...
+
+
+class BlockingStore(Protocol):
+    """A bucket on some object store, with blocking calls. Implementations are thread-safe."""
+
+    #: identifies the store and bucket in cache keys, e.g. "s3|http://127.0.0.1:9000|bucket"
+    identity: str
+    bucket: str
+
+    def head(self, key: str) -> ObjectInfo: ...
+    def list(
+        self, prefix: str, delimiter: str | None = "/", token: str | None = None, max_keys: int = 1000
+    ) -> ListPage: ...
+    def get_range(self, key: str, start: int, length: int, version: str | None = None) -> bytes: ...
+    def put(self, key: str, data: bytes | memoryview) -> ObjectInfo: ...
+    def put_file(self, key: str, path: str) -> ObjectInfo: ...
+    def create_multipart(self, key: str) -> MultipartUpload: ...
+    def copy(self, src: str, dst: str) -> ObjectInfo: ...
+    def delete(self, key: str) -> None: ...
+    def bucket_exists(self) -> bool: ...
+    def create_bucket(self) -> None: ...
+    def delete_bucket(self) -> None: ...
+    def check_access(self) -> None:
+        """Raise the right error if the bucket is missing, unreachable or denied."""
+        ...
+
+
+class AsyncStore:
+    """Trio front of a ``BlockingStore``: worker threads, a limiter, one retry policy."""
+
+    def __init__(self, store: BlockingStore, max_concurrent: int = 16, policy: RetryPolicy | None = None):
+        self.blocking = store
+        self.identity = store.identity
+        self.limiter = trio.CapacityLimiter(max_concurrent)
+        self.policy = policy or RetryPolicy()
+        self.requests = 0  # requests issued, retries included (for stats)
+
+    async def _run(self, what: str, fn: Callable[[], T]) -> T:
+        async def attempt() -> T:
+            self.requests += 1
+            return await trio.to_thread.run_sync(fn, limiter=self.limiter, abandon_on_cancel=True)
+
+        return await retry.call_async(attempt, self.policy, what)
+
+    async def head(self, key: str) -> ObjectInfo:
+        return await self._run(f"HEAD {key}", lambda: self.blocking.head(key))
+
+    async def list(
+        self, prefix: str, delimiter: str | None = "/", token: str | None = None, max_keys: int = 1000
+    ) -> ListPage:
+        return await self._run(
+            f"LIST {prefix}", lambda: self.blocking.list(prefix, delimiter, token, max_keys)
+        )
+
+    async def get_range(self, key: str, start: int, length: int, version: str | None = None) -> bytes:
+        return await self._run(
+            f"GET {key}[{start}:+{length}]", lambda: self.blocking.get_range(key, start, length, version)
+        )
+
+    async def put(self, key: str, data: bytes | memoryview) -> ObjectInfo:
+        return await self._run(f"PUT {key}", lambda: self.blocking.put(key, data))
+
+    async def put_file(self, key: str, path: str) -> ObjectInfo:
+        return await self._run(f"PUT {key}", lambda: self.blocking.put_file(key, path))
+
+    async def create_multipart(self, key: str) -> MultipartUpload:
+        return await self._run(f"CREATE-MULTIPART {key}", lambda: self.blocking.create_multipart(key))
+
+    async def upload_part(self, upload: MultipartUpload, number: int, data: bytes | memoryview) -> None:
+        await self._run(f"PART {upload.key}#{number}", lambda: upload.upload_part(number, data))
+
+    async def complete(self, upload: MultipartUpload) -> ObjectInfo:
+        return await self._run(f"COMPLETE {upload.key}", upload.complete)
+
+    async def abort(self, upload: MultipartUpload) -> None:
+        await self._run(f"ABORT {upload.key}", upload.abort)
+
+    async def copy(self, src: str, dst: str) -> ObjectInfo:
+        return await self._run(f"COPY {src} {dst}", lambda: self.blocking.copy(src, dst))
+
+    async def delete(self, key: str) -> None:
+        await self._run(f"DELETE {key}", lambda: self.blocking.delete(key))

