@@ -1,0 +1,32 @@
+"""Shared fixtures: real object stores on loopback, started once per test session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fusefs.config import MountConfig
+from tests.servers import RcloneS3
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RcloneS3]:
+    """One ``rclone serve s3`` for the whole session; each test gets its own bucket."""
+    with RcloneS3(tmp_path_factory.mktemp("s3") / "data") as server:
+        yield server
+
+
+@pytest.fixture
+def bucket(s3_server: RcloneS3) -> str:
+    return s3_server.create_bucket()
+
+
+@pytest.fixture
+def s3_config(s3_server: RcloneS3, bucket: str, tmp_path: Path) -> MountConfig:
+    """A MountConfig for a fresh bucket, with a node cache in this test's temp dir."""
+    return MountConfig(
+        backend="s3", bucket=bucket, endpoint_url=s3_server.endpoint,
+        credentials=s3_server.credentials, cache_dir=str(tmp_path / "cache"),
+    )
