@@ -38,7 +38,9 @@ def parse_size(text: str | int) -> int:
     m = _SIZE_RE.match(text)
     if not m:
         raise ConfigError(f"malformed size {text!r}: use a number with an optional unit, e.g. 512M or 10G")
-    number, unit, _ = m.groups()
+    number, unit, suffix = m.groups()
+    if not unit and suffix.lower() not in ("", "b"):  # '10i', '10ib': a binary marker without a unit
+        raise ConfigError(f"malformed size {text!r}: use a number with an optional unit, e.g. 512M or 10G")
     return int(float(number) * _SIZE_UNITS[unit.lower()])
 
 

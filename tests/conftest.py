@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from fusefs.config import MountConfig
+from tests.fsmount import Mounted
+from tests.fsmount import mount as fs_mount
+from tests.proxy import CountingProxy
 from tests.servers import RcloneS3
 
 
@@ -30,3 +33,27 @@ def s3_config(s3_server: RcloneS3, bucket: str, tmp_path: Path) -> MountConfig:
         backend="s3", bucket=bucket, endpoint_url=s3_server.endpoint,
         credentials=s3_server.credentials, cache_dir=str(tmp_path / "cache"),
     )
+
+
+# -- FUSE mounts (fusefs core) ----------------------------------------------------------------
+@pytest.fixture
+def counting_proxy(s3_server: RcloneS3) -> Iterator[CountingProxy]:
+    """A request-counting proxy in front of the session's S3 server."""
+    with CountingProxy("127.0.0.1", s3_server.port) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def mount_fs(tmp_path: Path) -> Iterator[Callable[..., Mounted]]:
+    """``mount_fs(config, name='mnt')``: a real FUSE mount served by ``objfs serve`` on an fd this
+    test mounted; every mount is lazily unmounted at teardown."""
+    made: list[Mounted] = []
+
+    def make(config: MountConfig, name: str = "mnt") -> Mounted:
+        m = fs_mount(config, tmp_path / name, tmp_path / f"{name}.log")
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        m.unmount()

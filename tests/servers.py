@@ -124,3 +124,86 @@ def rclone_s3(root: Path | None = None) -> Iterator[RcloneS3]:
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="objfs-s3-"))) / "data"
         with RcloneS3(root) as server:
             yield server
+
+
+def fake_gcs_binary() -> str:
+    """fake-gcs-server from PATH or the repo's .tools/bin (``make tools`` installs it there)."""
+    tools = Path(__file__).resolve().parent.parent / ".tools" / "bin"
+    found = shutil.which("fake-gcs-server", path=os.environ.get("PATH", "") + os.pathsep + str(tools))
+    if not found:
+        raise RuntimeError("fake-gcs-server not found: run `make tools` (installs it into .tools/bin)")
+    return found
+
+
+@dataclass
+class FakeGCS:
+    """fake-gcs-server (in-memory backend) on a free loopback port, plain http.
+
+    ``-public-host``/``-external-url`` are set to this address so that any URL the server hands
+    out (the ``Location`` of a resumable upload session, media links) points back at it; their
+    defaults name storage.googleapis.com over https.
+    """
+
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def credentials(self) -> Credentials:
+        return Credentials()  # the emulator takes anonymous requests
+
+    def start(self) -> FakeGCS:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / f"fake-gcs-{self.port}.log"
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [fake_gcs_binary(), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
+             "-backend", "memory", "-public-host", f"127.0.0.1:{self.port}", "-external-url", self.endpoint,
+             "-log-level", "warn"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.workdir,
+        )
+        wait_for_port(self.port, self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def client(self):  # type: ignore[no-untyped-def]
+        """A plain google-cloud-storage client, for tests to arrange and inspect data behind objfs's back."""
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        return storage.Client(
+            project="test", credentials=AnonymousCredentials(), client_options={"api_endpoint": self.endpoint}
+        )
+
+    def create_bucket(self, name: str | None = None) -> str:
+        name = name or "b-" + secrets.token_hex(6)
+        self.client().create_bucket(name)
+        return name
+
+    def __enter__(self) -> FakeGCS:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def fake_gcs(workdir: Path | None = None) -> Iterator[FakeGCS]:
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="objfs-gcs-")))
+        with FakeGCS(workdir) as server:
+            yield server

@@ -1,6 +1,6 @@
 """S3 and S3-compatible stores through boto3.
 
-SDK retries are off (``max_attempts=1``): ``fusefs.retry`` is the single retry policy. Every
+SDK retries are off (``total_max_attempts=1``): ``fusefs.retry`` is the single retry policy. Every
 botocore/urllib3 exception is translated to a ``fusefs.errors`` type in ``_translate``, by HTTP
 status and S3 error code, never by message text.
 """
@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import boto3
 import botocore.config
 import botocore.exceptions
+import urllib3.exceptions
 from boto3.s3.transfer import TransferConfig
 
 from .. import errors
@@ -46,7 +47,7 @@ def _translate(exc: BaseException, key: str | None, bucket: str) -> errors.Store
             return errors.BucketNotFoundError(f"bucket {bucket!r} does not exist", key=key)
         if code in _NOT_FOUND or status == 404:
             return errors.NotFoundError(f"{where} not found", key=key)
-        if code in _ACCESS or status == 403:
+        if code in _ACCESS or status in (401, 403):
             return errors.AccessDeniedError(
                 f"access denied to {where} ({code}): check the credentials and the bucket policy", key=key
             )
@@ -69,7 +70,9 @@ def _translate(exc: BaseException, key: str | None, bucket: str) -> errors.Store
             "a profile, or the volume's secrets",
             key=key,
         )
-    if isinstance(exc, botocore.exceptions.BotoCoreError | ConnectionError | TimeoutError | OSError):
+    # urllib3 errors reach us from the body stream (a connection cut mid-body): transient too
+    if isinstance(exc, botocore.exceptions.BotoCoreError | urllib3.exceptions.HTTPError | ConnectionError
+                  | TimeoutError | OSError):
         return errors.TransientError(f"{where}: connection error: {exc}", key=key)
     return errors.StoreError(f"{where}: unexpected error: {exc!r}", key=key)
 
@@ -92,6 +95,9 @@ class S3Store:
         self.bucket = bucket
         self.region = region
         self.identity = f"s3|{endpoint_url or 'aws'}|{bucket}"
+        # Set once any request proved the bucket exists: from then on a 404 on a key is a
+        # missing key, and telling it from a missing bucket costs no extra request.
+        self._bucket_seen = False
         creds = credentials or Credentials()
         session = boto3.session.Session(
             aws_access_key_id=creds.access_key_id,
@@ -100,7 +106,9 @@ class S3Store:
             region_name=region or ("us-east-1" if endpoint_url else None),
         )
         cfg = botocore.config.Config(
-            retries={"max_attempts": 1, "mode": "standard"},
+            # total_max_attempts counts the first try; the older max_attempts key counts retries
+            # (max_attempts=1 meant one SDK retry behind our policy's back).
+            retries={"total_max_attempts": 1, "mode": "standard"},
             max_pool_connections=max_connections,
             connect_timeout=min(10.0, timeout),
             read_timeout=timeout,
@@ -124,6 +132,7 @@ class S3Store:
             raise
         except Exception as exc:
             raise _translate(exc, key, self.bucket) from exc
+        self._bucket_seen = True
 
     def _call(self, key: str | None, fn: Callable[..., T], **kwargs: Any) -> T:
         with self._errors(key):
@@ -131,7 +140,16 @@ class S3Store:
 
     # -- reads -------------------------------------------------------------------------------
     def head(self, key: str) -> ObjectInfo:
-        r = self._call(key, self.client.head_object, Key=key)
+        try:
+            r = self._call(key, self.client.head_object, Key=key)
+        except errors.BucketNotFoundError:
+            raise
+        except errors.NotFoundError:
+            # A HEAD answer has no body, so a missing bucket looks like a missing key: ask,
+            # unless an earlier answer already showed the bucket exists.
+            if not self._bucket_seen and not self.bucket_exists():
+                raise errors.BucketNotFoundError(f"bucket {self.bucket!r} does not exist", key=key) from None
+            raise
         return _info(key, r["ContentLength"], r["ETag"], r["LastModified"])
 
     def list(
@@ -144,7 +162,9 @@ class S3Store:
             kw["ContinuationToken"] = token
         r = self._call(prefix, self.client.list_objects_v2, **kw)
         page = ListPage(
-            objects=[_info(o["Key"], o["Size"], o.get("ETag", ""), o.get("LastModified")) for o in r.get("Contents", [])],
+            objects=[
+                _info(o["Key"], o["Size"], o.get("ETag", ""), o.get("LastModified")) for o in r.get("Contents", [])
+            ],
             prefixes=[p["Prefix"] for p in r.get("CommonPrefixes", [])],
             next_token=r.get("NextContinuationToken") if r.get("IsTruncated") else None,
         )

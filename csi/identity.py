@@ -1,0 +1,48 @@
+"""CSI Identity service."""
+
+from __future__ import annotations
+
+import os
+from importlib import metadata
+
+import grpc
+from google.protobuf import wrappers_pb2
+
+from .v1 import csi_pb2, csi_pb2_grpc
+
+DRIVER_NAME = "objfs.csi.dev"
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("objfs-csi")
+    except metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+def fuse_usable() -> bool:
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+class IdentityService(csi_pb2_grpc.IdentityServicer):
+    def __init__(self, name: str = DRIVER_NAME, needs_fuse: bool = True) -> None:
+        self.name = name
+        self.needs_fuse = needs_fuse  # a controller-only plugin never mounts
+
+    def GetPluginInfo(self, request: csi_pb2.GetPluginInfoRequest, context: grpc.ServicerContext
+                      ) -> csi_pb2.GetPluginInfoResponse:
+        return csi_pb2.GetPluginInfoResponse(name=self.name, vendor_version=package_version())
+
+    def GetPluginCapabilities(self, request: csi_pb2.GetPluginCapabilitiesRequest, context: grpc.ServicerContext
+                              ) -> csi_pb2.GetPluginCapabilitiesResponse:
+        service = csi_pb2.PluginCapability.Service(type=csi_pb2.PluginCapability.Service.CONTROLLER_SERVICE)
+        return csi_pb2.GetPluginCapabilitiesResponse(capabilities=[csi_pb2.PluginCapability(service=service)])
+
+    def Probe(self, request: csi_pb2.ProbeRequest, context: grpc.ServicerContext) -> csi_pb2.ProbeResponse:
+        ready = fuse_usable() if self.needs_fuse else True
+        return csi_pb2.ProbeResponse(ready=wrappers_pb2.BoolValue(value=ready))

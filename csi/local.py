@@ -1,0 +1,150 @@
+"""Running objfs-csi locally, the way a CO would talk to it: for tests, the demo and sanity.
+
+``PluginProcess`` runs ``objfs-csi`` as a separate process (so it can be killed with SIGKILL
+and restarted); ``InProcessPlugin`` serves it from this process. ``Client`` holds the three CSI
+stubs on a unix socket. ``unmount_all_under`` is the teardown for mounts a failed run left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from argparse import Namespace
+from dataclasses import dataclass, field
+
+import grpc
+
+from fusefs import kernel
+
+from .launcher import runnable_as
+from .main import build_server, parse_args
+from .v1 import csi_pb2_grpc
+
+
+def server_uid() -> int:
+    """65534 where it can run our interpreter, else 0 (a venv under a private /root)."""
+    return 65534 if runnable_as(65534, 65534) else 0
+
+
+class Client:
+    def __init__(self, socket_path: str) -> None:
+        self.channel = grpc.insecure_channel(f"unix://{socket_path}")
+        self.identity = csi_pb2_grpc.IdentityStub(self.channel)
+        self.controller = csi_pb2_grpc.ControllerStub(self.channel)
+        self.node = csi_pb2_grpc.NodeStub(self.channel)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+@dataclass
+class PluginDirs:
+    root: str
+    socket: str = ""
+    state: str = ""
+    cache: str = ""
+
+    def __post_init__(self) -> None:
+        # The unprivileged servers must reach the cache below root: make the path traversable.
+        os.makedirs(self.root, exist_ok=True)
+        os.chmod(self.root, 0o755)
+        self.socket = self.socket or os.path.join(self.root, "csi.sock")
+        self.state = self.state or os.path.join(self.root, "state")
+        self.cache = self.cache or os.path.join(self.root, "cache")
+
+    def argv(self, node_id: str, mode: str = "all") -> list[str]:
+        uid = str(server_uid())
+        return ["--endpoint", f"unix://{self.socket}", "--node-id", node_id, "--mode", mode,
+                "--state-dir", self.state, "--cache-dir", self.cache, "--server-uid", uid, "--server-gid", uid]
+
+
+@dataclass
+class PluginProcess:
+    dirs: PluginDirs
+    node_id: str = "local-node"
+    log_path: str = ""
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def start(self) -> Client:
+        self.log_path = self.log_path or os.path.join(self.dirs.root, "objfs-csi.log")
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", "import sys; from csi.main import main; sys.exit(main())",
+                 *self.dirs.argv(self.node_id)],
+                stdout=log, stderr=log, start_new_session=True,
+            )
+        deadline = time.monotonic() + 60
+        while not os.path.exists(self.dirs.socket):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"objfs-csi did not start; see {self.log_path}")
+            time.sleep(0.05)
+        client = Client(self.dirs.socket)
+        client.wait_ready()
+        return client
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(30)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+
+class InProcessPlugin:
+    """objfs-csi's gRPC server inside this process, on a unix socket."""
+
+    def __init__(self, dirs: PluginDirs, node_id: str = "local-node", mode: str = "all",
+                 extra_args: list[str] | None = None) -> None:
+        self.dirs = dirs
+        # argparse keeps the last of repeated options: extra_args override the defaults.
+        self.args: Namespace = parse_args([*dirs.argv(node_id, mode), *(extra_args or [])])
+        if os.path.exists(dirs.socket):
+            os.unlink(dirs.socket)
+        self.server, self.node = build_server(self.args)
+        if self.node is not None:
+            self.node.reconcile()
+        self.server.add_insecure_port(f"unix://{dirs.socket}")
+
+    def __enter__(self) -> Client:
+        self.server.start()
+        self.client = Client(self.dirs.socket)
+        self.client.wait_ready()
+        return self.client
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.close()
+        self.server.stop(grace=1).wait()
+
+
+def unmount_all_under(root: str) -> list[str]:
+    """Lazily detach every mount below ``root`` (deepest first); returns what was detached."""
+    prefix = os.path.normpath(root) + "/"
+    found = sorted((m.mount_point for m in kernel.mounts() if m.mount_point.startswith(prefix)), reverse=True)
+    for mp in found:
+        with contextlib.suppress(OSError):
+            kernel.unmount(mp, lazy=True)
+    return found
+
+
+def objfs_serve_pids() -> list[int]:
+    """Pids of running ``objfs serve`` processes (any owner)."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"serve" in argv and b"--fuse-fd" in argv and any(a.endswith(b"objfs") or b"fusefs" in a for a in argv):
+            pids.append(int(name))
+    return pids

@@ -1,0 +1,171 @@
+"""objfs-csi: the CSI plugin's entry point (flags, gRPC server, logging, shutdown)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from typing import Any
+
+import grpc
+from google.protobuf import text_format
+from google.protobuf.message import Message
+
+from fusefs import errors as store_errors
+
+from .controller import ControllerService
+from .errors import CsiError, from_store_error
+from .identity import DRIVER_NAME, IdentityService
+from .launcher import ProcessLauncher
+from .node import NodeService
+from .state import StateStore
+from .v1 import csi_pb2_grpc
+
+log = logging.getLogger("objfs.csi")
+# Called every few seconds by the CO and the sidecars: logged only at debug level when OK.
+QUIET = frozenset({"Probe", "GetPluginInfo", "GetPluginCapabilities", "ControllerGetCapabilities",
+                   "NodeGetCapabilities", "NodeGetInfo"})
+
+
+def redact(request: Message) -> str:
+    """The request on one line, without its secrets (values replaced, keys kept)."""
+    copy = type(request)()
+    copy.CopyFrom(request)
+    secrets = getattr(copy, "secrets", None)
+    if secrets is not None and len(secrets):
+        keys = sorted(secrets)
+        copy.ClearField("secrets")  # type: ignore[arg-type]
+        for k in keys:
+            copy.secrets[k] = "***"  # type: ignore[attr-defined]
+    return text_format.MessageToString(copy, as_one_line=True)
+
+
+class LoggingInterceptor(grpc.ServerInterceptor):
+    """Logs every call (secrets redacted) and turns our exceptions into gRPC statuses."""
+
+    def intercept_service(self, continuation: Callable[[Any], Any], handler_call_details: Any) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        inner = handler.unary_unary
+
+        def call(request: Message, context: grpc.ServicerContext) -> Any:
+            start = time.monotonic()
+            log.debug("%s request: %s", method, redact(request))
+            code, message = grpc.StatusCode.OK, ""
+            try:
+                return inner(request, context)
+            except CsiError as e:
+                code, message = e.code, e.message
+            except store_errors.StoreError as e:
+                err = from_store_error(e, method)
+                code, message = err.code, err.message
+            except Exception as e:
+                log.exception("%s failed", method)
+                code, message = grpc.StatusCode.INTERNAL, f"{method}: unexpected error: {e}"
+            finally:
+                took = (time.monotonic() - start) * 1000
+                level = logging.INFO if code in (grpc.StatusCode.OK,) else logging.WARNING
+                if method in QUIET and code == grpc.StatusCode.OK:
+                    level = logging.DEBUG
+                log.log(level, "%s %s in %.0f ms%s", method, code.name, took, f": {message}" if message else "")
+            context.abort(code, message)
+
+        return grpc.unary_unary_rpc_method_handler(
+            call, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="objfs-csi", description="CSI driver exposing object storage as FUSE volumes")
+    ap.add_argument("--endpoint", required=True, help="unix:///path/csi.sock")
+    ap.add_argument("--node-id", required=True)
+    ap.add_argument("--mode", choices=("all", "controller", "node"), default="all")
+    ap.add_argument("--state-dir", default="/var/lib/objfs/state")
+    ap.add_argument("--cache-dir", default="/var/lib/objfs/cache", help="node cache shared by all servers")
+    ap.add_argument("--driver-name", default=DRIVER_NAME)
+    ap.add_argument("--server-uid", type=int, default=65534, help="uid of the objfs serve processes")
+    ap.add_argument("--server-gid", type=int, default=65534, help="gid of the objfs serve processes")
+    ap.add_argument("--server-command", default=None, help="command that runs objfs (default: the installed one)")
+    ap.add_argument("--workers", type=int, default=16, help="gRPC worker threads")
+    ap.add_argument("--log-level", default=os.environ.get("OBJFS_LOG_LEVEL", "INFO"))
+    return ap.parse_args(argv)
+
+
+def socket_path(endpoint: str) -> str:
+    if not endpoint.startswith("unix://"):
+        raise SystemExit(f"--endpoint {endpoint!r}: only unix:///path endpoints are supported")
+    path = endpoint[len("unix://") :]
+    if not path.startswith("/"):
+        raise SystemExit(f"--endpoint {endpoint!r}: use an absolute path: unix:///path/csi.sock")
+    return path
+
+
+def prepare_cache_dir(path: str, uid: int, gid: int) -> None:
+    """Shared by every server on the node: owned by the server uid, private to it."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if os.geteuid() == 0:
+        os.chown(path, uid, gid)
+    os.chmod(path, 0o700)
+
+
+def build_server(args: argparse.Namespace) -> tuple[grpc.Server, NodeService | None]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="csi"),
+                         interceptors=[LoggingInterceptor()])
+    csi_pb2_grpc.add_IdentityServicer_to_server(
+        IdentityService(args.driver_name, needs_fuse=args.mode != "controller"), server
+    )
+    # The identity service advertises a controller service; a node-only plugin still answers
+    # ControllerGetCapabilities (csi-sanity and kubelet ask), so the controller is always served.
+    csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(), server)
+    node = None
+    if args.mode in ("all", "node"):
+        prepare_cache_dir(args.cache_dir, args.server_uid, args.server_gid)
+        state = StateStore(args.state_dir)
+        launcher = ProcessLauncher(
+            os.path.join(args.state_dir, "logs"), shlex.split(args.server_command) if args.server_command else None,
+            uid=args.server_uid, gid=args.server_gid,
+        )
+        node = NodeService(args.node_id, state, launcher, args.cache_dir)
+        csi_pb2_grpc.add_NodeServicer_to_server(node, server)
+    return server, node
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+    path = socket_path(args.endpoint)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.path.exists(path):
+        os.unlink(path)  # a stale socket of an earlier life
+    server, node = build_server(args)
+    if node is not None:
+        node.reconcile()
+    server.add_insecure_port(f"unix://{path}")
+    server.start()
+    log.info("objfs-csi %s serving %s on %s (node %s)", args.driver_name, args.mode, path, args.node_id)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        log.info("signal %d: shutting down (mounts keep being served)", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stop.wait()
+    server.stop(grace=5).wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Volume parameters and secrets -> MountConfig.
+
+The same keys work as StorageClass ``parameters``, PV ``volumeAttributes`` and inline volume
+attributes (the contract in DESIGN.md). Keys that kubelet and external-provisioner add
+(``csi.storage.k8s.io/...``) are ignored; anything else unknown is refused by name, because a
+typo (``readOnly``, ``metadataTtl``) silently ignored would be worse.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+from fusefs.config import BACKENDS, ConfigError, Credentials, MountConfig, normalize_prefix
+
+from .errors import InvalidArgument
+from .v1 import csi_pb2
+
+K8S_PREFIX = "csi.storage.k8s.io/"
+EPHEMERAL_KEY = "csi.storage.k8s.io/ephemeral"
+KNOWN = ("backend", "bucket", "prefix", "endpoint", "region", "cache", "metadataTTL", "uid", "gid",
+         "fileMode", "dirMode", "prefetch")
+LOCATION_KEYS = ("backend", "bucket", "prefix", "endpoint", "region")
+SECRET_KEYS = ("accessKeyID", "secretAccessKey", "sessionToken", "serviceAccountJSON")
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
+
+
+@dataclass(frozen=True)
+class VolumeParams:
+    backend: str = "s3"
+    bucket: str = ""
+    prefix: str = ""
+    endpoint: str = ""
+    region: str = ""
+    cache: bool = True
+    metadata_ttl: float = 60.0
+    uid: int = 0
+    gid: int = 0
+    file_mode: int = 0o644
+    dir_mode: int = 0o755
+    prefetch: tuple[str, ...] = ()
+
+
+def user_keys(parameters: Mapping[str, str]) -> dict[str, str]:
+    """The parameters without the keys Kubernetes adds."""
+    return {k: v for k, v in parameters.items() if not k.startswith(K8S_PREFIX)}
+
+
+def parse(parameters: Mapping[str, str]) -> VolumeParams:
+    """Validate and convert; raises InvalidArgument naming the offending key."""
+    given = user_keys(parameters)
+    unknown = sorted(set(given) - set(KNOWN))
+    if unknown:
+        raise InvalidArgument(
+            f"unknown volume parameter(s) {', '.join(unknown)}: known are {', '.join(KNOWN)}"
+        )
+    p = VolumeParams()
+    backend = given.get("backend", "s3") or "s3"
+    if backend not in BACKENDS:
+        raise InvalidArgument(f"backend {backend!r} is not supported: use one of {', '.join(BACKENDS)}")
+    bucket = given.get("bucket", "")
+    if bucket and not _BUCKET_RE.match(bucket):
+        raise InvalidArgument(
+            f"bucket {bucket!r} is not a valid bucket name: 3-63 lower-case letters, digits, '.' and '-'"
+        )
+    try:
+        prefix = normalize_prefix(given.get("prefix", ""))
+    except ConfigError as e:
+        raise InvalidArgument(f"parameter prefix: {e}") from None
+    endpoint = given.get("endpoint", "")
+    if endpoint and not re.match(r"^https?://[^\s/]+(/\S*)?$", endpoint):
+        raise InvalidArgument(f"endpoint {endpoint!r} must be an http:// or https:// URL")
+    cache = given.get("cache", "node")
+    if cache not in ("node", "none"):
+        raise InvalidArgument(f"cache {cache!r} must be 'node' or 'none'")
+    p = replace(
+        p, backend=backend, bucket=bucket, prefix=prefix, endpoint=endpoint, region=given.get("region", ""),
+        cache=cache == "node",
+        metadata_ttl=_number(given, "metadataTTL", p.metadata_ttl),
+        uid=_int(given, "uid", p.uid, 10), gid=_int(given, "gid", p.gid, 10),
+        file_mode=_int(given, "fileMode", p.file_mode, 8), dir_mode=_int(given, "dirMode", p.dir_mode, 8),
+        prefetch=tuple(g.strip() for g in given.get("prefetch", "").split(",") if g.strip()),
+    )
+    for glob in p.prefetch:
+        if glob.startswith("/") or ".." in glob.split("/"):
+            raise InvalidArgument(f"prefetch pattern {glob!r} must be relative to the volume, without '..'")
+    return p
+
+
+def _number(given: Mapping[str, str], key: str, default: float) -> float:
+    if key not in given:
+        return default
+    try:
+        v = float(given[key].rstrip("s"))
+    except ValueError:
+        raise InvalidArgument(f"{key} {given[key]!r} must be a number of seconds") from None
+    if v < 0:
+        raise InvalidArgument(f"{key} must not be negative")
+    return v
+
+
+def _int(given: Mapping[str, str], key: str, default: int, base: int) -> int:
+    if key not in given:
+        return default
+    try:
+        v = int(given[key], base)
+    except ValueError:
+        kind = "an octal mode like 0644" if base == 8 else "a non-negative integer"
+        raise InvalidArgument(f"{key} {given[key]!r} must be {kind}") from None
+    limit = 0o7777 if base == 8 else 2**32 - 1
+    if not 0 <= v <= limit:
+        raise InvalidArgument(f"{key} {given[key]!r} is out of range")
+    return v
+
+
+def credentials(secrets: Mapping[str, str], backend: str) -> Credentials:
+    """Credentials from the request's secrets; none given means the SDK's standard chain."""
+    if backend == "gcs":
+        return Credentials(service_account_json=secrets.get("serviceAccountJSON") or None)
+    key, secret = secrets.get("accessKeyID") or None, secrets.get("secretAccessKey") or None
+    if bool(key) != bool(secret):
+        raise InvalidArgument("secrets must hold both accessKeyID and secretAccessKey, or neither")
+    return Credentials(access_key_id=key, secret_access_key=secret, session_token=secrets.get("sessionToken") or None)
+
+
+def mount_config(
+    p: VolumeParams,
+    secrets: Mapping[str, str],
+    *,
+    read_only: bool,
+    cache_dir: str | None,
+    gid_override: int | None = None,
+) -> MountConfig:
+    if not p.bucket:
+        raise InvalidArgument("no bucket: set the volume attribute 'bucket'")
+    try:
+        return MountConfig(
+            backend=p.backend, bucket=p.bucket, prefix=p.prefix, endpoint_url=p.endpoint or None,
+            region=p.region or None, credentials=credentials(secrets, p.backend), read_only=read_only,
+            cache_dir=cache_dir if p.cache else None, metadata_ttl=p.metadata_ttl, uid=p.uid,
+            gid=p.gid if gid_override is None else gid_override, file_mode=p.file_mode, dir_mode=p.dir_mode,
+            allow_other=True, prefetch=p.prefetch, fs_name="objfs",
+        )
+    except ConfigError as e:
+        raise InvalidArgument(str(e)) from None
+
+
+# -- volume capabilities -------------------------------------------------------------------
+def check_capability(cap: csi_pb2.VolumeCapability, where: str = "volume capability") -> int:
+    """Refuse what objfs cannot serve; return the access mode. Every access mode is served as a
+    filesystem; readers-only modes are enforced by mounting read-only (see ``is_reader_only``)."""
+    kind = cap.WhichOneof("access_type")
+    if kind == "block":
+        raise InvalidArgument(f"{where}: block access is not supported: objfs volumes are filesystems (use mount)")
+    if kind != "mount":
+        raise InvalidArgument(f"{where}: access_type must be mount")
+    fs_type = cap.mount.fs_type
+    if fs_type and fs_type not in ("objfs", "fuse", "fuse.objfs"):
+        raise InvalidArgument(f"{where}: fs_type {fs_type!r} is not supported: leave it empty")
+    mode = cap.access_mode.mode
+    if mode == csi_pb2.VolumeCapability.AccessMode.UNKNOWN:
+        raise InvalidArgument(f"{where}: access_mode is missing or UNKNOWN")
+    return int(mode)
+
+
+READER_ONLY_MODES = (
+    csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_READER_ONLY,
+    csi_pb2.VolumeCapability.AccessMode.MULTI_NODE_READER_ONLY,
+)
+
+
+def is_reader_only(mode: int) -> bool:
+    return mode in READER_ONLY_MODES

@@ -1,0 +1,70 @@
+"""Volume IDs of dynamically provisioned volumes.
+
+The ID carries everything a later call needs (backend, bucket, prefix, endpoint, region, and
+whether the volume owns its bucket), so the controller keeps no local state:
+
+    objfs1:<kind>:<backend>:<bucket>:<prefix>:<endpoint>:<region>
+
+kind is ``b`` (the volume is a bucket of its own) or ``p`` (a prefix in a shared bucket).
+Fields are percent-encoded, so ``:`` never appears inside one. Parsing is strict: anything else
+is not one of our IDs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import quote, unquote
+
+from fusefs.config import BACKENDS, ConfigError, normalize_prefix
+
+VERSION = "objfs1"
+KIND_BUCKET = "b"
+KIND_PREFIX = "p"
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,253}[a-z0-9]$", re.IGNORECASE)
+_FIELD_RE = re.compile(r"^[A-Za-z0-9%/._~-]*$")
+
+
+class MalformedVolumeId(ValueError):
+    """The string is not an objfs volume ID."""
+
+
+@dataclass(frozen=True)
+class VolumeId:
+    kind: str
+    backend: str
+    bucket: str
+    prefix: str  # normalized: '' or 'a/b/'
+    endpoint: str = ""
+    region: str = ""
+
+    def __str__(self) -> str:
+        fields = [self.bucket, self.prefix, self.endpoint, self.region]
+        return ":".join([VERSION, self.kind, self.backend, *(quote(f, safe="/-._~") for f in fields)])
+
+    @property
+    def owns_bucket(self) -> bool:
+        return self.kind == KIND_BUCKET
+
+
+def parse(text: str) -> VolumeId:
+    parts = text.split(":")
+    if len(parts) != 7 or parts[0] != VERSION:
+        raise MalformedVolumeId(f"{text!r} is not an objfs volume ID")
+    _, kind, backend, *encoded = parts
+    if kind not in (KIND_BUCKET, KIND_PREFIX) or backend not in BACKENDS:
+        raise MalformedVolumeId(f"{text!r} is not an objfs volume ID (kind or backend)")
+    if not all(_FIELD_RE.match(f) for f in encoded):
+        raise MalformedVolumeId(f"{text!r} is not an objfs volume ID (bad characters)")
+    bucket, prefix, endpoint, region = (unquote(f, errors="strict") for f in encoded)
+    if not _BUCKET_RE.match(bucket):
+        raise MalformedVolumeId(f"{text!r} is not an objfs volume ID (bucket)")
+    try:
+        norm = normalize_prefix(prefix)
+    except ConfigError as e:
+        raise MalformedVolumeId(f"{text!r} is not an objfs volume ID ({e})") from None
+    if norm != prefix or (kind == KIND_PREFIX and not prefix):
+        raise MalformedVolumeId(f"{text!r} is not an objfs volume ID (prefix)")
+    if endpoint and not re.match(r"^https?://[^\s/]+(/\S*)?$", endpoint):
+        raise MalformedVolumeId(f"{text!r} is not an objfs volume ID (endpoint)")
+    return VolumeId(kind, backend, bucket, prefix, endpoint, region)

@@ -1,0 +1,482 @@
+"""The node-wide block cache on local disk, shared by every FUSE server on a node.
+
+Blocks of objects are stored in a ``diskcache.Cache`` (SQLite index + one file per block) keyed by
+(store identity, object key, version, block index). Each entry carries a checksum (CRC-32 and
+length, in diskcache's ``tag`` column) that is verified on every read: a block that fails is
+deleted and reported as a miss, never returned.
+
+``get_or_fetch`` gives one fetch per block per node: on a miss it takes a cross-process lock for
+the block (striped ``flock`` files under ``<dir>/locks``), looks again, fetches, returns the bytes
+at once and hands them to a background writer thread; the lock is released once the block is in
+the cache, so processes that waited for it find it there instead of fetching it again.
+
+Every failure of the cache itself (full disk, corrupt database, read-only directory, lock files
+that cannot be opened) degrades to direct reads: the caller always gets the fetched bytes, and
+the problem is logged once per kind, not once per block.
+
+Security: entries are keyed by the store identity (endpoint + bucket) and the object's version
+(ETag / generation). A FUSE server only asks for a block after it has itself seen that version
+through its own credentials (HEAD/LIST at open), so sharing the cache between servers with
+different credentials does not let one read objects it could not read from the store. The
+directory is created 0700 and entries and lock files are made 0600: other local users get nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import queue
+import threading
+import zlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import diskcache
+import trio
+
+log = logging.getLogger(__name__)
+
+#: lock stripes: distinct blocks share a lock file only by hash collision (then they just serialise)
+LOCK_STRIPES = 1024
+#: blocks waiting for the background writer; beyond this a fetched block is not cached (memory bound)
+WRITE_QUEUE = 8
+#: SQLite busy timeout: a cache that is this slow is treated as failing, and the read goes direct
+SQLITE_TIMEOUT = 5.0
+#: polling of a lock held by another fetcher (seconds): short first, capped so waiters notice quickly
+LOCK_POLL_FIRST = 0.0005
+LOCK_POLL_MAX = 0.01
+#: longest wait for another fetcher of the same block (seconds); then fetch ourselves. A fetcher that
+#: hangs (a stalled store, a stopped process) must not stall every reader of that block on the node.
+LOCK_WAIT = 30.0
+#: bump when the entry format changes: old entries then simply miss
+FORMAT = "v1"
+
+# Eviction policy: least-recently-used, knowingly. LRU costs one SQLite write transaction per get
+# (the access time). Measured here in CPU time per get (the machine was loaded, wall time was
+# noise): 4 KiB values 139 us LRU vs 35 us least-recently-stored (7,200 vs 28,700 gets/s per
+# core); 8 MiB blocks 7.2 ms vs 6.7 ms (about 8%: reading and checksumming 8 MiB dominates).
+# With blocks this large the price is small, and LRU is what the workload needs: model weights
+# are read again and again by many pods, and a hot block must not be evicted merely because it
+# was stored early (least-recently-stored is FIFO).
+EVICTION_POLICY = "least-recently-used"
+# diskcache culls inside each set() up to ``cull_limit`` entries while the volume is over the
+# limit. Its default (10) would drop 80 MiB to make room for one 8 MiB block; 1 could let the
+# volume creep up when small tail blocks are evicted for full ones; 2 keeps it near the limit.
+CULL_LIMIT = 2
+
+
+@dataclass(frozen=True)
+class BlockKey:
+    store: str  # AsyncStore.identity, e.g. "s3|http://127.0.0.1:9000|bucket"
+    key: str  # object key
+    version: str  # ETag / generation pinned at open
+    index: int  # block number (the reader chooses the block size)
+
+    def encode(self) -> str:
+        """The diskcache key: unambiguous for any strings (JSON), pure ASCII (lone surrogates escaped)."""
+        return json.dumps([FORMAT, self.store, self.key, self.version, self.index], separators=(",", ":"))
+
+
+def _tag(data: bytes) -> int:
+    # length in the high bits, CRC-32 in the low 32: one integer column, both checked on read
+    return (len(data) << 32) | zlib.crc32(data)
+
+
+class _BlockDisk(diskcache.Disk):
+    """diskcache's Disk, writing a block with one write() into a new 0600 file.
+
+    diskcache's own writer feeds bytes through a BytesIO iterator (which splits binary data at
+    every newline byte) into a buffered file: tens of thousands of small writes per 8 MiB block.
+    It also leaves the partial file behind when a write fails (ENOSPC), leaking space for good.
+    """
+
+    def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> Any:
+        if type(value) is not bytes:
+            return super().store(value, read, key=key)
+        filename, full_path = self.filename(key, value)
+        try:
+            _write_new_file(full_path, value)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(full_path)
+            raise
+        return len(value), diskcache.core.MODE_BINARY, filename, None
+
+
+def _write_new_file(path: str, data: bytes) -> None:
+    directory = os.path.dirname(path)
+    for attempt in range(10):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            break
+        except FileNotFoundError:  # another process removed the emptied sub-directory meanwhile
+            if attempt == 9:
+                raise
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
+class _BlockLock:
+    """One acquisition of a striped cross-process lock. flock locks belong to the open file
+    description, so each acquisition opens its own fd: two tasks of one process exclude each other
+    too. Closing the fd releases the lock (also when the process dies)."""
+
+    def __init__(self, path: str) -> None:
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._guard = threading.Lock()
+
+    def try_acquire(self) -> bool:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def release(self) -> None:
+        with self._guard:  # released by the event loop or by the writer thread, exactly once
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
+class _Flight:
+    """An in-process fetch in progress: other tasks of this process wait for its bytes."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.data: bytes | None = None
+
+
+_STOP = object()
+
+
+class NodeCache:
+    """The block cache. Blocking methods are thread-safe; ``get_or_fetch`` is for trio code (one
+    trio run per process at a time: in-process single flight uses trio events)."""
+
+    def __init__(
+        self, directory: str, size_limit: int, write_queue: int = WRITE_QUEUE, lock_wait: float = LOCK_WAIT
+    ) -> None:
+        self.directory = directory
+        self.size_limit = size_limit
+        self.lock_wait = lock_wait
+        self._lock_dir = os.path.join(directory, "locks")
+        self._counts: dict[str, int] = dict.fromkeys(
+            ("hits", "hit_bytes", "misses", "corrupt", "errors", "fetches", "waits", "shared",
+             "stores", "store_bytes", "store_skipped", "lock_timeouts"), 0)
+        self._counts_lock = threading.Lock()
+        self._reported: set[str] = set()
+        self._flights: dict[BlockKey, _Flight] = {}
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, write_queue))
+        self._closed = False
+        self._submit_lock = threading.Lock()  # orders _try_submit against close: nothing queued after _STOP
+        self._cache = self._open()
+        self._writer: threading.Thread | None = None
+        if self._cache is not None:
+            self._writer = threading.Thread(target=self._write_loop, name="objfs-cache-writer", daemon=True)
+            self._writer.start()
+
+    # -- opening, accounting, reporting ---------------------------------------------------------
+
+    def _open(self) -> diskcache.Cache | None:
+        try:
+            # 0700 applies only when created here; an existing directory keeps the operator's mode
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            cache = diskcache.Cache(
+                self.directory, timeout=SQLITE_TIMEOUT, disk=_BlockDisk,
+                size_limit=self.size_limit,  # stored in the cache's settings: the last opener's limit wins
+                eviction_policy=EVICTION_POLICY, cull_limit=CULL_LIMIT,
+                disk_min_file_size=0,  # every block is a file: read with one read(), never from SQLite
+                statistics=False,  # diskcache's own counters would add a write per get; we count here
+            )
+            for name in ("cache.db", "cache.db-wal", "cache.db-shm"):
+                with contextlib.suppress(OSError):
+                    os.chmod(os.path.join(self.directory, name), 0o600)
+            with contextlib.suppress(OSError):
+                os.makedirs(self._lock_dir, mode=0o700, exist_ok=True)
+            return cache
+        except Exception as exc:
+            self._problem("open", exc)
+            return None
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._counts_lock:
+            self._counts[name] += n
+
+    def _problem(self, kind: str, exc: BaseException) -> None:
+        """Count a failure of the cache itself and report it (once per kind)."""
+        self._count("errors")
+        self._report(kind, f"{kind} failed ({type(exc).__name__}: {exc}); reads go to the store directly when needed")
+
+    def _report(self, kind: str, message: str) -> None:
+        """Log the first event of each kind as a warning, later ones at debug level: a sick cache
+        disk must not write a line per block (the counters in ``stats`` keep the totals)."""
+        with self._counts_lock:
+            first = kind not in self._reported
+            self._reported.add(kind)
+        log.log(logging.WARNING if first else logging.DEBUG, "node cache %s: %s", self.directory, message)
+
+    @property
+    def usable(self) -> bool:
+        return self._cache is not None and not self._closed
+
+    def stats(self) -> dict[str, int]:
+        """Counters of this object (hits, misses, fetches, waits for another fetcher, shared
+        in-process, corrupt, errors, stores, store_bytes, store_skipped, lock_timeouts) and of the
+        shared directory (volume: bytes on disk including the index; entries), write_queue."""
+        with self._counts_lock:
+            result = dict(self._counts)
+        result["volume"] = result["entries"] = 0
+        if self.usable:
+            assert self._cache is not None
+            try:
+                result["volume"] = int(self._cache.volume())
+                result["entries"] = len(self._cache)
+            except Exception as exc:
+                self._problem("stats", exc)
+        result["write_queue"] = self._queue.qsize()
+        return result
+
+    # -- blocking interface ----------------------------------------------------------------------
+
+    def get(self, key: BlockKey) -> bytes | None:
+        """The verified block, or None: on a miss, a corrupt entry (then deleted) or any cache error."""
+        data = self._lookup(key)
+        if data is None:
+            self._count("misses")
+        return data
+
+    def contains(self, key: BlockKey) -> bool:
+        """Whether an entry exists (not verified, the access time not updated)."""
+        if not self.usable:
+            return False
+        assert self._cache is not None
+        try:
+            return key.encode() in self._cache
+        except Exception as exc:
+            self._problem("read", exc)
+            return False
+
+    def put(self, key: BlockKey, data: bytes) -> bool:
+        """Store a block now (in this thread). False if it was not stored; never raises."""
+        if not self.usable:
+            return False
+        return self._store(key, data)
+
+    def _store(self, key: BlockKey, data: bytes) -> bool:
+        assert self._cache is not None
+        try:
+            self._cache.set(key.encode(), bytes(data), tag=_tag(data))
+        except Exception as exc:
+            self._problem("write", exc)
+            return False
+        self._count("stores")
+        self._count("store_bytes", len(data))
+        return True
+
+    def close(self) -> None:
+        """Write the queued blocks (releasing their locks), stop the writer, close the database.
+        Blocking: from trio, call it through ``trio.to_thread.run_sync``."""
+        with self._submit_lock:
+            if self._closed:
+                return
+            self._closed = True  # from here reads go direct and nothing more is queued
+        if self._writer is not None:
+            self._queue.put(_STOP)  # after every queued block: they are written, their locks released
+            self._writer.join()
+        if self._cache is not None:
+            with contextlib.suppress(Exception):
+                self._cache.close()
+
+    def _lookup(self, key: BlockKey) -> bytes | None:
+        """Read and verify one block; counts hits, corrupt entries and errors (not misses)."""
+        if not self.usable:
+            return None
+        assert self._cache is not None
+        dkey = key.encode()
+        try:
+            handle, tag = self._cache.get(dkey, read=True, tag=True)
+        except Exception as exc:
+            self._problem("read", exc)
+            return None
+        if handle is None:
+            return None
+        try:
+            with handle:
+                data = self._read_verified(handle, tag)
+        except Exception as exc:
+            self._problem("read", exc)
+            return None
+        if data is None:
+            self._count("corrupt")
+            self._report("corrupt", f"corrupt block {key.index} of {key.key!r} (version {key.version}) deleted")
+            try:
+                self._cache.delete(dkey)
+            except Exception as exc:
+                self._problem("delete", exc)
+            return None
+        self._count("hits")
+        self._count("hit_bytes", len(data))
+        return data
+
+    @staticmethod
+    def _read_verified(handle: Any, tag: Any) -> bytes | None:
+        """The block's bytes if they match the tag, else None. One read() of the file."""
+        if not isinstance(tag, int) or tag < 0:
+            return None
+        length, crc = tag >> 32, tag & 0xFFFFFFFF
+        try:
+            fd = handle.fileno()
+        except (AttributeError, OSError):  # an in-database value (not written by this module)
+            data = handle.read()
+        else:
+            if os.fstat(fd).st_size != length:
+                return None
+            data = os.read(fd, length)
+        if len(data) != length or zlib.crc32(data) != crc:
+            return None
+        return bytes(data)
+
+    # -- background writer -----------------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            key, data, lock = item
+            try:
+                self._store(key, data)  # never raises
+            finally:
+                if lock is not None:
+                    try:
+                        lock.release()
+                    except OSError as exc:
+                        self._problem("unlock", exc)
+
+    def _try_submit(self, key: BlockKey, data: bytes, lock: _BlockLock | None) -> str:
+        """Queue a fetched block for the writer, which releases ``lock`` after writing it.
+        "queued", or "full" / "closed" (then the caller still holds the lock)."""
+        with self._submit_lock:
+            if not self.usable:
+                return "closed"
+            try:
+                self._queue.put_nowait((key, data, lock))
+            except queue.Full:
+                return "full"
+        return "queued"
+
+    async def _hand_over(self, key: BlockKey, data: bytes, lock: _BlockLock | None, wait: bool) -> bool:
+        """Give the block to the writer; when its queue is full, skip caching the block (the read
+        path never waits for the disk) or, with ``wait``, wait for room (prefetching, which
+        should fill the cache rather than outrun it)."""
+        delay = LOCK_POLL_FIRST
+        while (result := self._try_submit(key, data, lock)) == "full" and wait:
+            await trio.sleep(delay)
+            delay = min(delay * 2, LOCK_POLL_MAX)
+        if result == "full":
+            self._count("store_skipped")
+        return result == "queued"
+
+    # -- trio interface ---------------------------------------------------------------------------
+
+    async def get_or_fetch(
+        self, key: BlockKey, fetch: Callable[[], Awaitable[bytes]], *, wait_for_space: bool = False
+    ) -> bytes:
+        """The block from the cache, or from ``fetch()`` (once per node for concurrent misses).
+
+        Exceptions of ``fetch`` propagate; failures of the cache never do. A fetched block is
+        returned at once and written beside the read path; if the writer's queue is full it is
+        not cached, unless ``wait_for_space`` (for prefetching) makes this wait for room."""
+        if not self.usable:
+            return await self._fetch(fetch)
+        while (flight := self._flights.get(key)) is not None:
+            await flight.done.wait()
+            if flight.data is not None:
+                self._count("shared")
+                return flight.data
+            # that fetch failed or was cancelled: try ourselves (one of the waiters leads)
+        flight = _Flight()
+        self._flights[key] = flight
+        try:
+            flight.data = await self._lead(key, fetch, wait_for_space)
+            return flight.data
+        finally:
+            del self._flights[key]
+            flight.done.set()
+
+    async def _fetch(self, fetch: Callable[[], Awaitable[bytes]]) -> bytes:
+        self._count("fetches")
+        return await fetch()
+
+    def _first_look(self, key: BlockKey) -> tuple[bytes | None, _BlockLock | None, bool]:
+        """In a worker thread: look up; on a miss open the block's lock and try it once.
+        Returns (data, lock, lock held)."""
+        data = self._lookup(key)
+        if data is not None:
+            return data, None, False
+        self._count("misses")
+        stripe = zlib.crc32(key.encode().encode()) % LOCK_STRIPES
+        try:
+            lock = _BlockLock(os.path.join(self._lock_dir, f"{stripe:04d}.lock"))
+        except OSError as exc:
+            self._problem("lock", exc)
+            return None, None, False
+        try:
+            return None, lock, lock.try_acquire()
+        except BaseException:
+            lock.release()
+            raise
+
+    async def _lead(self, key: BlockKey, fetch: Callable[[], Awaitable[bytes]], wait: bool) -> bytes:
+        data, lock, held = await trio.to_thread.run_sync(self._first_look, key)
+        if data is not None:
+            return data
+        if lock is None:  # no lock files: still correct, just no cross-process single flight
+            return await self._fetch_and_submit(key, fetch, wait)
+        handed = False
+        try:
+            if not held:
+                with trio.move_on_after(self.lock_wait):
+                    await self._acquire(lock)
+                    held = True
+            if not held:
+                # the other fetcher is stuck: read directly (a duplicate fetch, never a stall)
+                lock.release()
+                self._count("lock_timeouts")
+                self._report("lock-timeout", f"waited {self.lock_wait}s for another fetch of a block; fetching it")
+                return await self._fetch_and_submit(key, fetch, wait)
+            # look again under the lock: the block may have been written since the first look
+            data = await trio.to_thread.run_sync(self._lookup, key)
+            if data is not None:
+                self._count("waits")
+                return data
+            self._count("fetches")
+            data = await fetch()
+            handed = await self._hand_over(key, data, lock, wait)
+            return data
+        finally:
+            if not handed:
+                lock.release()  # idempotent
+
+    async def _fetch_and_submit(self, key: BlockKey, fetch: Callable[[], Awaitable[bytes]], wait: bool) -> bytes:
+        data = await self._fetch(fetch)
+        await self._hand_over(key, data, None, wait)
+        return data
+
+    @staticmethod
+    async def _acquire(lock: _BlockLock) -> None:
+        """Poll the lock without blocking the event loop; cancellable between polls."""
+        delay = LOCK_POLL_FIRST
+        while not lock.try_acquire():
+            await trio.sleep(delay)
+            delay = min(delay * 2, LOCK_POLL_MAX)

@@ -1,0 +1,364 @@
+"""The ``objfs`` command: ``mount``, ``unmount`` and the internal ``serve``.
+
+``objfs serve --config-fd N --fuse-fd M [--ready-fd K]`` is the contract with the CSI node plugin:
+the MountConfig arrives as JSON on fd N (never argv or environment, which /proc shows), fd M is an
+already-mounted /dev/fuse, and fd K gets ``ready\\n`` once the store answered and the loop is about
+to serve, or ``error: <one line>\\n`` before a non-zero exit.
+
+``objfs mount`` as root follows the same path (mount(2) here, then a detached ``objfs serve``);
+otherwise libfuse mounts through fusermount3. Every user error is one line on stderr and a
+non-zero exit, and leaves nothing mounted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+from . import errors, kernel
+from .config import ConfigError, Credentials, MountConfig, parse_size, parse_source
+
+log = logging.getLogger("objfs")
+
+READY_TIMEOUT = 60.0
+_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+
+
+class UsageError(Exception):
+    """One line for the user."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def _octal(text: str) -> int:
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="objfs", description="Object storage buckets as FUSE filesystems.")
+    sub = p.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("mount", help="mount s3://BUCKET[/PREFIX] or gs://BUCKET[/PREFIX]")
+    m.add_argument("source")
+    m.add_argument("mountpoint")
+    m.add_argument("--foreground", "-f", action="store_true")
+    m.add_argument("--read-only", action="store_true")
+    m.add_argument("--endpoint-url")
+    m.add_argument("--region")
+    m.add_argument("--cache-dir")
+    m.add_argument("--cache-size", default="10G")
+    m.add_argument("--no-cache", action="store_true")
+    m.add_argument("--metadata-ttl", type=float, default=60.0)
+    m.add_argument("--uid", type=int)
+    m.add_argument("--gid", type=int)
+    m.add_argument("--file-mode", type=_octal, default=0o644)
+    m.add_argument("--dir-mode", type=_octal, default=0o755)
+    m.add_argument("--allow-other", action="store_true")
+    m.add_argument("--prefetch", action="append", default=[], help="glob of keys warmed into the node cache")
+    m.add_argument("--debug", action="store_true")
+    u = sub.add_parser("unmount", help="unmount an objfs mount")
+    u.add_argument("mountpoint")
+    s = sub.add_parser("serve", help="internal: serve an inherited /dev/fuse fd (used by objfs-csi)")
+    s.add_argument("--config-fd", type=int, required=True)
+    s.add_argument("--fuse-fd", type=int)
+    s.add_argument("--mountpoint", help="without --fuse-fd: mount here; with it: unmount here on SIGTERM")
+    s.add_argument("--ready-fd", type=int)
+    s.add_argument("--debug", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except UsageError as exc:
+        print(f"objfs: {exc}", file=sys.stderr)
+        return 2
+    debug = getattr(args, "debug", False)
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "mount":
+            return cmd_mount(args)
+        if args.command == "unmount":
+            return cmd_unmount(args.mountpoint)
+        return cmd_serve(args)
+    except (UsageError, ConfigError) as exc:
+        print(f"objfs: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+# -- mount ------------------------------------------------------------------------------------
+def default_cache_dir() -> str:
+    if os.geteuid() == 0:
+        return "/var/cache/objfs"
+    return os.path.join(os.path.expanduser("~"), ".cache", "objfs")
+
+
+def _aws_credentials() -> Credentials:
+    """Resolve the standard AWS chain (environment, shared files, profiles) here, so the server
+    gets them through its config pipe and not through its environment."""
+    try:
+        import boto3
+
+        creds = boto3.session.Session().get_credentials()
+    except Exception as exc:
+        raise UsageError(f"cannot read AWS credentials: {exc}") from None
+    if creds is None:
+        return Credentials()
+    frozen = creds.get_frozen_credentials()
+    return Credentials(access_key_id=frozen.access_key, secret_access_key=frozen.secret_key,
+                       session_token=frozen.token)
+
+
+def build_config(args: argparse.Namespace) -> MountConfig:
+    backend, bucket, prefix = parse_source(args.source)
+    creds = _aws_credentials() if backend == "s3" else Credentials()
+    cache_dir = None if args.no_cache else os.path.abspath(args.cache_dir or default_cache_dir())
+    return MountConfig(
+        backend=backend, bucket=bucket, prefix=prefix, endpoint_url=args.endpoint_url, region=args.region,
+        credentials=creds, read_only=args.read_only, cache_dir=cache_dir,
+        cache_size=parse_size(args.cache_size), metadata_ttl=args.metadata_ttl,
+        uid=os.getuid() if args.uid is None else args.uid, gid=os.getgid() if args.gid is None else args.gid,
+        file_mode=args.file_mode, dir_mode=args.dir_mode, allow_other=args.allow_other,
+        prefetch=tuple(args.prefetch), fs_name=f"objfs:{args.source}"[:200],
+    )
+
+
+def _check_mountpoint(path: str) -> str:
+    target = os.path.abspath(path)
+    if kernel.find_mount(target) is not None:
+        # Never stat a mount that may be a dead FUSE mount: it would hang.
+        raise UsageError(f"{target} is already a mount point: unmount it first")
+    if not os.path.exists(target):
+        raise UsageError(f"mount point {target} does not exist: create the directory first")
+    if not os.path.isdir(target):
+        raise UsageError(f"mount point {target} is not a directory")
+    return target
+
+
+def _check_store(config: MountConfig) -> None:
+    import trio
+
+    from .mount import MountError, check_store
+    from .store import open_store
+
+    try:
+        blocking = open_store(config)
+        trio.run(check_store, blocking)
+    except MountError as exc:
+        raise UsageError(str(exc)) from None
+    except errors.StoreError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    config = build_config(args)
+    target = _check_mountpoint(args.mountpoint)
+    _check_store(config)  # fail before mounting anything
+    if config.cache_dir:
+        try:
+            os.makedirs(config.cache_dir, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create cache directory {config.cache_dir}: {exc.strerror}") from None
+    if os.geteuid() != 0:
+        return _mount_unprivileged(config, target, args.foreground)
+    fd = kernel.mount_fuse(target, fsname=config.fs_name, read_only=config.read_only,
+                           allow_other=config.allow_other)
+    if args.foreground:
+        return _serve_foreground(config, target, fd)
+    try:
+        error = _spawn_serve(config, fd, target, args.debug)
+    finally:
+        os.close(fd)
+    if error is not None:
+        _unmount_quietly(target)
+        raise UsageError(error)
+    from .mount import raise_readahead
+
+    raise_readahead(target, config.tuning.readahead_kb)
+    return 0
+
+
+def _serve_foreground(config: MountConfig, target: str, fd: int) -> int:
+    from .mount import MountError, raise_readahead, run
+
+    try:
+        def ready() -> None:
+            # The loop has not started yet: raise readahead from a thread once INIT is through.
+            threading.Thread(target=raise_readahead, args=(target, config.tuning.readahead_kb), daemon=True).start()
+
+        run(config, f"/dev/fd/{fd}", ready, unmount_target=target)
+    except MountError as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        _unmount_quietly(target)
+    return 0
+
+
+def _mount_unprivileged(config: MountConfig, target: str, foreground: bool) -> int:
+    if foreground:
+        from .mount import MountError, run
+
+        try:
+            run(config, target)
+        except MountError as exc:
+            raise UsageError(str(exc)) from None
+        return 0
+    error = _spawn_serve(config, None, target, False)
+    if error is not None:
+        raise UsageError(error)
+    return 0
+
+
+def _spawn_serve(config: MountConfig, fuse_fd: int | None, target: str, debug: bool) -> str | None:
+    """Start a detached ``objfs serve``; None once it is ready, else the error line."""
+    cfg_r, cfg_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    cmd = [sys.executable, "-m", "fusefs.cli", "serve", "--config-fd", str(cfg_r), "--ready-fd", str(ready_w),
+           "--mountpoint", target]
+    fds = [cfg_r, ready_w]
+    if fuse_fd is not None:
+        os.set_inheritable(fuse_fd, True)
+        cmd += ["--fuse-fd", str(fuse_fd)]
+        fds.append(fuse_fd)
+    if debug:
+        cmd.append("--debug")
+    env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
+    log_target = subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, pass_fds=fds, start_new_session=True, env=env, stdin=subprocess.DEVNULL,
+                            stdout=log_target, stderr=None if debug else log_target, cwd="/")
+    os.close(cfg_r)
+    os.close(ready_w)
+    try:
+        with os.fdopen(cfg_w, "wb") as f:
+            f.write(config.to_json().encode())
+    except BrokenPipeError:
+        pass
+    try:
+        line = _read_line(ready_r, READY_TIMEOUT)
+    finally:
+        os.close(ready_r)
+    if line == "ready":
+        return None
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    if line.startswith("error: "):
+        return line[len("error: "):]
+    return "the filesystem server did not start" + (f" ({line})" if line else "")
+
+
+def _read_line(fd: int, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return "timed out waiting for it"
+        r, _, _ = select.select([fd], [], [], left)
+        if not r:
+            continue
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        buf += chunk
+    return buf.split(b"\n", 1)[0].decode(errors="replace").strip()
+
+
+def _unmount_quietly(target: str) -> None:
+    if kernel.find_mount(target) is None:
+        return
+    try:
+        kernel.unmount(target, lazy=True)
+    except OSError:
+        pass
+
+
+# -- unmount ----------------------------------------------------------------------------------
+def cmd_unmount(path: str) -> int:
+    target = os.path.abspath(path)
+    m = kernel.find_mount(target)
+    if m is None:
+        raise UsageError(f"{target} is not mounted")
+    if os.geteuid() == 0:
+        try:
+            kernel.unmount(target)
+        except OSError as exc:
+            raise UsageError(f"cannot unmount {target}: {exc.strerror}") from None
+        return 0
+    r = subprocess.run(["fusermount3", "-u", target], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise UsageError(f"cannot unmount {target}: {r.stderr.strip() or 'fusermount3 failed'}")
+    return 0
+
+
+# -- serve ------------------------------------------------------------------------------------
+def _read_all(fd: int) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    ready_fd: int | None = args.ready_fd
+
+    def report(line: str) -> None:
+        nonlocal ready_fd
+        if ready_fd is None:
+            return
+        try:
+            os.write(ready_fd, (line.replace("\n", " ") + "\n").encode())
+            os.close(ready_fd)
+        except OSError:
+            pass
+        ready_fd = None
+
+    try:
+        raw = _read_all(args.config_fd)
+        os.close(args.config_fd)
+        config = MountConfig.from_json(raw)
+    except (OSError, ValueError, TypeError) as exc:
+        report(f"error: unreadable mount config: {exc}")
+        print(f"objfs serve: unreadable mount config: {exc}", file=sys.stderr)
+        return 1
+    if args.fuse_fd is not None:
+        mountpoint, unmount_target = f"/dev/fd/{args.fuse_fd}", args.mountpoint
+    elif args.mountpoint:
+        mountpoint, unmount_target = args.mountpoint, None
+    else:
+        report("error: objfs serve needs --fuse-fd or --mountpoint")
+        return 2
+    from .mount import MountError, run
+
+    try:
+        run(config, mountpoint, lambda: report("ready"), unmount_target)
+    except MountError as exc:
+        report(f"error: {exc}")
+        print(f"objfs serve: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        log.exception("server failed")
+        report(f"error: {exc}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

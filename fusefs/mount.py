@@ -1,0 +1,191 @@
+"""Running one FUSE server for one MountConfig.
+
+``serve()`` checks that the bucket answers (a bad endpoint fails in seconds, before anything is
+mounted or reported ready), builds the store, node cache and operations, hands them to pyfuse3
+(on a mount point, or on an already-mounted ``/dev/fd/N``), reports ready, and runs the loop until
+the filesystem is unmounted or SIGTERM/SIGINT arrive.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fnmatch
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Callable
+
+import pyfuse3
+import trio
+
+from . import errors, kernel
+from .config import MountConfig
+from .ops import Operations
+from .read import BlockCache
+from .retry import RetryPolicy
+from .store import AsyncStore, open_store
+from .store.base import BlockingStore, ObjectInfo
+
+log = logging.getLogger(__name__)
+
+CHECK_TIMEOUT = 15.0  # seconds for the first request: a wrong endpoint fails fast
+PREFETCH_PARALLEL = 4  # objects warmed at once by the `prefetch` globs
+
+
+class MountError(Exception):
+    """The mount cannot be served; the message is one line meant for the user."""
+
+
+def limit_malloc_retention() -> None:
+    """Blocks are multi-MiB buffers allocated and freed by many threads. glibc's default raises
+    its mmap threshold after the first such free, after which blocks come from per-thread heaps
+    that rarely shrink: RSS grows far past what is alive. A fixed threshold keeps every block in
+    its own mapping, returned to the OS on free; two arenas keep small-object heaps compact."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
+def raise_readahead(target: str, kb: int) -> bool:
+    """Raise the mount's kernel readahead (root only). Only after FUSE INIT was answered: the
+    kernel caps readahead at the INIT reply's value (128 KiB) when that reply arrives, so one
+    request to the live mount comes first. Blocking: call it from a thread or another process."""
+    try:
+        os.stat(target)
+    except OSError:
+        return False
+    return kernel.set_readahead(target, kb)
+
+
+def fuse_options(config: MountConfig) -> set[str]:
+    opts = {f"fsname={config.fs_name}", "subtype=objfs", "default_permissions"}
+    if config.allow_other:
+        opts.add("allow_other")
+    if config.read_only:
+        opts.add("ro")
+    return opts
+
+
+async def check_store(blocking: BlockingStore, limit: float = CHECK_TIMEOUT) -> None:
+    """One request that proves the endpoint, bucket and credentials work; MountError otherwise."""
+    try:
+        with trio.fail_after(limit):
+            await trio.to_thread.run_sync(blocking.check_access, abandon_on_cancel=True)
+    except trio.TooSlowError:
+        raise MountError(f"the store did not answer within {limit:.0f}s: check --endpoint-url") from None
+    except errors.StoreError as exc:
+        raise MountError(str(exc)) from None
+
+
+def open_cache(config: MountConfig) -> BlockCache | None:
+    if not config.cache_dir or config.cache_size <= 0:
+        return None
+    try:
+        from .cache import NodeCache
+
+        return NodeCache(config.cache_dir, config.cache_size)
+    except Exception as exc:  # a cache that cannot open degrades to direct reads
+        log.warning("node cache at %s unusable, reading directly: %s", config.cache_dir, exc)
+        return None
+
+
+async def _warm(ops: Operations, config: MountConfig) -> None:
+    """Fetch objects matching the `prefetch` globs into the node cache, in the background."""
+    if not config.prefetch or ops.reader.cache is None:
+        return
+    matches: list[ObjectInfo] = []
+    token: str | None = None
+    try:
+        while True:
+            page = await ops.store.list(config.prefix, None, token)
+            for info in page.objects:
+                rel = info.key[len(config.prefix):]
+                if info.size and any(fnmatch.fnmatchcase(rel, g) for g in config.prefetch):
+                    matches.append(info)
+            token = page.next_token
+            if not token:
+                break
+        limiter = trio.CapacityLimiter(PREFETCH_PARALLEL)
+
+        async def warm_one(info: ObjectInfo) -> None:
+            async with limiter:
+                for index in range(ops.reader.block_count(info.size)):
+                    await ops.reader.warm(info, index)
+
+        async with trio.open_nursery() as nursery:
+            for info in matches:
+                nursery.start_soon(warm_one, info)
+        log.info("prefetched %d objects into the node cache", len(matches))
+    except errors.StoreError as exc:
+        log.warning("prefetch stopped: %s", exc)
+
+
+async def _signals(cancel: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for sig in signals:
+            log.info("signal %s: unmounting", sig)
+            pyfuse3.terminate()
+            cancel.cancel()
+            return
+
+
+async def serve(
+    config: MountConfig,
+    mountpoint: str,
+    ready: Callable[[], None] | None = None,
+    unmount_target: str | None = None,
+) -> None:
+    """Serve ``config`` on ``mountpoint`` (a directory, or ``/dev/fd/N`` already mounted).
+
+    ``ready`` is called once the store answered and the loop is about to serve. ``unmount_target``
+    is the real mount point of a ``/dev/fd/N`` mount, unmounted (lazily) on a signal.
+    """
+    os.umask(0o077)
+    limit_malloc_retention()
+    blocking = open_store(config)
+    await check_store(blocking)
+    store = AsyncStore(blocking, config.tuning.max_concurrent_requests,
+                       RetryPolicy(deadline=config.tuning.retry_deadline))
+    cache = open_cache(config)
+    staging = tempfile.mkdtemp(prefix="objfs-staging-")
+    initialized = False
+    signalled = False
+    try:
+        async with trio.open_nursery() as nursery:
+            ops = Operations(config, store, nursery, cache, staging)
+            pyfuse3.init(ops, mountpoint, fuse_options(config))
+            initialized = True
+            if not mountpoint.startswith("/dev/fd/") and os.geteuid() == 0:
+                threading.Thread(target=raise_readahead, args=(mountpoint, config.tuning.readahead_kb),
+                                 daemon=True).start()
+            with trio.CancelScope() as loop_scope:
+                nursery.start_soon(_signals, loop_scope)
+                nursery.start_soon(_warm, ops, config)
+                if ready is not None:
+                    ready()
+                await pyfuse3.main()
+            signalled = loop_scope.cancelled_caught or loop_scope.cancel_called
+            nursery.cancel_scope.cancel()
+    finally:
+        if initialized:
+            pyfuse3.close(unmount=True)
+        if signalled and unmount_target:
+            try:
+                kernel.unmount(unmount_target, lazy=True)
+            except OSError as exc:
+                log.info("unmount of %s: %s", unmount_target, exc)
+        close = getattr(cache, "close", None)
+        if close is not None:
+            await trio.to_thread.run_sync(close)  # drains the cache's write queue
+        await trio.to_thread.run_sync(lambda: shutil.rmtree(staging, ignore_errors=True))
+
+
+def run(config: MountConfig, mountpoint: str, ready: Callable[[], None] | None = None,
+        unmount_target: str | None = None) -> None:
+    trio.run(serve, config, mountpoint, ready, unmount_target)

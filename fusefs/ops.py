@@ -1,0 +1,483 @@
+"""The FUSE operations (pyfuse3, trio): metadata from ``meta``, reads from ``read``, writes
+through ``write.WriteHandle``.
+
+Every handler maps store errors to errno (``errors.errno_of``) and never blocks the event loop:
+store calls go through ``AsyncStore`` (worker threads), disk calls through the cache and write
+handles (worker threads too).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, ParamSpec, TypeVar, cast
+
+import pyfuse3
+import trio
+
+from . import errors
+from .config import MiB, MountConfig
+from .meta import Entry, Listing, Meta, Node, join, name_of, parent_of, valid_name
+from .read import BlockCache, BlockReader, Sequential
+from .store.base import AsyncStore, ObjectInfo
+from .write import WriteHandle
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+SMALL_FILE = 1 * MiB  # files up to this size are fetched ahead of a directory walk
+
+
+def fuse_errors(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Turn store and OS errors into FUSEError with the right errno; log unexpected ones."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except errors.StoreError as exc:
+            log.info("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(errors.errno_of(exc)) from None
+        except OSError as exc:
+            log.warning("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(errors.errno_of(exc)) from None
+        except Exception:
+            log.exception("%s failed", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def _fail(code: int) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(code)
+
+
+@dataclass
+class FileHandle:
+    node: Node
+    info: ObjectInfo | None  # the version reads are pinned to
+    seq: Sequential
+    writer: WriteHandle | None = None
+
+
+@dataclass
+class DirHandle:
+    node: Node
+    listing: Listing  # a snapshot: offsets stay valid while the directory changes
+
+
+@dataclass
+class _Walk:
+    last: int = -10
+    upto: int = 0
+
+
+@dataclass
+class Stats:
+    opens: int = 0
+    reads: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(
+        self,
+        config: MountConfig,
+        store: AsyncStore,
+        nursery: trio.Nursery,
+        cache: BlockCache | None = None,
+        staging_dir: str = "/tmp",
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.tuning = config.tuning
+        self.store = store
+        self.nursery = nursery
+        self.staging_dir = staging_dir
+        self.meta = Meta(store, config)
+        self.reader = BlockReader(store, config.tuning, cache)
+        self.reader.start(nursery)
+        self.small_file = min(SMALL_FILE, config.tuning.block_size)
+        self._handles: dict[int, FileHandle | DirHandle] = {}
+        self._next_fh = 1
+        self._writers: dict[int, set[int]] = {}  # inode -> fhs with a WriteHandle
+        self._walks: dict[str, _Walk] = {}
+        self.stats = Stats()
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _new_fh(self, handle: FileHandle | DirHandle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = handle
+        return fh
+
+    def _file(self, fh: int) -> FileHandle:
+        h = self._handles.get(fh)
+        if not isinstance(h, FileHandle):
+            raise _fail(errno.EBADF)
+        return h
+
+    def _writer_of(self, inode: int) -> WriteHandle | None:
+        for fh in self._writers.get(inode, ()):
+            h = self._handles.get(fh)
+            if isinstance(h, FileHandle) and h.writer is not None:
+                return h.writer
+        return None
+
+    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        w = self._writer_of(node.inode)
+        return self.meta.attributes(node, size=w.size if w is not None else None)
+
+    def _writable(self) -> None:
+        if self.config.read_only:
+            raise _fail(errno.EROFS)
+
+    def _child_path(self, parent: int, name: bytes) -> str:
+        pnode = self.meta.node(parent)
+        if not pnode.is_dir:
+            raise _fail(errno.ENOTDIR)
+        text = os.fsdecode(name)
+        if len(name) > 255:
+            raise _fail(errno.ENAMETOOLONG)
+        if not valid_name(text):
+            raise _fail(errno.EINVAL)
+        return join(pnode.path, text)
+
+    def _sequential(self) -> Sequential:
+        # Kernel readahead runs up to its window ahead of the reader, plus a block of our own.
+        slack = self.tuning.readahead_kb * 1024 + 2 * self.tuning.block_size
+        return Sequential(self.tuning.block_size, self.tuning.max_prefetch_blocks, slack)
+
+    def _new_writer(self, node: Node, existing: ObjectInfo | None, truncate: bool) -> WriteHandle:
+        return WriteHandle(self.store, self.meta.key_of(node.path), self.tuning, self.staging_dir,
+                           self.nursery, existing, truncate)
+
+    def _written(self, node: Node, info: ObjectInfo) -> None:
+        """Record a version we just made visible."""
+        self.meta.remember(node.path, Entry(name_of(node.path), False, info))
+        node.info = info
+        node.open_version = None  # the page cache may hold bytes of the previous version
+
+    # -- metadata -----------------------------------------------------------------------------
+    @fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if not self.meta.node(parent_inode).is_dir:
+            raise _fail(errno.ENOTDIR)
+        node = await self.meta.lookup(parent_inode, os.fsdecode(name))
+        if node is None:
+            neg = pyfuse3.EntryAttributes()
+            neg.st_ino = 0  # a negative entry the kernel caches for entry_timeout
+            neg.entry_timeout = self.meta.ttl
+            return neg
+        node.lookups += 1
+        return self._attrs(node)
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:  # type: ignore[override]
+        for inode, count in inode_list:
+            self.meta.forget(inode, count)
+
+    @fuse_errors
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        node = self.meta.node(inode)
+        if not node.is_dir and self._writer_of(inode) is None and node.info is not None and node.info.version:
+            await self.meta.refresh_file(node)
+        return self._attrs(node)
+
+    @fuse_errors
+    async def setattr(
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        node = self.meta.node(inode)
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            # Owner and mode are mount-wide (uid/gid/fileMode/dirMode): objects have none.
+            raise _fail(errno.EPERM)
+        if fields.update_size:
+            self._writable()
+            if node.is_dir:
+                raise _fail(errno.EISDIR)
+            await self._truncate(node, fh, attr.st_size)
+        # atime/mtime: accepted and ignored (objects have only their store's mtime), so touch works.
+        return self._attrs(node)
+
+    async def _truncate(self, node: Node, fh: int | None, size: int) -> None:
+        h = self._handles.get(fh) if fh is not None else None
+        writer = h.writer if isinstance(h, FileHandle) and h.writer is not None else self._writer_of(node.inode)
+        if writer is not None:
+            await writer.truncate(size)
+            node.open_version = None
+            return
+        await self.meta.refresh_file(node)
+        existing = node.info if node.info is not None and node.info.version else None
+        temp = self._new_writer(node, existing, truncate=size == 0)
+        try:
+            await temp.truncate(size)
+            self._written(node, await temp.flush())
+        finally:
+            await temp.release()
+
+    @fuse_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = 1 << 20
+        s.f_frsize = 4096
+        # Buckets have no capacity: report a large, constant one so tools that check free space
+        # (cp, installers) go ahead.
+        s.f_blocks = s.f_bfree = s.f_bavail = (1 << 50) // s.f_frsize
+        s.f_files = s.f_ffree = s.f_favail = 1 << 32
+        s.f_namemax = 255
+        return s
+
+    # -- directories --------------------------------------------------------------------------
+    @fuse_errors
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self.meta.node(inode)
+        if not node.is_dir:
+            raise _fail(errno.ENOTDIR)
+        listing = await self.meta.listing(node.path)
+        snapshot = Listing(list(listing.names), dict(listing.entries), listing.expires)
+        return self._new_fh(DirHandle(node, snapshot))
+
+    @fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        h = self._handles.get(fh)
+        if not isinstance(h, DirHandle):
+            raise _fail(errno.EBADF)
+        names = h.listing.names
+        for i in range(start_id, len(names)):
+            entry = h.listing.entries[names[i]]
+            node = self.meta.node_for(join(h.node.path, names[i]), entry)
+            if not pyfuse3.readdir_reply(token, os.fsencode(names[i]), self._attrs(node), i + 1):
+                break
+            node.lookups += 1  # readdirplus entries count as lookups
+
+    async def releasedir(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    @fuse_errors
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        self._writable()
+        path = self._child_path(parent_inode, name)
+        if await self.meta.resolve(path) is not None:
+            raise _fail(errno.EEXIST)
+        await self.store.put(self.meta.dir_prefix(path), b"")  # the `dir/` marker keeps it when empty
+        entry = Entry(name_of(path), True)
+        self.meta.remember(path, entry)
+        node = self.meta.node_for(path, entry)
+        node.lookups += 1
+        return self._attrs(node)
+
+    @fuse_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._writable()
+        path = self._child_path(parent_inode, name)
+        entry = await self.meta.resolve(path)
+        if entry is None:
+            raise _fail(errno.ENOENT)
+        if not entry.is_dir:
+            raise _fail(errno.ENOTDIR)
+        marker = self.meta.dir_prefix(path)
+        page = await self.store.list(marker, "/", None, 2)
+        if page.prefixes or any(o.key != marker for o in page.objects):
+            raise _fail(errno.ENOTEMPTY)
+        await self.store.delete(marker)
+        self.meta.remember(path, None)
+        self.meta.invalidate_listing(path)
+        self.meta.move(path, f"\0deleted:{path}")
+
+    # -- files: namespace ---------------------------------------------------------------------
+    @fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._writable()
+        path = self._child_path(parent_inode, name)
+        entry = await self.meta.resolve(path)
+        if entry is None:
+            raise _fail(errno.ENOENT)
+        if entry.is_dir:
+            raise _fail(errno.EISDIR)
+        await self.store.delete(self.meta.key_of(path))
+        self.meta.remember(path, None)
+        self.meta.move(path, f"\0deleted:{path}")
+
+    @fuse_errors
+    async def rename(
+        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes, flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        self._writable()
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise _fail(errno.EINVAL)  # no atomic exchange of two objects exists
+        src = self._child_path(parent_inode_old, name_old)
+        dst = self._child_path(parent_inode_new, name_new)
+        entry = await self.meta.resolve(src)
+        if entry is None:
+            raise _fail(errno.ENOENT)
+        if entry.is_dir:
+            # A bucket has no directories to rename: it would mean copying every key below, which
+            # is neither atomic nor bounded in time for one request. EXDEV makes `mv` fall back
+            # to copying the tree file by file (and deleting the source), as across filesystems.
+            raise _fail(errno.EXDEV)
+        target = await self.meta.resolve(dst)
+        if target is not None:
+            if flags & pyfuse3.RENAME_NOREPLACE:
+                raise _fail(errno.EEXIST)
+            if target.is_dir:
+                raise _fail(errno.EISDIR)
+        if src == dst:
+            return
+        moving = self.meta.by_path.get(src)
+        writer = self._writer_of(moving) if moving is not None else None
+        if moving is not None and writer is not None and writer.dirty:
+            # The bytes must be in the store before it can copy them (write, rename, close).
+            self._written(self.meta.node(moving), await writer.flush())
+        info = await self.store.copy(self.meta.key_of(src), self.meta.key_of(dst))
+        await self.store.delete(self.meta.key_of(src))
+        self.meta.remember(src, None)
+        self.meta.move(src, dst)
+        self.meta.remember(dst, Entry(name_of(dst), False, info))
+
+    # -- files: data --------------------------------------------------------------------------
+    @fuse_errors
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self.meta.node(inode)
+        if node.is_dir:
+            raise _fail(errno.EISDIR)
+        writing = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if writing:
+            self._writable()
+        if self._writer_of(inode) is None:
+            await self.meta.refresh_file(node)
+        info = node.info
+        pinned = info if info is not None and info.version else None
+        handle = FileHandle(node, pinned, self._sequential())
+        keep = False
+        if writing:
+            handle.writer = self._new_writer(node, pinned, truncate=bool(flags & os.O_TRUNC))
+            node.open_version = None
+        elif pinned is not None and self._writer_of(inode) is None:
+            # Keep the kernel's page cache when the object is the version it cached last time.
+            keep = node.open_version == pinned.version
+            node.open_version = pinned.version
+            if pinned.size <= self.small_file:
+                self._walk_prefetch(node)
+        fh = self._new_fh(handle)
+        if handle.writer is not None:
+            self._writers.setdefault(inode, set()).add(fh)
+        self.stats.opens += 1
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=False)
+
+    def _walk_prefetch(self, node: Node) -> None:
+        """Opening small files of a listed directory in listing order: fetch the next ones now,
+        in parallel, so a walk pays one round trip per many files instead of one per file."""
+        parent = parent_of(node.path)
+        listing = self.meta.listing_if_fresh(parent)
+        if listing is None:
+            return
+        idx = listing.index.get(name_of(node.path))
+        if idx is None:
+            return
+        walk = self._walks.setdefault(parent, _Walk())
+        if idx < walk.last:
+            walk.upto = 0  # a new walk of the same directory
+        ahead = self.tuning.small_file_prefetch
+        if 0 < idx - walk.last <= 2 and ahead > 0:
+            end = min(len(listing.names), idx + 1 + ahead)
+            for i in range(max(idx + 1, walk.upto), end):
+                e = listing.entries.get(listing.names[i])
+                if e is not None and e.info is not None and 0 < e.info.size <= self.small_file:
+                    self.reader.prefetch(e.info, 0, 1)
+            walk.upto = max(walk.upto, end)
+        walk.last = idx
+
+    @fuse_errors
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self._writable()
+        path = self._child_path(parent_inode, name)
+        existing = await self.meta.resolve(path)
+        if existing is not None and existing.is_dir:
+            raise _fail(errno.EISDIR)
+        # Visible in this mount at once; in the store at the first flush (close).
+        entry = Entry(name_of(path), False, ObjectInfo(self.meta.key_of(path), 0, "", time.time()))
+        self.meta.remember(path, entry)
+        node = self.meta.node_for(path, entry)
+        node.open_version = None
+        handle = FileHandle(node, None, Sequential(self.tuning.block_size, 0))
+        handle.writer = self._new_writer(node, None, truncate=True)
+        fh = self._new_fh(handle)
+        self._writers.setdefault(node.inode, set()).add(fh)
+        node.lookups += 1
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False), self._attrs(node)
+
+    @fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self._file(fh)
+        self.stats.reads += 1
+        writer = h.writer or self._writer_of(h.node.inode)
+        if writer is not None:  # read what this mount has written, even through another handle
+            return await writer.read(off, size)
+        if h.info is None:
+            return b""
+        window = h.seq.observe(off, size)
+        if window:
+            last = (min(h.info.size, off + size) - 1) // self.reader.block_size
+            self.reader.prefetch(h.info, last + 1, window)
+            for index in h.seq.passed(off):
+                self.reader.discard(h.info, index)
+        # A memoryview of the block for most reads: pyfuse3 takes any buffer (its stub says bytes).
+        return cast(bytes, await self.reader.read(h.info, off, size))
+
+    @fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        h = self._file(fh)
+        if h.writer is None:
+            raise _fail(errno.EBADF)
+        return await h.writer.write(off, buf)
+
+    async def _flush(self, h: FileHandle) -> None:
+        if h.writer is not None and h.writer.dirty:
+            self._written(h.node, await h.writer.flush())
+
+    @fuse_errors
+    async def flush(self, fh: int) -> None:
+        await self._flush(self._file(fh))
+
+    @fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self._flush(self._file(fh))
+
+    @fuse_errors
+    async def release(self, fh: int) -> None:
+        h = self._handles.pop(fh, None)
+        if not isinstance(h, FileHandle) or h.writer is None:
+            return
+        fhs = self._writers.get(h.node.inode)
+        if fhs is not None:
+            fhs.discard(fh)
+            if not fhs:
+                del self._writers[h.node.inode]
+        try:
+            await self._flush(h)  # normally done by flush(); a last chance for fds closed without it
+        except errors.StoreError as exc:
+            log.error("data of %s not stored: %s", h.node.path, exc)
+        finally:
+            await h.writer.release()
+
+    def stats_dict(self) -> dict[str, Any]:
+        return {"opens": self.stats.opens, "reads": self.stats.reads, "requests": self.store.requests,
+                "blocks": self.reader.gets}
