@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import shutil
 import signal
 import subprocess
@@ -25,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from fusefs import handoff
 from fusefs.config import MountConfig
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class ProcessLauncher:
         with self._lock:
             self._children[proc.pid] = proc
         try:
-            self._send_config(cfg_w, config)
+            handoff.send_config(cfg_w, config)
             self._wait_ready(ready_r, proc, log_path)
         except BaseException:
             self._kill(proc)
@@ -166,38 +166,15 @@ class ProcessLauncher:
         path = os.path.dirname(sys.executable) + os.pathsep + os.defpath
         return {"PATH": path, "LANG": "C.UTF-8", "HOME": "/", "PYTHONUNBUFFERED": "1"}
 
-    @staticmethod
-    def _send_config(fd: int, config: MountConfig) -> None:
-        data = config.to_json().encode()
-        try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-        except BrokenPipeError:
-            pass  # the server died before reading; its exit status tells why
-        finally:
-            os.close(fd)
-
     def _wait_ready(self, fd: int, proc: subprocess.Popen[bytes], log_path: str) -> None:
-        deadline = time.monotonic() + self.ready_timeout
-        buf = b""
-        while b"\n" not in buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ServerStartError(f"objfs serve did not report ready within {self.ready_timeout:.0f}s")
-            r, _, _ = select.select([fd], [], [], min(left, 1.0))
-            if not r:
-                continue
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                break
-            buf += chunk
-        line = buf.split(b"\n", 1)[0].decode(errors="replace").strip()
-        if line == "ready":
+        status = handoff.read_status(fd, self.ready_timeout)
+        if status == handoff.READY:
             return
-        if line.startswith("error:"):
-            raise ServerStartError(line[len("error:") :].strip())
+        if status is None:
+            raise ServerStartError(f"objfs serve did not report ready within {self.ready_timeout:.0f}s")
+        message = handoff.error_message(status)
+        if message is not None:
+            raise ServerStartError(message)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(5)
         raise ServerStartError(

@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import select
 import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Sequence
 
-from . import errors, kernel
+from . import errors, handoff, kernel
 from .config import ConfigError, Credentials, MountConfig, parse_size, parse_source
 
 log = logging.getLogger("objfs")
@@ -244,39 +242,21 @@ def _spawn_serve(config: MountConfig, fuse_fd: int | None, target: str, debug: b
                             stdout=log_target, stderr=None if debug else log_target, cwd="/")
     os.close(cfg_r)
     os.close(ready_w)
+    handoff.send_config(cfg_w, config)
     try:
-        with os.fdopen(cfg_w, "wb") as f:
-            f.write(config.to_json().encode())
-    except BrokenPipeError:
-        pass
-    try:
-        line = _read_line(ready_r, READY_TIMEOUT)
+        status = handoff.read_status(ready_r, READY_TIMEOUT)
     finally:
         os.close(ready_r)
-    if line == "ready":
+    if status == handoff.READY:
         return None
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
-    if line.startswith("error: "):
-        return line[len("error: "):]
-    return "the filesystem server did not start" + (f" ({line})" if line else "")
-
-
-def _read_line(fd: int, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    buf = b""
-    while b"\n" not in buf:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return "timed out waiting for it"
-        r, _, _ = select.select([fd], [], [], left)
-        if not r:
-            continue
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        buf += chunk
-    return buf.split(b"\n", 1)[0].decode(errors="replace").strip()
+    if status is None:
+        return f"the filesystem server did not answer within {READY_TIMEOUT:.0f}s"
+    message = handoff.error_message(status)
+    if message is not None:
+        return message
+    return "the filesystem server did not start" + (f" ({status})" if status else "")
 
 
 def _unmount_quietly(target: str) -> None:
@@ -307,35 +287,12 @@ def cmd_unmount(path: str) -> int:
 
 
 # -- serve ------------------------------------------------------------------------------------
-def _read_all(fd: int) -> bytes:
-    chunks: list[bytes] = []
-    while True:
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
-    ready_fd: int | None = args.ready_fd
-
-    def report(line: str) -> None:
-        nonlocal ready_fd
-        if ready_fd is None:
-            return
-        try:
-            os.write(ready_fd, (line.replace("\n", " ") + "\n").encode())
-            os.close(ready_fd)
-        except OSError:
-            pass
-        ready_fd = None
-
+    status = handoff.StatusReporter(args.ready_fd)
     try:
-        raw = _read_all(args.config_fd)
-        os.close(args.config_fd)
-        config = MountConfig.from_json(raw)
+        config = handoff.receive_config(args.config_fd)
     except (OSError, ValueError, TypeError) as exc:
-        report(f"error: unreadable mount config: {exc}")
+        status.error(f"unreadable mount config: {exc}")
         print(f"objfs serve: unreadable mount config: {exc}", file=sys.stderr)
         return 1
     if args.fuse_fd is not None:
@@ -343,19 +300,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     elif args.mountpoint:
         mountpoint, unmount_target = args.mountpoint, None
     else:
-        report("error: objfs serve needs --fuse-fd or --mountpoint")
+        status.error("objfs serve needs --fuse-fd or --mountpoint")
         return 2
     from .mount import MountError, run
 
     try:
-        run(config, mountpoint, lambda: report("ready"), unmount_target)
+        run(config, mountpoint, status.ready, unmount_target)
     except MountError as exc:
-        report(f"error: {exc}")
+        status.error(str(exc))
         print(f"objfs serve: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:
         log.exception("server failed")
-        report(f"error: {exc}")
+        status.error(str(exc))
         return 1
     return 0
 
