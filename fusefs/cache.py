@@ -67,6 +67,10 @@ EVICTION_POLICY = "least-recently-used"
 # limit. Its default (10) would drop 80 MiB to make room for one 8 MiB block; 1 could let the
 # volume creep up when small tail blocks are evicted for full ones; 2 keeps it near the limit.
 CULL_LIMIT = 2
+# The writer commits what is queued at once in one transaction, up to these caps (a transaction
+# holds SQLite's write lock, which other servers' LRU reads wait for).
+WRITE_BATCH_ITEMS = 64
+WRITE_BATCH_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,7 @@ class _BlockDisk(diskcache.Disk):
     """
 
     def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> Any:
-        if type(value) is not bytes:
+        if type(value) not in (bytes, bytearray):
             return super().store(value, read, key=key)
         filename, full_path = self.filename(key, value)
         try:
@@ -275,7 +279,10 @@ class NodeCache:
     def _store(self, key: BlockKey, data: bytes) -> bool:
         assert self._cache is not None
         try:
-            self._cache.set(key.encode(), bytes(data), tag=_tag(data))
+            # A bytearray block goes to the file as it is: a bytes() copy would hold the GIL for
+            # the whole block while the event loop wants it.
+            value = data if type(data) in (bytes, bytearray) else bytes(data)
+            self._cache.set(key.encode(), value, tag=_tag(data))
         except Exception as exc:
             self._problem("write", exc)
             return False
@@ -304,6 +311,11 @@ class NodeCache:
         assert self._cache is not None
         dkey = key.encode()
         try:
+            # A plain SELECT first: with the LRU policy diskcache's get() opens a write transaction
+            # (to record the access time) even on a miss, and a cold read would queue every lookup
+            # behind the writer's commits for blocks that are not there anyway.
+            if dkey not in self._cache:
+                return None
             handle, tag = self._cache.get(dkey, read=True, tag=True)
         except Exception as exc:
             self._problem("read", exc)
@@ -350,18 +362,55 @@ class NodeCache:
 
     def _write_loop(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            key, data, lock = item
+            batch, stop = self._next_batch()
             try:
-                self._store(key, data)  # never raises
+                self._store_batch([(key, data) for key, data, _ in batch])  # never raises
             finally:
-                if lock is not None:
-                    try:
-                        lock.release()
-                    except OSError as exc:
-                        self._problem("unlock", exc)
+                for _, _, lock in batch:
+                    if lock is not None:
+                        try:
+                            lock.release()
+                        except OSError as exc:
+                            self._problem("unlock", exc)
+            if stop:
+                return
+
+    def _next_batch(self) -> tuple[list[tuple[BlockKey, bytes, _BlockLock | None]], bool]:
+        """The queued blocks that are there now (at least one, waiting for it), up to a size cap;
+        and whether the writer was told to stop after them."""
+        batch: list[tuple[BlockKey, bytes, _BlockLock | None]] = []
+        size = 0
+        item = self._queue.get()
+        while True:
+            if item is _STOP:
+                return batch, True
+            batch.append(item)
+            size += len(item[1])
+            if len(batch) >= WRITE_BATCH_ITEMS or size >= WRITE_BATCH_BYTES:
+                return batch, False
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return batch, False
+
+    def _store_batch(self, items: list[tuple[BlockKey, bytes]]) -> None:
+        """Store several blocks in one SQLite transaction: one commit instead of one per block is
+        what makes caching a walk of many small files cheap. A failed batch is retried block by
+        block, so one bad block does not cost the others."""
+        if len(items) > 1 and self.usable:
+            assert self._cache is not None
+            try:
+                with self._cache.transact():
+                    for key, data in items:
+                        self._cache.set(key.encode(), data, tag=_tag(data))
+            except Exception as exc:
+                self._problem("write", exc)
+            else:
+                self._count("stores", len(items))
+                self._count("store_bytes", sum(len(d) for _, d in items))
+                return
+        for key, data in items:
+            self._store(key, data)
 
     def _try_submit(self, key: BlockKey, data: bytes, lock: _BlockLock | None) -> str:
         """Queue a fetched block for the writer, which releases ``lock`` after writing it.
