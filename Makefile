@@ -15,7 +15,7 @@ APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc util-linux procps
 BENCH_APT_PACKAGES := s3fs
 export PATH := $(CURDIR)/$(VENV)/bin:$(TOOLS):$(PATH)
 
-.PHONY: help deps apt venv tools proto lint typecheck check unit sanity test demo bench bench-deps clean
+.PHONY: help deps apt venv tools proto lint typecheck check unit sanity test demo bench bench-deps bench-smoke clean
 
 help:
 	@echo "make demo    the main job, end to end on a local S3 server (no cluster needed)"
@@ -67,7 +67,7 @@ unit: deps
 sanity: deps
 	bash sanity/run.sh
 
-test: deps check unit sanity
+test: deps check unit sanity bench-smoke
 
 demo: deps
 	$(PY) -m tests.demo
@@ -79,6 +79,10 @@ bench-deps: deps
 
 bench: bench-deps
 	$(PY) -m bench $(BENCH_ARGS)
+
+# The benchmarks once at a tiny size, every client: keeps the harness working (no timings judged).
+bench-smoke: bench-deps
+	$(PY) -m bench --quick
 
 clean:
 	rm -rf $(VENV) .tools $(STAMPS) csi/v1 .mypy_cache .ruff_cache build *.egg-info

@@ -22,8 +22,8 @@ from pathlib import Path
 from bench import clients as C
 from bench import procs, scenarios
 from bench.data import Sizes, generate
-from bench.proxy import CountingProxy
 from bench.report import Run, Scenario, draw_chart, print_report, write_json
+from tests.proxy import CountingProxy
 
 REPO = Path(__file__).resolve().parent.parent
 BUCKET = "bench"

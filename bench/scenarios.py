@@ -27,8 +27,8 @@ import boto3.s3.transfer as tr
 from bench import procs
 from bench.clients import OBJFS, RCLONE, RCLONE_FULL, S3FS, S3FS_CACHE, Client, Mounted, Store
 from bench.data import LARGE_KEY, MEMORY_KEY, MODEL_KEY, Manifest, Sizes
-from bench.proxy import CountingProxy
 from bench.report import Goal, Run, Scenario
+from tests.proxy import CountingProxy
 
 MB = 1e6
 MiB = 1 << 20
@@ -221,7 +221,7 @@ def small_files(ctx: Ctx) -> Scenario:
                 t0 = time.perf_counter()
                 got = _walk_and_read(m.path)
                 secs = time.perf_counter() - t0
-                tally = ctx.proxy.snapshot()
+                tally = ctx.proxy.tally()
             if got.keys() != expected.keys():
                 raise WrongBytes(f"{c.name}: walk found {len(got)} files, expected {len(expected)}")
             for rel, data in got.items():
@@ -263,7 +263,7 @@ def list_many(ctx: Ctx) -> Scenario:
                     sc.notes.append(f"{c.name}: ls -l did not finish within {timeout:.0f}s")
                     continue
                 secs = time.perf_counter() - t0
-                tally = ctx.proxy.snapshot()
+                tally = ctx.proxy.tally()
             names = {line.split()[-1] for line in out.stdout.decode().splitlines()[1:] if line.strip()}
             if names != set(ctx.manifest.many):
                 raise WrongBytes(f"{c.name}: ls -l listed {len(names)} names, expected {n}")
@@ -295,7 +295,7 @@ def shared_cache(ctx: Ctx) -> Scenario:
                     with concurrent.futures.ThreadPoolExecutor(4) as pool:
                         list(pool.map(timed_read, [m.path / "object.bin" for m in mounts], bufs))
                     secs = time.perf_counter() - t0
-                    tally = ctx.proxy.snapshot()
+                    tally = ctx.proxy.tally()
             finally:
                 shutil.rmtree(shared, ignore_errors=True)
             for i, b in enumerate(bufs):

@@ -39,7 +39,7 @@ def s3_config(s3_server: RcloneS3, bucket: str, tmp_path: Path) -> MountConfig:
 @pytest.fixture
 def counting_proxy(s3_server: RcloneS3) -> Iterator[CountingProxy]:
     """A request-counting proxy in front of the session's S3 server."""
-    with CountingProxy("127.0.0.1", s3_server.port) as proxy:
+    with CountingProxy(s3_server.port) as proxy:
         yield proxy
 
 
