@@ -67,7 +67,7 @@ class Tuning:
     block_size: int = 8 * MiB  # unit of ranged GETs and of the node cache
     max_prefetch_blocks: int = 8  # sequential read window, in blocks
     max_concurrent_requests: int = 16  # store requests in flight per server
-    memory_blocks: int = 24  # blocks kept in memory per server (bounds RSS)
+    memory_blocks: int = 16  # blocks kept in memory per server: twice the prefetch window (bounds RSS)
     small_file_prefetch: int = 16  # small objects fetched ahead of a directory walk
     part_size: int = 16 * MiB  # multipart upload part size
     max_upload_parts_in_flight: int = 4

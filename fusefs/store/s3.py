@@ -34,6 +34,7 @@ _TRANSIENT = {"InternalError", "ServiceUnavailable", "RequestTimeout", "RequestT
               "PriorRequestNotComplete", "500", "502", "504"}
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
+READ_CHUNK = 1024 * 1024  # bounds the temporary buffer of each read from a response body
 
 
 def _translate(exc: BaseException, key: str | None, bucket: str) -> errors.StoreError:
@@ -290,23 +291,22 @@ def _now() -> float:
 
 
 def _read_exactly(body: Any, n: int, key: str) -> bytes:
-    """Read the whole response body into one buffer without intermediate copies."""
-    raw = getattr(body, "_raw_stream", None)
-    data: bytes | bytearray
-    if raw is None or not hasattr(raw, "readinto"):
-        data = body.read()
-    else:
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            k = raw.readinto(view[got:])
-            if not k:
-                break
-            got += k
-        # The buffer itself, not a bytes copy of it: nothing mutates a fetched block, and a
-        # copy of every byte costs CPU that a 2-core node needs for moving the bytes at all.
-        data = buf if got == n else buf[:got]
-    if len(data) != n:
-        raise errors.TransientError(f"short read of {key}: {len(data)} of {n} bytes")
-    return data  # type: ignore[return-value]  # a bytearray serves wherever bytes are read
+    """Read the whole response body into one preallocated buffer, a bounded piece at a time.
+
+    Not ``readinto`` of the whole rest: urllib3's readinto reads everything asked for into a
+    temporary bytes object first, which doubles the memory of every block in flight."""
+    raw = getattr(body, "_raw_stream", body)
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        chunk = raw.read(min(READ_CHUNK, n - got))
+        if not chunk:
+            break
+        view[got : got + len(chunk)] = chunk
+        got += len(chunk)
+    if got != n:
+        raise errors.TransientError(f"short read of {key}: {got} of {n} bytes")
+    # The buffer itself, not a bytes copy of it: nothing mutates a fetched block, and a copy of
+    # every byte costs CPU that a 2-core node needs for moving the bytes at all.
+    return buf  # type: ignore[return-value]  # a bytearray serves wherever bytes are read
