@@ -50,8 +50,38 @@ def rclone_binary() -> str:
     return found
 
 
+class LoopbackServer:
+    """A server process on ``self.port`` of the loopback interface: start it, wait until it listens,
+    stop it. Subclasses say what to run (``_argv``) and where it logs."""
+
+    port: int
+    proc: subprocess.Popen[bytes] | None
+    log_path: Path | None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _launch(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None,
+                cwd: Path | None = None) -> None:
+        self.log_path = log_path
+        with open(log_path, "wb") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True, cwd=cwd)
+        wait_for_port(self.port, self.proc)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
 @dataclass
-class RcloneS3:
+class RcloneS3(LoopbackServer):
     """``rclone serve s3`` on a free loopback port, serving ``root`` (each folder a bucket)."""
 
     root: Path
@@ -62,36 +92,20 @@ class RcloneS3:
     log_path: Path | None = None
 
     @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
     def credentials(self) -> Credentials:
         return Credentials(access_key_id=self.access_key, secret_access_key=self.secret_key)
 
     def start(self) -> RcloneS3:
         self.root.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.root.parent / f"rclone-s3-{self.port}.log"
-        log = open(self.log_path, "wb")
         # The key pair is given through the environment of this test server only (it is a
         # throwaway pair); rclone reads RCLONE_AUTH_KEY as CSV, so the pair is quoted.
         env = dict(os.environ, RCLONE_AUTH_KEY=f'"{self.access_key},{self.secret_key}"')
-        self.proc = subprocess.Popen(
+        self._launch(
             [rclone_binary(), "serve", "s3", "--addr", f"127.0.0.1:{self.port}", "--config", "/dev/null",
              str(self.root)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            self.root.parent / f"rclone-s3-{self.port}.log", env=env,
         )
-        wait_for_port(self.port, self.proc)
         return self
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
     def client(self):  # type: ignore[no-untyped-def]
         """A plain boto3 client, for tests to arrange and inspect data behind objfs's back."""
@@ -136,7 +150,7 @@ def fake_gcs_binary() -> str:
 
 
 @dataclass
-class FakeGCS:
+class FakeGCS(LoopbackServer):
     """fake-gcs-server (in-memory backend) on a free loopback port, plain http.
 
     ``-public-host``/``-external-url`` are set to this address so that any URL the server hands
@@ -150,34 +164,18 @@ class FakeGCS:
     log_path: Path | None = None
 
     @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
     def credentials(self) -> Credentials:
         return Credentials()  # the emulator takes anonymous requests
 
     def start(self) -> FakeGCS:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.workdir / f"fake-gcs-{self.port}.log"
-        log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
+        self._launch(
             [fake_gcs_binary(), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
              "-backend", "memory", "-public-host", f"127.0.0.1:{self.port}", "-external-url", self.endpoint,
              "-log-level", "warn"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.workdir,
+            self.workdir / f"fake-gcs-{self.port}.log", cwd=self.workdir,
         )
-        wait_for_port(self.port, self.proc)
         return self
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
     def client(self):  # type: ignore[no-untyped-def]
         """A plain google-cloud-storage client, for tests to arrange and inspect data behind objfs's back."""
