@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import secrets
 import shutil
 import socket
@@ -24,6 +25,11 @@ import boto3
 import botocore.config
 
 from fusefs.config import Credentials
+
+
+def random_bytes(n: int, seed: int) -> bytes:
+    """Reproducible test data: the same seed gives the same bytes."""
+    return random.Random(seed).randbytes(n)
 
 
 def free_port() -> int:
@@ -123,6 +129,11 @@ class RcloneS3(LoopbackServer):
         name = name or "b-" + secrets.token_hex(6)
         self.client().create_bucket(Bucket=name)
         return name
+
+    def read_object(self, bucket: str, key: str) -> bytes:
+        """The object's bytes as the store has them, read behind objfs's back."""
+        body: bytes = self.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        return body
 
     def __enter__(self) -> RcloneS3:
         return self.start()

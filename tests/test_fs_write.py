@@ -6,7 +6,6 @@ import dataclasses
 import errno
 import hashlib
 import os
-import random
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -16,18 +15,11 @@ import pytest
 from fusefs.config import MiB, MountConfig
 from tests.fsmount import Mounted
 from tests.proxy import CountingProxy
-from tests.servers import RcloneS3
+from tests.servers import RcloneS3, random_bytes
 
 pytestmark = pytest.mark.fuse
 
 
-def rand(n: int, seed: int) -> bytes:
-    return random.Random(seed).randbytes(n)
-
-
-def get(server: RcloneS3, bucket: str, key: str) -> bytes:
-    body: bytes = server.client().get_object(Bucket=bucket, Key=key)["Body"].read()
-    return body
 
 
 def keys(server: RcloneS3, bucket: str) -> list[str]:
@@ -39,7 +31,7 @@ def test_large_sequential_write_is_stored_byte_exact(
     s3_server: RcloneS3, s3_config: MountConfig, mount_fs: Callable[..., Mounted]
 ) -> None:
     m = mount_fs(s3_config)
-    chunk = rand(MiB, 3)
+    chunk = random_bytes(MiB, 3)
     digest = hashlib.sha256()
     n = 110
     with open(m.path / "ckpt.bin", "wb") as f:
@@ -47,7 +39,7 @@ def test_large_sequential_write_is_stored_byte_exact(
             piece = chunk[i:] + chunk[:i]  # every MiB different
             f.write(piece)
             digest.update(piece)
-    stored = get(s3_server, s3_config.bucket, "ckpt.bin")
+    stored = s3_server.read_object(s3_config.bucket, "ckpt.bin")
     assert len(stored) == n * MiB
     assert hashlib.sha256(stored).digest() == digest.digest()
     assert os.stat(m.path / "ckpt.bin").st_size == n * MiB
@@ -61,23 +53,23 @@ def test_create_overwrite_truncate_append(
     m = mount_fs(s3_config)
     p = m.path / "notes.txt"
     p.write_bytes(b"hello world")
-    assert get(s3_server, s3_config.bucket, "notes.txt") == b"hello world"
+    assert s3_server.read_object(s3_config.bucket, "notes.txt") == b"hello world"
     assert p.read_bytes() == b"hello world"
     p.write_bytes(b"short")  # O_TRUNC overwrite
-    assert get(s3_server, s3_config.bucket, "notes.txt") == b"short"
+    assert s3_server.read_object(s3_config.bucket, "notes.txt") == b"short"
     assert p.read_bytes() == b"short"
     with open(p, "ab") as f:
         f.write(b"+more")
-    assert get(s3_server, s3_config.bucket, "notes.txt") == b"short+more"
+    assert s3_server.read_object(s3_config.bucket, "notes.txt") == b"short+more"
     os.truncate(p, 3)
-    assert get(s3_server, s3_config.bucket, "notes.txt") == b"sho"
+    assert s3_server.read_object(s3_config.bucket, "notes.txt") == b"sho"
     assert os.stat(p).st_size == 3
     with open(p, "r+b") as f:  # random write inside an existing object
         f.seek(1)
         f.write(b"X")
-    assert get(s3_server, s3_config.bucket, "notes.txt") == b"sXo"
+    assert s3_server.read_object(s3_config.bucket, "notes.txt") == b"sXo"
     (m.path / "empty").touch()
-    assert get(s3_server, s3_config.bucket, "empty") == b""
+    assert s3_server.read_object(s3_config.bucket, "empty") == b""
     os.utime(m.path / "empty", (1, 1))  # accepted, a no-op
 
 
@@ -139,7 +131,7 @@ def test_read_only_mount_refuses_writes(
         with pytest.raises(OSError) as exc:
             attempt()
         assert exc.value.errno == errno.EROFS
-    assert get(s3_server, s3_config.bucket, "f.txt") == b"x"
+    assert s3_server.read_object(s3_config.bucket, "f.txt") == b"x"
 
 
 def test_owner_modes_and_statfs(
@@ -171,5 +163,5 @@ def test_rename_before_close_and_reading_while_another_handle_writes(
             assert r.read() == b"checkpoint"
         os.rename(m.path / "part.tmp", m.path / "final.bin")  # written before it is copied
     assert keys(s3_server, s3_config.bucket) == ["final.bin"]
-    assert get(s3_server, s3_config.bucket, "final.bin") == b"checkpoint"
+    assert s3_server.read_object(s3_config.bucket, "final.bin") == b"checkpoint"
     assert (m.path / "final.bin").read_bytes() == b"checkpoint"

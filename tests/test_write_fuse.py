@@ -5,7 +5,6 @@ through a raw S3 client. (The filesystem's own write and namespace tests are in 
 from __future__ import annotations
 
 import os
-import random
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -14,18 +13,11 @@ import pytest
 
 from fusefs.config import MiB, MountConfig
 from tests.fsmount import Mounted
-from tests.servers import RcloneS3
+from tests.servers import RcloneS3, random_bytes
 
 pytestmark = pytest.mark.fuse
 
 
-def rand(n: int, seed: int) -> bytes:
-    return random.Random(seed).randbytes(n)
-
-
-def raw_get(server: RcloneS3, bucket: str, key: str) -> bytes:
-    body: bytes = server.client().get_object(Bucket=bucket, Key=key)["Body"].read()
-    return body
 
 
 def run(*cmd: str) -> None:
@@ -36,13 +28,13 @@ def test_dd_and_cp_of_a_big_file(
     s3_server: RcloneS3, bucket: str, s3_config: MountConfig, mount_fs: Callable[..., Mounted], tmp_path: Path
 ) -> None:
     src = tmp_path / "src.bin"
-    data = rand(110 * MiB + 4321, seed=1)
+    data = random_bytes(110 * MiB + 4321, seed=1)
     src.write_bytes(data)
     m = mount_fs(s3_config)
     run("dd", f"if={src}", f"of={m.path / 'dd.bin'}", "bs=1M")
-    assert raw_get(s3_server, bucket, "dd.bin") == data
+    assert s3_server.read_object(bucket, "dd.bin") == data
     run("cp", str(src), str(m.path / "cp.bin"))
-    assert raw_get(s3_server, bucket, "cp.bin") == data
+    assert s3_server.read_object(bucket, "cp.bin") == data
     assert (m.path / "cp.bin").stat().st_size == len(data)
 
 
@@ -59,18 +51,19 @@ def test_random_writes_append_and_overwrite(
 
     fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
     try:
-        for offset, chunk in [(0, rand(6 * MiB, 2)), (50 * MiB, rand(MiB, 3)), (3 * MiB, rand(4 * MiB, 4))]:
+        writes = [(0, random_bytes(6 * MiB, 2)), (50 * MiB, random_bytes(MiB, 3)), (3 * MiB, random_bytes(4 * MiB, 4))]
+        for offset, chunk in writes:
             assert os.pwrite(fd, chunk, offset) == len(chunk)
             apply(offset, chunk)
     finally:
         os.close(fd)
-    assert raw_get(s3_server, bucket, "random.bin") == bytes(model)
+    assert s3_server.read_object(bucket, "random.bin") == bytes(model)
 
     with open(path, "ab") as f:  # append to the existing object
-        tail = rand(2 * MiB + 1, 5)
+        tail = random_bytes(2 * MiB + 1, 5)
         f.write(tail)
     model += tail
-    assert raw_get(s3_server, bucket, "random.bin") == bytes(model)
+    assert s3_server.read_object(bucket, "random.bin") == bytes(model)
 
     with open(path, "r+b") as f:  # overwrite in place, read our own write before close
         f.seek(10)
@@ -79,10 +72,10 @@ def test_random_writes_append_and_overwrite(
         f.seek(5)
         assert f.read(20) == bytes(model[5:10]) + b"0123456789" + bytes(model[20:25])
     model[10:20] = b"0123456789"
-    assert raw_get(s3_server, bucket, "random.bin") == bytes(model)
+    assert s3_server.read_object(bucket, "random.bin") == bytes(model)
 
     os.truncate(path, 1000)
-    assert raw_get(s3_server, bucket, "random.bin") == bytes(model[:1000])
+    assert s3_server.read_object(bucket, "random.bin") == bytes(model[:1000])
     assert path.read_bytes() == bytes(model[:1000])
 
 
@@ -91,24 +84,24 @@ def test_small_and_empty_files_and_dup_fds(
 ) -> None:
     m = mount_fs(s3_config)
     (m.path / "empty").touch()
-    assert raw_get(s3_server, bucket, "empty") == b""
+    assert s3_server.read_object(bucket, "empty") == b""
     (m.path / "hello.txt").write_text("hello\n")
-    assert raw_get(s3_server, bucket, "hello.txt") == b"hello\n"
+    assert s3_server.read_object(bucket, "hello.txt") == b"hello\n"
     fd = os.open(m.path / "dup.txt", os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
     fd2 = os.dup(fd)
     os.write(fd, b"first ")
     os.close(fd)  # flush: visible now
-    assert raw_get(s3_server, bucket, "dup.txt") == b"first "
+    assert s3_server.read_object(bucket, "dup.txt") == b"first "
     os.write(fd2, b"second")  # the same open file, after a flush
     os.close(fd2)
-    assert raw_get(s3_server, bucket, "dup.txt") == b"first second"
+    assert s3_server.read_object(bucket, "dup.txt") == b"first second"
 
 
 def test_sequential_writes_stream_while_the_file_is_open(
     s3_server: RcloneS3, bucket: str, s3_config: MountConfig, mount_fs: Callable[..., Mounted]
 ) -> None:
     m = mount_fs(s3_config)
-    data = rand(40 * MiB + 17, seed=6)
+    data = random_bytes(40 * MiB + 17, seed=6)
     client = s3_server.client()
     with open(m.path / "stream.bin", "wb") as f:
         f.write(data[: 36 * MiB])
@@ -118,4 +111,4 @@ def test_sequential_writes_stream_while_the_file_is_open(
         assert [u["Key"] for u in listed] == ["stream.bin"]
         assert "Contents" not in client.list_objects_v2(Bucket=bucket, Prefix="stream.bin")
         f.write(data[36 * MiB :])
-    assert raw_get(s3_server, bucket, "stream.bin") == data
+    assert s3_server.read_object(bucket, "stream.bin") == data
