@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from argparse import Namespace
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -122,6 +125,20 @@ class InProcessPlugin:
     def __exit__(self, *exc: object) -> None:
         self.client.close()
         self.server.stop(grace=1).wait()
+
+
+@contextlib.contextmanager
+def in_process_plugin(prefix: str, node_id: str) -> Iterator[tuple[Client, PluginDirs]]:
+    """An in-process objfs-csi in a fresh temp dir; on exit whatever it left mounted is detached
+    and the dir removed."""
+    root = tempfile.mkdtemp(prefix=prefix)
+    dirs = PluginDirs(root)
+    try:
+        with InProcessPlugin(dirs, node_id=node_id) as client:
+            yield client, dirs
+    finally:
+        unmount_all_under(root)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def unmount_all_under(root: str) -> list[str]:

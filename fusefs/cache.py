@@ -277,18 +277,21 @@ class NodeCache:
         return self._store(key, data)
 
     def _store(self, key: BlockKey, data: bytes) -> bool:
-        assert self._cache is not None
         try:
-            # A bytearray block goes to the file as it is: a bytes() copy would hold the GIL for
-            # the whole block while the event loop wants it.
-            value = data if type(data) in (bytes, bytearray) else bytes(data)
-            self._cache.set(key.encode(), value, tag=_tag(data))
+            self._set(key, data)
         except Exception as exc:
             self._problem("write", exc)
             return False
         self._count("stores")
         self._count("store_bytes", len(data))
         return True
+
+    def _set(self, key: BlockKey, data: bytes) -> None:
+        assert self._cache is not None
+        # A bytearray block goes to the file as it is: a bytes() copy would hold the GIL for the
+        # whole block while the event loop wants it.
+        value = data if type(data) in (bytes, bytearray) else bytes(data)
+        self._cache.set(key.encode(), value, tag=_tag(data))
 
     def close(self) -> None:
         """Write the queued blocks (releasing their locks), stop the writer, close the database.
@@ -402,7 +405,7 @@ class NodeCache:
             try:
                 with self._cache.transact():
                     for key, data in items:
-                        self._cache.set(key.encode(), data, tag=_tag(data))
+                        self._set(key, data)
             except Exception as exc:
                 self._problem("write", exc)
             else:

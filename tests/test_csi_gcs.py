@@ -4,14 +4,13 @@ publish, a read and a write, DeleteVolume."""
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from csi.local import Client, InProcessPlugin, PluginDirs, unmount_all_under
+from csi.local import Client, PluginDirs, in_process_plugin
 from csi.v1 import csi_pb2 as pb
 from fusefs import kernel
 from tests.servers import FakeGCS
@@ -28,14 +27,8 @@ def gcs() -> Iterator[FakeGCS]:
 
 @pytest.fixture
 def plugin() -> Iterator[tuple[Client, PluginDirs]]:
-    root = tempfile.mkdtemp(prefix="objfs-csi-gcs-")
-    dirs = PluginDirs(root)
-    try:
-        with InProcessPlugin(dirs, node_id="node-g") as client:
-            yield client, dirs
-    finally:
-        unmount_all_under(root)
-        shutil.rmtree(root, ignore_errors=True)
+    with in_process_plugin("objfs-csi-gcs-", "node-g") as plugin:
+        yield plugin
 
 
 def test_gcs_volume_lifecycle(gcs: FakeGCS, plugin: tuple[Client, PluginDirs]) -> None:

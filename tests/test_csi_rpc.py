@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from csi.local import Client, InProcessPlugin, PluginDirs, unmount_all_under
+from csi.local import Client, PluginDirs, in_process_plugin, unmount_all_under
 from csi.v1 import csi_pb2 as pb
 from fusefs import kernel
 from tests.servers import RcloneS3
@@ -39,14 +39,8 @@ def code_of(fn: object, *args: object) -> tuple[grpc.StatusCode, str]:
 
 @pytest.fixture(scope="module")
 def plugin() -> Iterator[tuple[Client, PluginDirs]]:
-    root = tempfile.mkdtemp(prefix="objfs-csi-rpc-")
-    dirs = PluginDirs(root)
-    try:
-        with InProcessPlugin(dirs, node_id="node-a") as client:
-            yield client, dirs
-    finally:
-        unmount_all_under(root)
-        shutil.rmtree(root, ignore_errors=True)
+    with in_process_plugin("objfs-csi-rpc-", "node-a") as plugin:
+        yield plugin
 
 
 @pytest.fixture
