@@ -65,12 +65,12 @@ class Tuning:
     """Data-path knobs. Defaults are what the benchmarks chose on a 2-core machine."""
 
     block_size: int = 8 * MiB  # unit of ranged GETs and of the node cache
-    max_prefetch_blocks: int = 8  # sequential read window, in blocks
+    max_prefetch_blocks: int = 6  # sequential read window, in blocks
     max_concurrent_requests: int = 16  # store requests in flight per server
-    memory_blocks: int = 16  # blocks kept in memory per server: twice the prefetch window (bounds RSS)
+    memory_blocks: int = 10  # blocks kept in memory per server: the prefetch window and some (bounds RSS)
     small_file_prefetch: int = 16  # small objects fetched ahead of a directory walk
-    part_size: int = 16 * MiB  # multipart upload part size
-    max_upload_parts_in_flight: int = 4
+    part_size: int = 8 * MiB  # multipart upload part size
+    max_upload_parts_in_flight: int = 8
     readahead_kb: int = 16 * 1024  # kernel readahead for the mount's bdi
     request_timeout: float = 60.0  # one store request
     retry_deadline: float = 120.0  # all retries of one request

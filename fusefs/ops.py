@@ -433,6 +433,7 @@ class Operations(pyfuse3.Operations):
             return await writer.read(off, size)
         if h.info is None:
             return b""
+        urgent = h.seq.next_offset < 0  # the handle's first read: see BlockReader.read
         window = h.seq.observe(off, size)
         if window:
             last = (min(h.info.size, off + size) - 1) // self.reader.block_size
@@ -440,7 +441,7 @@ class Operations(pyfuse3.Operations):
             for index in h.seq.passed(off):
                 self.reader.discard(h.info, index)
         # A memoryview of the block for most reads: pyfuse3 takes any buffer (its stub says bytes).
-        return cast(bytes, await self.reader.read(h.info, off, size))
+        return cast(bytes, await self.reader.read(h.info, off, size, urgent=urgent))
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:

@@ -389,16 +389,21 @@ async def test_full_write_queue_skips_caching_and_releases_lock(tmp_path: Path) 
         assert await c.get_or_fetch(bkey(0), Fetcher(blob(0))) == blob(0)
         await trio.to_thread.run_sync(writer.entered.acquire)  # the writer holds block 0
         assert await c.get_or_fetch(bkey(1), Fetcher(blob(1))) == blob(1)  # queued
-        assert await c.get_or_fetch(bkey(2), Fetcher(blob(2))) == blob(2)  # no room: not cached
+        # no room: returned at once, and a background task waits for room holding block 2's lock
+        assert await c.get_or_fetch(bkey(2), Fetcher(blob(2))) == blob(2)
+        assert await c.get_or_fetch(bkey(3), Fetcher(blob(3))) == blob(3)  # no room there either: not cached
         assert c.stats()["store_skipped"] == 1
-        assert lock_fds(tmp_path / "cache") == 2  # blocks 0 (being written) and 1 (queued) stay locked
-        # block 2's lock was released at once: another reader fetches it instead of waiting
-        fetch = Fetcher(blob(2))
-        assert await other.get_or_fetch(bkey(2), fetch) == blob(2)
+        assert lock_fds(tmp_path / "cache") == 3  # blocks 0 (being written), 1 (queued), 2 (waiting) locked
+        # block 3's lock was released at once: another reader fetches it instead of waiting
+        fetch = Fetcher(blob(3))
+        assert await other.get_or_fetch(bkey(3), fetch) == blob(3)
         assert fetch.calls == 1
         assert other.stats()["lock_timeouts"] == 0
         writer.gate.set()
-        assert await other.get_or_fetch(bkey(1), Fetcher(b"wrong")) == blob(1)  # waits for the write
+        # blocks 1 and 2 reach the cache: a reader waiting on their locks finds them there
+        for i in (1, 2):
+            assert await other.get_or_fetch(bkey(i), Fetcher(b"wrong")) == blob(i)
+        assert lock_fds(tmp_path / "cache") == 0  # every lock was released once its block was written
     finally:
         writer.gate.set()
         c.close()

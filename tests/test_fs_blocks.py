@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -14,6 +16,7 @@ from fusefs.config import MiB, MountConfig, Tuning
 from fusefs.meta import Meta
 from fusefs.read import BlockReader, Sequential
 from fusefs.store import AsyncStore, open_store
+from fusefs.store.base import ObjectInfo
 from tests.proxy import CountingProxy
 from tests.servers import RcloneS3
 
@@ -28,17 +31,27 @@ def config(s3_config: MountConfig, counting_proxy: CountingProxy) -> MountConfig
                                tuning=Tuning(block_size=1 * MiB, memory_blocks=3))
 
 
+@asynccontextmanager
+async def reading(s3_server: RcloneS3, config: MountConfig, proxy: CountingProxy, key: str, data: bytes
+                  ) -> AsyncIterator[tuple[ObjectInfo, BlockReader]]:
+    """``data`` stored at ``key``, its info, and a started BlockReader (stopped on exit); the
+    proxy's counts start from there."""
+    s3_server.client().put_object(Bucket=config.bucket, Key=key, Body=data)
+    store = AsyncStore(open_store(config))
+    info = await store.head(key)
+    async with trio.open_nursery() as nursery:
+        reader = BlockReader(store, config.tuning)
+        reader.start(nursery)
+        proxy.reset()
+        yield info, reader
+        nursery.cancel_scope.cancel()
+
+
 async def test_single_flight_memory_bound_and_version_pin(
     s3_server: RcloneS3, config: MountConfig, counting_proxy: CountingProxy
 ) -> None:
     data = rand(6 * MiB + 5, 1)
-    s3_server.client().put_object(Bucket=config.bucket, Key="obj", Body=data)
-    store = AsyncStore(open_store(config))
-    info = await store.head("obj")
-    async with trio.open_nursery() as nursery:
-        reader = BlockReader(store, config.tuning)
-        reader.start(nursery)
-        counting_proxy.reset()
+    async with reading(s3_server, config, counting_proxy, "obj", data) as (info, reader):
         results: list[bytes] = []
 
         async def read_block() -> None:
@@ -57,7 +70,29 @@ async def test_single_flight_memory_bound_and_version_pin(
         s3_server.client().put_object(Bucket=config.bucket, Key="obj", Body=rand(len(data), 2))
         with pytest.raises(errors.ObjectChangedError):
             await reader.read(info, 0, MiB)  # block 0 was evicted: refetched, pinned, refused
-        nursery.cancel_scope.cancel()
+
+
+async def test_urgent_read_answers_from_a_ranged_get_and_still_fetches_the_block(
+    s3_server: RcloneS3, config: MountConfig, counting_proxy: CountingProxy
+) -> None:
+    data = rand(4 * MiB + 3, 3)
+    async with reading(s3_server, config, counting_proxy, "big", data) as (info, reader):
+        assert bytes(await reader.read(info, MiB + 10, 4096, urgent=True)) == data[MiB + 10:MiB + 10 + 4096]
+        with trio.fail_after(10):
+            assert await reader.block(info, 1) == data[MiB:2 * MiB]  # the block's fetch went on
+        tally = counting_proxy.tally()
+        # the 4 KiB range and the block, nothing more (the range's GET is dropped if the block won
+        # before it was sent)
+        assert tally.requests["GET"] in (1, 2)
+        assert tally.body_bytes["GET"] in (MiB, MiB + 4096)
+        # a block already in memory is not fetched again, urgent or not
+        counting_proxy.reset()
+        assert bytes(await reader.read(info, MiB, 100, urgent=True)) == data[MiB:MiB + 100]
+        assert counting_proxy.snapshot().get("GET", 0) == 0
+        # the object changed: the ranged GET is refused (pinned) and so is the block: an error, never new bytes
+        s3_server.client().put_object(Bucket=config.bucket, Key="big", Body=rand(len(data), 4))
+        with pytest.raises(errors.ObjectChangedError):
+            await reader.read(info, 3 * MiB, 100, urgent=True)
 
 
 def test_sequential_window_grows_and_resets() -> None:
