@@ -74,7 +74,17 @@ def node_publish(ctx: Ctx) -> Scenario:
             time.sleep(0.05)
         channel = grpc.insecure_channel(f"unix://{sock}")
         grpc.channel_ready_future(channel).result(timeout=SOCKET_WAIT)
+        identity = csi_pb2_grpc.IdentityStub(channel)
+        # Publishes are timed on a running plugin: wait until Probe says ready (its zygote is up)
+        while not identity.Probe(csi_pb2.ProbeRequest(), timeout=SOCKET_WAIT).ready.value:
+            if time.monotonic() > deadline + SOCKET_WAIT:
+                raise RuntimeError("objfs-csi did not report ready")
+            time.sleep(0.05)
         node = csi_pb2_grpc.NodeStub(channel)
+        # rclone serve s3 answers its first LIST of a folder only after building its directory
+        # cache (~400 ms here, and twenty at once take seconds): a cold start of this test store,
+        # not of the driver, so it happens before the clock starts.
+        ctx.boto.list_objects_v2(Bucket=ctx.store.bucket, Prefix="large/", Delimiter="/")
         cap = csi_pb2.VolumeCapability(
             mount=csi_pb2.VolumeCapability.MountVolume(),
             access_mode=csi_pb2.VolumeCapability.AccessMode(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from importlib import metadata
 
 import grpc
@@ -30,9 +31,11 @@ def fuse_usable() -> bool:
 
 
 class IdentityService(csi_pb2_grpc.IdentityServicer):
-    def __init__(self, name: str = DRIVER_NAME, needs_fuse: bool = True) -> None:
+    def __init__(self, name: str = DRIVER_NAME, needs_fuse: bool = True,
+                 warmed: threading.Event | None = None) -> None:
         self.name = name
         self.needs_fuse = needs_fuse  # a controller-only plugin never mounts
+        self.warmed = warmed  # set once the node plugin can start servers at full speed (its zygote)
 
     def GetPluginInfo(self, request: csi_pb2.GetPluginInfoRequest, context: grpc.ServicerContext
                       ) -> csi_pb2.GetPluginInfoResponse:
@@ -45,4 +48,6 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
 
     def Probe(self, request: csi_pb2.ProbeRequest, context: grpc.ServicerContext) -> csi_pb2.ProbeResponse:
         ready = fuse_usable() if self.needs_fuse else True
+        if self.warmed is not None and not self.warmed.is_set():
+            ready = False  # still importing what servers need: a publish now would wait for it
         return csi_pb2.ProbeResponse(ready=wrappers_pb2.BoolValue(value=ready))

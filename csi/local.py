@@ -25,7 +25,7 @@ from fusefs import kernel
 
 from .launcher import runnable_as
 from .main import build_server, parse_args
-from .v1 import csi_pb2_grpc
+from .v1 import csi_pb2, csi_pb2_grpc
 
 
 def server_uid() -> int:
@@ -41,7 +41,13 @@ class Client:
         self.node = csi_pb2_grpc.NodeStub(self.channel)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until the socket answers and Probe says ready (the node plugin's zygote is up)."""
+        deadline = time.monotonic() + timeout
         grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        while not self.identity.Probe(csi_pb2.ProbeRequest(), timeout=timeout).ready.value:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the plugin did not report ready within {timeout:.0f}s")
+            time.sleep(0.05)
 
     def close(self) -> None:
         self.channel.close()

@@ -95,6 +95,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--server-uid", type=int, default=65534, help="uid of the objfs serve processes")
     ap.add_argument("--server-gid", type=int, default=65534, help="gid of the objfs serve processes")
     ap.add_argument("--server-command", default=None, help="command that runs objfs (default: the installed one)")
+    ap.add_argument("--no-zygote", action="store_true",
+                    help="start every objfs serve as a fresh process instead of forking it from a pre-imported "
+                         "objfs zygote (slower publishes; for debugging)")
     ap.add_argument("--workers", type=int, default=16, help="gRPC worker threads")
     ap.add_argument("--log-level", default=os.environ.get("OBJFS_LOG_LEVEL", "INFO"))
     return ap.parse_args(argv)
@@ -120,22 +123,26 @@ def prepare_cache_dir(path: str, uid: int, gid: int) -> None:
 def build_server(args: argparse.Namespace) -> tuple[grpc.Server, NodeService | None]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="csi"),
                          interceptors=[LoggingInterceptor()])
-    csi_pb2_grpc.add_IdentityServicer_to_server(
-        IdentityService(args.driver_name, needs_fuse=args.mode != "controller"), server
-    )
     # The identity service advertises a controller service; a node-only plugin still answers
     # ControllerGetCapabilities (csi-sanity and kubelet ask), so the controller is always served.
     csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(), server)
     node = None
+    warmed = None
     if args.mode in ("all", "node"):
         prepare_cache_dir(args.cache_dir, args.server_uid, args.server_gid)
         state = StateStore(args.state_dir)
         launcher = ProcessLauncher(
             os.path.join(args.state_dir, "logs"), shlex.split(args.server_command) if args.server_command else None,
-            uid=args.server_uid, gid=args.server_gid,
+            uid=args.server_uid, gid=args.server_gid, zygote=not args.no_zygote,
         )
+        # The zygote imports everything once (a second or so of CPU): do it before the first publish.
+        threading.Thread(target=launcher.warm_up, name="zygote-warm-up", daemon=True).start()
+        warmed = launcher.warmed
         node = NodeService(args.node_id, state, launcher, args.cache_dir)
         csi_pb2_grpc.add_NodeServicer_to_server(node, server)
+    csi_pb2_grpc.add_IdentityServicer_to_server(
+        IdentityService(args.driver_name, needs_fuse=args.mode != "controller", warmed=warmed), server
+    )
     return server, node
 
 

@@ -39,7 +39,7 @@ import crc32c
 import diskcache
 import trio
 
-from . import directio
+from . import buffers, directio
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,9 @@ EVICTION_POLICY = "least-recently-used"
 CULL_LIMIT = 2
 # The writer commits what is queued at once in one transaction, up to these caps (a transaction
 # holds SQLite's write lock, which other servers' LRU reads wait for).
+#: when the writer's queue and the blocks waiting for it are all full, how long a read waits for room
+#: before it gives up caching its block (seconds)
+HAND_OVER_WAIT = 0.5
 WRITE_BATCH_ITEMS = 64
 WRITE_BATCH_BYTES = 16 * 1024 * 1024
 
@@ -134,6 +137,19 @@ def _write_new_file(path: str, data: bytes) -> None:
         except FileNotFoundError:  # another process removed the emptied sub-directory meanwhile
             if attempt == 9 or os.path.isdir(directory):
                 raise
+
+
+def _read_into(fd: int, buf: bytearray) -> bytearray:
+    """Fill ``buf`` from the start of ``fd``; shorter if the file is (then the check fails)."""
+    view = memoryview(buf)
+    got = 0
+    while got < len(buf):
+        n = os.preadv(fd, [view[got:]], got)
+        if n <= 0:
+            break
+        got += n
+    view.release()
+    return buf if got == len(buf) else buf[:got]
 
 
 class _BlockLock:
@@ -367,10 +383,10 @@ class NodeCache:
         else:
             if os.fstat(fd).st_size != length:
                 return None
-            data = os.read(fd, length)
+            data = _read_into(fd, buffers.take(length))
         if len(data) != length or _checksum(data) != crc:
             return None
-        return bytes(data)
+        return data
 
     # -- background writer -----------------------------------------------------------------------
 
@@ -444,12 +460,14 @@ class NodeCache:
         When the writer's queue is full the read path does not wait for the disk. A block whose
         lock we hold (other servers on the node may be waiting on it) goes to a background task
         that waits for room, up to as many such blocks as the queue holds (a memory bound);
-        beyond that, or with no lock, the block is not cached. With ``wait`` (prefetching, which
+        beyond that the read waits up to ``HAND_OVER_WAIT`` for room, and then (or with no lock
+        to keep) the block is not cached. With ``wait`` (prefetching, which
         should fill the cache rather than outrun it) this waits for room itself."""
-        delay = LOCK_POLL_FIRST
-        while (result := self._try_submit(key, data, lock)) == "full" and wait:
-            await trio.sleep(delay)
-            delay = min(delay * 2, LOCK_POLL_MAX)
+        result = await self._submit(key, data, lock, None if wait else 0.0)
+        if result == "full" and lock is not None and self._overflow >= self._queue.maxsize:
+            # Every slot is taken: hold this read back a little for the disk (backpressure),
+            # but never for long: a stuck cache disk must not stall reads.
+            result = await self._submit(key, data, lock, HAND_OVER_WAIT)
         if result == "full" and lock is not None and self._overflow < self._queue.maxsize:
             # Releasing the lock without the block would send every waiter to the store for it.
             self._overflow += 1
@@ -458,6 +476,17 @@ class NodeCache:
         if result == "full":
             self._count("store_skipped")
         return result == "queued"
+
+    async def _submit(self, key: BlockKey, data: bytes, lock: _BlockLock | None, patience: float | None) -> str:
+        """``_try_submit``, polling for room for up to ``patience`` seconds (None: no limit)."""
+        delay = LOCK_POLL_FIRST
+        deadline = None if patience is None else trio.current_time() + patience
+        while (result := self._try_submit(key, data, lock)) == "full":
+            if deadline is not None and trio.current_time() >= deadline:
+                break
+            await trio.sleep(delay)
+            delay = min(delay * 2, LOCK_POLL_MAX)
+        return result
 
     async def _hand_over_later(self, key: BlockKey, data: bytes, lock: _BlockLock) -> None:
         handed = False

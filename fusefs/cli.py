@@ -1,4 +1,4 @@
-"""The ``objfs`` command: ``mount``, ``unmount`` and the internal ``serve``.
+"""The ``objfs`` command: ``mount``, ``unmount`` and the internal ``serve`` and ``zygote``.
 
 ``objfs serve --config-fd N --fuse-fd M [--ready-fd K]`` is the contract with the CSI node plugin:
 the MountConfig arrives as JSON on fd N (never argv or environment, which /proc shows), fd M is an
@@ -75,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--mountpoint", help="without --fuse-fd: mount here; with it: unmount here on SIGTERM")
     s.add_argument("--ready-fd", type=int)
     s.add_argument("--debug", action="store_true")
+    z = sub.add_parser("zygote", help="internal: fork objfs serve processes on request (used by objfs-csi)")
+    z.add_argument("--socket-fd", type=int, required=True)
     return p
 
 
@@ -92,6 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_mount(args)
         if args.command == "unmount":
             return cmd_unmount(args.mountpoint)
+        if args.command == "zygote":
+            from . import zygote
+
+            return zygote.run(args.socket_fd)
         return cmd_serve(args)
     except (UsageError, ConfigError) as exc:
         print(f"objfs: {exc}", file=sys.stderr)
@@ -288,17 +294,22 @@ def cmd_unmount(path: str) -> int:
 
 # -- serve ------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    status = handoff.StatusReporter(args.ready_fd)
+    return serve(args.config_fd, args.fuse_fd, args.ready_fd, args.mountpoint)
+
+
+def serve(config_fd: int, fuse_fd: int | None, ready_fd: int | None, mountpoint_arg: str | None) -> int:
+    """``objfs serve``: also what a server forked by ``objfs zygote`` runs."""
+    status = handoff.StatusReporter(ready_fd)
     try:
-        config = handoff.receive_config(args.config_fd)
+        config = handoff.receive_config(config_fd)
     except (OSError, ValueError, TypeError) as exc:
         status.error(f"unreadable mount config: {exc}")
         print(f"objfs serve: unreadable mount config: {exc}", file=sys.stderr)
         return 1
-    if args.fuse_fd is not None:
-        mountpoint, unmount_target = f"/dev/fd/{args.fuse_fd}", args.mountpoint
-    elif args.mountpoint:
-        mountpoint, unmount_target = args.mountpoint, None
+    if fuse_fd is not None:
+        mountpoint, unmount_target = f"/dev/fd/{fuse_fd}", mountpoint_arg
+    elif mountpoint_arg:
+        mountpoint, unmount_target = mountpoint_arg, None
     else:
         status.error("objfs serve needs --fuse-fd or --mountpoint")
         return 2

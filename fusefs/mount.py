@@ -21,7 +21,7 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from . import errors, kernel
+from . import buffers, errors, kernel
 from .config import MountConfig
 from .ops import Operations
 from .read import BlockCache
@@ -153,6 +153,9 @@ async def serve(
     store = AsyncStore(blocking, config.tuning.max_concurrent_requests,
                        RetryPolicy(deadline=config.tuning.retry_deadline))
     cache = open_cache(config)
+    # Blocks dropped by the reader are reused for the next ones (fusefs.buffers): a few suffice,
+    # as a stream drops a block for every block it fetches.
+    buffers.configure(config.tuning.block_size, keep=2)
     staging = tempfile.mkdtemp(prefix="objfs-staging-")
     initialized = False
     signalled = False

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import trio
 
-from . import errors
+from . import buffers, errors
 from .config import Tuning
 from .store.base import AsyncStore, ObjectInfo
 
@@ -65,6 +65,7 @@ class BlockReader:
         self._lru_bytes = 0
         self._flights: dict[BlockId, _Flight] = {}
         self._nursery: trio.Nursery | None = None
+        self._pool = buffers.pool()  # dropped blocks go back to it (fusefs.buffers)
         self.gets = 0  # blocks fetched from the store or node cache (for stats)
 
     def start(self, nursery: trio.Nursery) -> None:
@@ -87,6 +88,8 @@ class BlockReader:
         while self._lru_bytes > self.budget and len(self._lru) > 1:
             _, dropped = self._lru.popitem(last=False)
             self._lru_bytes -= len(dropped)
+            if self._pool is not None:
+                self._pool.give(dropped)
 
     def discard(self, info: ObjectInfo, index: int) -> None:
         """Forget a block a sequential reader has gone past: the kernel's page cache holds those
@@ -94,6 +97,8 @@ class BlockReader:
         data = self._lru.pop((info.key, info.version, index), None)
         if data is not None:
             self._lru_bytes -= len(data)
+            if self._pool is not None:
+                self._pool.give(data)
 
     def has(self, key: str, version: str, index: int) -> bool:
         bid = (key, version, index)

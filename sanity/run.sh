@@ -80,6 +80,9 @@ echo "== starting objfs-csi (mode all)"
 csi_pid=$!
 for _ in $(seq 300); do [ -S "$work/csi.sock" ] && break; sleep 0.1; done
 [ -S "$work/csi.sock" ] || { echo "objfs-csi did not start:"; cat "$work/objfs-csi.log"; exit 1; }
+# and until Probe says ready (its zygote has imported what servers need), as kubelet's probes would
+"$root/.venv/bin/python" -c "import sys; from csi.local import Client; Client(sys.argv[1]).wait_ready(120)" \
+  "$work/csi.sock" || { echo "objfs-csi did not become ready:"; cat "$work/objfs-csi.log"; exit 1; }
 
 echo "== running $("$sanity" -version 2>/dev/null || echo csi-sanity) ($mode mode)"
 set +e

@@ -19,7 +19,7 @@ import botocore.exceptions
 import urllib3.exceptions
 from boto3.s3.transfer import TransferConfig
 
-from .. import errors
+from .. import buffers, errors
 from ..config import Credentials
 from .base import ListPage, ObjectInfo
 
@@ -34,7 +34,10 @@ _TRANSIENT = {"InternalError", "ServiceUnavailable", "RequestTimeout", "RequestT
               "PriorRequestNotComplete", "500", "502", "504"}
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
-READ_CHUNK = 1024 * 1024  # bounds the temporary buffer of each read from a response body
+# Bounds the temporary buffer of each read from a response body. Below glibc's mmap threshold
+# (1 MiB here: fusefs.mount.limit_malloc_retention), so each chunk reuses heap memory instead of
+# a fresh mapping that costs a page fault per 4 KiB (a tenth of a cold read's CPU at 1 MiB).
+READ_CHUNK = 256 * 1024
 
 
 def _translate(exc: BaseException, key: str | None, bucket: str) -> errors.StoreError:
@@ -83,6 +86,25 @@ def _info(key: str, size: int, etag: str, mtime: Any) -> ObjectInfo:
     return ObjectInfo(key=key, size=int(size), version=etag.strip('"'), mtime=ts)
 
 
+_SESSION: boto3.session.Session | None = None
+
+
+def _session() -> boto3.session.Session:
+    """One boto3 session per process. It caches the S3 service model that creating a client
+    loads (a good part of a server's start-up), so ``objfs zygote`` loads it once for every
+    server it forks. Credentials are per client, never the session's own."""
+    global _SESSION
+    if _SESSION is None:
+        _SESSION = boto3.session.Session()
+    return _SESSION
+
+
+def warm_up() -> None:
+    """Load what an S3 client needs without sending anything (explicit dummy credentials and
+    region: nothing is looked up, so nothing of this process's identity is cached)."""
+    S3Store("warm-up", "http://127.0.0.1:9", "us-east-1", Credentials("warm-up", "warm-up"))
+
+
 class S3Store:
     def __init__(
         self,
@@ -100,12 +122,6 @@ class S3Store:
         # missing key, and telling it from a missing bucket costs no extra request.
         self._bucket_seen = False
         creds = credentials or Credentials()
-        session = boto3.session.Session(
-            aws_access_key_id=creds.access_key_id,
-            aws_secret_access_key=creds.secret_access_key,
-            aws_session_token=creds.session_token,
-            region_name=region or ("us-east-1" if endpoint_url else None),
-        )
         cfg = botocore.config.Config(
             # total_max_attempts counts the first try; the older max_attempts key counts retries
             # (max_attempts=1 meant one SDK retry behind our policy's back).
@@ -119,7 +135,12 @@ class S3Store:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        self.client = session.client("s3", endpoint_url=endpoint_url, config=cfg)
+        # No credentials given: the session's chain (environment, files, instance roles) finds them.
+        self.client = _session().client(
+            "s3", endpoint_url=endpoint_url, config=cfg, region_name=region or ("us-east-1" if endpoint_url else None),
+            aws_access_key_id=creds.access_key_id, aws_secret_access_key=creds.secret_access_key,
+            aws_session_token=creds.session_token,
+        )
         self.transfer = TransferConfig(
             multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=16 * 1024 * 1024,
             max_concurrency=4, use_threads=True,
@@ -296,7 +317,7 @@ def _read_exactly(body: Any, n: int, key: str) -> bytes:
     Not ``readinto`` of the whole rest: urllib3's readinto reads everything asked for into a
     temporary bytes object first, which doubles the memory of every block in flight."""
     raw = getattr(body, "_raw_stream", body)
-    buf = bytearray(n)
+    buf = buffers.take(n)  # filled completely below, or not returned at all
     view = memoryview(buf)
     got = 0
     while got < n:
