@@ -435,13 +435,17 @@ class Operations(pyfuse3.Operations):
             return b""
         urgent = h.seq.next_offset < 0  # the handle's first read: see BlockReader.read
         window = h.seq.observe(off, size)
+        if urgent:  # answered first, with nothing else on the wire; the prefetch follows
+            data = await self.reader.read(h.info, off, size, urgent=True)
         if window:
             last = (min(h.info.size, off + size) - 1) // self.reader.block_size
             self.reader.prefetch(h.info, last + 1, window)
             for index in h.seq.passed(off):
                 self.reader.discard(h.info, index)
+        if not urgent:
+            data = await self.reader.read(h.info, off, size)
         # A memoryview of the block for most reads: pyfuse3 takes any buffer (its stub says bytes).
-        return cast(bytes, await self.reader.read(h.info, off, size, urgent=urgent))
+        return cast(bytes, data)
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:

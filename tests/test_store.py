@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from botocore.credentials import Credentials as BotoCredentials
 
 from fusefs import errors
 from fusefs.config import Credentials
@@ -234,6 +235,31 @@ def test_version_pinning(store: BlockingStore) -> None:
     assert exc.value.errno == errno.ESTALE
     assert store.get_range("model.bin", 0, 10, v2.version) == b"B" * 10
     assert store.head("model.bin").version == v2.version
+
+
+def test_s3_ranged_gets_skip_botocores_pipeline_once_learned(s3_server: RcloneS3) -> None:
+    store = S3Store(s3_server.create_bucket(), s3_server.endpoint, None, s3_server.credentials)
+    key = "dir with space/ü#?%+&=;~'\"(x).bin"
+    data = os.urandom(MIB + 5)
+    info = store.put(key, data)
+    assert store.get_range(key, 0, 10, info.version) == data[:10]  # botocore's: teaches the URL
+    assert store.direct.ready and store.direct.sent == 0
+    for start, length in [(0, MIB + 5), (MIB, 5), (7, 1000)]:
+        assert store.get_range(key, start, length, info.version) == data[start:start + length]
+    assert store.direct.sent == 3
+    # answers about the object go back to botocore, which maps them as always; the path stays on
+    with pytest.raises(errors.NotFoundError):
+        store.get_range("missing", 0, 10)
+    store.put(key, b"other bytes")
+    with pytest.raises(errors.ObjectChangedError):
+        store.get_range(key, 0, 3, info.version)  # a 412, or (rclone ignores If-Match) the ETag check
+    assert store.direct.ready
+    # an answer that may be this path's own fault (here a 403: the credentials were revoked) turns
+    # it off; the error the caller sees is botocore's
+    store.client._request_signer._credentials = BotoCredentials(s3_server.access_key, "revoked")
+    with pytest.raises(errors.AccessDeniedError):
+        store.get_range(key, 0, 3)
+    assert not store.direct.enabled
 
 
 # -- writes --------------------------------------------------------------------------------------
