@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             for sid in wanted:
                 log(f"scenario {sid} ({next(k for k, v in ALIASES.items() if v == sid)})")
                 try:
+                    scenarios.warm_store(ctx)
                     procs.run_guarded(functools.partial(SCENARIOS[sid], ctx), args.scenario_timeout or limit)
                 except KeyboardInterrupt:
                     raise
