@@ -382,7 +382,7 @@ class GatedWriter:
 
 
 async def test_full_write_queue_skips_caching_and_releases_lock(tmp_path: Path) -> None:
-    c = NodeCache(str(tmp_path / "cache"), 64 * MiB, write_queue=1)
+    c = NodeCache(str(tmp_path / "cache"), 64 * MiB, write_queue_bytes=len(blob(0)))
     other = NodeCache(str(tmp_path / "cache"), 64 * MiB)
     writer = GatedWriter(c)
     try:
@@ -411,7 +411,7 @@ async def test_full_write_queue_skips_caching_and_releases_lock(tmp_path: Path) 
 
 
 async def test_wait_for_space_caches_every_block(tmp_path: Path) -> None:
-    c = NodeCache(str(tmp_path / "cache"), 64 * MiB, write_queue=1)
+    c = NodeCache(str(tmp_path / "cache"), 64 * MiB, write_queue_bytes=len(blob(0)))
     writer = GatedWriter(c)
     try:
         async with trio.open_nursery() as nursery:
