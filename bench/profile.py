@@ -15,7 +15,8 @@ machine, to see the store and the idle time too) into ``bench/results/perf-MODE.
 ``perf report -i FILE --no-children --sort sym`` (or ``--sort comm``). ``--py-spy`` samples the
 server's Python stacks (all threads, idle ones left out) into ``bench/results/py-spy-MODE.txt``,
 one collapsed stack per line with its sample count. Uses the data of
-``python -m bench --size small`` (run that once first).
+``python -m bench --size small`` (``--size full``: of the full run; run that once first);
+``--cache-dir`` puts the node cache elsewhere (tmpfs, to take the disk out of the picture).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--perf-all", action="store_true", help="record a perf profile of the whole machine")
     ap.add_argument("--py-spy", action="store_true", help="sample the server's Python stacks with py-spy")
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/objfs-bench"))
+    ap.add_argument("--size", choices=("small", "full"), default="small", help="whose data: python -m bench --size X")
+    ap.add_argument("--cache-dir", type=Path, help="node cache directory (default: under --workdir)")
     return ap.parse_args()
 
 
@@ -108,16 +111,16 @@ def walk(root: Path) -> tuple[int, float, int]:
 
 def main() -> int:
     args = parse_args()
-    data = args.workdir / "s3-small" / "data"
+    data = args.workdir / f"s3-{args.size}" / "data"
     if not (data / "bench" / "large" / "object.bin").exists():
-        raise SystemExit(f"no benchmark data under {data}: run `python -m bench --size small` once first")
+        raise SystemExit(f"no benchmark data under {data}: run `python -m bench --size {args.size}` once first")
     results = REPO / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     server = RcloneS3(root=data).start()
     env = dict(os.environ, AWS_ACCESS_KEY_ID=server.access_key, AWS_SECRET_ACCESS_KEY=server.secret_key,
                AWS_REGION="us-east-1")
     mnt = args.workdir / "profile-mnt"
-    cache = args.workdir / "profile-cache"
+    cache = args.cache_dir or args.workdir / "profile-cache"
     shutil.rmtree(cache, ignore_errors=True)
     mnt.mkdir(parents=True, exist_ok=True)
     obj = mnt / "object.bin"
