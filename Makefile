@@ -12,7 +12,7 @@ CSI_SPEC_VERSION := v1.12.0
 CSI_SANITY_VERSION := v5.4.0
 FAKE_GCS_VERSION := v1.56.1
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc util-linux procps
-BENCH_APT_PACKAGES := s3fs
+BENCH_APT_PACKAGES := s3fs linux-perf
 export PATH := $(CURDIR)/$(VENV)/bin:$(TOOLS):$(PATH)
 
 .PHONY: help deps apt venv tools proto lint typecheck check unit sanity test demo bench bench-deps bench-smoke clean

@@ -177,6 +177,23 @@ def write_json(run: Run, path: Path) -> None:
     path.write_text(json.dumps(run.to_json(), indent=1, default=str))
 
 
+#: the axis ends at this multiple of the largest median: one outlier (a cold store's first answer,
+#: seconds against milliseconds) would otherwise squash every bar to nothing
+AXIS_MEDIANS = 1.6
+
+
+def _label_and_clip(ax: Any, sc: Scenario, clients: list[str], medians: list[float]) -> None:
+    """Write each median beside its bar; end the axis near the medians, naming any range cut off."""
+    limit = AXIS_MEDIANS * max(medians, default=0.0)
+    if limit <= 0:
+        return
+    ax.set_xlim(0, limit)
+    for y, (client, median) in enumerate(zip(clients, medians, strict=True)):
+        top = max(sc.samples[client])
+        note = _fmt(median) + (f"  (max {_fmt(top)}, off the axis)" if top > limit else "")
+        ax.text(min(top, limit) + limit * 0.01, y, note, va="center", fontsize=7)  # past the whisker
+
+
 def draw_chart(run: Run, path: Path) -> None:
     """One horizontal bar chart per scenario (median, with the min-max range); objfs in colour."""
     import matplotlib
@@ -197,6 +214,7 @@ def draw_chart(run: Run, path: Path) -> None:
         highs = [max(sc.samples[c]) - m for c, m in zip(clients, medians, strict=True)]
         colours = ["tab:orange" if c.startswith(OBJFS_FAMILY) else "tab:gray" for c in clients]
         ax.barh(clients, medians, xerr=[lows, highs], color=colours)
+        _label_and_clip(ax, sc, clients, medians)
         ax.invert_yaxis()
         arrow = "→ better" if sc.higher_is_better else "← better"
         ax.set_title(f"{sc.sid}. {sc.title}", fontsize=9)

@@ -156,6 +156,20 @@ def _read_into(fd: int, buf: bytearray) -> bytearray:
     return buf if got == len(buf) else buf[:got]
 
 
+def _recycle(batch: list[tuple[BlockKey, bytes, _BlockLock | None]]) -> None:
+    """Offer the written blocks to the buffer pool, emptying ``batch``. A cold read hands every
+    block to the writer, which often holds it last (the reader has gone past it): without this,
+    each block of a cold read was a fresh buffer, paid for in page faults (fusefs.buffers)."""
+    pool = buffers.pool()
+    blocks = [item[1] for item in batch]
+    batch.clear()
+    while blocks:
+        block = blocks.pop()
+        if pool is not None:
+            pool.give(block)  # kept only if no one else refers to it any more
+        del block
+
+
 class _BlockLock:
     """One acquisition of a striped cross-process lock. flock locks belong to the open file
     description, so each acquisition opens its own fd: two tasks of one process exclude each other
@@ -403,12 +417,13 @@ class NodeCache:
             try:
                 self._store_batch([(key, data) for key, data, _ in batch])  # never raises
             finally:
-                for _, _, lock in batch:
+                for lock in [it[2] for it in batch]:  # no loop variable left holding a block
                     if lock is not None:
                         try:
                             lock.release()
                         except OSError as exc:
                             self._problem("unlock", exc)
+                _recycle(batch)
             if stop:
                 return
 

@@ -21,6 +21,7 @@ import trio.lowlevel
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fusefs import buffers
 from fusefs.cache import BlockKey, NodeCache
 from fusefs.config import MountConfig
 from fusefs.store import AsyncStore, open_store
@@ -513,3 +514,35 @@ def test_arbitrary_blocks_round_trip(entries: dict[BlockKey, bytes]) -> None:
         finally:
             c.close()
 
+
+
+async def test_writer_returns_blocks_nobody_else_holds_to_the_buffer_pool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cold read hands each block to the writer and usually drops it first: the writer then
+    holds it last and must give it back to the pool, or every block is a new buffer."""
+    size = 256 * KiB
+    monkeypatch.setattr(buffers, "_pool", None)  # restored after the test
+    pool = buffers.configure(size, keep=4)
+    c = NodeCache(str(tmp_path / "cache"), 64 * MiB)
+    writer = GatedWriter(c)
+    try:
+        dropped = bytearray(blob(0, size))
+        kept = bytearray(blob(1, size))
+        ids = (id(dropped), id(kept))
+        await c.get_or_fetch(bkey(0), Fetcher(dropped))  # type: ignore[arg-type]
+        await trio.to_thread.run_sync(writer.entered.acquire)  # the writer holds block 0
+        await c.get_or_fetch(bkey(1), Fetcher(kept))  # type: ignore[arg-type]
+        del dropped  # the reader has gone past block 0; it still uses block 1
+        writer.gate.set()
+        await trio.to_thread.run_sync(c.close)  # both blocks written
+        assert pool.reused == 0
+        first, second = pool.take(size), pool.take(size)
+        assert pool.reused == 1 and id(first) == ids[0] and id(second) not in ids
+        assert kept == blob(1, size)  # the block still in use was not handed out
+        reopened = NodeCache(str(tmp_path / "cache"), 64 * MiB)
+        assert [reopened.get(bkey(0)), reopened.get(bkey(1))] == [blob(0, size), blob(1, size)]
+        reopened.close()
+    finally:
+        writer.gate.set()
+        c.close()
