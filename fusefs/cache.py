@@ -556,8 +556,10 @@ class NodeCache:
         return await fetch()
 
     def _first_look(self, key: BlockKey) -> tuple[bytes | None, _BlockLock | None, bool]:
-        """In a worker thread: look up; on a miss open the block's lock and try it once.
-        Returns (data, lock, lock held)."""
+        """In a worker thread: look up; on a miss open the block's lock and try it once, and if
+        that took it, look once more under it (another server may have written the block between
+        the two), all in this one trip to a thread: a walk of small files pays per block for every
+        trip. Returns (data, lock, lock held)."""
         data = self._lookup(key)
         if data is not None:
             return data, None, False
@@ -569,10 +571,17 @@ class NodeCache:
             self._problem("lock", exc)
             return None, None, False
         try:
-            return None, lock, lock.try_acquire()
+            if not lock.try_acquire():
+                return None, lock, False
+            data = self._lookup(key)
         except BaseException:
             lock.release()
             raise
+        if data is not None:
+            lock.release()
+            self._count("waits")
+            return data, None, False
+        return None, lock, True
 
     async def _lead(self, key: BlockKey, fetch: Callable[[], Awaitable[bytes]], wait: bool) -> bytes:
         data, lock, held = await trio.to_thread.run_sync(self._first_look, key)
@@ -586,17 +595,17 @@ class NodeCache:
                 with trio.move_on_after(self.lock_wait):
                     await self._acquire(lock)
                     held = True
-            if not held:
-                # the other fetcher is stuck: read directly (a duplicate fetch, never a stall)
-                lock.release()
-                self._count("lock_timeouts")
-                self._report("lock-timeout", f"waited {self.lock_wait}s for another fetch of a block; fetching it")
-                return await self._fetch_and_submit(key, fetch, wait)
-            # look again under the lock: the block may have been written since the first look
-            data = await trio.to_thread.run_sync(self._lookup, key)
-            if data is not None:
-                self._count("waits")
-                return data
+                if not held:
+                    # the other fetcher is stuck: read directly (a duplicate fetch, never a stall)
+                    lock.release()
+                    self._count("lock_timeouts")
+                    self._report("lock-timeout", f"waited {self.lock_wait}s for another fetch of a block; fetching it")
+                    return await self._fetch_and_submit(key, fetch, wait)
+                # look again under the lock: the other fetcher has most likely written the block
+                data = await trio.to_thread.run_sync(self._lookup, key)
+                if data is not None:
+                    self._count("waits")
+                    return data
             self._count("fetches")
             data = await fetch()
             handed = await self._hand_over(key, data, lock, wait)
