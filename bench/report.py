@@ -182,14 +182,13 @@ def write_json(run: Run, path: Path) -> None:
 AXIS_MEDIANS = 1.6
 
 
-def _label_and_clip(ax: Any, sc: Scenario, clients: list[str], medians: list[float]) -> None:
+def _label_and_clip(ax: Any, medians: list[float], tops: list[float]) -> None:
     """Write each median beside its bar; end the axis near the medians, naming any range cut off."""
     limit = AXIS_MEDIANS * max(medians, default=0.0)
     if limit <= 0:
         return
     ax.set_xlim(0, limit)
-    for y, (client, median) in enumerate(zip(clients, medians, strict=True)):
-        top = max(sc.samples[client])
+    for y, (median, top) in enumerate(zip(medians, tops, strict=True)):
         note = _fmt(median) + (f"  (max {_fmt(top)}, off the axis)" if top > limit else "")
         ax.text(min(top, limit) + limit * 0.01, y, note, va="center", fontsize=7)  # past the whisker
 
@@ -211,10 +210,11 @@ def draw_chart(run: Run, path: Path) -> None:
         clients = list(sc.samples)
         medians = [sc.median(c) or 0.0 for c in clients]
         lows = [m - min(sc.samples[c]) for c, m in zip(clients, medians, strict=True)]
-        highs = [max(sc.samples[c]) - m for c, m in zip(clients, medians, strict=True)]
+        tops = [max(sc.samples[c]) for c in clients]
+        highs = [t - m for t, m in zip(tops, medians, strict=True)]
         colours = ["tab:orange" if c.startswith(OBJFS_FAMILY) else "tab:gray" for c in clients]
         ax.barh(clients, medians, xerr=[lows, highs], color=colours)
-        _label_and_clip(ax, sc, clients, medians)
+        _label_and_clip(ax, medians, tops)
         ax.invert_yaxis()
         arrow = "→ better" if sc.higher_is_better else "← better"
         ax.set_title(f"{sc.sid}. {sc.title}", fontsize=9)

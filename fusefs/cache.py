@@ -573,15 +573,21 @@ class NodeCache:
         try:
             if not lock.try_acquire():
                 return None, lock, False
-            data = self._lookup(key)
+            data = self._look_again(key)
         except BaseException:
             lock.release()
             raise
         if data is not None:
             lock.release()
-            self._count("waits")
             return data, None, False
         return None, lock, True
+
+    def _look_again(self, key: BlockKey) -> bytes | None:
+        """A lookup under the block's lock: a hit means another fetcher wrote it meanwhile."""
+        data = self._lookup(key)
+        if data is not None:
+            self._count("waits")
+        return data
 
     async def _lead(self, key: BlockKey, fetch: Callable[[], Awaitable[bytes]], wait: bool) -> bytes:
         data, lock, held = await trio.to_thread.run_sync(self._first_look, key)
@@ -602,9 +608,8 @@ class NodeCache:
                     self._report("lock-timeout", f"waited {self.lock_wait}s for another fetch of a block; fetching it")
                     return await self._fetch_and_submit(key, fetch, wait)
                 # look again under the lock: the other fetcher has most likely written the block
-                data = await trio.to_thread.run_sync(self._lookup, key)
+                data = await trio.to_thread.run_sync(self._look_again, key)
                 if data is not None:
-                    self._count("waits")
                     return data
             self._count("fetches")
             data = await fetch()

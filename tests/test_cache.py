@@ -515,7 +515,6 @@ def test_arbitrary_blocks_round_trip(entries: dict[BlockKey, bytes]) -> None:
             c.close()
 
 
-
 async def test_writer_returns_blocks_nobody_else_holds_to_the_buffer_pool(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
