@@ -20,6 +20,7 @@ from google.protobuf.message import Message
 
 from fusefs import errors as store_errors
 
+from . import webhook
 from .controller import ControllerService
 from .errors import CsiError, from_store_error
 from .identity import DRIVER_NAME, IdentityService
@@ -86,9 +87,10 @@ class LoggingInterceptor(grpc.ServerInterceptor):
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="objfs-csi", description="CSI driver exposing object storage as FUSE volumes")
-    ap.add_argument("--endpoint", required=True, help="unix:///path/csi.sock")
-    ap.add_argument("--node-id", required=True)
-    ap.add_argument("--mode", choices=("all", "controller", "node"), default="all")
+    ap.add_argument("--endpoint", help="unix:///path/csi.sock (required but in --mode webhook)")
+    ap.add_argument("--node-id", help="required but in --mode webhook")
+    ap.add_argument("--mode", choices=("all", "controller", "node", "webhook"), default="all",
+                    help="webhook: the admission webhook that adds the objfs sidecar to pods (see csi/webhook.py)")
     ap.add_argument("--state-dir", default="/var/lib/objfs/state")
     ap.add_argument("--cache-dir", default="/var/lib/objfs/cache", help="node cache shared by all servers")
     ap.add_argument("--driver-name", default=DRIVER_NAME)
@@ -100,7 +102,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                          "objfs zygote (slower publishes; for debugging)")
     ap.add_argument("--workers", type=int, default=16, help="gRPC worker threads")
     ap.add_argument("--log-level", default=os.environ.get("OBJFS_LOG_LEVEL", "INFO"))
-    return ap.parse_args(argv)
+    webhook.add_arguments(ap)
+    args = ap.parse_args(argv)
+    if args.mode != "webhook":
+        missing = [f"--{k.replace('_', '-')}" for k in ("endpoint", "node_id") if not getattr(args, k)]
+        if missing:
+            ap.error(f"{' and '.join(missing)} required in --mode {args.mode}")
+    return args
 
 
 def socket_path(endpoint: str) -> str:
@@ -151,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("botocore").setLevel(logging.WARNING)
+    if args.mode == "webhook":
+        return webhook.run(args)
     path = socket_path(args.endpoint)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if os.path.exists(path):

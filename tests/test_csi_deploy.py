@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 
 from csi import params as P
+from csi.main import parse_args
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
@@ -19,6 +20,11 @@ def docs(path: Path) -> list[dict[str, Any]]:
 def by_kind(kind: str, folder: Path = DEPLOY) -> list[dict[str, Any]]:
     return [d for p in sorted(folder.glob("*.yaml")) if p.name != "kustomization.yaml" for d in docs(p)
             if d["kind"] == kind]
+
+
+def named(kind: str, name: str) -> dict[str, Any]:
+    (found,) = [d for d in by_kind(kind) if d["metadata"]["name"] == name]
+    return found
 
 
 def test_kustomizations_list_every_manifest() -> None:
@@ -53,7 +59,7 @@ def test_node_daemonset_is_privileged_with_bidirectional_propagation() -> None:
 
 
 def test_controller_has_the_provisioner_sidecar() -> None:
-    (dep,) = by_kind("Deployment")
+    dep = named("Deployment", "objfs-csi-controller")
     containers = dep["spec"]["template"]["spec"]["containers"]
     prov = next(c for c in containers if "csi-provisioner" in c["image"])
     assert "--extra-create-metadata" in prov["args"]
@@ -73,3 +79,35 @@ def test_example_parameters_are_accepted() -> None:
             assert P.parse(vol["csi"]["volumeAttributes"]).bucket
     modes = {tuple(pv["spec"]["accessModes"]) for pv in by_kind("PersistentVolume", examples)}
     assert ("ReadOnlyMany",) in modes
+
+
+def test_webhook_is_fail_safe_and_its_flags_match_its_objects() -> None:
+    (mwc,) = by_kind("MutatingWebhookConfiguration")
+    (hook,) = mwc["webhooks"]
+    assert hook["failurePolicy"] == "Ignore" and hook["sideEffects"] == "None"
+    assert hook["admissionReviewVersions"] == ["v1"] and hook["timeoutSeconds"] <= 10
+    assert hook["rules"] == [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
+                              "resources": ["pods"], "scope": "Namespaced"}]
+    (expr,) = hook["namespaceSelector"]["matchExpressions"]
+    assert (expr["key"], expr["operator"]) == ("kubernetes.io/metadata.name", "NotIn")
+    assert {"objfs", "kube-system"} <= set(expr["values"])
+    dep = named("Deployment", "objfs-webhook")
+    pod = dep["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["name"] == "objfs-webhook" and container["image"] == "objfs-csi"  # the image it injects
+    args = parse_args(container["args"])
+    assert args.mode == "webhook"
+    service = named("Service", args.webhook_service)
+    assert hook["clientConfig"]["service"] == {"name": service["metadata"]["name"], "namespace": "objfs",
+                                               "path": "/mutate", "port": service["spec"]["ports"][0]["port"]}
+    assert service["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    assert container["ports"][0]["containerPort"] == int(args.webhook_address.rsplit(":", 1)[1])
+    assert mwc["metadata"]["name"] == args.webhook_config and "caBundle" not in hook["clientConfig"]
+    named("Secret", args.webhook_secret)
+    # Its RBAC names exactly those objects.
+    rules = named("ClusterRole", pod["serviceAccountName"])["rules"]
+    assert {"resourceNames": [args.webhook_config], "verbs": ["get", "patch"]}.items() <= rules[0].items()
+    role = named("Role", pod["serviceAccountName"])["rules"]
+    assert role[0]["resources"] == ["secrets"] and role[0]["resourceNames"] == [args.webhook_secret]
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert container["securityContext"]["readOnlyRootFilesystem"] and args.cert_dir.startswith(tuple(mounts))
