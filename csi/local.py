@@ -134,13 +134,14 @@ class InProcessPlugin:
 
 
 @contextlib.contextmanager
-def in_process_plugin(prefix: str, node_id: str) -> Iterator[tuple[Client, PluginDirs]]:
+def in_process_plugin(prefix: str, node_id: str, extra_args: list[str] | None = None
+                      ) -> Iterator[tuple[Client, PluginDirs]]:
     """An in-process objfs-csi in a fresh temp dir; on exit whatever it left mounted is detached
-    and the dir removed."""
+    and the dir removed. ``extra_args``: more objfs-csi flags."""
     root = tempfile.mkdtemp(prefix=prefix)
     dirs = PluginDirs(root)
     try:
-        with InProcessPlugin(dirs, node_id=node_id) as client:
+        with InProcessPlugin(dirs, node_id=node_id, extra_args=extra_args) as client:
             yield client, dirs
     finally:
         unmount_all_under(root)

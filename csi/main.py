@@ -20,6 +20,7 @@ from google.protobuf.message import Message
 
 from fusefs import errors as store_errors
 
+from . import params as P
 from . import webhook
 from .controller import ControllerService
 from .errors import CsiError, from_store_error
@@ -100,6 +101,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-zygote", action="store_true",
                     help="start every objfs serve as a fresh process instead of forking it from a pre-imported "
                          "objfs zygote (slower publishes; for debugging)")
+    ap.add_argument("--allow-inline-node-identity", action="store_true",
+                    help="let inline (ephemeral) volumes without a nodePublishSecretRef use the node's own cloud "
+                         "identity (refused by default: any pod author could read what the node can)")
+    ap.add_argument("--inline-buckets", default="*",
+                    help="comma-separated globs of the buckets inline volumes may name (default: any)")
+    ap.add_argument("--inline-endpoints", default="",
+                    help="comma-separated endpoint URLs inline volumes may set, or '*' (default: none, so inline "
+                         "volumes use the cloud's own endpoint)")
+    ap.add_argument("--stats-timeout", type=float, default=10.0,
+                    help="seconds NodeGetVolumeStats waits for a mount's statfs before reporting it abnormal")
     ap.add_argument("--workers", type=int, default=16, help="gRPC worker threads")
     ap.add_argument("--log-level", default=os.environ.get("OBJFS_LOG_LEVEL", "INFO"))
     webhook.add_arguments(ap)
@@ -146,7 +157,13 @@ def build_server(args: argparse.Namespace) -> tuple[grpc.Server, NodeService | N
         # The zygote imports everything once (a second or so of CPU): do it before the first publish.
         threading.Thread(target=launcher.warm_up, name="zygote-warm-up", daemon=True).start()
         warmed = launcher.warmed
-        node = NodeService(args.node_id, state, launcher, args.cache_dir)
+        inline = P.InlinePolicy.from_flags(args.allow_inline_node_identity, args.inline_buckets,
+                                           args.inline_endpoints)
+        if inline.allow_node_identity and "*" in inline.buckets:
+            log.warning("--allow-inline-node-identity with --inline-buckets '*': any pod can mount any bucket "
+                        "this node's cloud identity can read")
+        node = NodeService(args.node_id, state, launcher, args.cache_dir, inline=inline,
+                           stats_timeout=args.stats_timeout)
         csi_pb2_grpc.add_NodeServicer_to_server(node, server)
     csi_pb2_grpc.add_IdentityServicer_to_server(
         IdentityService(args.driver_name, needs_fuse=args.mode != "controller", warmed=warmed), server

@@ -6,7 +6,7 @@ on disk (see ``state``) so a restarted plugin can unpublish what an earlier one 
 
 A FUSE mount whose server died blocks or fails any stat of it: the target is never stat-ed
 before mountinfo says what it is, and the only stat of a live mount (statvfs for the volume
-stats) runs in a helper thread with a timeout.
+stats) runs in a helper thread with a timeout, at most one per target (``statfs``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import threading
 from collections.abc import Mapping
 
 import grpc
@@ -30,6 +29,7 @@ from . import volume_id as V
 from .errors import AlreadyExists, Internal, InvalidArgument, NotFound
 from .launcher import Launcher, ServerHandle, ServerStartError
 from .state import KeyedLocks, PublishRecord, StateStore
+from .statfs import StatfsProbes
 from .v1 import csi_pb2, csi_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -46,33 +46,16 @@ def check_path(path: str, field: str) -> str:
     return os.path.normpath(path)
 
 
-def _statvfs_with_timeout(path: str, timeout: float) -> os.statvfs_result | None:
-    """statvfs in a daemon thread: a hung FUSE server may block it forever; we do not wait."""
-    box: list[os.statvfs_result | BaseException] = []
-    done = threading.Event()
-
-    def run() -> None:
-        try:
-            box.append(os.statvfs(path))
-        except BaseException as e:
-            box.append(e)
-        done.set()
-
-    threading.Thread(target=run, name=f"statvfs {path}", daemon=True).start()
-    if not done.wait(timeout):
-        return None
-    if isinstance(box[0], BaseException):
-        raise box[0]
-    return box[0]
-
-
 class NodeService(csi_pb2_grpc.NodeServicer):
-    def __init__(self, node_id: str, state: StateStore, launcher: Launcher, cache_dir: str | None) -> None:
+    def __init__(self, node_id: str, state: StateStore, launcher: Launcher, cache_dir: str | None, *,
+                 inline: P.InlinePolicy | None = None, stats_timeout: float = STATFS_TIMEOUT) -> None:
         self.node_id = node_id
         self.state = state
         self.launcher = launcher
         self.cache_dir = cache_dir
         self.locks = KeyedLocks()
+        self.inline = inline or P.InlinePolicy()
+        self.statfs = StatfsProbes(stats_timeout)
 
     # -- start-up ----------------------------------------------------------------------------
     def reconcile(self) -> None:
@@ -108,6 +91,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         p = self._params(request.volume_id, request.volume_context)
         config = P.mount_config(p, request.secrets, read_only=read_only, cache_dir=self.cache_dir,
                                 gid_override=int(group) if group else None)
+        if P.is_inline(request.volume_context):
+            self.inline.check(p, config.credentials)
         fingerprint = _fingerprint(request.volume_id, mode, read_only, request.volume_context, config.redacted())
 
         with self.locks.hold(target):
@@ -137,7 +122,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def _params(volume_id: str, context: Mapping[str, str]) -> P.VolumeParams:
         """Static and inline volumes name their bucket in the attributes; dynamic ones in the ID."""
         p = P.parse(context)
-        if p.bucket or context.get(P.EPHEMERAL_KEY) == "true":
+        if p.bucket or P.is_inline(context):
             if not p.bucket:
                 raise InvalidArgument("inline volume attributes need 'bucket'")
             return p
@@ -241,13 +226,14 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             msg = f"{path} is no longer mounted"
             return csi_pb2.NodeGetVolumeStatsResponse(volume_condition=cond(abnormal=True, message=msg))
         try:
-            st = _statvfs_with_timeout(path, STATFS_TIMEOUT)
+            st = self.statfs.statvfs(path)
         except OSError as e:
             # ENOTCONN/ECONNABORTED: the server is gone (perhaps exiting right now).
             msg = dead if not self.launcher.alive(_handle(rec)) else f"statfs of {path} failed: {e.strerror}"
             return csi_pb2.NodeGetVolumeStatsResponse(volume_condition=cond(abnormal=True, message=msg))
         if st is None:
-            msg = f"the objfs server of this volume did not answer statfs within {STATFS_TIMEOUT:.0f}s"
+            msg = (f"the objfs server of this volume has not answered statfs for {self.statfs.stuck_for(path):.0f}s "
+                   "(stopped or stuck): reads from it hang; restart the pod if it does not recover")
             return csi_pb2.NodeGetVolumeStatsResponse(volume_condition=cond(abnormal=True, message=msg))
         usage = csi_pb2.VolumeUsage
         return csi_pb2.NodeGetVolumeStatsResponse(

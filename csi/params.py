@@ -8,13 +8,14 @@ typo (``readOnly``, ``metadataTtl``) silently ignored would be worse.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from fusefs.config import BACKENDS, ConfigError, Credentials, MountConfig, normalize_prefix
 
-from .errors import InvalidArgument
+from .errors import FailedPrecondition, InvalidArgument
 from .v1 import csi_pb2
 
 K8S_PREFIX = "csi.storage.k8s.io/"
@@ -122,6 +123,60 @@ def credentials(secrets: Mapping[str, str], backend: str) -> Credentials:
     if bool(key) != bool(secret):
         raise InvalidArgument("secrets must hold both accessKeyID and secretAccessKey, or neither")
     return Credentials(access_key_id=key, secret_access_key=secret, session_token=secrets.get("sessionToken") or None)
+
+
+def is_inline(context: Mapping[str, str]) -> bool:
+    """An inline (CSI ephemeral) volume: kubelet says so in the volume context (podInfoOnMount)."""
+    return context.get(EPHEMERAL_KEY) == "true"
+
+
+def has_explicit_credentials(creds: Credentials, backend: str) -> bool:
+    """False when the store would be reached with the SDK's default chain (the node's identity)."""
+    return bool(creds.service_account_json if backend == "gcs" else creds.access_key_id)
+
+
+@dataclass(frozen=True)
+class InlinePolicy:
+    """What an inline volume may do on this node. Any pod author writes inline volumes, with no
+    administrator in between (StorageClasses and PVs are cluster objects), so by default they must bring
+    their own credentials (a nodePublishSecretRef) and cannot point the node at another endpoint.
+
+    ``allow_node_identity``: inline volumes without a secret may use the node's own cloud identity (the
+    SDK's default chain: instance role, workload identity, the plugin's environment).
+    ``buckets``: globs of the buckets inline volumes may name (default: any; access is then the
+    secret's). ``endpoints``: the ``endpoint`` values they may set (exact URLs, or ``*``; default none).
+    """
+
+    allow_node_identity: bool = False
+    buckets: tuple[str, ...] = ("*",)
+    endpoints: tuple[str, ...] = ()
+
+    @classmethod
+    def from_flags(cls, allow_node_identity: bool, buckets: str, endpoints: str) -> InlinePolicy:
+        def split(text: str) -> tuple[str, ...]:
+            return tuple(x.strip() for x in text.split(",") if x.strip())
+
+        return cls(allow_node_identity, split(buckets), tuple(e.rstrip("/") for e in split(endpoints)))
+
+    def check(self, p: VolumeParams, creds: Credentials) -> None:
+        """FailedPrecondition (naming the flag that would allow it) for what this node refuses."""
+        if not any(fnmatch.fnmatchcase(p.bucket, glob) for glob in self.buckets):
+            allowed = ", ".join(self.buckets) or "none"
+            raise FailedPrecondition(
+                f"inline volumes may not mount bucket {p.bucket!r} on this node (allowed: {allowed}): use a "
+                "PersistentVolume, or have the administrator add it to the node plugin's --inline-buckets"
+            )
+        if p.endpoint and "*" not in self.endpoints and p.endpoint.rstrip("/") not in self.endpoints:
+            raise FailedPrecondition(
+                f"inline volumes may not set endpoint {p.endpoint!r} on this node: use a PersistentVolume or "
+                "StorageClass, or have the administrator allow it with the node plugin's --inline-endpoints"
+            )
+        if not self.allow_node_identity and not has_explicit_credentials(creds, p.backend):
+            raise FailedPrecondition(
+                "this inline volume has no credentials (no nodePublishSecretRef) and would use the node's own "
+                "cloud identity: give it a nodePublishSecretRef, or have the administrator start the node "
+                "plugin with --allow-inline-node-identity"
+            )
 
 
 def mount_config(

@@ -38,8 +38,9 @@ def code_of(fn: object, *args: object) -> tuple[grpc.StatusCode, str]:
 
 
 @pytest.fixture(scope="module")
-def plugin() -> Iterator[tuple[Client, PluginDirs]]:
-    with in_process_plugin("objfs-csi-rpc-", "node-a") as plugin:
+def plugin(s3_server: RcloneS3) -> Iterator[tuple[Client, PluginDirs]]:
+    # Inline volumes may point at the test store (by default they may not set an endpoint).
+    with in_process_plugin("objfs-csi-rpc-", "node-a", ["--inline-endpoints", s3_server.endpoint]) as plugin:
         yield plugin
 
 
@@ -213,6 +214,11 @@ def test_node_publish_validation(client: Client, s3_server: RcloneS3, pods: str,
         ({"volume_context": {}}, grpc.StatusCode.NOT_FOUND, "not an objfs volume ID"),
         ({"volume_context": {"csi.storage.k8s.io/ephemeral": "true"}}, grpc.StatusCode.INVALID_ARGUMENT,
          "need 'bucket'"),
+        # Inline volumes: no secret means the node's identity (refused unless allowed), no foreign endpoint.
+        ({"volume_context": {**static, "csi.storage.k8s.io/ephemeral": "true"}, "secrets": {}},
+         grpc.StatusCode.FAILED_PRECONDITION, "--allow-inline-node-identity"),
+        ({"volume_context": {**static, "csi.storage.k8s.io/ephemeral": "true", "endpoint": "http://127.0.0.1:1"}},
+         grpc.StatusCode.FAILED_PRECONDITION, "--inline-endpoints"),
     ]
     for change, want, message in cases:
         req = pb.NodePublishVolumeRequest(**{**base, **{k: v for k, v in change.items() if v is not None}})
