@@ -1,9 +1,13 @@
-"""The node-wide block cache on local disk, shared by every FUSE server on a node.
+"""The node-wide cache on local disk, shared by every FUSE server on a node.
 
-Blocks of objects are stored in a ``diskcache.Cache`` (SQLite index + one file per block) keyed by
-(store identity, object key, version, block index). Each entry carries a checksum (CRC-32 and
-length, in diskcache's ``tag`` column) that is verified on every read: a block that fails is
-deleted and reported as a miss, never returned.
+Blocks are indexed in a ``diskcache.Cache`` (SQLite) by (tenant, store identity, object key,
+version, block size, block index). An object no larger than one block is one entry whose value
+file is the whole object. A larger object is one data file of its own (``fusefs.objects``): the
+blocks are written into it at their offsets as they are fetched, each with a size-less marker entry
+holding its length and CRC-32C; once every block is there the file is checked block by block and
+published complete (read-only, renamed, never written again), which is what FUSE passthrough opens
+(``fusefs.backing``). Every block read through the server is checked against its CRC: a block that
+fails is dropped (a complete file that fails is evicted whole) and reported as a miss, never returned.
 
 ``get_or_fetch`` gives one fetch per block per node: on a miss it takes a cross-process lock for
 the block (striped ``flock`` files under ``<dir>/locks``), looks again, fetches, returns the bytes
@@ -14,11 +18,13 @@ Every failure of the cache itself (full disk, corrupt database, read-only direct
 that cannot be opened) degrades to direct reads: the caller always gets the fetched bytes, and
 the problem is logged once per kind, not once per block.
 
-Security: entries are keyed by the store identity (endpoint + bucket) and the object's version
-(ETag / generation). A FUSE server only asks for a block after it has itself seen that version
-through its own credentials (HEAD/LIST at open), so sharing the cache between servers with
-different credentials does not let one read objects it could not read from the store. The
-directory is created 0700 and entries and lock files are made 0600: other local users get nothing.
+Security: the tenant in every key is a hash of the endpoint and the credentials' principal (S3
+access key id, GCS service account e-mail; ``fusefs.objects.tenant_of``), so a mount is served only
+what the same credentials fetched. Mounts with ambient credentials (no secret in their config:
+instance roles, workload identity) share the tenant "", and their servers prove access with one
+1-byte GET per object version before serving cached bytes (``fusefs.read.BlockReader.authorise``).
+No key, tenant or secret appears in a file name (hashes only). The directory is created 0700,
+entries and lock files 0600, complete files 0444: other local users get nothing.
 """
 
 from __future__ import annotations
@@ -33,13 +39,14 @@ import threading
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import crc32c
 import diskcache
 import trio
 
-from . import buffers, directio
+from . import buffers, directio, objects
+from .objects import DataFile, ObjectId
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +69,9 @@ LOCK_POLL_MAX = 0.01
 #: longest wait for another fetcher of the same block (seconds); then fetch ourselves. A fetcher that
 #: hangs (a stalled store, a stopped process) must not stall every reader of that block on the node.
 LOCK_WAIT = 30.0
-#: bump when the entry format changes: old entries then simply miss (v2: CRC-32C instead of CRC-32)
-FORMAT = "v2"
+#: bump when the entry format changes: old entries then simply miss (v2: CRC-32C instead of CRC-32;
+#: v3: tenants, block sizes and whole-object data files)
+FORMAT = "v3"
 
 # Eviction policy: least-recently-used, knowingly. LRU costs one SQLite write transaction per get
 # (the access time). Measured here in CPU time per get (the machine was loaded, wall time was
@@ -91,11 +99,33 @@ class BlockKey:
     store: str  # AsyncStore.identity, e.g. "s3|http://127.0.0.1:9000|bucket"
     key: str  # object key
     version: str  # ETag / generation pinned at open
-    index: int  # block number (the reader chooses the block size)
+    index: int  # block number
+    #: the reader's block size: which bytes block ``index`` holds. 0 (or an object no larger than
+    #: one block) means the block is the whole object: then it does not depend on the block size.
+    block_size: int = 0
+    size: int = 0  # the object's size
+    #: whose credentials fetched it (``tenant_of``); "" for ambient credentials, whose readers
+    #: prove access once per object version instead (``fusefs.read.BlockReader.authorise``)
+    tenant: str = ""
+
+    @property
+    def whole(self) -> bool:
+        """The block is the whole object: cached as one entry of its own, not in a data file."""
+        return self.block_size <= 0 or self.size <= self.block_size
+
+    @property
+    def last_of_file(self) -> bool:
+        """The last block of an object kept in a data file."""
+        return not self.whole and self.index == self.object_id().blocks() - 1
+
+    def object_id(self) -> ObjectId:
+        return ObjectId(self.tenant, self.store, self.key, self.version, self.block_size, self.size)
 
     def encode(self) -> str:
         """The diskcache key: unambiguous for any strings (JSON), pure ASCII (lone surrogates escaped)."""
-        return json.dumps([FORMAT, self.store, self.key, self.version, self.index], separators=(",", ":"))
+        geometry = [0 if self.whole else self.block_size, self.index]
+        return json.dumps([FORMAT, self.tenant, self.store, self.key, self.version, *geometry],
+                          separators=(",", ":"))
 
 
 def _checksum(data: bytes | bytearray | memoryview) -> int:
@@ -119,6 +149,8 @@ class _BlockDisk(diskcache.Disk):
     """
 
     def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> Any:
+        if isinstance(value, DataFile):  # a whole-object file of ours: counted, unlinked on eviction
+            return value.size, diskcache.core.MODE_BINARY, value.relpath, None
         if type(value) not in (bytes, bytearray):
             return super().store(value, read, key=key)
         filename, full_path = self.filename(key, value)
@@ -143,12 +175,12 @@ def _write_new_file(path: str, data: bytes) -> None:
                 raise
 
 
-def _read_into(fd: int, buf: bytearray) -> bytearray:
-    """Fill ``buf`` from the start of ``fd``; shorter if the file is (then the check fails)."""
+def _read_into(fd: int, buf: bytearray, offset: int = 0) -> bytearray:
+    """Fill ``buf`` from ``offset`` of ``fd``; shorter if the file is (then the check fails)."""
     view = memoryview(buf)
     got = 0
     while got < len(buf):
-        n = os.preadv(fd, [view[got:]], got)
+        n = os.preadv(fd, [view[got:]], offset + got)
         if n <= 0:
             break
         got += n
@@ -218,7 +250,7 @@ class NodeCache:
         self._lock_dir = os.path.join(directory, "locks")
         self._counts: dict[str, int] = dict.fromkeys(
             ("hits", "hit_bytes", "misses", "corrupt", "errors", "fetches", "waits", "shared",
-             "stores", "store_bytes", "store_skipped", "lock_timeouts"), 0)
+             "stores", "store_bytes", "store_skipped", "lock_timeouts", "published"), 0)
         self._counts_lock = threading.Lock()
         self._reported: set[str] = set()
         self._flights: dict[BlockKey, _Flight] = {}
@@ -333,10 +365,153 @@ class NodeCache:
 
     def _set(self, key: BlockKey, data: bytes) -> None:
         assert self._cache is not None
+        if not key.whole:
+            self._set_in_file(key, data)
+            return
         # A bytearray block goes to the file as it is: a bytes() copy would hold the GIL for the
         # whole block while the event loop wants it.
         value = data if type(data) in (bytes, bytearray) else bytes(data)
         self._cache.set(key.encode(), value, tag=_tag(data))
+
+    # -- whole-object data files (fusefs.objects) ------------------------------------------------
+
+    def _data_file(self, oid: ObjectId) -> DataFile | None:
+        """The object's indexed data file (its access time updated), or None."""
+        assert self._cache is not None
+        handle = self._cache.get(oid.encode(FORMAT), read=True)
+        if handle is None:
+            return None
+        with handle:
+            return self._as_data_file(handle.name, os.fstat(handle.fileno()).st_size)
+
+    def _as_data_file(self, path: str, size: int) -> DataFile | None:
+        rel = os.path.relpath(path, self.directory)
+        if not rel.startswith(objects.SUBDIR + os.sep) or not rel.endswith((objects.PARTIAL, objects.COMPLETE)):
+            return None
+        return DataFile(rel, size)
+
+    def _set_in_file(self, key: BlockKey, data: bytes) -> None:
+        """Write a block into its object's data file (created on the first block), then its
+        marker. Never into a complete file: those are never modified."""
+        assert self._cache is not None
+        oid = key.object_id()
+        df = self._data_file(oid)
+        if df is None:
+            df = objects.new_partial(self.directory, oid, FORMAT)
+            if not self._cache.add(oid.encode(FORMAT), df):  # another server created one: use it
+                df = self._data_file(oid)  # (add() removed ours)
+        if df is None or df.complete:
+            return
+        try:
+            fd = os.open(os.path.join(self.directory, df.relpath), os.O_WRONLY | os.O_CLOEXEC)
+        except FileNotFoundError:  # evicted, or published, meanwhile
+            return
+        try:
+            direct = directio.open_direct(fd) if len(data) >= directio.MIN_DIRECT else None
+            try:
+                directio.pwrite_all(fd, data, key.index * key.block_size, direct)
+            finally:
+                if direct is not None:
+                    os.close(direct)
+        finally:
+            os.close(fd)
+        self._cache.set(key.encode(), df.token, tag=_tag(data))
+
+    def _lookup_in_file(self, key: BlockKey) -> bytes | None:
+        """A block from its object's data file, checked against its marker; None on a miss.
+        Raises for cache errors; a corrupt block removes its marker (and a complete file)."""
+        assert self._cache is not None
+        dkey = key.encode()
+        if dkey not in self._cache:
+            return None
+        token, tag = self._cache.get(dkey, tag=True)
+        oid = key.object_id()
+        handle = self._cache.get(oid.encode(FORMAT), read=True) if isinstance(token, int) else None
+        if handle is None:
+            self._cache.delete(dkey)  # its file was evicted: a marker of nothing
+            return None
+        with handle:
+            df = self._as_data_file(handle.name, 0)
+            if df is None or df.token != token:
+                self._cache.delete(dkey)  # a marker of an earlier file of this object
+                return None
+            data = self._read_verified_at(handle.fileno(), key.index * key.block_size, tag)
+        if data is None:
+            self._corrupt(key, dkey)
+            if df.complete:  # a complete file that fails a check must not be passed through again
+                self._cache.delete(oid.encode(FORMAT))
+        return data
+
+    @staticmethod
+    def _read_verified_at(fd: int, offset: int, tag: Any) -> bytes | None:
+        if not isinstance(tag, int) or tag < 0:
+            return None
+        length, crc = tag >> 32, tag & 0xFFFFFFFF
+        data = _read_into(fd, buffers.take(length), offset)
+        if len(data) != length or _checksum(data) != crc:
+            return None
+        return cast(bytes, data)  # a pooled buffer, handed out as the block (fusefs.buffers)
+
+    def complete_file(self, oid: ObjectId) -> str | None:
+        """The path of the object's complete (verified, read-only) file, publishing it first if
+        every block is there; None otherwise. Blocking. Never raises."""
+        if not self.usable:
+            return None
+        return self._complete_file(oid)
+
+    def _complete_file(self, oid: ObjectId) -> str | None:
+        if self._cache is None or oid.size <= oid.block_size:
+            return None
+        try:
+            df = self._data_file(oid)
+            if df is not None and not df.complete:
+                df = self._publish(oid, df)
+        except Exception as exc:
+            self._problem("publish", exc)
+            return None
+        return os.path.join(self.directory, df.relpath) if df is not None and df.complete else None
+
+    def _publish(self, oid: ObjectId, df: DataFile) -> DataFile | None:
+        """Check every block of a partial file against its marker and publish it complete; None
+        if a block is missing or wrong (its marker is then removed: it is fetched again)."""
+        assert self._cache is not None
+        tags = []
+        for index in range(oid.blocks()):
+            bkey = BlockKey(oid.store, oid.key, oid.version, index, oid.block_size, oid.size, oid.tenant)
+            token, tag = self._cache.get(bkey.encode(), default=(None, None), tag=True)
+            if token != df.token:
+                return None
+            tags.append((bkey, tag))
+        try:
+            fd = os.open(os.path.join(self.directory, df.relpath), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return self._data_file(oid)  # published by another server, or evicted
+        try:
+            for bkey, tag in tags:
+                block = self._read_verified_at(fd, bkey.index * oid.block_size, tag)
+                if block is None:
+                    self._corrupt(bkey, bkey.encode())
+                    return None
+                pool = buffers.pool()
+                if pool is not None:
+                    pool.give(block)
+                del block
+        finally:
+            os.close(fd)
+        done = objects.publish(self.directory, df)
+        if done is not None:
+            self._cache.set(oid.encode(FORMAT), done)  # the row now names the complete file
+            self._count("published")
+        return done
+
+    def _corrupt(self, key: BlockKey, dkey: str) -> None:
+        assert self._cache is not None
+        self._count("corrupt")
+        self._report("corrupt", f"corrupt block {key.index} of {key.key!r} (version {key.version}) deleted")
+        try:
+            self._cache.delete(dkey)
+        except Exception as exc:
+            self._problem("delete", exc)
 
     def close(self) -> None:
         """Write the queued blocks (releasing their locks), stop the writer, close the database.
@@ -358,6 +533,16 @@ class NodeCache:
             return None
         assert self._cache is not None
         dkey = key.encode()
+        if not key.whole:
+            try:
+                data = self._lookup_in_file(key)
+            except Exception as exc:
+                self._problem("read", exc)
+                return None
+            if data is not None:
+                self._count("hits")
+                self._count("hit_bytes", len(data))
+            return data
         try:
             # A plain SELECT first: with the LRU policy diskcache's get() opens a write transaction
             # (to record the access time) even on a miss, and a cold read would queue every lookup
@@ -377,12 +562,7 @@ class NodeCache:
             self._problem("read", exc)
             return None
         if data is None:
-            self._count("corrupt")
-            self._report("corrupt", f"corrupt block {key.index} of {key.key!r} (version {key.version}) deleted")
-            try:
-                self._cache.delete(dkey)
-            except Exception as exc:
-                self._problem("delete", exc)
+            self._corrupt(key, dkey)
             return None
         self._count("hits")
         self._count("hit_bytes", len(data))
@@ -414,6 +594,8 @@ class NodeCache:
     def _write_loop(self) -> None:
         while True:
             batch, stop = self._next_batch()
+            # an object's last block is usually the last one it was missing: publish it then
+            last = [it[0].object_id() for it in batch if it[0].last_of_file]
             try:
                 self._store_batch([(key, data) for key, data, _ in batch])  # never raises
             finally:
@@ -424,6 +606,8 @@ class NodeCache:
                         except OSError as exc:
                             self._problem("unlock", exc)
                 _recycle(batch)
+            for oid in last:
+                self._complete_file(oid)
             if stop:
                 return
 

@@ -96,6 +96,8 @@ class MountConfig:
     prefetch: tuple[str, ...] = ()
     fs_name: str = "objfs"
     tuning: Tuning = field(default_factory=Tuning)
+    #: the node plugin's passthrough broker (csi/broker.py); "" registers backing files itself (root)
+    broker_socket: str = ""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

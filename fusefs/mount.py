@@ -22,6 +22,7 @@ import pyfuse3
 import trio
 
 from . import buffers, errors, kernel
+from .backing import Passthrough, choose_registrar
 from .config import MountConfig
 from .ops import Operations
 from .read import BlockCache
@@ -95,6 +96,18 @@ def open_cache(config: MountConfig) -> BlockCache | None:
         return None
 
 
+def passthrough_for(config: MountConfig, cache: BlockCache | None) -> Passthrough | None:
+    """FUSE passthrough for reads of complete node-cache files, when this build and privilege
+    allow it (fusefs.backing); otherwise None, said once in the log."""
+    if cache is None:
+        return None
+    registrar, how = choose_registrar(config.broker_socket)
+    if registrar is None:
+        log.info("FUSE passthrough off: %s; reading through the server", how)
+        return None
+    return Passthrough(registrar, how)
+
+
 async def _warm(ops: Operations, config: MountConfig) -> None:
     """Fetch objects matching the `prefetch` globs into the node cache, in the background."""
     if not config.prefetch or ops.reader.cache is None:
@@ -162,7 +175,11 @@ async def serve(
     try:
         async with trio.open_nursery() as nursery:
             ops = Operations(config, store, nursery, cache, staging)
-            pyfuse3.init(ops, mountpoint, fuse_options(config))
+            options = fuse_options(config)
+            ops.passthrough = passthrough_for(config, cache)
+            if ops.passthrough is not None:
+                options.add("passthrough")
+            pyfuse3.init(ops, mountpoint, options)
             initialized = True
             if not mountpoint.startswith("/dev/fd/") and os.geteuid() == 0:
                 threading.Thread(target=raise_readahead, args=(mountpoint, config.tuning.readahead_kb),

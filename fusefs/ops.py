@@ -21,8 +21,10 @@ import pyfuse3
 import trio
 
 from . import errors
+from .backing import Passthrough, file_info
 from .config import MiB, MountConfig
 from .meta import Entry, Listing, Meta, Node, join, name_of, parent_of, valid_name
+from .objects import tenant_of
 from .read import BlockCache, BlockReader, Sequential
 from .store.base import AsyncStore, ObjectInfo
 from .write import WriteHandle
@@ -33,6 +35,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 SMALL_FILE = 1 * MiB  # files up to this size are fetched ahead of a directory walk
+CACHED, DIRECT, PASSTHROUGH = "cached", "direct", "passthrough"  # FileHandle.mode
 
 
 def fuse_errors(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
@@ -67,6 +70,18 @@ class FileHandle:
     info: ObjectInfo | None  # the version reads are pinned to
     seq: Sequential
     writer: WriteHandle | None = None
+    mode: str = CACHED  # how the kernel does this handle's I/O: CACHED, DIRECT or PASSTHROUGH
+
+
+@dataclass
+class _InodeIO:
+    """The kernel's I/O mode of an inode, as far as this server's opens set it: its opens are
+    all passthrough (of one backing file) or none; direct-I/O opens may go beside either."""
+
+    cached: int = 0  # open handles in the page-cache mode
+    passthrough: int = 0  # passthrough handles, and opens about to become one
+    version: str = ""  # the object version the backing file holds
+    backing_id: int = 0
 
 
 @dataclass
@@ -85,6 +100,7 @@ class _Walk:
 class Stats:
     opens: int = 0
     reads: int = 0
+    passthrough_opens: int = 0
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -107,13 +123,16 @@ class Operations(pyfuse3.Operations):
         self.nursery = nursery
         self.staging_dir = staging_dir
         self.meta = Meta(store, config)
-        self.reader = BlockReader(store, config.tuning, cache)
+        self.reader = BlockReader(store, config.tuning, cache, tenant_of(config))
         self.reader.start(nursery)
         self.small_file = min(SMALL_FILE, config.tuning.block_size)
         self._handles: dict[int, FileHandle | DirHandle] = {}
         self._next_fh = 1
         self._writers: dict[int, set[int]] = {}  # inode -> fhs with a WriteHandle
         self._walks: dict[str, _Walk] = {}
+        self._io: dict[int, _InodeIO] = {}
+        #: set by ``fusefs.mount.serve`` once INIT negotiated passthrough and a registrar exists
+        self.passthrough: Passthrough | None = None
         self.stats = Stats()
 
     # -- helpers ------------------------------------------------------------------------------
@@ -365,20 +384,64 @@ class Operations(pyfuse3.Operations):
         pinned = info if info is not None and info.version else None
         handle = FileHandle(node, pinned, self._sequential())
         keep = False
+        backing_id = 0
         if writing:
             handle.writer = self._new_writer(node, pinned, truncate=bool(flags & os.O_TRUNC))
             node.open_version = None
         elif pinned is not None and self._writer_of(inode) is None:
+            backing_id = await self._passthrough_open(inode, pinned)
             # Keep the kernel's page cache when the object is the version it cached last time.
             keep = node.open_version == pinned.version
             node.open_version = pinned.version
             if pinned.size <= self.small_file:
                 self._walk_prefetch(node)
+        handle.mode = PASSTHROUGH if backing_id else self._ordinary_mode(inode)
         fh = self._new_fh(handle)
         if handle.writer is not None:
             self._writers.setdefault(inode, set()).add(fh)
         self.stats.opens += 1
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=False)
+        return file_info(fh, backing_id, keep, handle.mode == DIRECT)
+
+    def _ordinary_mode(self, inode: int) -> str:
+        """The mode of an open the server answers, counted: the kernel refuses a page-cache open
+        beside passthrough ones (and a second backing file), so next to those one (a write,
+        another version, no complete file) goes direct instead."""
+        io = self._io.setdefault(inode, _InodeIO())
+        if io.passthrough:
+            return DIRECT
+        io.cached += 1
+        return CACHED
+
+    async def _passthrough_open(self, inode: int, pinned: ObjectInfo) -> int:
+        """A backing id for a read-only open of ``pinned`` when its complete file is in the node
+        cache and the inode's other opens allow it; else 0 (the server answers its reads)."""
+        cache = self.reader.cache
+        complete_file = getattr(cache, "complete_file", None)
+        if (self.passthrough is None or complete_file is None or pinned.size <= self.reader.block_size
+                or not self.passthrough.available()):
+            return 0
+        io = self._io.setdefault(inode, _InodeIO())
+        if io.cached:
+            return 0
+        if io.passthrough:
+            if io.version != pinned.version or not io.backing_id:
+                return 0  # another version's file (or one being registered) backs the inode
+            io.passthrough += 1
+            return io.backing_id
+        io.passthrough, io.version = 1, pinned.version  # reserved: opens meanwhile go direct
+        backing_id = 0
+        try:
+            path = await trio.to_thread.run_sync(complete_file, self.reader.cache_key(pinned, 0).object_id())
+            if path is not None:
+                await self.reader.authorise(pinned)  # ambient credentials: this server may read it
+                backing_id = await self.passthrough.register(path, pinned.size)
+        finally:
+            if not backing_id:
+                io.passthrough, io.version = 0, ""
+        io.backing_id = backing_id
+        if backing_id:
+            self.stats.passthrough_opens += 1
+        return backing_id
 
     def _walk_prefetch(self, node: Node) -> None:
         """Opening small files of a listed directory in listing order: fetch the next ones now,
@@ -419,10 +482,11 @@ class Operations(pyfuse3.Operations):
         node.open_version = None
         handle = FileHandle(node, None, Sequential(self.tuning.block_size, 0))
         handle.writer = self._new_writer(node, None, truncate=True)
+        handle.mode = self._ordinary_mode(node.inode)
         fh = self._new_fh(handle)
         self._writers.setdefault(node.inode, set()).add(fh)
         node.lookups += 1
-        return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False), self._attrs(node)
+        return file_info(fh, 0, False, handle.mode == DIRECT), self._attrs(node)
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -466,9 +530,26 @@ class Operations(pyfuse3.Operations):
     async def fsync(self, fh: int, datasync: bool) -> None:
         await self._flush(self._file(fh))
 
+    async def _release_io(self, h: FileHandle) -> None:
+        io = self._io.get(h.node.inode)
+        if io is None:
+            return
+        if h.mode == CACHED:
+            io.cached -= 1
+        elif h.mode == PASSTHROUGH:
+            io.passthrough -= 1
+            if not io.passthrough:  # the kernel let go of the backing file with the last one
+                backing_id, io.backing_id, io.version = io.backing_id, 0, ""
+                if self.passthrough is not None and backing_id:
+                    await self.passthrough.close(backing_id)
+        if not io.cached and not io.passthrough:
+            del self._io[h.node.inode]
+
     @fuse_errors
     async def release(self, fh: int) -> None:
         h = self._handles.pop(fh, None)
+        if isinstance(h, FileHandle):
+            await self._release_io(h)
         if not isinstance(h, FileHandle) or h.writer is None:
             return
         fhs = self._writers.get(h.node.inode)
@@ -485,4 +566,4 @@ class Operations(pyfuse3.Operations):
 
     def stats_dict(self) -> dict[str, Any]:
         return {"opens": self.stats.opens, "reads": self.stats.reads, "requests": self.store.requests,
-                "blocks": self.reader.gets}
+                "blocks": self.reader.gets, "passthrough_opens": self.stats.passthrough_opens}

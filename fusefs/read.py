@@ -40,10 +40,11 @@ class BlockCache(Protocol):
     def contains(self, key: Any) -> bool: ...
 
 
-def _block_key(store: str, key: str, version: str, index: int) -> Any:
+def _block_key(store: str, info: ObjectInfo, index: int, block_size: int, tenant: str) -> Any:
     from .cache import BlockKey  # the node cache module is optional until it is configured
 
-    return BlockKey(store=store, key=key, version=version, index=index)
+    return BlockKey(store=store, key=info.key, version=info.version, index=index, block_size=block_size,
+                    size=info.size, tenant=tenant)
 
 
 @dataclass
@@ -56,8 +57,13 @@ class _Flight:
 class BlockReader:
     """One per server: fetches, shares and remembers blocks of objects."""
 
-    def __init__(self, store: AsyncStore, tuning: Tuning, cache: BlockCache | None = None) -> None:
+    def __init__(self, store: AsyncStore, tuning: Tuning, cache: BlockCache | None = None, tenant: str = "") -> None:
         self.store = store
+        #: the node cache's namespace for this mount's credentials (``fusefs.cache.tenant_of``); ""
+        #: for ambient credentials, which share one namespace and prove access per object version
+        self.tenant = tenant
+        self._authorised: set[tuple[str, str]] = set()  # (key, version) this server fetched or proved
+        self._proving: dict[tuple[str, str], trio.Event] = {}
         self.block_size = tuning.block_size
         self.budget = max(1, tuning.memory_blocks) * tuning.block_size
         self.cache = cache
@@ -113,17 +119,43 @@ class BlockReader:
                                             key=info.key)
         return data
 
+    def cache_key(self, info: ObjectInfo, index: int) -> Any:
+        return _block_key(self.store.identity, info, index, self.block_size, self.tenant)
+
     async def _fetch(self, info: ObjectInfo, index: int, warming: bool = False) -> bytes:
         if self.cache is None:
             return await self._from_store(info, index)
-        data = await self.cache.get_or_fetch(
-            _block_key(self.store.identity, info.key, info.version, index),
-            lambda: self._from_store(info, index),
-            wait_for_space=warming,
-        )
+
+        async def fetch() -> bytes:
+            data = await self._from_store(info, index)
+            self._authorised.add((info.key, info.version))  # our own GET of it answered
+            return data
+
+        data = await self.cache.get_or_fetch(self.cache_key(info, index), fetch, wait_for_space=warming)
         if len(data) != self._length(info.size, index):  # never hand out a block of the wrong size
             return await self._from_store(info, index)
+        await self.authorise(info)
         return data
+
+    async def authorise(self, info: ObjectInfo) -> None:
+        """Before serving cached bytes of ``info`` under ambient credentials: one GET of its
+        first byte, pinned to the version, proves that this server's credentials may read it
+        (a listing shows an object to anyone allowed to list, not to read it). Once per object
+        version per server; with explicit credentials the tenant in the cache key does this."""
+        ident = (info.key, info.version)
+        while not self.tenant and ident not in self._authorised:
+            proving = self._proving.get(ident)
+            if proving is not None:
+                await proving.wait()  # someone else's proof, or failure (then try ourselves)
+                continue
+            self._proving[ident] = proving = trio.Event()
+            try:
+                if info.size:
+                    await self.store.get_range(info.key, 0, 1, info.version)
+                self._authorised.add(ident)
+            finally:
+                del self._proving[ident]
+                proving.set()
 
     async def warm(self, info: ObjectInfo, index: int) -> None:
         """Put a block into the node cache without keeping it in memory (the `prefetch` globs).
@@ -180,8 +212,7 @@ class BlockReader:
         """Whether the node cache holds the block (then it answers fast, and without a request)."""
         if self.cache is None:
             return False
-        key = _block_key(self.store.identity, info.key, info.version, index)
-        return await trio.to_thread.run_sync(self.cache.contains, key)
+        return await trio.to_thread.run_sync(self.cache.contains, self.cache_key(info, index))
 
     async def _urgent(self, info: ObjectInfo, offset: int, end: int, index: int) -> bytes | memoryview:
         """A GET of just ``[offset, end)`` first, alone; the block's fetch starts once it answers.

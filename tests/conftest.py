@@ -49,8 +49,8 @@ def mount_fs(tmp_path: Path) -> Iterator[Callable[..., Mounted]]:
     test mounted; every mount is lazily unmounted at teardown."""
     made: list[Mounted] = []
 
-    def make(config: MountConfig, name: str = "mnt") -> Mounted:
-        m = fs_mount(config, tmp_path / name, tmp_path / f"{name}.log")
+    def make(config: MountConfig, name: str = "mnt", env: dict[str, str] | None = None) -> Mounted:
+        m = fs_mount(config, tmp_path / name, tmp_path / f"{name}.log", env)
         made.append(m)
         return m
 

@@ -41,8 +41,8 @@ class Mounted:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-def start_serve(config: MountConfig, fuse_fd: int | None, log: Path,
-                mountpoint: str | None = None) -> tuple[subprocess.Popen[bytes], str]:
+def start_serve(config: MountConfig, fuse_fd: int | None, log: Path, mountpoint: str | None = None,
+                env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
     """Spawn ``objfs serve``; return the process and the line it wrote on the ready fd."""
     cfg_r, cfg_w = os.pipe()
     ready_r, ready_w = os.pipe()
@@ -56,7 +56,7 @@ def start_serve(config: MountConfig, fuse_fd: int | None, log: Path,
         cmd += ["--mountpoint", mountpoint]
     with open(log, "ab") as logf:
         proc = subprocess.Popen(cmd, pass_fds=fds, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-                                cwd=str(Path(__file__).resolve().parent.parent))
+                                cwd=str(Path(__file__).resolve().parent.parent), env=env)
     os.close(cfg_r)
     os.close(ready_w)
     with os.fdopen(cfg_w, "wb") as f:
@@ -76,11 +76,12 @@ def start_serve(config: MountConfig, fuse_fd: int | None, log: Path,
     return proc, buf.decode(errors="replace").strip()
 
 
-def mount(config: MountConfig, target: Path, log: Path) -> Mounted:
+def mount(config: MountConfig, target: Path, log: Path, env: dict[str, str] | None = None) -> Mounted:
+    """``env``: the server's whole environment (ambient credentials), else this process's."""
     target.mkdir(parents=True, exist_ok=True)
     fd = kernel.mount_fuse(str(target), read_only=config.read_only, allow_other=config.allow_other)
     try:
-        proc, line = start_serve(config, fd, log, str(target))
+        proc, line = start_serve(config, fd, log, str(target), env)
     finally:
         os.close(fd)
     m = Mounted(target, config, proc, log)

@@ -96,6 +96,8 @@ class RcloneS3(LoopbackServer):
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    #: more key pairs the server accepts (rclone gives every key the same access)
+    extra_keys: tuple[tuple[str, str], ...] = ()
 
     @property
     def credentials(self) -> Credentials:
@@ -105,7 +107,8 @@ class RcloneS3(LoopbackServer):
         self.root.mkdir(parents=True, exist_ok=True)
         # The key pair is given through the environment of this test server only (it is a
         # throwaway pair); rclone reads RCLONE_AUTH_KEY as CSV, so the pair is quoted.
-        env = dict(os.environ, RCLONE_AUTH_KEY=f'"{self.access_key},{self.secret_key}"')
+        pairs = ((self.access_key, self.secret_key), *self.extra_keys)
+        env = dict(os.environ, RCLONE_AUTH_KEY=",".join(f'"{k},{s}"' for k, s in pairs))
         self._launch(
             [rclone_binary(), "serve", "s3", "--addr", f"127.0.0.1:{self.port}", "--config", "/dev/null",
              str(self.root)],

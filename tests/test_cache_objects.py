@@ -1,0 +1,162 @@
+"""Whole-object files of the node cache (fusefs.objects via fusefs.cache): filled block by block,
+verified before they are published complete, never served wrong; block sizes and tenants in keys."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+import trio.lowlevel
+
+from fusefs.cache import BlockKey, NodeCache
+from fusefs.config import Credentials, MountConfig
+from fusefs.objects import tenant_of
+from tests.servers import random_bytes
+
+KiB = 1024
+MiB = 1024 * KiB
+BS = 256 * KiB
+OBJ = random_bytes(3 * BS + 1000, 7)  # four blocks, the last one short
+
+
+def key(index: int, bs: int = BS, data: bytes = OBJ, tenant: str = "t1", version: str = "v1") -> BlockKey:
+    return BlockKey("s3|http://127.0.0.1:1|b", "models/w.bin", version, index, bs, len(data), tenant)
+
+
+def block(index: int, bs: int = BS, data: bytes = OBJ) -> bytes:
+    return data[index * bs:(index + 1) * bs]
+
+
+def files(root: Path, suffix: str) -> list[Path]:
+    return sorted((root / "objects").rglob(f"*{suffix}"))
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Iterator[NodeCache]:
+    c = NodeCache(str(tmp_path / "cache"), 64 * MiB)
+    yield c
+    c.close()
+
+
+def fill(cache: NodeCache, blocks: range, **kw: object) -> None:
+    for i in blocks:
+        assert cache.put(key(i, **kw), block(i))  # type: ignore[arg-type]
+
+
+def test_blocks_fill_one_file_published_read_only_once_complete(tmp_path: Path, cache: NodeCache) -> None:
+    root = tmp_path / "cache"
+    fill(cache, range(3))
+    oid = key(0).object_id()
+    assert cache.complete_file(oid) is None  # block 3 is missing
+    (part,) = files(root, ".part")
+    assert part.stat().st_size == len(OBJ)  # one sparse file of the object's size
+    assert all(cache.get(key(i)) == block(i) for i in range(3))
+    assert cache.get(key(3)) is None
+    fill(cache, range(3, 4))
+    path = cache.complete_file(oid)
+    assert path is not None and path.endswith(".obj")
+    assert not files(root, ".part")
+    assert Path(path).read_bytes() == OBJ
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o444
+    assert all(cache.get(key(i)) == block(i) for i in range(4))  # blocks still served, still checked
+    # no key, store or tenant in any file name
+    assert not any("models" in str(p) or "t1" in p.name for p in root.rglob("*"))
+
+
+def test_a_file_corrupted_before_publishing_is_never_published(tmp_path: Path, cache: NodeCache) -> None:
+    fill(cache, range(3))
+    (part,) = files(tmp_path / "cache", ".part")
+    with open(part, "r+b") as f:
+        f.seek(BS + 5)
+        f.write(b"\xff\xfe")
+    fill(cache, range(3, 4))
+    assert cache.complete_file(key(0).object_id()) is None
+    assert not files(tmp_path / "cache", ".obj")
+    assert cache.get(key(1)) is None  # its marker went with the check: fetched again
+    assert cache.stats()["corrupt"] >= 1
+    assert cache.put(key(1), block(1))
+    path = cache.complete_file(key(0).object_id())
+    assert path is not None and Path(path).read_bytes() == OBJ
+
+
+def test_a_complete_file_corrupted_later_is_evicted_not_served(tmp_path: Path, cache: NodeCache) -> None:
+    fill(cache, range(4))
+    path = cache.complete_file(key(0).object_id())
+    assert path is not None
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.seek(2 * BS)
+        f.write(b"\0\1\2")
+    assert cache.get(key(2)) is None
+    assert not os.path.exists(path)  # unlinked: no later passthrough open is given it
+    assert cache.complete_file(key(0).object_id()) is None
+    assert cache.get(key(0)) is None  # markers of the evicted file read as misses
+
+
+def test_block_size_is_part_of_the_key(cache: NodeCache) -> None:
+    fill(cache, range(4))
+    # block 1 of 512 KiB blocks is bytes 512K-1M, not what block 1 of 256 KiB blocks holds
+    assert cache.get(key(1, bs=2 * BS)) is None
+    assert cache.put(key(1, bs=2 * BS), block(1, 2 * BS))
+    assert cache.get(key(1, bs=2 * BS)) == block(1, 2 * BS)
+    assert cache.get(key(1)) == block(1)
+    # an object of one block is the whole object whatever the block size
+    small = OBJ[:1000]
+    assert cache.put(key(0, data=small), small)
+    assert cache.get(key(0, bs=2 * BS, data=small)) == small
+
+
+def test_tenants_do_not_share_entries(cache: NodeCache) -> None:
+    fill(cache, range(4))
+    assert cache.get(key(0, tenant="t2")) is None
+    assert cache.complete_file(key(0, tenant="t2").object_id()) is None
+    assert cache.complete_file(key(0).object_id()) is not None
+
+
+def test_tenant_is_a_hash_of_endpoint_and_principal_never_a_secret() -> None:
+    def cfg(**creds: str) -> MountConfig:
+        return MountConfig(backend="s3", bucket="b", endpoint_url="http://127.0.0.1:1",
+                           credentials=Credentials(**creds))
+
+    a = tenant_of(cfg(access_key_id="AK1", secret_access_key="S1"))
+    assert a == tenant_of(cfg(access_key_id="AK1", secret_access_key="other"))  # same principal
+    assert a != tenant_of(cfg(access_key_id="AK2", secret_access_key="S1"))
+    assert "AK1" not in a and "S1" not in a and len(a) == 32
+    other_endpoint = MountConfig(backend="s3", bucket="b", endpoint_url="http://127.0.0.1:2",
+                                 credentials=Credentials("AK1", "S1"))
+    assert tenant_of(other_endpoint) != a
+    assert tenant_of(cfg()) == ""  # ambient: proven per object version instead
+    sa = '{"client_email": "sa@p.iam.gserviceaccount.com", "private_key": "PRIVATE"}'
+    g = MountConfig(backend="gcs", bucket="b", credentials=Credentials(service_account_json=sa))
+    rotated = Credentials(service_account_json=sa.replace("PRIVATE", "X"))
+    assert tenant_of(g) and tenant_of(g) == tenant_of(MountConfig(backend="gcs", bucket="b", credentials=rotated))
+
+
+async def test_one_fetch_per_block_fills_the_file_through_get_or_fetch(cache: NodeCache) -> None:
+    calls = []
+
+    async def fetcher(i: int) -> bytes:
+        calls.append(i)
+        await trio.lowlevel.checkpoint()
+        return block(i)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):  # three readers of every block at once
+            for i in range(4):
+                nursery.start_soon(lambda i=i: cache.get_or_fetch(key(i), lambda: fetcher(i), wait_for_space=True))
+    assert sorted(calls) == [0, 1, 2, 3]
+    await trio.to_thread.run_sync(cache.close)  # drains the writer, which publishes
+    check_published(cache.directory)
+
+
+def check_published(directory: str) -> None:
+    again = NodeCache(directory, 64 * MiB)
+    try:
+        path = again.complete_file(key(0).object_id())
+        assert path is not None and Path(path).read_bytes() == OBJ
+    finally:
+        again.close()
