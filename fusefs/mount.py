@@ -103,7 +103,7 @@ def passthrough_for(config: MountConfig, cache: BlockCache | None) -> Passthroug
         return None
     registrar, how = choose_registrar(config.broker_socket)
     if registrar is None:
-        log.info("FUSE passthrough off: %s; reading through the server", how)
+        log.warning("FUSE passthrough off: %s; reading through the server", how)
         return None
     return Passthrough(registrar, how)
 
