@@ -85,6 +85,15 @@ class _InodeIO:
 
 
 @dataclass
+class SharedWrite:
+    """The write state of one inode, shared by every fd that writes it (POSIX: one file, many
+    fds). Each fd's flush stores what the file holds then; the last release frees it."""
+
+    writer: WriteHandle
+    fhs: set[int] = field(default_factory=set)
+
+
+@dataclass
 class DirHandle:
     node: Node
     listing: Listing  # a snapshot: offsets stay valid while the directory changes
@@ -128,7 +137,7 @@ class Operations(pyfuse3.Operations):
         self.small_file = min(SMALL_FILE, config.tuning.block_size)
         self._handles: dict[int, FileHandle | DirHandle] = {}
         self._next_fh = 1
-        self._writers: dict[int, set[int]] = {}  # inode -> fhs with a WriteHandle
+        self._writers: dict[int, SharedWrite] = {}  # inode -> its write state, while open for writing
         self._walks: dict[str, _Walk] = {}
         self._io: dict[int, _InodeIO] = {}
         #: set by ``fusefs.mount.serve`` once INIT negotiated passthrough and a registrar exists
@@ -148,12 +157,34 @@ class Operations(pyfuse3.Operations):
             raise _fail(errno.EBADF)
         return h
 
-    def _writer_of(self, inode: int) -> WriteHandle | None:
-        for fh in self._writers.get(inode, ()):
-            h = self._handles.get(fh)
-            if isinstance(h, FileHandle) and h.writer is not None:
-                return h.writer
-        return None
+    def _writer_of(self, inode: int | None) -> WriteHandle | None:
+        shared = self._writers.get(inode) if inode is not None else None
+        return shared.writer if shared is not None else None
+
+    async def _join_writer(self, node: Node, fh: int, existing: ObjectInfo | None, truncate: bool) -> WriteHandle:
+        """The write state of ``node`` for a new fd ``fh``: the one other fds share, else a new one."""
+        shared = self._writers.get(node.inode)
+        if shared is None:
+            writer = self._new_writer(node, existing, truncate)
+            self._writers[node.inode] = SharedWrite(writer, {fh})
+            return writer
+        shared.fhs.add(fh)  # before any await: a concurrent last release must not free it
+        if truncate:
+            try:
+                await shared.writer.truncate(0)
+            except BaseException:
+                await self._leave_writer(node.inode, fh)
+                raise
+        return shared.writer
+
+    async def _leave_writer(self, inode: int, fh: int) -> None:
+        shared = self._writers.get(inode)
+        if shared is None:
+            return
+        shared.fhs.discard(fh)
+        if not shared.fhs:
+            del self._writers[inode]
+            await shared.writer.release()
 
     def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
         w = self._writer_of(node.inode)
@@ -328,7 +359,14 @@ class Operations(pyfuse3.Operations):
             raise _fail(errno.ENOENT)
         if entry.is_dir:
             raise _fail(errno.EISDIR)
-        await self.store.delete(self.meta.key_of(path))
+        open_writer = self._writer_of(self.meta.by_path.get(path))
+        if open_writer is not None:
+            await open_writer.detach()  # its fds keep the bytes; its close stores nothing
+        try:
+            await self.store.delete(self.meta.key_of(path))
+        except errors.NotFoundError:
+            if open_writer is None:
+                raise  # else: a new file not stored yet
         self.meta.remember(path, None)
         self.meta.move(path, f"\0deleted:{path}")
 
@@ -359,15 +397,39 @@ class Operations(pyfuse3.Operations):
         if src == dst:
             return
         moving = self.meta.by_path.get(src)
-        writer = self._writer_of(moving) if moving is not None else None
-        if moving is not None and writer is not None and writer.dirty:
-            # The bytes must be in the store before it can copy them (write, rename, close).
-            self._written(self.meta.node(moving), await writer.flush())
-        info = await self.store.copy(self.meta.key_of(src), self.meta.key_of(dst))
-        await self.store.delete(self.meta.key_of(src))
+        writer = self._writer_of(moving)
+        replaced = self.meta.by_path.get(dst)
+        if replaced != moving and (victim := self._writer_of(replaced)) is not None:
+            await victim.detach()  # the file renamed over loses its name, as on unlink
+        info = await self._move_object(src, dst, writer)
         self.meta.remember(src, None)
         self.meta.move(src, dst)
         self.meta.remember(dst, Entry(name_of(dst), False, info))
+        if moving is not None and moving in self.meta.nodes:
+            self.meta.nodes[moving].open_version = None
+
+    async def _move_object(self, src: str, dst: str, writer: WriteHandle | None) -> ObjectInfo:
+        """Store ``src`` under ``dst``, and point an open file's write state at ``dst``: later
+        writes and closes store under the new name (log rotation: open, write, rename, write)."""
+        src_key, dst_key = self.meta.key_of(src), self.meta.key_of(dst)
+        if writer is not None and writer.dirty:
+            # Its bytes go straight to the new name: no copy of the old one.
+            await writer.rekey(dst_key)
+            try:
+                info = await writer.flush()
+            except BaseException:
+                await writer.rekey(src_key)
+                raise
+            try:
+                await self.store.delete(src_key)
+            except errors.NotFoundError:
+                pass  # a new file, never stored under its old name
+            return info
+        info = await self.store.copy(src_key, dst_key)
+        await self.store.delete(src_key)
+        if writer is not None:
+            await writer.rekey(dst_key, info)
+        return info
 
     # -- files: data --------------------------------------------------------------------------
     @fuse_errors
@@ -385,20 +447,22 @@ class Operations(pyfuse3.Operations):
         handle = FileHandle(node, pinned, self._sequential())
         keep = False
         backing_id = 0
-        if writing:
-            handle.writer = self._new_writer(node, pinned, truncate=bool(flags & os.O_TRUNC))
-            node.open_version = None
-        elif pinned is not None and self._writer_of(inode) is None:
-            backing_id = await self._passthrough_open(inode, pinned)
-            # Keep the kernel's page cache when the object is the version it cached last time.
-            keep = node.open_version == pinned.version
-            node.open_version = pinned.version
-            if pinned.size <= self.small_file:
-                self._walk_prefetch(node)
-        handle.mode = PASSTHROUGH if backing_id else self._ordinary_mode(inode)
         fh = self._new_fh(handle)
-        if handle.writer is not None:
-            self._writers.setdefault(inode, set()).add(fh)
+        try:
+            if writing:
+                handle.writer = await self._join_writer(node, fh, pinned, truncate=bool(flags & os.O_TRUNC))
+                node.open_version = None
+            elif pinned is not None and self._writer_of(inode) is None:
+                backing_id = await self._passthrough_open(inode, pinned)
+                # Keep the kernel's page cache when the object is the version it cached last time.
+                keep = node.open_version == pinned.version
+                node.open_version = pinned.version
+                if pinned.size <= self.small_file:
+                    self._walk_prefetch(node)
+        except BaseException:
+            del self._handles[fh]
+            raise
+        handle.mode = PASSTHROUGH if backing_id else self._ordinary_mode(inode)
         self.stats.opens += 1
         return file_info(fh, backing_id, keep, handle.mode == DIRECT)
 
@@ -481,10 +545,13 @@ class Operations(pyfuse3.Operations):
         node = self.meta.node_for(path, entry)
         node.open_version = None
         handle = FileHandle(node, None, Sequential(self.tuning.block_size, 0))
-        handle.writer = self._new_writer(node, None, truncate=True)
-        handle.mode = self._ordinary_mode(node.inode)
         fh = self._new_fh(handle)
-        self._writers.setdefault(node.inode, set()).add(fh)
+        try:
+            handle.writer = await self._join_writer(node, fh, None, truncate=True)
+        except BaseException:
+            del self._handles[fh]
+            raise
+        handle.mode = self._ordinary_mode(node.inode)
         node.lookups += 1
         return file_info(fh, 0, False, handle.mode == DIRECT), self._attrs(node)
 
@@ -552,17 +619,12 @@ class Operations(pyfuse3.Operations):
             await self._release_io(h)
         if not isinstance(h, FileHandle) or h.writer is None:
             return
-        fhs = self._writers.get(h.node.inode)
-        if fhs is not None:
-            fhs.discard(fh)
-            if not fhs:
-                del self._writers[h.node.inode]
         try:
             await self._flush(h)  # normally done by flush(); a last chance for fds closed without it
         except errors.StoreError as exc:
             log.error("data of %s not stored: %s", h.node.path, exc)
         finally:
-            await h.writer.release()
+            await self._leave_writer(h.node.inode, fh)
 
     def stats_dict(self) -> dict[str, Any]:
         return {"opens": self.stats.opens, "reads": self.stats.reads, "requests": self.store.requests,

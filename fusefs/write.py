@@ -16,6 +16,11 @@ A handle is in one of three modes:
   store, pinned to the version seen at open; the first write or truncate downloads the needed
   prefix into the staging file (ranged GETs pinned to that version) and switches to staged.
 
+The handle belongs to the inode, not to a name (``ops`` shares one between every fd that writes
+the file): ``rekey`` points it at a new key after a rename (an upload under way to the old key is
+given up: its bytes are in the staging file), ``detach`` after an unlink or a rename over it keeps
+the bytes readable and writable through the open fds but never uploads them again.
+
 Invariant: nothing acknowledged exists only in a request. A failed upload leaves the handle
 staged and dirty, so ``flush`` raises and a later ``flush`` uploads the staging file again.
 Multipart uploads that are given up are aborted in the background, and again at ``release``.
@@ -35,6 +40,7 @@ import errno
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -201,6 +207,7 @@ class WriteHandle:
         self._orphans: set[_Multipart] = set()  # given-up uploads not known to be aborted yet
         self._info = existing
         self._released = False
+        self._detached = False  # unlinked: nothing is uploaded any more
         if existing is not None and not truncate:
             self._mode, self._size, self._dirty = LAZY, existing.size, False
         else:
@@ -212,7 +219,12 @@ class WriteHandle:
 
     @property
     def dirty(self) -> bool:
-        return self._dirty
+        """Whether ``flush`` has bytes to upload (never, once detached)."""
+        return self._dirty and not self._detached
+
+    @property
+    def detached(self) -> bool:
+        return self._detached
 
     @property
     def mode(self) -> str:
@@ -272,9 +284,34 @@ class WriteHandle:
                 self._size = size
             self._dirty = True
 
+    async def rekey(self, key: str, info: ObjectInfo | None = None) -> None:
+        """The file is now called ``key`` (a rename); ``info``: the object as copied there."""
+        async with self._lock:
+            self._check_open()
+            if self._stream is not None:
+                await self._to_staged()  # parts already sent went to the old key
+            self.key = key
+            if info is not None:
+                if self._mode == LAZY:
+                    self._existing = info
+                self._info = info
+
+    async def detach(self) -> None:
+        """The file lost its name (unlink, or a rename over it) while open: keep its bytes for the
+        open fds (an unmodified object is downloaded first, before it is deleted) and never
+        upload anything again."""
+        async with self._lock:
+            self._check_open()
+            if self._mode == LAZY:
+                await self._materialize(self._size)
+            await self._to_staged()
+            self._detached = True
+
     async def flush(self) -> ObjectInfo:
         async with self._lock:
             self._check_open()
+            if self._detached:
+                return ObjectInfo(self.key, self._size, "", time.time())
             if not self._dirty:
                 assert self._info is not None  # a clean handle is an unmodified existing object
                 return self._info
@@ -396,7 +433,7 @@ class WriteHandle:
             await self._disk(os.ftruncate, self._fd, 0)
         self._buf, self._fill = bytearray(), 0
         self._disk_len = self._size = 0
-        self._mode = STREAM
+        self._mode = STAGED if self._detached else STREAM  # a detached file never streams to the store
 
     # -- staged mode ---------------------------------------------------------------------------
     async def _flush_staged(self) -> ObjectInfo:
