@@ -32,6 +32,10 @@ NAME_MAX = 255
 _PRUNE_AT = 200_000  # entries kept before expired ones are swept out
 
 
+class UnversionedError(errors.StoreError):
+    """The store names no version for an object (EIO): its bytes cannot be pinned."""
+
+
 def valid_name(name: str) -> bool:
     """Whether a key segment can be shown as a directory entry."""
     if name in ("", ".", "..") or "\0" in name or "/" in name:
@@ -63,13 +67,43 @@ class Entry:
 
 @dataclass
 class Listing:
-    names: list[str]  # listing order (sorted like the store sorts keys)
+    """One directory's entries in listing order (sorted like the store sorts keys, names added
+    later at the end). Adding and removing a name cost O(1) amortised, so ``rm -rf`` of a big
+    listed directory stays linear: a removed name stays in ``names`` as a tombstone (``index``
+    no longer points at it) until tombstones are half the list, then the list is compacted."""
+
+    names: list[str]  # may hold tombstones: use ``live`` or ``snapshot`` to walk it
     entries: dict[str, Entry]
     expires: float
-    index: dict[str, int] = field(default_factory=dict)
+    index: dict[str, int] = field(default_factory=dict)  # name -> its live position in ``names``
+    _dead: int = 0
 
     def __post_init__(self) -> None:
         self.index = {n: i for i, n in enumerate(self.names)}
+
+    def live(self, i: int) -> bool:
+        return self.index.get(self.names[i]) == i
+
+    def put(self, name: str, entry: Entry) -> None:
+        if name not in self.entries:
+            self.index[name] = len(self.names)
+            self.names.append(name)
+        self.entries[name] = entry
+
+    def remove(self, name: str) -> None:
+        if self.entries.pop(name, None) is None:
+            return
+        del self.index[name]
+        self._dead += 1
+        if self._dead * 2 > len(self.names):
+            self.names = [n for i, n in enumerate(self.names) if self.index.get(n) == i]
+            self.index = {n: i for i, n in enumerate(self.names)}
+            self._dead = 0
+
+    def snapshot(self) -> Listing:
+        """A copy without tombstones, for a directory handle: its offsets never move."""
+        return Listing([n for i, n in enumerate(self.names) if self.index.get(n) == i], dict(self.entries),
+                       self.expires)
 
 
 @dataclass
@@ -93,9 +127,11 @@ class Meta:
         self.by_path: dict[str, int] = {"": ROOT}
         self._next_inode = ROOT + 1
         self._entries: dict[str, tuple[Entry | None, float]] = {}
+        self._prune_at = _PRUNE_AT
         self._listings: dict[str, Listing] = {}
         self._listing_flights: dict[str, trio.Event] = {}
         self._conflicts_noted: set[str] = set()
+        self._unversioned_noted: set[str] = set()
 
     # -- keys ---------------------------------------------------------------------------------
     def key_of(self, path: str) -> str:
@@ -193,21 +229,17 @@ class Meta:
         """Record what we know now (after a lookup or our own change) in both caches."""
         exp = self._expiry()
         self._entries[path] = (entry, exp)
-        if len(self._entries) > _PRUNE_AT:
+        if len(self._entries) > self._prune_at:
             now = time.monotonic()
             self._entries = {k: v for k, v in self._entries.items() if v[1] > now}
+            # Sweep again only after as many new entries as are left: linear, even when none expire.
+            self._prune_at = max(_PRUNE_AT, 2 * len(self._entries))
         listing = self._listings.get(parent_of(path))
         if listing is not None and path:
-            name = name_of(path)
             if entry is None:
-                if listing.entries.pop(name, None) is not None:
-                    listing.names.remove(name)
-                    listing.index = {n: i for i, n in enumerate(listing.names)}
+                listing.remove(name_of(path))
             else:
-                if name not in listing.entries:
-                    listing.names.append(name)
-                    listing.index[name] = len(listing.names) - 1
-                listing.entries[name] = entry
+                listing.put(name_of(path), entry)
         ino = self.by_path.get(path)
         if ino is not None and entry is not None and entry.info is not None:
             self.nodes[ino].info = entry.info
@@ -334,6 +366,10 @@ class Meta:
             node.info = entry.info
             node.expires = self._expiry()
             return
+        await self.head_file(node)
+
+    async def head_file(self, node: Node) -> ObjectInfo:
+        """HEAD the file now; remember and return what the store says."""
         try:
             info = await self.store.head(self.key_of(node.path))
         except errors.NotFoundError:
@@ -342,6 +378,27 @@ class Meta:
         self.remember(node.path, Entry(name_of(node.path), False, info))
         node.info = info
         node.expires = self._expiry()
+        return info
+
+    async def pin(self, node: Node) -> ObjectInfo | None:
+        """The version reads of ``node`` are pinned to (None: an empty object, nothing to read).
+        A listing may carry no version (an S3 LIST without ETags): then one HEAD asks for it. A
+        store that gives none at all cannot be read safely (blocks of two versions could mix),
+        so that is an error, never bytes of an unknown version."""
+        info = node.info
+        if info is None or not info.version:
+            info = await self.head_file(node)
+        if info.version:
+            return info
+        if info.size == 0:
+            return None
+        err = UnversionedError(
+            f"{info.key}: the store gives no version (ETag or generation) for this object, so it "
+            "cannot be read consistently; check the store or the proxy in front of it", key=info.key)
+        if info.key not in self._unversioned_noted:  # once per key: an operator's problem
+            self._unversioned_noted.add(info.key)
+            log.warning("%s", err)
+        raise err
 
     async def lookup(self, parent: int, name: str) -> Node | None:
         """Resolve ``name`` in directory ``parent``; None if it does not exist. Does not count."""

@@ -297,8 +297,7 @@ class Operations(pyfuse3.Operations):
         if not node.is_dir:
             raise _fail(errno.ENOTDIR)
         listing = await self.meta.listing(node.path)
-        snapshot = Listing(list(listing.names), dict(listing.entries), listing.expires)
-        return self._new_fh(DirHandle(node, snapshot))
+        return self._new_fh(DirHandle(node, listing.snapshot()))
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -442,8 +441,9 @@ class Operations(pyfuse3.Operations):
             self._writable()
         if self._writer_of(inode) is None:
             await self.meta.refresh_file(node)
-        info = node.info
-        pinned = info if info is not None and info.version else None
+            pinned = await self.meta.pin(node)
+        else:  # reads go to the write state while it lives; after that, pinned at the first read
+            pinned = node.info if node.info is not None and node.info.version else None
         handle = FileHandle(node, pinned, self._sequential())
         keep = False
         backing_id = 0
@@ -524,7 +524,7 @@ class Operations(pyfuse3.Operations):
         if 0 < idx - walk.last <= 2 and ahead > 0:
             end = min(len(listing.names), idx + 1 + ahead)
             for i in range(max(idx + 1, walk.upto), end):
-                e = listing.entries.get(listing.names[i])
+                e = listing.entries.get(listing.names[i]) if listing.live(i) else None
                 if e is not None and e.info is not None and 0 < e.info.size <= self.small_file:
                     self.reader.prefetch(e.info, 0, 1)
             walk.upto = max(walk.upto, end)
@@ -563,7 +563,10 @@ class Operations(pyfuse3.Operations):
         if writer is not None:  # read what this mount has written, even through another handle
             return await writer.read(off, size)
         if h.info is None:
-            return b""
+            # Opened while another fd was writing the file, which has been closed since: pin now.
+            h.info = await self.meta.pin(h.node)
+            if h.info is None:
+                return b""
         urgent = h.seq.next_offset < 0  # the handle's first read: see BlockReader.read
         window = h.seq.observe(off, size)
         if urgent:  # answered first, with nothing else on the wire; the prefetch follows

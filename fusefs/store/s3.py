@@ -174,7 +174,7 @@ class S3Store:
             if not self._bucket_seen and not self.bucket_exists():
                 raise errors.BucketNotFoundError(f"bucket {self.bucket!r} does not exist", key=key) from None
             raise
-        return _info(key, r["ContentLength"], r["ETag"], r["LastModified"])
+        return _info(key, r["ContentLength"], r.get("ETag", ""), r["LastModified"])
 
     def list(
         self, prefix: str, delimiter: str | None = "/", token: str | None = None, max_keys: int = 1000
