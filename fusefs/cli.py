@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--dir-mode", type=_octal, default=0o755)
     m.add_argument("--allow-other", action="store_true")
     m.add_argument("--prefetch", action="append", default=[], help="glob of keys warmed into the node cache")
+    m.add_argument("--metrics-address", default="", metavar="HOST:PORT",
+                   help="serve Prometheus metrics of this mount on HOST:PORT/metrics (default: off)")
     m.add_argument("--debug", action="store_true")
     u = sub.add_parser("unmount", help="unmount an objfs mount")
     u.add_argument("mountpoint")
@@ -140,7 +142,19 @@ def build_config(args: argparse.Namespace) -> MountConfig:
         uid=os.getuid() if args.uid is None else args.uid, gid=os.getgid() if args.gid is None else args.gid,
         file_mode=args.file_mode, dir_mode=args.dir_mode, allow_other=args.allow_other,
         prefetch=tuple(args.prefetch), fs_name=f"objfs:{args.source}"[:200],
+        metrics_address=_metrics_address(args.metrics_address),
     )
+
+
+def _metrics_address(address: str) -> str:
+    if address:
+        from .metrics import parse_address
+
+        try:
+            parse_address(address)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    return address
 
 
 def _check_mountpoint(path: str) -> str:

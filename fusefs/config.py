@@ -98,6 +98,12 @@ class MountConfig:
     tuning: Tuning = field(default_factory=Tuning)
     #: the node plugin's passthrough broker (csi/broker.py); "" registers backing files itself (root)
     broker_socket: str = ""
+    # Prometheus figures (fusefs.metrics): written to metrics_path every few seconds, served on
+    # metrics_address (HOST:PORT, a standalone mount), labelled volume (default: the source) and pod.
+    metrics_path: str = ""
+    metrics_address: str = ""
+    metrics_volume: str = ""
+    metrics_pod: str = ""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from . import buffers, errors, kernel
+from . import buffers, errors, kernel, metrics
 from .backing import Passthrough, choose_registrar
 from .config import MountConfig
 from .ops import Operations
@@ -108,6 +108,20 @@ def passthrough_for(config: MountConfig, cache: BlockCache | None) -> Passthroug
     return Passthrough(registrar, how)
 
 
+def _exporter(config: MountConfig, cache: BlockCache | None) -> metrics.MountExporter:
+    """This mount's figures (fusefs.metrics); MountError for an address that cannot be served."""
+    try:
+        exporter = metrics.for_mount(config.metrics_volume or config.source, config.metrics_pod,
+                                     config.metrics_path, config.metrics_address)
+    except ValueError as exc:
+        raise MountError(str(exc)) from None
+    if hasattr(cache, "stats"):
+        exporter.watch_cache(cache)
+    wanted = bool(config.cache_dir) and config.cache_size > 0
+    metrics.cache_disabled(wanted and not getattr(cache, "usable", False))
+    return exporter
+
+
 async def _warm(ops: Operations, config: MountConfig) -> None:
     """Fetch objects matching the `prefetch` globs into the node cache, in the background."""
     if not config.prefetch or ops.reader.cache is None:
@@ -166,6 +180,7 @@ async def serve(
     store = AsyncStore(blocking, config.tuning.max_concurrent_requests,
                        RetryPolicy(deadline=config.tuning.retry_deadline))
     cache = open_cache(config)
+    exporter = _exporter(config, cache)
     # Blocks dropped by the reader are reused for the next ones (fusefs.buffers): a few suffice,
     # as a stream drops a block for every block it fetches.
     buffers.configure(config.tuning.block_size, keep=2)
@@ -175,6 +190,8 @@ async def serve(
     try:
         async with trio.open_nursery() as nursery:
             ops = Operations(config, store, nursery, cache, staging)
+            exporter.watch_handles(lambda: len(ops._handles))
+            nursery.start_soon(exporter.run)
             options = fuse_options(config)
             ops.passthrough = passthrough_for(config, cache)
             if ops.passthrough is not None:
@@ -203,6 +220,7 @@ async def serve(
         close = getattr(cache, "close", None)
         if close is not None:
             await trio.to_thread.run_sync(close)  # drains the cache's write queue
+        await trio.to_thread.run_sync(exporter.close)  # the last figures
         await trio.to_thread.run_sync(lambda: shutil.rmtree(staging, ignore_errors=True))
 
 

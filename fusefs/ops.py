@@ -20,7 +20,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 import pyfuse3
 import trio
 
-from . import errors
+from . import errors, metrics
 from .backing import Passthrough, file_info
 from .config import MiB, MountConfig
 from .meta import Entry, Listing, Meta, Node, join, name_of, parent_of, valid_name
@@ -39,23 +39,32 @@ CACHED, DIRECT, PASSTHROUGH = "cached", "direct", "passthrough"  # FileHandle.mo
 
 
 def fuse_errors(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Turn store and OS errors into FUSEError with the right errno; log unexpected ones."""
+    """Turn store and OS errors into FUSEError with the right errno; log unexpected ones.
+    Also times every operation (``fusefs.metrics``: its histogram bound once, here)."""
+    measured = metrics.FuseOp(fn.__name__)
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        started = time.perf_counter()
         try:
             return await fn(*args, **kwargs)
-        except pyfuse3.FUSEError:
+        except pyfuse3.FUSEError as exc:
+            measured.error(exc.errno)
             raise
         except errors.StoreError as exc:
             log.info("%s: %s", fn.__name__, exc)
+            measured.error(errors.errno_of(exc))
             raise pyfuse3.FUSEError(errors.errno_of(exc)) from None
         except OSError as exc:
             log.warning("%s: %s", fn.__name__, exc)
+            measured.error(errors.errno_of(exc))
             raise pyfuse3.FUSEError(errors.errno_of(exc)) from None
         except Exception:
             log.exception("%s failed", fn.__name__)
+            measured.error(errno.EIO)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            measured.observe(started)
 
     return wrapper
 

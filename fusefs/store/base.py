@@ -20,7 +20,7 @@ from typing import Protocol, TypeVar
 
 import trio
 
-from .. import retry
+from .. import metrics, retry
 from ..retry import RetryPolicy
 
 T = TypeVar("T")
@@ -87,12 +87,24 @@ class AsyncStore:
         self.policy = policy or RetryPolicy()
         self.requests = 0  # requests issued, retries included (for stats)
 
-    async def _run(self, what: str, fn: Callable[[], T]) -> T:
+    async def _run(self, what: str, fn: Callable[[], T], sent: int = 0) -> T:
+        counted = metrics.store_kind(what)  # the one place store requests are counted
+        attempts = 0
+
         async def attempt() -> T:
+            nonlocal attempts
             self.requests += 1
+            attempts += 1
+            counted.attempt(attempts)
             return await trio.to_thread.run_sync(fn, limiter=self.limiter, abandon_on_cancel=True)
 
-        return await retry.call_async(attempt, self.policy, what)
+        try:
+            result = await retry.call_async(attempt, self.policy, what)
+        except Exception as exc:
+            counted.failed(exc)
+            raise
+        counted.succeeded(result, sent)
+        return result
 
     async def head(self, key: str) -> ObjectInfo:
         return await self._run(f"HEAD {key}", lambda: self.blocking.head(key))
@@ -119,7 +131,7 @@ class AsyncStore:
         return await self._run(f"CREATE-MULTIPART {key}", lambda: self.blocking.create_multipart(key))
 
     async def upload_part(self, upload: MultipartUpload, number: int, data: bytes | memoryview) -> None:
-        await self._run(f"PART {upload.key}#{number}", lambda: upload.upload_part(number, data))
+        await self._run(f"PART {upload.key}#{number}", lambda: upload.upload_part(number, data), len(data))
 
     async def complete(self, upload: MultipartUpload) -> ObjectInfo:
         return await self._run(f"COMPLETE {upload.key}", upload.complete)

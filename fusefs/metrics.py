@@ -1,0 +1,341 @@
+"""Prometheus figures of one FUSE server (one volume: every server is its own process).
+
+The metric objects live at module level in ``REGISTRY``, without a ``volume`` label, so that the
+hot paths bind their label children once (at import or decoration time) and a count costs one
+locked add: no label lookup per call. ``exposition()`` adds the bounded labels of this server
+(``volume``, and ``pod`` under Kubernetes) to every sample when the figures leave the process:
+written to ``MountConfig.metrics_path`` every ``WRITE_INTERVAL`` seconds and at exit (temp file
++ rename, 0644: the node plugin re-exports it), and served over HTTP for a standalone
+``objfs mount --metrics-address HOST:PORT``.
+
+The server's health for the node plugin's volume condition rides in the same file, as
+``objfs_volume_problem{reason=...} 1`` (see ``PROBLEMS``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from . import errors
+
+log = logging.getLogger(__name__)
+
+WRITE_INTERVAL = 5.0
+#: store request kinds, as ``AsyncStore`` names them (the first word of its description)
+STORE_KINDS = ("HEAD", "LIST", "GET", "PUT", "CREATE-MULTIPART", "PART", "COMPLETE", "ABORT", "COPY", "DELETE")
+#: what a user must act on, by reason label, with the sentence the volume condition shows
+PROBLEMS = {
+    "store_access_denied": "the store denied access (check the volume's credentials and the bucket policy)",
+    "store_unreachable": "the store did not answer (check the endpoint and the node's network)",
+    "cache_disabled": "the node cache is configured but unusable, reads go to the store directly "
+                      "(check the node cache directory: disk full, permissions, corrupt database)",
+}
+
+# No *_created series: they double the file and nobody queries them.
+prometheus_client.disable_created_metrics()
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+STORE_REQUESTS = Counter("objfs_store_requests", "Requests sent to the object store, retries included, by kind",
+                         ["kind"], registry=REGISTRY)
+STORE_RETRIES = Counter("objfs_store_retries", "Store requests that were attempts after a transient failure",
+                        ["kind"], registry=REGISTRY)
+STORE_FAILURES = Counter("objfs_store_errors", "Store requests that failed for good (after retries), by kind "
+                         "and error class", ["kind", "error"], registry=REGISTRY)
+STORE_RECEIVED = Counter("objfs_store_received_bytes", "Object bytes received from the store (GET bodies)",
+                         ["kind"], registry=REGISTRY)
+STORE_SENT = Counter("objfs_store_sent_bytes", "Object bytes uploaded to the store (PUT bodies, multipart parts)",
+                     ["kind"], registry=REGISTRY)
+FUSE_SECONDS = Histogram("objfs_fuse_operation_seconds", "Time to answer a FUSE operation, by operation",
+                         ["op"], registry=REGISTRY,
+                         buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0))
+FUSE_ERRORS = Counter("objfs_fuse_errors", "FUSE operations answered with an error, by operation and errno",
+                      ["op", "errno"], registry=REGISTRY)
+OPEN_HANDLES = Gauge("objfs_open_handles", "Open file and directory handles of this mount", registry=REGISTRY)
+CACHE_REMOVED = Counter("objfs_node_cache_removed_blocks", "Block files this server removed from the node "
+                        "cache: LRU evictions, and the few replaced or deleted as corrupt", registry=REGISTRY)
+PROBLEM = Gauge("objfs_volume_problem", "1 while this server has a problem a user must act on, by reason",
+                ["reason"], registry=REGISTRY)
+
+
+class StoreKind:
+    """The counters of one kind of store request, bound once."""
+
+    __slots__ = ("kind", "received", "requests", "retries", "sent")
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.requests = STORE_REQUESTS.labels(kind)
+        self.retries = STORE_RETRIES.labels(kind)
+        self.received = STORE_RECEIVED.labels(kind)
+        self.sent = STORE_SENT.labels(kind)
+
+    def attempt(self, number: int) -> None:
+        self.requests.inc()
+        if number > 1:
+            self.retries.inc()
+
+    def succeeded(self, result: object, sent: int) -> None:
+        if isinstance(result, bytes | bytearray | memoryview):
+            self.received.inc(len(result))
+        elif self.kind == "PUT":
+            sent = getattr(result, "size", sent)  # put and put_file answer the stored object's size
+        if sent:
+            self.sent.inc(sent)
+        _health.store_answered()
+
+    def failed(self, exc: BaseException) -> None:
+        STORE_FAILURES.labels(self.kind, type(exc).__name__).inc()  # errors are rare: a lookup is fine
+        _health.store_failed(exc)
+
+
+_KINDS = {kind: StoreKind(kind) for kind in STORE_KINDS}
+_OTHER = StoreKind("OTHER")
+
+
+def store_kind(what: str) -> StoreKind:
+    """The counters for a request described as ``"<KIND> <key>..."`` (AsyncStore's descriptions)."""
+    return _KINDS.get(what.split(" ", 1)[0], _OTHER)
+
+
+class FuseOp:
+    """The latency histogram of one FUSE operation, bound once (at decoration time)."""
+
+    __slots__ = ("op", "seconds")
+
+    def __init__(self, op: str) -> None:
+        self.op = op
+        self.seconds = FUSE_SECONDS.labels(op)
+
+    def observe(self, started: float) -> None:
+        self.seconds.observe(time.perf_counter() - started)
+
+    def error(self, code: int) -> None:
+        FUSE_ERRORS.labels(self.op, errno.errorcode.get(code, str(code))).inc()
+
+
+class _Health:
+    """Which of ``PROBLEMS`` hold now. Store problems follow the last request that finished: the
+    next answer clears them."""
+
+    def __init__(self) -> None:
+        self._store: str | None = None
+        self.cache_disabled = False
+
+    def store_answered(self) -> None:
+        if self._store is not None:
+            self._set_store(None)
+
+    def store_failed(self, exc: BaseException) -> None:
+        if isinstance(exc, errors.AccessDeniedError):
+            self._set_store("store_access_denied")
+        elif isinstance(exc, errors.UnreachableError):
+            self._set_store("store_unreachable")
+
+    def _set_store(self, reason: str | None) -> None:
+        self._store = reason
+        for name in ("store_access_denied", "store_unreachable"):
+            PROBLEM.labels(name).set(1 if name == reason else 0)
+
+    def set_cache_disabled(self, disabled: bool) -> None:
+        self.cache_disabled = disabled
+        PROBLEM.labels("cache_disabled").set(1 if disabled else 0)
+
+
+_health = _Health()
+for _reason in PROBLEMS:
+    PROBLEM.labels(_reason).set(0)
+
+
+class _NodeCacheCollector(Collector):
+    """The node cache's own counters (``NodeCache.stats()``), read when the figures are collected:
+    nothing is added to the read path. ``stats()`` asks SQLite: collect from a worker thread."""
+
+    _COUNTERS = {
+        "hits": ("objfs_node_cache_hits", "Block lookups answered by the node cache"),
+        "misses": ("objfs_node_cache_misses", "Block lookups the node cache could not answer"),
+        "hit_bytes": ("objfs_node_cache_read_bytes", "Bytes read from the node cache"),
+        "fetches": ("objfs_node_cache_fetches", "Blocks fetched from the store through the node cache"),
+        "waits": ("objfs_node_cache_waits", "Misses answered by another server's fetch of the same block"),
+        "shared": ("objfs_node_cache_shared", "Misses answered by a fetch of this server already in flight"),
+        "corrupt": ("objfs_node_cache_corrupt_blocks", "Blocks that failed their checksum (deleted, refetched)"),
+        "errors": ("objfs_node_cache_errors", "Failures of the node cache itself (reads then go to the store)"),
+        "stores": ("objfs_node_cache_stored_blocks", "Blocks written into the node cache"),
+        "store_bytes": ("objfs_node_cache_stored_bytes", "Bytes written into the node cache"),
+        "store_skipped": ("objfs_node_cache_skipped_blocks", "Fetched blocks not cached: the writer was behind"),
+        "lock_timeouts": ("objfs_node_cache_lock_timeouts", "Waits for another fetcher that gave up"),
+    }
+
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
+        self._sizes: dict[str, int] = {}  # the last size seen while the cache was open
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            stats = self.cache.stats()
+        except Exception as exc:  # the figures must not fail because the cache does
+            log.debug("node cache stats: %s", exc)
+            return
+        if getattr(self.cache, "usable", False):
+            self._sizes = {k: stats[k] for k in ("volume", "entries") if k in stats}
+        else:  # closed at exit: its last figures still hold for the directory
+            stats.update(self._sizes)
+        for key, (name, doc) in self._COUNTERS.items():
+            if key in stats:
+                yield CounterMetricFamily(name, doc, value=stats[key])
+        if "volume" in stats:
+            yield GaugeMetricFamily("objfs_node_cache_size_bytes", "Bytes the node cache holds on disk "
+                                    "(shared by every server of the node)", value=stats["volume"])
+        if "entries" in stats:
+            yield GaugeMetricFamily("objfs_node_cache_blocks", "Blocks in the node cache", value=stats["entries"])
+
+
+class _Labelled(Collector):
+    """Every sample of ``inner`` with this server's labels added."""
+
+    def __init__(self, inner: Collector, labels: dict[str, str]) -> None:
+        self.inner = inner
+        self.labels = labels
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.inner.collect():
+            out = Metric(family.name, family.documentation, family.type, family.unit)
+            out.samples = [s._replace(labels={**s.labels, **self.labels}) for s in family.samples]
+            yield out
+
+
+def server_labels(volume: str, pod: str = "") -> dict[str, str]:
+    return {"volume": volume, "pod": pod} if pod else {"volume": volume}
+
+
+class Exporter:
+    """This server's figures with its labels: to a file, and over HTTP if asked."""
+
+    def __init__(self, labels: dict[str, str]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._inner = CollectorRegistry(auto_describe=False)
+        self._inner.register(_Forward(REGISTRY))
+        self.registry.register(_Labelled(self._inner, labels))
+        self._http: Any = None
+
+    def watch_cache(self, cache: Any) -> None:
+        """Export the counters of a ``fusefs.cache.NodeCache`` (its ``stats()``, ``usable``)."""
+        self._inner.register(_NodeCacheCollector(cache))
+
+    def text(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)
+
+    def write(self, path: str) -> None:
+        """Write the figures to ``path`` atomically (temp file + rename), readable by all (0644)."""
+        directory = os.path.dirname(path) or "."
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        data = self.text()
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".prom")
+        try:
+            os.fchmod(fd, 0o644)
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def serve(self, address: str) -> int:
+        """Serve ``/metrics`` on ``HOST:PORT`` from a daemon thread; the port bound (0: any free one)."""
+        host, port = parse_address(address)
+        self._http, _ = prometheus_client.start_http_server(port, host, registry=self.registry)
+        return int(self._http.server_port)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+class _Forward(Collector):
+    """Collects another registry (a registry cannot be registered in two places)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.source = registry
+
+    def collect(self) -> Iterable[Metric]:
+        return self.source.collect()
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """'HOST:PORT', ':PORT' or '[v6]:PORT' -> (host, port); ValueError with what to write otherwise."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"metrics address {address!r}: use HOST:PORT, e.g. 127.0.0.1:9810 or :9810")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def cache_disabled(disabled: bool) -> None:
+    """Report whether a configured node cache is unusable (a problem for the volume condition)."""
+    _health.set_cache_disabled(disabled)
+
+
+class MountExporter(Exporter):
+    """The figures of one running mount: written every ``WRITE_INTERVAL`` s and at exit."""
+
+    def __init__(self, labels: dict[str, str], path: str) -> None:
+        super().__init__(labels)
+        self.path = path
+        self._failed = False
+
+    def watch_handles(self, count: Callable[[], int]) -> None:
+        OPEN_HANDLES.set_function(count)
+
+    async def run(self) -> None:
+        """Write the file every ``WRITE_INTERVAL`` seconds (from a worker thread: the cache's stats
+        ask SQLite) until cancelled."""
+        import trio
+
+        if not self.path:
+            return
+        while True:
+            await trio.to_thread.run_sync(self.write_quietly)
+            await trio.sleep(WRITE_INTERVAL)
+
+    def write_quietly(self) -> None:
+        if not self.path:
+            return
+        try:
+            self.write(self.path)
+        except OSError as exc:  # metrics must never take the mount down; say it once
+            if not self._failed:
+                log.warning("cannot write metrics to %s: %s", self.path, exc)
+            self._failed = True
+
+    def close(self) -> None:
+        """The last figures, then stop serving. Blocking."""
+        self.write_quietly()
+        super().close()
+
+
+def for_mount(volume: str, pod: str, path: str, address: str) -> MountExporter:
+    """The exporter of a mount, already serving ``address`` if one is given; ValueError with a
+    message for the user if that address is malformed or cannot be bound."""
+    exporter = MountExporter(server_labels(volume, pod), path)
+    if address:
+        try:
+            exporter.serve(address)
+        except OSError as exc:
+            raise ValueError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
+    return exporter
