@@ -45,7 +45,7 @@ import crc32c
 import diskcache
 import trio
 
-from . import buffers, directio, objects
+from . import buffers, directio, metrics, objects
 from .objects import DataFile, ObjectId
 
 log = logging.getLogger(__name__)
@@ -161,6 +161,10 @@ class _BlockDisk(diskcache.Disk):
                 os.remove(full_path)
             raise
         return len(value), diskcache.core.MODE_BINARY, filename, None
+
+    def remove(self, file_path: str) -> None:
+        metrics.CACHE_REMOVED.inc()  # LRU evictions mostly (see fusefs.metrics)
+        super().remove(file_path)
 
 
 def _write_new_file(path: str, data: bytes) -> None:

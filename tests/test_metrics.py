@@ -181,3 +181,19 @@ def scrape_until(url: str, ok: Callable[[Samples], bool], patience: float = 30.0
         if ok(samples) or time.monotonic() > deadline:
             return samples
         time.sleep(0.05)
+
+
+def test_node_cache_evictions_are_counted(tmp_path: Path) -> None:
+    from fusefs.cache import BlockKey, NodeCache
+
+    cache = NodeCache(str(tmp_path / "cache"), size_limit=256 * 1024)
+    removed = "objfs_node_cache_removed_blocks_total"
+    before = metrics.REGISTRY.get_sample_value(removed) or 0
+    try:
+        for index in range(8):
+            assert cache.put(BlockKey("s", "k", "v", index), random_bytes(64 * 1024, seed=index))
+        entries = cache.stats()["entries"]
+    finally:
+        cache.close()
+    assert entries < 8
+    assert (metrics.REGISTRY.get_sample_value(removed) or 0) - before == 8 - entries
