@@ -131,6 +131,8 @@ class InProcessPlugin:
     def __exit__(self, *exc: object) -> None:
         self.client.close()
         self.server.stop(grace=1).wait()
+        if getattr(self.args, "metrics", None) is not None:
+            self.args.metrics.close()
 
 
 @contextlib.contextmanager

@@ -20,8 +20,8 @@ from google.protobuf.message import Message
 
 from fusefs import errors as store_errors
 
+from . import metrics, webhook
 from . import params as P
-from . import webhook
 from .controller import ControllerService
 from .errors import CsiError, from_store_error
 from .identity import DRIVER_NAME, IdentityService
@@ -50,7 +50,7 @@ def redact(request: Message) -> str:
 
 
 class LoggingInterceptor(grpc.ServerInterceptor):
-    """Logs every call (secrets redacted) and turns our exceptions into gRPC statuses."""
+    """Logs and counts every call (secrets redacted) and turns our exceptions into gRPC statuses."""
 
     def intercept_service(self, continuation: Callable[[Any], Any], handler_call_details: Any) -> Any:
         handler = continuation(handler_call_details)
@@ -79,6 +79,7 @@ class LoggingInterceptor(grpc.ServerInterceptor):
                 if method in QUIET and code == grpc.StatusCode.OK:
                     level = logging.DEBUG
                 log.log(level, "%s %s in %.0f ms%s", method, code.name, took, f": {message}" if message else "")
+                metrics.observe_rpc(method, code, took / 1000)
             context.abort(code, message)
 
         return grpc.unary_unary_rpc_method_handler(
@@ -112,6 +113,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--stats-timeout", type=float, default=10.0,
                     help="seconds NodeGetVolumeStats waits for a mount's statfs before reporting it abnormal")
     ap.add_argument("--workers", type=int, default=16, help="gRPC worker threads")
+    ap.add_argument("--metrics-address", default="", metavar="HOST:PORT",
+                    help="serve Prometheus metrics (the plugin's and every FUSE server's) on HOST:PORT/metrics; "
+                         "default: off")
+    ap.add_argument("--kubelet-root", default="/var/lib/kubelet", help="kubelet's root directory")
     ap.add_argument("--log-level", default=os.environ.get("OBJFS_LOG_LEVEL", "INFO"))
     webhook.add_arguments(ap)
     args = ap.parse_args(argv)
@@ -162,13 +167,31 @@ def build_server(args: argparse.Namespace) -> tuple[grpc.Server, NodeService | N
         if inline.allow_node_identity and "*" in inline.buckets:
             log.warning("--allow-inline-node-identity with --inline-buckets '*': any pod can mount any bucket "
                         "this node's cloud identity can read")
+        metrics_dir = metrics.prepare_metrics_dir(args.state_dir, args.server_uid, args.server_gid)
         node = NodeService(args.node_id, state, launcher, args.cache_dir, inline=inline,
-                           stats_timeout=args.stats_timeout)
+                           stats_timeout=args.stats_timeout, metrics_dir=metrics_dir)
         csi_pb2_grpc.add_NodeServicer_to_server(node, server)
     csi_pb2_grpc.add_IdentityServicer_to_server(
         IdentityService(args.driver_name, needs_fuse=args.mode != "controller", warmed=warmed), server
     )
+    args.metrics = serve_metrics(args, node)
     return server, node
+
+
+def serve_metrics(args: argparse.Namespace, node: NodeService | None) -> metrics.PluginMetrics | None:
+    """``/metrics`` on --metrics-address, if given (its port in ``.port``)."""
+    if not args.metrics_address:
+        return None
+    endpoint = metrics.PluginMetrics(
+        args.state_dir if node else None, args.kubelet_root, args.cache_dir if node else None,
+        (lambda: len(node.state.all())) if node else None,
+    )
+    try:
+        endpoint.serve(args.metrics_address)
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"--metrics-address {args.metrics_address!r}: {exc}") from None
+    log.info("serving metrics on %s:%d/metrics", args.metrics_address.rpartition(":")[0], endpoint.port)
+    return endpoint
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,6 +12,7 @@ stats) runs in a helper thread with a timeout, at most one per target (``statfs`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -24,6 +25,7 @@ import grpc
 from fusefs import kernel
 from fusefs.config import MountConfig
 
+from . import metrics
 from . import params as P
 from . import volume_id as V
 from .errors import AlreadyExists, Internal, InvalidArgument, NotFound
@@ -48,8 +50,10 @@ def check_path(path: str, field: str) -> str:
 
 class NodeService(csi_pb2_grpc.NodeServicer):
     def __init__(self, node_id: str, state: StateStore, launcher: Launcher, cache_dir: str | None, *,
-                 inline: P.InlinePolicy | None = None, stats_timeout: float = STATFS_TIMEOUT) -> None:
+                 inline: P.InlinePolicy | None = None, stats_timeout: float = STATFS_TIMEOUT,
+                 metrics_dir: str | None = None) -> None:
         self.node_id = node_id
+        self.metrics_dir = metrics_dir  # servers write their figures here (csi.metrics)
         self.state = state
         self.launcher = launcher
         self.cache_dir = cache_dir
@@ -94,6 +98,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if P.is_inline(request.volume_context):
             self.inline.check(p, config.credentials)
         fingerprint = _fingerprint(request.volume_id, mode, read_only, request.volume_context, config.redacted())
+        config = self._with_metrics(config, request.volume_id, target, request.volume_context)
 
         with self.locks.hold(target):
             rec = self.state.get(target)
@@ -156,8 +161,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             raise Internal(f"mounting {target} failed: {e.strerror}") from None
         try:
             kernel.set_readahead(target, config.tuning.readahead_kb)
-            name = hashlib.sha256(target.encode()).hexdigest()[:16]
-            return self.launcher.start(config, fd, name)
+            return self.launcher.start(config, fd, _server_name(target))
         except BaseException as e:
             with contextlib.suppress(OSError):
                 kernel.unmount(target, lazy=True)
@@ -169,6 +173,16 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             raise
         finally:
             os.close(fd)  # the server holds its copy; ours would keep a dead server's mount hanging
+
+    def _metrics_file(self, target: str) -> str:
+        return os.path.join(self.metrics_dir, _server_name(target) + ".prom") if self.metrics_dir else ""
+
+    def _with_metrics(self, config: MountConfig, volume_id: str, target: str, context: Mapping[str, str]
+                      ) -> MountConfig:
+        """Where the server writes its figures, and their labels: the volume, the pod if known."""
+        ns, pod = context.get("csi.storage.k8s.io/pod.namespace", ""), context.get("csi.storage.k8s.io/pod.name", "")
+        return dataclasses.replace(config, metrics_path=self._metrics_file(target), metrics_volume=volume_id,
+                                   metrics_pod=f"{ns}/{pod}" if pod else "")
 
     # -- unpublish ---------------------------------------------------------------------------
     def NodeUnpublishVolume(self, request: csi_pb2.NodeUnpublishVolumeRequest, context: grpc.ServicerContext
@@ -203,6 +217,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 raise Internal(f"cannot remove {target}: {e.strerror}") from None
         if rec is not None:
             self.state.delete(target)
+            with contextlib.suppress(OSError):
+                os.unlink(self._metrics_file(target))
             if rec.log_path:
                 with contextlib.suppress(OSError):
                     os.unlink(rec.log_path)
@@ -236,13 +252,14 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                    "(stopped or stuck): reads from it hang; restart the pod if it does not recover")
             return csi_pb2.NodeGetVolumeStatsResponse(volume_condition=cond(abnormal=True, message=msg))
         usage = csi_pb2.VolumeUsage
+        problems = metrics.problems(self._metrics_file(path)) if self.metrics_dir else []
         return csi_pb2.NodeGetVolumeStatsResponse(
             usage=[
                 usage(unit=usage.BYTES, total=st.f_blocks * st.f_frsize, available=st.f_bavail * st.f_frsize,
                       used=(st.f_blocks - st.f_bfree) * st.f_frsize),
                 usage(unit=usage.INODES, total=st.f_files, available=st.f_favail, used=st.f_files - st.f_ffree),
             ],
-            volume_condition=cond(abnormal=False, message="serving"),
+            volume_condition=cond(abnormal=bool(problems), message="; ".join(problems) or "serving"),
         )
 
     def NodeGetCapabilities(self, request: csi_pb2.NodeGetCapabilitiesRequest, context: grpc.ServicerContext
@@ -255,6 +272,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def NodeGetInfo(self, request: csi_pb2.NodeGetInfoRequest, context: grpc.ServicerContext
                     ) -> csi_pb2.NodeGetInfoResponse:
         return csi_pb2.NodeGetInfoResponse(node_id=self.node_id)
+
+
+def _server_name(target: str) -> str:
+    return hashlib.sha256(target.encode()).hexdigest()[:16]
 
 
 def _handle(rec: PublishRecord) -> ServerHandle:

@@ -41,7 +41,7 @@ class StateStore:
     def __init__(self, root: str) -> None:
         self.dir = os.path.join(root, "targets")
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
-        os.chmod(root, 0o700)
+        os.chmod(root, 0o711)  # search only: the servers reach <root>/metrics; targets/ stays 0700
 
     def _path(self, target: str) -> str:
         return os.path.join(self.dir, hashlib.sha256(target.encode()).hexdigest()[:32] + ".json")

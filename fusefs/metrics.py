@@ -20,8 +20,8 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector
 from . import errors
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 WRITE_INTERVAL = 5.0
 #: store request kinds, as ``AsyncStore`` names them (the first word of its description)
@@ -86,6 +87,13 @@ class StoreKind:
         self.requests.inc()
         if number > 1:
             self.retries.inc()
+
+    def call(self, fn: Callable[[], T], sent: int) -> T:
+        """``fn()`` counted as it returns, in its worker thread: a request abandoned by a
+        cancelled task (its thread runs on) still counts the bytes it moved."""
+        result = fn()
+        self.succeeded(result, sent)
+        return result
 
     def succeeded(self, result: object, sent: int) -> None:
         if isinstance(result, bytes | bytearray | memoryview):
@@ -220,15 +228,46 @@ def server_labels(volume: str, pod: str = "") -> dict[str, str]:
     return {"volume": volume, "pod": pod} if pod else {"volume": volume}
 
 
-class Exporter:
+class Forward(Collector):
+    """Collects another registry (a registry cannot be registered in two places)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.source = registry
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.source.collect()
+
+
+class Endpoint:
+    """A registry that can be served on ``/metrics`` over HTTP."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._http: Any = None
+        self.port = 0
+
+    def serve(self, address: str) -> int:
+        """Serve ``/metrics`` on ``HOST:PORT`` from a daemon thread; the port bound (0: any free one)."""
+        host, port = parse_address(address)
+        self._http, _ = prometheus_client.start_http_server(port, host, registry=self.registry)
+        self.port = int(self._http.server_port)
+        return self.port
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+class Exporter(Endpoint):
     """This server's figures with its labels: to a file, and over HTTP if asked."""
 
     def __init__(self, labels: dict[str, str]) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
+        super().__init__()
         self._inner = CollectorRegistry(auto_describe=False)
-        self._inner.register(_Forward(REGISTRY))
+        self._inner.register(Forward(REGISTRY))
         self.registry.register(_Labelled(self._inner, labels))
-        self._http: Any = None
 
     def watch_cache(self, cache: Any) -> None:
         """Export the counters of a ``fusefs.cache.NodeCache`` (its ``stats()``, ``usable``)."""
@@ -254,28 +293,6 @@ class Exporter:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-
-    def serve(self, address: str) -> int:
-        """Serve ``/metrics`` on ``HOST:PORT`` from a daemon thread; the port bound (0: any free one)."""
-        host, port = parse_address(address)
-        self._http, _ = prometheus_client.start_http_server(port, host, registry=self.registry)
-        return int(self._http.server_port)
-
-    def close(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
-
-
-class _Forward(Collector):
-    """Collects another registry (a registry cannot be registered in two places)."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.source = registry
-
-    def collect(self) -> Iterable[Metric]:
-        return self.source.collect()
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -310,8 +327,8 @@ class MountExporter(Exporter):
         if not self.path:
             return
         while True:
-            await trio.to_thread.run_sync(self.write_quietly)
             await trio.sleep(WRITE_INTERVAL)
+            await trio.to_thread.run_sync(self.write_quietly)
 
     def write_quietly(self) -> None:
         if not self.path:

@@ -119,6 +119,7 @@ def _exporter(config: MountConfig, cache: BlockCache | None) -> metrics.MountExp
         exporter.watch_cache(cache)
     wanted = bool(config.cache_dir) and config.cache_size > 0
     metrics.cache_disabled(wanted and not getattr(cache, "usable", False))
+    exporter.write_quietly()  # before ready: the plugin may ask for the volume's condition at once
     return exporter
 
 

@@ -8,41 +8,36 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from fusefs import errors, metrics
 from fusefs.config import MiB, MountConfig, Tuning
 from tests.fsmount import Mounted
 from tests.proxy import CountingProxy
+from tests.scrape import Samples, parse, scrape_until, value
 from tests.servers import RcloneS3, free_port, random_bytes
 
 pytestmark = pytest.mark.fuse
 
 ROOT = Path(__file__).resolve().parent.parent
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def parse(text: str) -> Samples:
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    """The sum of ``name`` over the samples whose labels include ``labels`` (0 when none)."""
-    want = set(labels.items())
-    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
-
-
 def figures_at_exit(m: Mounted) -> Samples:
     """Unmount and wait for the server to leave: it writes its last figures on the way out."""
     m.unmount()
     assert m.proc.returncode == 0, m.log_text()
     return parse(Path(m.config.metrics_path).read_text())
+
+
+def figures_once(m: Mounted, ok: Callable[[Samples], bool], patience: float = 60.0) -> Samples:
+    """The server's file once ``ok`` holds for it (it is rewritten every few seconds)."""
+    deadline = time.monotonic() + patience
+    while True:
+        samples = parse(Path(m.config.metrics_path).read_text())
+        if ok(samples) or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.2)
 
 
 @pytest.fixture
@@ -63,6 +58,8 @@ def test_reads_count_store_and_node_cache_bytes(
     counting_proxy.reset()
     first = mount_fs(config, "first")
     assert (first.path / "dir" / "obj.bin").read_bytes() == data
+    # The first read's own small GET came first, then block 0's fetch: let it land in the cache.
+    figures_once(first, lambda s: value(s, "objfs_node_cache_stored_blocks_total") == 4)
     cold = figures_at_exit(first)
     tally = counting_proxy.tally()
     tally.requests["LIST"] -= 1  # the access check at start-up (before the figures start) is one LIST
@@ -170,17 +167,6 @@ def test_objfs_mount_serves_metrics_over_http(
         assert value(samples, "objfs_store_requests_total", volume=f"s3://{bucket}", kind="GET") >= 1
     finally:
         subprocess.run([*cli, "unmount", str(target)], capture_output=True, cwd=ROOT, timeout=60)
-
-
-def scrape_until(url: str, ok: Callable[[Samples], bool], patience: float = 30.0) -> Samples:
-    """Scrape ``url`` until ``ok`` holds (the figures of a request may land just after its reply)."""
-    deadline = time.monotonic() + patience
-    while True:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            samples = parse(resp.read().decode())
-        if ok(samples) or time.monotonic() > deadline:
-            return samples
-        time.sleep(0.05)
 
 
 def test_node_cache_evictions_are_counted(tmp_path: Path) -> None:

@@ -96,15 +96,14 @@ class AsyncStore:
             self.requests += 1
             attempts += 1
             counted.attempt(attempts)
-            return await trio.to_thread.run_sync(fn, limiter=self.limiter, abandon_on_cancel=True)
+            return await trio.to_thread.run_sync(counted.call, fn, sent, limiter=self.limiter,
+                                                 abandon_on_cancel=True)
 
         try:
-            result = await retry.call_async(attempt, self.policy, what)
+            return await retry.call_async(attempt, self.policy, what)
         except Exception as exc:
             counted.failed(exc)
             raise
-        counted.succeeded(result, sent)
-        return result
 
     async def head(self, key: str) -> ObjectInfo:
         return await self._run(f"HEAD {key}", lambda: self.blocking.head(key))
