@@ -184,6 +184,8 @@ class _NodeCacheCollector(Collector):
         "store_bytes": ("objfs_node_cache_stored_bytes", "Bytes written into the node cache"),
         "store_skipped": ("objfs_node_cache_skipped_blocks", "Fetched blocks not cached: the writer was behind"),
         "lock_timeouts": ("objfs_node_cache_lock_timeouts", "Waits for another fetcher that gave up"),
+        "published": ("objfs_node_cache_published_objects", "Whole objects this server completed in the node "
+                      "cache (what FUSE passthrough opens: reads of those then bypass the server)"),
     }
 
     def __init__(self, cache: Any) -> None:
