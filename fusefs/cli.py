@@ -1,4 +1,4 @@
-"""The ``objfs`` command: ``mount``, ``unmount`` and the internal ``serve`` and ``zygote``.
+"""The ``objfs`` command: ``mount``, ``unmount``, ``sidecar`` and the internal ``serve`` and ``zygote``.
 
 ``objfs serve --config-fd N --fuse-fd M [--ready-fd K]`` is the contract with the CSI node plugin:
 the MountConfig arrives as JSON on fd N (never argv or environment, which /proc shows), fd M is an
@@ -77,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--debug", action="store_true")
     z = sub.add_parser("zygote", help="internal: fork objfs serve processes on request (used by objfs-csi)")
     z.add_argument("--socket-fd", type=int, required=True)
+    sc = sub.add_parser("sidecar", help="serve the objfs volumes of this pod, handed over by objfs-csi")
+    sc.add_argument("--dir", required=True, help="the pod's objfs-tmp emptyDir (the hand-over socket lives there)")
+    sc.add_argument("--debug", action="store_true")
     return p
 
 
@@ -98,6 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from . import zygote
 
             return zygote.run(args.socket_fd)
+        if args.command == "sidecar":
+            from . import sidecar
+
+            return sidecar.run(args.dir)
         return cmd_serve(args)
     except (UsageError, ConfigError) as exc:
         print(f"objfs: {exc}", file=sys.stderr)

@@ -98,6 +98,7 @@ class MountConfig:
     tuning: Tuning = field(default_factory=Tuning)
     #: the node plugin's passthrough broker (csi/broker.py); "" registers backing files itself (root)
     broker_socket: str = ""
+    metrics_path: str = ""  # where the server writes its Prometheus text file ("" = none)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

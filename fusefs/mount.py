@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 CHECK_TIMEOUT = 15.0  # seconds for the first request: a wrong endpoint fails fast
 PREFETCH_PARALLEL = 4  # objects warmed at once by the `prefetch` globs
+#: on SIGTERM, how long open files may still be written and closed (kubelet's default grace is 30 s)
+STOP_WRITES_WAIT = 25.0
 
 
 class MountError(Exception):
@@ -139,10 +141,21 @@ async def _warm(ops: Operations, config: MountConfig) -> None:
         log.warning("prefetch stopped: %s", exc)
 
 
-async def _signals(cancel: trio.CancelScope) -> None:
+async def _settle_writes(ops: Operations, limit: float) -> None:
+    """Let open write handles close and their uploads finish (a pod's writer exits before the
+    server is told to stop), for at most ``limit`` seconds."""
+    with trio.move_on_after(limit):
+        while ops.writes_pending:  # noqa: ASYNC110 (a few polls once, at stop: no event needed)
+            await trio.sleep(0.05)
+    if ops.writes_pending:
+        log.error("stopping with writes still pending after %.0fs: their data is lost", limit)
+
+
+async def _signals(cancel: trio.CancelScope, ops: Operations) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for sig in signals:
-            log.info("signal %s: unmounting", sig)
+            log.info("signal %s: finishing uploads, then unmounting", sig)
+            await _settle_writes(ops, STOP_WRITES_WAIT)
             pyfuse3.terminate()
             cancel.cancel()
             return
@@ -185,7 +198,7 @@ async def serve(
                 threading.Thread(target=raise_readahead, args=(mountpoint, config.tuning.readahead_kb),
                                  daemon=True).start()
             with trio.CancelScope() as loop_scope:
-                nursery.start_soon(_signals, loop_scope)
+                nursery.start_soon(_signals, loop_scope, ops)
                 nursery.start_soon(_warm, ops, config)
                 if ready is not None:
                     ready()
