@@ -176,7 +176,7 @@ def build_server(args: argparse.Namespace) -> tuple[grpc.Server, NodeService | N
                         "this node's cloud identity can read")
         node = NodeService(args.node_id, state, launcher, args.cache_dir, inline=inline,
                            stats_timeout=args.stats_timeout)
-        launcher = None
+        launcher: ProcessLauncher | None = None
         if args.launcher == "process" or args.allow_process_fallback:
             launcher = ProcessLauncher(
                 os.path.join(args.state_dir, "logs"), shlex.split(args.server_command) if args.server_command else None,
