@@ -162,20 +162,6 @@ def build_server(args: argparse.Namespace) -> tuple[grpc.Server, NodeService | N
     if args.mode in ("all", "node"):
         prepare_cache_dir(args.cache_dir, args.server_uid, args.server_gid)
         state = StateStore(args.state_dir)
-        launcher = ProcessLauncher(
-            os.path.join(args.state_dir, "logs"), shlex.split(args.server_command) if args.server_command else None,
-            uid=args.server_uid, gid=args.server_gid, zygote=not args.no_zygote,
-        )
-        # The zygote imports everything once (a second or so of CPU): do it before the first publish.
-        threading.Thread(target=launcher.warm_up, name="zygote-warm-up", daemon=True).start()
-        warmed = launcher.warmed
-        inline = P.InlinePolicy.from_flags(args.allow_inline_node_identity, args.inline_buckets,
-                                           args.inline_endpoints)
-        if inline.allow_node_identity and "*" in inline.buckets:
-            log.warning("--allow-inline-node-identity with --inline-buckets '*': any pod can mount any bucket "
-                        "this node's cloud identity can read")
-        node = NodeService(args.node_id, state, launcher, args.cache_dir, inline=inline,
-                           stats_timeout=args.stats_timeout)
         launcher: ProcessLauncher | None = None
         if args.launcher == "process" or args.allow_process_fallback:
             launcher = ProcessLauncher(
@@ -190,7 +176,13 @@ def build_server(args: argparse.Namespace) -> tuple[grpc.Server, NodeService | N
             broker = os.path.join(args.state_dir, "broker")
             sidecars = SidecarLauncher(args.kubelet_root, args.cache_dir, broker_dir=broker, pod_wait=args.sidecar_wait,
                                        handover_timeout=args.handover_timeout)
-        node = NodeService(args.node_id, state, launcher, args.cache_dir, sidecars)
+        inline = P.InlinePolicy.from_flags(args.allow_inline_node_identity, args.inline_buckets,
+                                           args.inline_endpoints)
+        if inline.allow_node_identity and "*" in inline.buckets:
+            log.warning("--allow-inline-node-identity with --inline-buckets '*': any pod can mount any bucket "
+                        "this node's cloud identity can read")
+        node = NodeService(args.node_id, state, launcher, args.cache_dir, sidecars, inline=inline,
+                           stats_timeout=args.stats_timeout)
         csi_pb2_grpc.add_NodeServicer_to_server(node, server)
     csi_pb2_grpc.add_IdentityServicer_to_server(
         IdentityService(args.driver_name, needs_fuse=args.mode != "controller", warmed=warmed), server
