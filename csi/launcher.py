@@ -9,7 +9,8 @@ K once the mount answers, or b"error: <message>\\n" and exits non-zero.
 as an unprivileged uid/gid; setuid to a non-root uid drops every capability. Servers are forked
 by an ``objfs zygote`` that has imported everything once (``csi.zygote``: milliseconds instead
 of ~0.45 s of CPU each); without a working zygote, each is a fresh process.
-The ``Launcher`` protocol leaves room for a launcher that starts mount pods instead.
+``SidecarLauncher`` (``--launcher sidecar``) starts nothing: it hands the mounted fd to the
+``objfs sidecar`` container of the consuming pod, so the server lives and dies with that pod.
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
-from fusefs import handoff
+from fusefs import handoff, kernel
 from fusefs.config import MountConfig
 
 from .zygote import Zygote, ZygoteError
@@ -117,10 +120,13 @@ class ProcessLauncher:
                 self._zygote = Zygote([*self._drop_privileges(), *self.command], self._env(),
                                       os.path.join(log_dir, "zygote.log"))
 
+    def log_path(self, name: str) -> str:
+        return os.path.join(self.log_dir, f"{name}.log")
+
     def start(self, config: MountConfig, fuse_fd: int, name: str) -> ServerHandle:
         cfg_r, cfg_w = os.pipe()
         ready_r, ready_w = os.pipe()
-        log_path = os.path.join(self.log_dir, f"{name}.log")
+        log_path = self.log_path(name)
         proc: subprocess.Popen[bytes] | None = None
         try:
             with open(log_path, "ab") as logf:
@@ -270,3 +276,223 @@ def _tail(path: str, limit: int = 2000) -> str:
     except OSError:
         return "(no log)"
     return text.splitlines()[-1] if text else "(empty log)"
+
+
+# -- the sidecar launcher ----------------------------------------------------------------------
+POD_UID_KEY = "csi.storage.k8s.io/pod.uid"
+EMPTY_DIR_NAME = "objfs-tmp"  # the emptyDir the webhook adds to the pod (mounted at /objfs-tmp)
+NO_SIDECAR = "no sidecar"  # status(): nothing listens on the pod's hand-over socket
+
+
+@dataclass
+class _PendingHandOver:
+    target: str
+    name: str
+    pod_uid: str
+    config: MountConfig
+    fuse_fd: int  # ours until the sidecar has taken it: the mount lives as long as someone holds it
+    on_done: Callable[[str, str | None], None]  # (target, None once served, or the error)
+    readahead_kb: int
+    cancelled: threading.Event
+
+
+class SidecarLauncher:
+    """Hands mounted /dev/fuse fds to the ``objfs sidecar`` of the consuming pod (``fusefs.sidecar``).
+
+    kubelet mounts every volume of a pod before it starts any container, the sidecar included, so
+    at NodePublishVolume time the sidecar usually is not listening yet. Then the publish answers
+    once the target is mounted, and a thread keeps the fd and connects as soon as the sidecar's
+    socket appears in the pod's emptyDir; until the sidecar serves, the kernel holds the pod's
+    first requests (FUSE INIT is not answered yet), so nothing reads a wrong or empty tree. When
+    the sidecar already listens (a second volume, a republish), the publish answers only once the
+    mount serves. Once handed over, the plugin keeps no fd and no child for the volume.
+    """
+
+    def __init__(self, kubelet_root: str, cache_dir: str | None, broker_dir: str | None = None,
+                 pod_wait: float = 5.0, ready_timeout: float = 60.0, handover_timeout: float = 600.0,
+                 poll: float = 0.1) -> None:
+        self.kubelet_root = kubelet_root
+        self.cache_dir = cache_dir
+        self.broker_dir = broker_dir
+        self.pod_wait = pod_wait
+        self.ready_timeout = ready_timeout
+        self.handover_timeout = handover_timeout
+        self.poll = poll
+        self._lock = threading.Lock()
+        self._pending: dict[str, _PendingHandOver] = {}
+        self._pod_locks: dict[str, threading.Lock] = {}
+
+    def pod_dir(self, pod_uid: str) -> str:
+        return os.path.join(self.kubelet_root, "pods", pod_uid, "volumes", "kubernetes.io~empty-dir", EMPTY_DIR_NAME)
+
+    def has_sidecar_dir(self, pod_uid: str, wait: float | None = None) -> bool:
+        """Whether the pod has the objfs-tmp emptyDir. kubelet sets a pod's volumes up side by side,
+        so it may appear a moment after our publish starts: look for ``wait`` seconds."""
+        deadline = time.monotonic() + (self.pod_wait if wait is None else wait)
+        while not os.path.isdir(self.pod_dir(pod_uid)):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    # -- publish -----------------------------------------------------------------------------
+    def publish(self, target: str, name: str, pod_uid: str, config: MountConfig, fuse_fd: int,
+                on_done: Callable[[str, str | None], None], readahead_kb: int = 0) -> bool:
+        """Hand ``fuse_fd`` over now (True: the mount serves) or as soon as the sidecar listens
+        (False: pending; ``on_done`` tells the outcome later). The caller keeps and closes its fd."""
+        sock = self._connect(pod_uid, self.ready_timeout)
+        if sock is not None:
+            with sock:
+                self._hand_over(sock, name, pod_uid, config, fuse_fd)
+            _raise_readahead_soon(target, readahead_kb)
+            return True
+        pending = _PendingHandOver(target, name, pod_uid, config, os.dup(fuse_fd), on_done, readahead_kb,
+                                   threading.Event())
+        with self._lock:
+            self._pending[target] = pending
+        threading.Thread(target=self._wait_and_hand_over, args=(pending,), name=f"hand-over {name}",
+                         daemon=True).start()
+        return False
+
+    def is_pending(self, target: str) -> bool:
+        with self._lock:
+            return target in self._pending
+
+    def cancel(self, target: str) -> None:
+        """Give up a pending hand-over (unpublish): its fd is closed, ``on_done`` is not called."""
+        with self._lock:
+            pending = self._pending.pop(target, None)
+            if pending is not None:
+                pending.cancelled.set()
+
+    def _wait_and_hand_over(self, p: _PendingHandOver) -> None:
+        deadline = time.monotonic() + self.handover_timeout
+        error: str | None = None
+        try:
+            while not p.cancelled.is_set():
+                sock = self._connect(p.pod_uid, self.ready_timeout)
+                if sock is not None:
+                    with sock:
+                        try:
+                            self._hand_over(sock, p.name, p.pod_uid, p.config, p.fuse_fd)
+                        except (ServerStartError, handoff.ProtocolError, OSError) as exc:
+                            error = str(exc)
+                    break
+                if time.monotonic() > deadline:
+                    error = (f"the objfs-sidecar container of pod {p.pod_uid} did not take the volume within "
+                             f"{self.handover_timeout:.0f}s: is it in the pod spec (webhook installed)?")
+                    break
+                p.cancelled.wait(self.poll)
+        finally:
+            os.close(p.fuse_fd)  # handed over, or given up: a mount nobody serves fails with ENOTCONN
+        with self._lock:
+            if p.cancelled.is_set() or self._pending.get(p.target) is not p:
+                return
+            del self._pending[p.target]
+            try:
+                p.on_done(p.target, error)
+            except Exception:  # the hand-over itself is done; only its record is behind
+                log.exception("recording the hand-over of %s failed", p.target)
+        if error is None:
+            _raise_readahead_soon(p.target, p.readahead_kb)
+        else:
+            log.warning("hand-over of %s to its sidecar failed: %s", p.target, error)
+
+    def _connect(self, pod_uid: str, timeout: float) -> socket.socket | None:
+        """A connection to the pod's sidecar, or None if nothing listens there (yet)."""
+        try:
+            dirfd = os.open(self.pod_dir(pod_uid), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        sock.settimeout(timeout)
+        try:
+            # Through the directory fd: kubelet's paths can exceed a socket path's 108 bytes.
+            sock.connect(f"/proc/self/fd/{dirfd}/{handoff.SIDECAR_SOCKET}")
+        except OSError:  # not there, nobody listening (yet), or too slow
+            sock.close()
+            return None
+        finally:
+            os.close(dirfd)
+        return sock
+
+    def _hand_over(self, sock: socket.socket, name: str, pod_uid: str, config: MountConfig, fuse_fd: int) -> None:
+        """Send one volume and wait for the sidecar's word; ServerStartError unless it serves."""
+        try:
+            pod_side_dir = handoff.receive_hello(sock)
+        except (OSError, handoff.ProtocolError) as exc:
+            raise ServerStartError(f"the pod's objfs sidecar did not greet: {exc}") from None
+        cache_fd = broker_fd = None
+        cache_path = ""
+        try:
+            if config.cache_dir:
+                cache_path = self._mount_cache(sock, pod_uid, pod_side_dir, config.cache_dir)
+                cache_fd = os.open(config.cache_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            if self.broker_dir and os.path.isdir(self.broker_dir):
+                broker_fd = os.open(self.broker_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            handoff.send_volume(sock, handoff.VolumeHandOver(name, config, fuse_fd, cache_fd, broker_fd, cache_path))
+        finally:
+            for fd in (cache_fd, broker_fd):
+                if fd is not None:
+                    os.close(fd)
+        status = handoff.read_status(sock.fileno(), self.ready_timeout)
+        if status == handoff.READY:
+            return
+        if status is None:
+            raise ServerStartError(f"the pod's objfs sidecar did not report ready within {self.ready_timeout:.0f}s")
+        raise ServerStartError(handoff.error_message(status) or "the pod's objfs sidecar hung up without a word")
+
+    def _mount_cache(self, sock: socket.socket, pod_uid: str, pod_side_dir: str, cache_dir: str) -> str:
+        """Mount the node cache at ``<emptyDir>/cache`` inside the sidecar's mount namespace only
+        (kubelet never sees it there, so its clean-up of the emptyDir cannot reach the cache).
+        The server could reach the files through the fd alone, but not SQLite: it resolves
+        /proc/self/fd/N to the plugin's path, which does not exist in the pod. "" if impossible."""
+        pidfd = kernel.peer_pidfd(sock)
+        if pidfd is None:
+            log.warning("pod %s: no pidfd of its sidecar (kernel < 6.5?): its servers read without the node cache",
+                        pod_uid)
+            return ""
+        target = os.path.join(pod_side_dir, "cache")
+        with self._lock:
+            pod_lock = self._pod_locks.setdefault(pod_uid, threading.Lock())
+        try:
+            with pod_lock:  # two volumes of one pod must not stack two mounts
+                kernel.bind_into_namespace(pidfd, cache_dir, target)
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.warning("pod %s: cannot mount the node cache in its sidecar (%s): reading without it", pod_uid, exc)
+            return ""
+        finally:
+            os.close(pidfd)
+        return target
+
+    # -- status ------------------------------------------------------------------------------
+    def status(self, pod_uid: str, name: str, timeout: float = 5.0) -> str:
+        """``serving``, ``exited ...``, ``unknown`` (the sidecar never got it) or NO_SIDECAR."""
+        sock = self._connect(pod_uid, timeout)
+        if sock is None:
+            return NO_SIDECAR
+        with sock:
+            try:
+                handoff.receive_hello(sock)
+                handoff.send_status_request(sock, name)
+                return sock.recv(4096).decode(errors="replace").strip() or NO_SIDECAR
+            except (OSError, handoff.ProtocolError):
+                return NO_SIDECAR
+
+    def forget_pod(self, pod_uid: str) -> None:
+        with self._lock:
+            self._pod_locks.pop(pod_uid, None)
+
+
+def _raise_readahead_soon(target: str, kb: int) -> None:
+    """Raise the mount's readahead once FUSE INIT is through (the kernel caps it at INIT): a stat
+    waits for that. In a thread: the server answers it in milliseconds, or the thread just waits."""
+    if kb <= 0:
+        return
+
+    def run() -> None:
+        with contextlib.suppress(OSError):
+            os.stat(target)
+            kernel.set_readahead(target, kb)
+
+    threading.Thread(target=run, name=f"readahead {target}", daemon=True).start()

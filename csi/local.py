@@ -33,6 +33,15 @@ def server_uid() -> int:
     return 65534 if runnable_as(65534, 65534) else 0
 
 
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (none if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
 class Client:
     def __init__(self, socket_path: str) -> None:
         self.channel = grpc.insecure_channel(f"unix://{socket_path}")
@@ -76,17 +85,23 @@ class PluginDirs:
 
 @dataclass
 class PluginProcess:
+    """objfs-csi as a process; with ``pid_namespace`` it is the init of a PID namespace of its own,
+    so that killing it kills everything it started, as a restart of its container does."""
+
     dirs: PluginDirs
     node_id: str = "local-node"
     log_path: str = ""
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    extra_args: list[str] = field(default_factory=list)  # argparse keeps the last of repeated options
+    pid_namespace: bool = False
 
     def start(self) -> Client:
         self.log_path = self.log_path or os.path.join(self.dirs.root, "objfs-csi.log")
+        prefix = ["unshare", "--pid", "--fork", "--kill-child"] if self.pid_namespace else []
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", "import sys; from csi.main import main; sys.exit(main())",
-                 *self.dirs.argv(self.node_id)],
+                [*prefix, sys.executable, "-c", "import sys; from csi.main import main; sys.exit(main())",
+                 *self.dirs.argv(self.node_id), *self.extra_args],
                 stdout=log, stderr=log, start_new_session=True,
             )
         deadline = time.monotonic() + 60
@@ -100,7 +115,11 @@ class PluginProcess:
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
+            pid = self.proc.pid
+            if self.pid_namespace:  # the plugin is the child of unshare, the namespace's init
+                pid = next(iter(children(pid)), pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
             self.proc.wait(30)
 
     def stop(self) -> None:

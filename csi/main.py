@@ -25,7 +25,7 @@ from . import params as P
 from .controller import ControllerService
 from .errors import CsiError, from_store_error
 from .identity import DRIVER_NAME, IdentityService
-from .launcher import ProcessLauncher
+from .launcher import ProcessLauncher, SidecarLauncher
 from .node import NodeService
 from .state import StateStore
 from .v1 import csi_pb2_grpc
@@ -112,11 +112,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                          "volumes use the cloud's own endpoint)")
     ap.add_argument("--stats-timeout", type=float, default=10.0,
                     help="seconds NodeGetVolumeStats waits for a mount's statfs before reporting it abnormal")
+    ap.add_argument("--launcher", choices=("process", "sidecar"), default="process",
+                    help="who serves a published volume: an objfs serve started by this plugin (process), or the "
+                         "objfs-sidecar container of the consuming pod (sidecar: servers live and die with their pod)")
+    ap.add_argument("--kubelet-root", default="/var/lib/kubelet", help="kubelet's root dir (where pods' emptyDirs are)")
+    ap.add_argument("--allow-process-fallback", action="store_true",
+                    help="with --launcher sidecar: serve pods that have no objfs sidecar from this plugin instead of "
+                         "refusing them with FailedPrecondition")
+    ap.add_argument("--sidecar-wait", type=float, default=5.0,
+                    help="seconds a publish waits for the pod's objfs-tmp emptyDir to appear (kubelet sets up a "
+                         "pod's volumes side by side) before deciding the pod has no sidecar")
+    ap.add_argument("--handover-timeout", type=float, default=600.0,
+                    help="seconds a published volume waits for its pod's sidecar to take it before giving up")
     ap.add_argument("--workers", type=int, default=16, help="gRPC worker threads")
     ap.add_argument("--metrics-address", default="", metavar="HOST:PORT",
                     help="serve Prometheus metrics (the plugin's and every FUSE server's) on HOST:PORT/metrics; "
                          "default: off")
-    ap.add_argument("--kubelet-root", default="/var/lib/kubelet", help="kubelet's root directory")
     ap.add_argument("--log-level", default=os.environ.get("OBJFS_LOG_LEVEL", "INFO"))
     webhook.add_arguments(ap)
     args = ap.parse_args(argv)
@@ -155,20 +166,27 @@ def build_server(args: argparse.Namespace) -> tuple[grpc.Server, NodeService | N
     if args.mode in ("all", "node"):
         prepare_cache_dir(args.cache_dir, args.server_uid, args.server_gid)
         state = StateStore(args.state_dir)
-        launcher = ProcessLauncher(
-            os.path.join(args.state_dir, "logs"), shlex.split(args.server_command) if args.server_command else None,
-            uid=args.server_uid, gid=args.server_gid, zygote=not args.no_zygote,
-        )
-        # The zygote imports everything once (a second or so of CPU): do it before the first publish.
-        threading.Thread(target=launcher.warm_up, name="zygote-warm-up", daemon=True).start()
-        warmed = launcher.warmed
+        launcher: ProcessLauncher | None = None
+        if args.launcher == "process" or args.allow_process_fallback:
+            launcher = ProcessLauncher(
+                os.path.join(args.state_dir, "logs"), shlex.split(args.server_command) if args.server_command else None,
+                uid=args.server_uid, gid=args.server_gid, zygote=not args.no_zygote,
+            )
+            # The zygote imports everything once (a second or so of CPU): do it before the first publish.
+            threading.Thread(target=launcher.warm_up, name="zygote-warm-up", daemon=True).start()
+            warmed = launcher.warmed
+        sidecars = None
+        if args.launcher == "sidecar":
+            broker = os.path.join(args.state_dir, "broker")
+            sidecars = SidecarLauncher(args.kubelet_root, args.cache_dir, broker_dir=broker, pod_wait=args.sidecar_wait,
+                                       handover_timeout=args.handover_timeout)
         inline = P.InlinePolicy.from_flags(args.allow_inline_node_identity, args.inline_buckets,
                                            args.inline_endpoints)
         if inline.allow_node_identity and "*" in inline.buckets:
             log.warning("--allow-inline-node-identity with --inline-buckets '*': any pod can mount any bucket "
                         "this node's cloud identity can read")
         metrics_dir = metrics.prepare_metrics_dir(args.state_dir, args.server_uid, args.server_gid)
-        node = NodeService(args.node_id, state, launcher, args.cache_dir, inline=inline,
+        node = NodeService(args.node_id, state, launcher, args.cache_dir, sidecars, inline=inline,
                            stats_timeout=args.stats_timeout, metrics_dir=metrics_dir)
         csi_pb2_grpc.add_NodeServicer_to_server(node, server)
     csi_pb2_grpc.add_IdentityServicer_to_server(

@@ -1,8 +1,11 @@
-"""CSI Node service: mount the target, launch ``objfs serve`` for it, and undo both.
+"""CSI Node service: mount the target, have it served, and undo both.
 
 The plugin itself does only the privileged part (open /dev/fuse, mount(2), umount(2)); the
-server that talks to the store runs unprivileged (see ``launcher``). Every publish is recorded
-on disk (see ``state``) so a restarted plugin can unpublish what an earlier one published.
+server that talks to the store runs unprivileged (see ``launcher``): in the consuming pod's
+``objfs sidecar`` (``--launcher sidecar``) or as an ``objfs serve`` the plugin starts
+(``--launcher process``, and the fallback for pods without a sidecar). Every publish is recorded
+on disk (see ``state``) before anything is mounted, so a restarted plugin can finish or undo a
+half-done publish and unpublish what an earlier one published.
 
 A FUSE mount whose server died blocks or fails any stat of it: the target is never stat-ed
 before mountinfo says what it is, and the only stat of a live mount (statvfs for the volume
@@ -18,25 +21,35 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 
 import grpc
 
-from fusefs import kernel
+from fusefs import handoff, kernel
 from fusefs.config import MountConfig
 
 from . import metrics
 from . import params as P
 from . import volume_id as V
-from .errors import AlreadyExists, Internal, InvalidArgument, NotFound
-from .launcher import Launcher, ServerHandle, ServerStartError
-from .state import KeyedLocks, PublishRecord, StateStore
+from .errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument, NotFound
+from .launcher import (
+    NO_SIDECAR,
+    POD_UID_KEY,
+    Launcher,
+    ProcessLauncher,
+    ServerHandle,
+    ServerStartError,
+    SidecarLauncher,
+)
+from .state import FAILED, MOUNTING, PENDING, PROCESS, SERVED, SIDECAR, KeyedLocks, PublishRecord, StateStore
 from .statfs import StatfsProbes
 from .v1 import csi_pb2, csi_pb2_grpc
 
 log = logging.getLogger(__name__)
 STATFS_TIMEOUT = 10.0
 SUPPORTED_MOUNT_FLAGS = ("ro",)
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
 
 
 def check_path(path: str, field: str) -> str:
@@ -48,14 +61,23 @@ def check_path(path: str, field: str) -> str:
     return os.path.normpath(path)
 
 
+def no_sidecar_message(context: Mapping[str, str], pod_uid: str) -> str:
+    pod = "/".join(filter(None, (context.get("csi.storage.k8s.io/pod.namespace"),
+                                 context.get("csi.storage.k8s.io/pod.name")))) or pod_uid or "this pod"
+    return (f"pod {pod} mounts objfs volumes but has no objfs sidecar (no objfs-tmp emptyDir): annotate the pod "
+            'with objfs.csi.dev/inject: "true" and install the objfs admission webhook (deploy/), which adds it; '
+            "or run the node plugin with --allow-process-fallback to serve such pods from the plugin")
+
+
 class NodeService(csi_pb2_grpc.NodeServicer):
-    def __init__(self, node_id: str, state: StateStore, launcher: Launcher, cache_dir: str | None, *,
-                 inline: P.InlinePolicy | None = None, stats_timeout: float = STATFS_TIMEOUT,
-                 metrics_dir: str | None = None) -> None:
+    def __init__(self, node_id: str, state: StateStore, launcher: Launcher | None, cache_dir: str | None,
+                 sidecars: SidecarLauncher | None = None, *, inline: P.InlinePolicy | None = None,
+                 stats_timeout: float = STATFS_TIMEOUT, metrics_dir: str | None = None) -> None:
         self.node_id = node_id
         self.metrics_dir = metrics_dir  # servers write their figures here (csi.metrics)
         self.state = state
-        self.launcher = launcher
+        self.launcher = launcher  # process launcher: the default, or the fallback next to sidecars
+        self.sidecars = sidecars
         self.cache_dir = cache_dir
         self.locks = KeyedLocks()
         self.inline = inline or P.InlinePolicy()
@@ -63,10 +85,19 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     # -- start-up ----------------------------------------------------------------------------
     def reconcile(self) -> None:
-        """Adopt the mounts whose server still runs; clean up the ones whose server died."""
+        """Adopt what still serves, finish or undo half-done publishes, clean up the rest."""
+        self.state.remove_leftovers()
         for rec in self.state.all():
+            if rec.phase in (MOUNTING, FAILED):
+                # MOUNTING: kubelet never got an answer and will publish again; FAILED: dead anyway.
+                log.warning("undoing the half-done publish of %s (%s)", rec.target, rec.phase)
+                self._teardown(rec.target, rec, lazy=True, remove_dir=rec.phase == MOUNTING)
+                continue
+            if rec.launcher == SIDECAR:
+                self._reconcile_sidecar(rec)
+                continue
             handle = _handle(rec)
-            alive = self.launcher.alive(handle)
+            alive = self.launcher is not None and self.launcher.alive(handle)
             mounted = kernel.find_mount(rec.target) is not None
             if alive and mounted:
                 log.info("adopting %s (volume %s, server pid %d)", rec.target, rec.volume_id, rec.pid)
@@ -74,6 +105,34 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             log.warning("cleaning up %s: server %s, %s", rec.target, "alive" if alive else "dead",
                         "mounted" if mounted else "not mounted")
             self._teardown(rec.target, rec, lazy=True)
+
+    def _reconcile_sidecar(self, rec: PublishRecord) -> None:
+        if kernel.find_mount(rec.target) is None:
+            log.warning("forgetting %s: no longer mounted", rec.target)
+            self._teardown(rec.target, rec, lazy=True)
+            return
+        if rec.phase == SERVED:
+            log.info("adopting %s (volume %s, served by the sidecar of pod %s)", rec.target, rec.volume_id, rec.pod_uid)
+            return
+        # PENDING: kubelet was told OK, and the fd died with the last plugin. Unless the sidecar
+        # took it just before, no server ever had it: mount the target afresh and wait again.
+        if self.sidecars is not None and self.sidecars.status(rec.pod_uid, rec.name) == handoff.SERVING:
+            log.info("adopting %s: the sidecar took it just before the last plugin stopped", rec.target)
+            self.state.put(dataclasses.replace(rec, phase=SERVED))
+            self.state.delete_pending_config(rec.target)
+            return
+        config_json = self.state.pending_config(rec.target)
+        if self.sidecars is None or config_json is None or not os.path.isdir(self.sidecars.pod_dir(rec.pod_uid)):
+            why = "its pod is gone" if config_json is not None else "its mount config is lost"
+            log.warning("cannot finish the hand-over of %s (%s): cleaning it up", rec.target, why)
+            self._teardown(rec.target, rec, lazy=True)
+            return
+        log.warning("mounting %s afresh: its hand-over to the sidecar of pod %s was pending", rec.target, rec.pod_uid)
+        self._unmount(rec.target, rec, lazy=True)
+        try:
+            self._mount_for_sidecar(rec, MountConfig.from_json(config_json))
+        except Exception as exc:  # one target must not keep the plugin from starting
+            log.error("cannot mount %s afresh: %s", rec.target, exc)
 
     # -- publish -----------------------------------------------------------------------------
     def NodePublishVolume(self, request: csi_pb2.NodePublishVolumeRequest, context: grpc.ServicerContext
@@ -108,20 +167,49 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                         f"{target} is already published with volume {rec.volume_id} and other options: "
                         "unpublish it first"
                     )
-                if self.launcher.alive(_handle(rec)) and kernel.find_mount(target) is not None:
+                if self._still_published(rec):
                     return csi_pb2.NodePublishVolumeResponse()
-                log.warning("republishing %s: its server or mount is gone", target)
+                log.warning("republishing %s: its server or mount is gone (%s)", target, rec.phase)
                 self._teardown(target, rec, lazy=True, remove_dir=False)
             elif kernel.find_mount(target) is not None:
                 raise AlreadyExists(f"something else is mounted at {target}: unpublish or unmount it first")
-            handle = self._mount_and_serve(target, config, read_only)
-            self.state.put(PublishRecord(
-                volume_id=request.volume_id, target=target, pid=handle.pid, start_time=handle.start_time,
-                read_only=read_only, fingerprint=fingerprint, config=config.redacted(), log_path=handle.log_path,
-            ))
+            rec = PublishRecord(volume_id=request.volume_id, target=target, pid=0, start_time=0, read_only=read_only,
+                                fingerprint=fingerprint, config=config.redacted(), phase=MOUNTING)
+            pod_uid = request.volume_context.get(POD_UID_KEY, "")
+            if self.sidecars is not None and self._has_sidecar(pod_uid):
+                rec = dataclasses.replace(rec, launcher=SIDECAR, pod_uid=pod_uid, name=volume_name(target))
+                self.state.put(rec)  # the intent, before anything is mounted
+                phase = self._mount_for_sidecar(rec, config)
+                log.info("published %s at %s (%s, %s)", request.volume_id, target, "ro" if read_only else "rw",
+                         "served by the pod's sidecar" if phase == SERVED else "waiting for the pod's sidecar")
+                return csi_pb2.NodePublishVolumeResponse()
+            if self.launcher is None:
+                raise FailedPrecondition(no_sidecar_message(request.volume_context, pod_uid))
+            rec = dataclasses.replace(rec, log_path=self._log_path(target))
+            self.state.put(rec)  # the intent, before anything is mounted
+            handle = self._mount_and_serve(target, config, rec)
+            self.state.put(dataclasses.replace(rec, pid=handle.pid, start_time=handle.start_time, phase=SERVED))
         log.info("published %s at %s (%s, server pid %d)", request.volume_id, target,
                  "ro" if read_only else "rw", handle.pid)
         return csi_pb2.NodePublishVolumeResponse()
+
+    def _still_published(self, rec: PublishRecord) -> bool:
+        """A repeat of a publish that still holds: answered OK at once (kubelet republishes)."""
+        if rec.phase not in (SERVED, PENDING) or kernel.find_mount(rec.target) is None:
+            return False
+        if rec.launcher == SIDECAR:
+            # Served: the pod's containers hold this very mount, a new one would not reach them.
+            return rec.phase == SERVED or (self.sidecars is not None and self.sidecars.is_pending(rec.target))
+        return self.launcher is not None and self.launcher.alive(_handle(rec))
+
+    def _has_sidecar(self, pod_uid: str) -> bool:
+        assert self.sidecars is not None
+        return bool(pod_uid) and self.sidecars.has_sidecar_dir(pod_uid)
+
+    def _log_path(self, target: str) -> str:
+        if not isinstance(self.launcher, ProcessLauncher):
+            return ""
+        return self.launcher.log_path(hashlib.sha256(target.encode()).hexdigest()[:16])
 
     @staticmethod
     def _params(volume_id: str, context: Mapping[str, str]) -> P.VolumeParams:
@@ -143,7 +231,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             dir_mode=p.dir_mode, prefetch=p.prefetch,
         )
 
-    def _mount_and_serve(self, target: str, config: MountConfig, read_only: bool) -> ServerHandle:
+    def _mount_target(self, target: str, read_only: bool) -> tuple[int, bool]:
+        """mkdir (if needed) and mount(2) the target: (the /dev/fuse fd, whether we made the dir)."""
         created = False
         try:
             os.mkdir(target, 0o750)
@@ -154,20 +243,28 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             os.makedirs(target, 0o750)
             created = True
         try:
-            fd = kernel.mount_fuse(target, read_only=read_only, allow_other=True)
+            return kernel.mount_fuse(target, read_only=read_only, allow_other=True), created
         except OSError as e:
             if created:
                 os.rmdir(target)
             raise Internal(f"mounting {target} failed: {e.strerror}") from None
+
+    def _undo_mount(self, target: str, created: bool) -> None:
+        with contextlib.suppress(OSError):
+            kernel.unmount(target, lazy=True)
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(target)
+
+    def _mount_and_serve(self, target: str, config: MountConfig, rec: PublishRecord) -> ServerHandle:
+        assert self.launcher is not None
+        fd, created = self._mount_target(target, rec.read_only)
         try:
             kernel.set_readahead(target, config.tuning.readahead_kb)
             return self.launcher.start(config, fd, _server_name(target))
         except BaseException as e:
-            with contextlib.suppress(OSError):
-                kernel.unmount(target, lazy=True)
-            if created:
-                with contextlib.suppress(OSError):
-                    os.rmdir(target)
+            self._undo_mount(target, created)
+            self.state.delete(target)
             if isinstance(e, ServerStartError):
                 raise Internal(f"objfs serve could not serve {config.source}: {e}") from None
             raise
@@ -184,6 +281,41 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         return dataclasses.replace(config, metrics_path=self._metrics_file(target), metrics_volume=volume_id,
                                    metrics_pod=f"{ns}/{pod}" if pod else "")
 
+    def _mount_for_sidecar(self, rec: PublishRecord, config: MountConfig) -> str:
+        """Mount the target and hand it to the pod's sidecar (now, or once it listens): the phase."""
+        assert self.sidecars is not None
+        fd, created = self._mount_target(rec.target, rec.read_only)
+        try:
+            # Pending until the sidecar has it: a restarted plugin then needs the config to mount again.
+            self.state.put_pending_config(rec.target, config.to_json())
+            self.state.put(dataclasses.replace(rec, phase=PENDING))
+            served = self.sidecars.publish(rec.target, rec.name, rec.pod_uid, config, fd, self._handed_over,
+                                           config.tuning.readahead_kb)
+        except BaseException as e:
+            self._undo_mount(rec.target, created)
+            self.state.delete_pending_config(rec.target)
+            self.state.delete(rec.target)
+            if isinstance(e, ServerStartError):
+                raise Internal(f"the pod's objfs sidecar could not serve {config.source}: {e}") from None
+            raise
+        finally:
+            os.close(fd)  # handed over, or a pending hand-over holds its own copy
+        if served:
+            self._handed_over(rec.target, None)
+            return SERVED
+        return PENDING
+
+    def _handed_over(self, target: str, error: str | None) -> None:
+        """The outcome of a hand-over (called by the sidecar launcher; never for a cancelled one)."""
+        self.state.delete_pending_config(target)
+        rec = self.state.get(target)
+        if rec is None:
+            return
+        if error is None:
+            self.state.put(dataclasses.replace(rec, phase=SERVED, message=""))
+        else:
+            self.state.put(dataclasses.replace(rec, phase=FAILED, message=error))
+
     # -- unpublish ---------------------------------------------------------------------------
     def NodeUnpublishVolume(self, request: csi_pb2.NodeUnpublishVolumeRequest, context: grpc.ServicerContext
                             ) -> csi_pb2.NodeUnpublishVolumeResponse:
@@ -194,7 +326,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             self._teardown(target, self.state.get(target), lazy=False)
         return csi_pb2.NodeUnpublishVolumeResponse()
 
-    def _teardown(self, target: str, rec: PublishRecord | None, *, lazy: bool, remove_dir: bool = True) -> None:
+    def _unmount(self, target: str, rec: PublishRecord | None, *, lazy: bool) -> None:
+        if self.sidecars is not None:
+            self.sidecars.cancel(target)  # a pending hand-over: its fd is closed, its outcome ignored
         for _ in range(8):  # a crash between two publishes can leave mounts stacked
             m = kernel.find_mount(target)
             if m is None or (rec is None and not m.fstype.startswith("fuse")):
@@ -206,8 +340,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                     break
                 log.warning("unmount of %s: %s; detaching it lazily", target, e.strerror)
                 kernel.unmount(target, lazy=True)
-        if rec is not None:
-            self.launcher.stop(_handle(rec))
+
+    def _teardown(self, target: str, rec: PublishRecord | None, *, lazy: bool, remove_dir: bool = True) -> None:
+        self._unmount(target, rec, lazy=lazy)
+        if rec is not None and rec.launcher == PROCESS and rec.pid and self.launcher is not None:
+            self.launcher.stop(_handle(rec))  # a sidecar's server ends by itself once unmounted
         if remove_dir and kernel.find_mount(target) is None:
             try:
                 os.rmdir(target)
@@ -215,6 +352,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 pass
             except OSError as e:
                 raise Internal(f"cannot remove {target}: {e.strerror}") from None
+        self.state.delete_pending_config(target)
         if rec is not None:
             self.state.delete(target)
             with contextlib.suppress(OSError):
@@ -235,9 +373,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if rec is None or rec.volume_id != request.volume_id:
             raise NotFound(f"volume {request.volume_id} is not published at {request.volume_path}")
         cond = csi_pb2.VolumeCondition
-        dead = f"the objfs server of this volume (pid {rec.pid}) is not running: the pod must be restarted"
-        if not self.launcher.alive(_handle(rec)):
-            return csi_pb2.NodeGetVolumeStatsResponse(volume_condition=cond(abnormal=True, message=dead))
+        problem = self._server_problem(rec)
+        if problem is not None:
+            abnormal, msg = problem
+            return csi_pb2.NodeGetVolumeStatsResponse(volume_condition=cond(abnormal=abnormal, message=msg))
         if kernel.find_mount(path) is None:
             msg = f"{path} is no longer mounted"
             return csi_pb2.NodeGetVolumeStatsResponse(volume_condition=cond(abnormal=True, message=msg))
@@ -245,7 +384,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             st = self.statfs.statvfs(path)
         except OSError as e:
             # ENOTCONN/ECONNABORTED: the server is gone (perhaps exiting right now).
-            msg = dead if not self.launcher.alive(_handle(rec)) else f"statfs of {path} failed: {e.strerror}"
+            problem = self._server_problem(rec)
+            msg = problem[1] if problem is not None else f"statfs of {path} failed: {e.strerror}"
             return csi_pb2.NodeGetVolumeStatsResponse(volume_condition=cond(abnormal=True, message=msg))
         if st is None:
             msg = (f"the objfs server of this volume has not answered statfs for {self.statfs.stuck_for(path):.0f}s "
@@ -262,6 +402,27 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             volume_condition=cond(abnormal=bool(problems), message="; ".join(problems) or "serving"),
         )
 
+    def _server_problem(self, rec: PublishRecord) -> tuple[bool, str] | None:
+        """(abnormal, message) when the volume is not being served, else None."""
+        if rec.launcher == PROCESS:
+            if self.launcher is not None and self.launcher.alive(_handle(rec)):
+                return None
+            return True, f"the objfs server of this volume (pid {rec.pid}) is not running: the pod must be restarted"
+        if rec.phase == PENDING:
+            return False, "waiting for the pod's objfs-sidecar container to start and take the volume"
+        if rec.phase == FAILED:
+            return True, f"the pod's objfs sidecar could not serve this volume: {rec.message}; restart the pod"
+        if self.sidecars is None:
+            return True, "this volume is served by a pod's sidecar but the plugin runs without --launcher sidecar"
+        status = self.sidecars.status(rec.pod_uid, rec.name)
+        if status == handoff.SERVING:
+            return None
+        if status == NO_SIDECAR:
+            return True, (f"the objfs-sidecar container of pod {rec.pod_uid} is not running (it exited or was "
+                          "killed, e.g. OOM): reads fail with ENOTCONN; the pod must be restarted")
+        return True, (f"the objfs server of volume {rec.name} in the sidecar of pod {rec.pod_uid} is not running "
+                      f"({status}): the pod must be restarted")
+
     def NodeGetCapabilities(self, request: csi_pb2.NodeGetCapabilitiesRequest, context: grpc.ServicerContext
                             ) -> csi_pb2.NodeGetCapabilitiesResponse:
         rpc = csi_pb2.NodeServiceCapability.RPC
@@ -276,6 +437,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
 def _server_name(target: str) -> str:
     return hashlib.sha256(target.encode()).hexdigest()[:16]
+
+def volume_name(target: str) -> str:
+    """The volume's name in its pod: the PV (or inline volume) name in kubelet's target path
+    ``.../volumes/kubernetes.io~csi/<name>/mount``, else a hash of the path."""
+    name = os.path.basename(os.path.dirname(target))
+    return name if _NAME_RE.match(name) else hashlib.sha256(target.encode()).hexdigest()[:16]
 
 
 def _handle(rec: PublishRecord) -> ServerHandle:

@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from fusefs.config import BACKENDS, ConfigError, Credentials, MountConfig, normalize_prefix
+from fusefs.config import BACKENDS, ConfigError, Credentials, MountConfig, bucket_name_problem, normalize_prefix
 
 from .errors import FailedPrecondition, InvalidArgument
 from .v1 import csi_pb2
@@ -24,7 +24,6 @@ KNOWN = ("backend", "bucket", "prefix", "endpoint", "region", "cache", "metadata
          "fileMode", "dirMode", "prefetch")
 LOCATION_KEYS = ("backend", "bucket", "prefix", "endpoint", "region")
 SECRET_KEYS = ("accessKeyID", "secretAccessKey", "sessionToken", "serviceAccountJSON")
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
 
 
 @dataclass(frozen=True)
@@ -61,10 +60,9 @@ def parse(parameters: Mapping[str, str]) -> VolumeParams:
     if backend not in BACKENDS:
         raise InvalidArgument(f"backend {backend!r} is not supported: use one of {', '.join(BACKENDS)}")
     bucket = given.get("bucket", "")
-    if bucket and not _BUCKET_RE.match(bucket):
-        raise InvalidArgument(
-            f"bucket {bucket!r} is not a valid bucket name: 3-63 lower-case letters, digits, '.' and '-'"
-        )
+    problem = bucket_name_problem(backend, bucket) if bucket else None
+    if problem:
+        raise InvalidArgument(f"bucket {bucket!r} is not a valid bucket name: {problem}")
     try:
         prefix = normalize_prefix(given.get("prefix", ""))
     except ConfigError as e:

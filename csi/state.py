@@ -1,9 +1,11 @@
 """The node plugin's state on disk: one record per published target.
 
 A record says which ``objfs serve`` process (pid + start time, so a reused pid is not mistaken
-for our server) serves which target, so that a restarted plugin — even after kill -9 — can
-unpublish mounts it did not create in this life. Records never hold secrets. Writes are atomic
-(temp file, fsync, rename, fsync of the directory) and the files are 0600.
+for our server) or which pod's sidecar serves which target, so that a restarted plugin — even
+after kill -9 — can unpublish mounts it did not create in this life. The record is written
+before anything is mounted (phase ``mounting``), so a crash at any point of a publish leaves a
+record that tells the next plugin what to finish or undo. Records never hold secrets. Writes
+are atomic (temp file, fsync, rename, fsync of the directory) and the files are 0600.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ from .errors import Aborted
 log = logging.getLogger(__name__)
 
 
+#: phases of a publish: intent recorded (nothing or a half-done mount: undo it); mounted and
+#: waiting for the pod's sidecar to take the fd; served; the hand-over failed (message says why)
+MOUNTING, PENDING, SERVED, FAILED = "mounting", "pending", "served", "failed"
+PROCESS, SIDECAR = "process", "sidecar"
+
+
 @dataclass(frozen=True)
 class PublishRecord:
     volume_id: str
@@ -35,20 +43,56 @@ class PublishRecord:
     fingerprint: str  # hash of the publish request without secrets: tells repeats from conflicts
     config: dict[str, Any] = field(default_factory=dict)  # MountConfig.redacted()
     log_path: str = ""
+    phase: str = SERVED
+    launcher: str = PROCESS
+    pod_uid: str = ""  # sidecar: whose emptyDir holds the hand-over socket
+    name: str = ""  # sidecar: the volume's name in that pod
+    message: str = ""  # why the hand-over failed
 
 
 class StateStore:
     def __init__(self, root: str) -> None:
         self.dir = os.path.join(root, "targets")
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
-        os.chmod(root, 0o711)  # search only: the servers reach <root>/metrics; targets/ stays 0700
+        # Configs (secrets included) of hand-overs still waiting for their pod's sidecar: what a
+        # restarted plugin needs to mount such a target afresh (the fd died with the old plugin).
+        # Root-only, and deleted as soon as the sidecar has the volume.
+        self.pending_dir = os.path.join(root, "pending")
+        for d in (self.dir, self.pending_dir):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+            os.chmod(d, 0o700)
+        os.chmod(root, 0o711)  # search only: the servers reach <root>/metrics; targets/ and pending/ stay 0700
 
-    def _path(self, target: str) -> str:
-        return os.path.join(self.dir, hashlib.sha256(target.encode()).hexdigest()[:32] + ".json")
+    def remove_leftovers(self) -> None:
+        """Delete temp files of writes an earlier life did not finish (only the plugin, at start)."""
+        for d in (self.dir, self.pending_dir):
+            for name in os.listdir(d):
+                if name.startswith(".tmp-"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(d, name))
+
+    def _path(self, target: str, directory: str | None = None) -> str:
+        return os.path.join(directory or self.dir, hashlib.sha256(target.encode()).hexdigest()[:32] + ".json")
 
     def put(self, rec: PublishRecord) -> None:
-        data = json.dumps(dataclasses.asdict(rec), sort_keys=True).encode()
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-")
+        self._write(self._path(rec.target), json.dumps(dataclasses.asdict(rec), sort_keys=True).encode())
+
+    def put_pending_config(self, target: str, config_json: str) -> None:
+        self._write(self._path(target, self.pending_dir), config_json.encode())
+
+    def pending_config(self, target: str) -> str | None:
+        try:
+            with open(self._path(target, self.pending_dir)) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def delete_pending_config(self, target: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(target, self.pending_dir))
+
+    def _write(self, path: str, data: bytes) -> None:
+        directory = os.path.dirname(path)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
         try:
             os.fchmod(fd, 0o600)
             os.write(fd, data)
@@ -56,11 +100,11 @@ class StateStore:
         finally:
             os.close(fd)
         try:
-            os.rename(tmp, self._path(rec.target))
+            os.rename(tmp, path)
         except BaseException:
             os.unlink(tmp)
             raise
-        self._sync_dir()
+        self._sync_dir(directory)
 
     def get(self, target: str) -> PublishRecord | None:
         try:
@@ -73,7 +117,7 @@ class StateStore:
     def delete(self, target: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(target))
-            self._sync_dir()
+            self._sync_dir(self.dir)
 
     def all(self) -> list[PublishRecord]:
         out = []
@@ -91,8 +135,9 @@ class StateStore:
             out.append(rec)
         return out
 
-    def _sync_dir(self) -> None:
-        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+    @staticmethod
+    def _sync_dir(directory: str) -> None:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
         finally:

@@ -1,4 +1,4 @@
-"""The ``objfs`` command: ``mount``, ``unmount`` and the internal ``serve`` and ``zygote``.
+"""The ``objfs`` command: ``mount``, ``unmount``, ``sidecar`` and the internal ``serve`` and ``zygote``.
 
 ``objfs serve --config-fd N --fuse-fd M [--ready-fd K]`` is the contract with the CSI node plugin:
 the MountConfig arrives as JSON on fd N (never argv or environment, which /proc shows), fd M is an
@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--debug", action="store_true")
     z = sub.add_parser("zygote", help="internal: fork objfs serve processes on request (used by objfs-csi)")
     z.add_argument("--socket-fd", type=int, required=True)
+    sc = sub.add_parser("sidecar", help="serve the objfs volumes of this pod, handed over by objfs-csi")
+    sc.add_argument("--dir", required=True, help="the pod's objfs-tmp emptyDir (the hand-over socket lives there)")
+    sc.add_argument("--debug", action="store_true")
     return p
 
 
@@ -100,6 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from . import zygote
 
             return zygote.run(args.socket_fd)
+        if args.command == "sidecar":
+            from . import sidecar
+
+            return sidecar.run(args.dir)
         return cmd_serve(args)
     except (UsageError, ConfigError) as exc:
         print(f"objfs: {exc}", file=sys.stderr)
@@ -116,15 +123,20 @@ def default_cache_dir() -> str:
 
 
 def _aws_credentials() -> Credentials:
-    """Resolve the standard AWS chain (environment, shared files, profiles) here, so the server
-    gets them through its config pipe and not through its environment."""
+    """Credentials the server must be handed: only keys from this process's environment, which
+    the server does not inherit (it gets them through its config pipe instead).
+
+    Every other source of the standard AWS chain (shared files and profiles, ``credential_process``,
+    SSO, web identity/IRSA, container and instance roles) is left for the server to resolve
+    itself: boto3 then refreshes temporary credentials before they expire, where keys frozen
+    here would stop working with their token."""
     try:
         import boto3
 
         creds = boto3.session.Session().get_credentials()
     except Exception as exc:
         raise UsageError(f"cannot read AWS credentials: {exc}") from None
-    if creds is None:
+    if creds is None or getattr(creds, "method", None) != "env":
         return Credentials()
     frozen = creds.get_frozen_credentials()
     return Credentials(access_key_id=frozen.access_key, secret_access_key=frozen.secret_key,
@@ -172,12 +184,12 @@ def _check_mountpoint(path: str) -> str:
 def _check_store(config: MountConfig) -> None:
     import trio
 
-    from .mount import MountError, check_store
-    from .store import open_store
+    from .mount import MountError, check_policy, check_store
+    from .store import AsyncStore, open_store
 
     try:
-        blocking = open_store(config)
-        trio.run(check_store, blocking)
+        store = AsyncStore(open_store(config), config.tuning.max_concurrent_requests)
+        trio.run(check_store, store, check_policy(config))
     except MountError as exc:
         raise UsageError(str(exc)) from None
     except errors.StoreError as exc:

@@ -20,6 +20,7 @@ BACKENDS: tuple[str, ...] = ("s3", "gcs")
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
+TiB = 1024 * GiB
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1024 * GiB, "p": 1024 * 1024 * GiB}
@@ -73,7 +74,7 @@ class Tuning:
     max_upload_parts_in_flight: int = 8
     readahead_kb: int = 16 * 1024  # kernel readahead for the mount's bdi
     request_timeout: float = 60.0  # one store request
-    retry_deadline: float = 120.0  # all retries of one request
+    retry_deadline: float = 30.0  # all retries of one request (a read fails with EIO after it)
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,63 @@ def parse_source(source: str) -> tuple[str, str, str]:
     scheme, bucket, rest = m.groups()
     if not bucket:
         raise ConfigError(f"no bucket in {source!r}: use s3://BUCKET[/PREFIX] or gs://BUCKET[/PREFIX]")
-    if not re.match(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{1,254}$", bucket):
-        raise ConfigError(f"invalid bucket name {bucket!r}: letters, digits, '.', '-' and '_' only")
     backend = "s3" if scheme == "s3" else "gcs"
+    problem = bucket_name_problem(backend, bucket)
+    if problem:
+        raise ConfigError(f"invalid bucket name {bucket!r}: {problem}")
     return backend, bucket, normalize_prefix(rest or "")
+
+
+_IPV4_RE = re.compile(r"^\d{1,3}(\.\d{1,3}){3}$")
+
+
+def bucket_name_problem(backend: str, name: str) -> str | None:
+    """Which naming rule of the backend ``name`` breaks (None if it is valid), in words a user
+    can act on. S3: AWS's rules for general purpose buckets. GCS: Google's bucket naming rules."""
+    if backend == "gcs":
+        return _gcs_bucket_problem(name)
+    return _s3_bucket_problem(name)
+
+
+def _common_problem(name: str, allowed: str, allowed_text: str) -> str | None:
+    if any(c not in allowed for c in name):
+        bad = next(c for c in name if c not in allowed)
+        return f"{bad!r} is not allowed: use only {allowed_text}"
+    if not (name[0].isalnum() and name[-1].isalnum()):
+        return "it must start and end with a lower-case letter or a digit"
+    if _IPV4_RE.match(name):
+        return "it must not look like an IP address"
+    return None
+
+
+_S3_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.-"
+_GCS_CHARS = _S3_CHARS + "_"
+
+
+def _s3_bucket_problem(name: str) -> str | None:
+    if not 3 <= len(name) <= 63:
+        return f"S3 bucket names are 3 to 63 characters long, this one has {len(name)}"
+    problem = _common_problem(name, _S3_CHARS, "lower-case letters, digits, '.' and '-' in S3 bucket names")
+    if problem:
+        return problem
+    if ".." in name:
+        return "S3 bucket names must not contain two adjacent periods"
+    return None
+
+
+def _gcs_bucket_problem(name: str) -> str | None:
+    if "." in name:
+        if not 3 <= len(name) <= 222:
+            return f"GCS bucket names with dots are 3 to 222 characters long, this one has {len(name)}"
+        if any(not 1 <= len(part) <= 63 for part in name.split(".")):
+            return "each dot-separated part of a GCS bucket name is 1 to 63 characters long"
+    elif not 3 <= len(name) <= 63:
+        return f"GCS bucket names are 3 to 63 characters long (222 with dots), this one has {len(name)}"
+    problem = _common_problem(name, _GCS_CHARS, "lower-case letters, digits, '.', '-' and '_' in GCS bucket names")
+    if problem:
+        return problem
+    if name.startswith("goog"):
+        return "GCS bucket names must not start with 'goog'"
+    if "google" in name:
+        return "GCS bucket names must not contain 'google'"
+    return None

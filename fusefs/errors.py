@@ -5,6 +5,13 @@ SDK types or error strings. Each class carries the errno a FUSE operation return
 whether a retry could help (``is_temp_failure``). They also derive from the matching built-in
 exception (fsspec's convention), so callers outside the filesystem can catch
 ``FileNotFoundError`` or ``PermissionError``.
+
+A store that still fails once ``fusefs.retry`` gave up (throttling, 5xx, resets, an endpoint that
+does not answer) is ``EIO``. Never ``EAGAIN``/``EWOULDBLOCK`` or ``EINTR``: Python's file objects
+take EAGAIN from a blocking read as "no data yet" (``readall`` returns what it has, buffered
+``read`` returns None: a silent short read) and retry EINTR by themselves (PEP 475), so either
+would turn a store outage into wrong data or a spin. ``errno_of`` enforces that for every error,
+ours or the OS's, that reaches a FUSE reply.
 """
 
 from __future__ import annotations
@@ -52,6 +59,12 @@ class InvalidRequestError(StoreError):
     default_errno = errno.EINVAL
 
 
+class FileTooLargeError(StoreError):
+    """More bytes than one object of the backend can hold."""
+
+    default_errno = errno.EFBIG
+
+
 class TransientError(StoreError):
     """Throttling, 5xx, connection resets, timeouts: worth retrying."""
 
@@ -60,13 +73,15 @@ class TransientError(StoreError):
 
 
 class ThrottledError(TransientError):
-    default_errno = errno.EAGAIN
+    """503 SlowDown, 429: retried; EIO once the retry deadline has passed (see the module doc)."""
 
 
 class UnreachableError(TransientError):
     """The endpoint did not answer (refused, DNS, timeout)."""
 
-    default_errno = errno.EHOSTUNREACH
+
+#: errnos that callers' I/O libraries treat as "try again" rather than as a failure
+_RETRY_ERRNOS = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR})
 
 
 def is_temp_failure(exc: BaseException) -> bool:
@@ -75,9 +90,9 @@ def is_temp_failure(exc: BaseException) -> bool:
 
 
 def errno_of(exc: BaseException) -> int:
-    """The errno a FUSE operation should return for ``exc``."""
-    if isinstance(exc, StoreError):
-        return exc.errno or errno.EIO
-    if isinstance(exc, OSError) and exc.errno:
-        return exc.errno
-    return errno.EIO
+    """The errno a FUSE operation should return for ``exc``: never one that makes a caller's
+    read loop stop short or spin (EAGAIN, EWOULDBLOCK, EINTR become EIO)."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if not code or code in _RETRY_ERRNOS:
+        return errno.EIO
+    return code

@@ -4,13 +4,22 @@ The launcher (``objfs mount`` as root, or the CSI node plugin) writes the MountC
 a pipe and closes it — never argv or environment, which /proc shows to every user — and then
 waits on a second pipe for one line from the server: ``ready`` once the store answered and the
 FUSE loop is about to serve, or ``error: <message>`` before it exits non-zero.
+
+The second half is the hand-over between the CSI node plugin and ``objfs sidecar`` (the server
+that runs inside the consuming pod): see the comment above ``SIDECAR_SOCKET``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import select
+import socket
 import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from .config import MountConfig
 
@@ -92,3 +101,139 @@ class StatusReporter:
             pass  # the launcher is gone; nothing to tell
         finally:
             os.close(fd)
+
+
+# -- node plugin <-> objfs sidecar -------------------------------------------------------------
+# The sidecar (``objfs sidecar --dir DIR``, in the consuming pod) listens on DIR/objfs.sock, a
+# SOCK_SEQPACKET socket: every message is one datagram, descriptors ride on it (SCM_RIGHTS). Per
+# connection the sidecar first sends a hello (JSON ``{"dir": DIR}``: where the emptyDir is in the
+# pod's own mount namespace), then the plugin sends one request:
+#
+# - ``{"op": "serve", "name": N, "fds": ["fuse", "cache"?, "broker"?], "cache_path": P,
+#   "config": MountConfig}`` with those descriptors attached, in that order. The sidecar answers
+#   with one status line (``ready`` once the mount serves, ``error: <message>``), exactly as
+#   ``objfs serve`` does on its ready pipe;
+# - ``{"op": "status", "name": N}``: the sidecar answers ``serving``, ``exited <status>`` or ``unknown``.
+#
+# The config carries the volume's secrets: it is never logged on either side.
+SIDECAR_SOCKET = "objfs.sock"
+#: written into DIR (by whoever knows the pod's main containers are done) to make a sidecar that
+#: kubelet does not stop by itself (not a native sidecar) drain its volumes and exit
+EXIT_FILE = "exit"
+MAX_MESSAGE = 1 << 20
+FD_ROLES = ("fuse", "cache", "broker")
+SERVING = "serving"
+UNKNOWN = "unknown"
+
+
+class ProtocolError(Exception):
+    """A malformed hand-over message; the text says what was wrong (never the config)."""
+
+
+def _send(sock: socket.socket, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
+    data = json.dumps(message).encode()
+    if fds:
+        socket.send_fds(sock, [data], list(fds))
+    else:
+        sock.send(data)
+
+
+@contextlib.contextmanager
+def _closed_on_error(fds: Sequence[int]) -> Iterator[None]:
+    """Received descriptors are ours: a message refused must not leak them."""
+    try:
+        yield
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+def _receive(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any], list[int]]:
+    data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE, max_fds)
+    with _closed_on_error(fds):
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            raise ProtocolError("hand-over message truncated")
+        if not data:
+            raise ProtocolError("the peer closed the connection")
+        try:
+            message = json.loads(data)
+        except ValueError:
+            raise ProtocolError("hand-over message is not JSON") from None
+        if not isinstance(message, dict):
+            raise ProtocolError("hand-over message is not a JSON object")
+    return message, fds
+
+
+def send_hello(sock: socket.socket, directory: str) -> None:
+    _send(sock, {"dir": directory})
+
+
+def receive_hello(sock: socket.socket) -> str:
+    """The sidecar's directory in its own mount namespace."""
+    message, _ = _receive(sock)
+    directory = message.get("dir")
+    if not isinstance(directory, str) or not directory.startswith("/"):
+        raise ProtocolError("the sidecar's hello names no absolute directory")
+    return directory
+
+
+@dataclass
+class VolumeHandOver:
+    """One volume as the sidecar receives it. It owns the descriptors until it closes them."""
+
+    name: str
+    config: MountConfig
+    fuse_fd: int
+    cache_fd: int | None = None
+    broker_fd: int | None = None
+    cache_path: str = ""  # the node cache, mounted by the plugin inside the pod's mount namespace
+
+    def close(self) -> None:
+        for fd in (self.fuse_fd, self.cache_fd, self.broker_fd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+def send_volume(sock: socket.socket, volume: VolumeHandOver) -> None:
+    roles, fds = ["fuse"], [volume.fuse_fd]
+    for role, fd in (("cache", volume.cache_fd), ("broker", volume.broker_fd)):
+        if fd is not None:
+            roles.append(role)
+            fds.append(fd)
+    _send(sock, {"op": "serve", "name": volume.name, "fds": roles, "cache_path": volume.cache_path,
+                 "config": json.loads(volume.config.to_json())}, fds)
+
+
+def send_status_request(sock: socket.socket, name: str) -> None:
+    _send(sock, {"op": "status", "name": name})
+
+
+def receive_request(sock: socket.socket) -> tuple[str, str, VolumeHandOver | None]:
+    """(op, volume name, the volume for ``serve``). ProtocolError if malformed (fds closed)."""
+    message, fds = _receive(sock, len(FD_ROLES))
+    with _closed_on_error(fds):
+        op, name = message.get("op"), message.get("name")
+        if not isinstance(name, str) or not name:
+            raise ProtocolError("hand-over request names no volume")
+        if op == "status":
+            if fds:
+                raise ProtocolError("status request with descriptors")
+            return op, name, None
+        if op != "serve":
+            raise ProtocolError(f"unknown hand-over request {op!r}")
+        roles = message.get("fds")
+        if not isinstance(roles, list) or len(roles) != len(fds) or not roles or roles[0] != "fuse" \
+                or len(set(roles)) != len(roles) or not set(roles) <= set(FD_ROLES):
+            raise ProtocolError(f"hand-over request for {name} carries descriptors {roles!r}, got {len(fds)}")
+        try:
+            config = MountConfig.from_json(json.dumps(message.get("config")))
+        except (ValueError, TypeError) as exc:
+            raise ProtocolError(f"mount config of {name} is invalid: {type(exc).__name__}") from None
+        by_role = dict(zip(roles, fds, strict=True))
+        cache_path = message.get("cache_path") or ""
+        if not isinstance(cache_path, str):
+            raise ProtocolError("cache_path must be a string")
+    return op, name, VolumeHandOver(name, config, by_role["fuse"], by_role.get("cache"), by_role.get("broker"),
+                                    cache_path)

@@ -11,7 +11,10 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import socket
 import stat
+import subprocess
+import sys
 from dataclasses import dataclass
 
 MS_RDONLY = 1
@@ -130,3 +133,52 @@ def set_readahead(target: str, kb: int) -> bool:
         if e.errno in (errno.EACCES, errno.EPERM, errno.ENOENT, errno.EROFS):
             return False
         raise
+
+
+# -- a bind mount inside another process's mount namespace -------------------------------------
+AT_FDCWD = -100
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+MOVE_MOUNT_F_EMPTY_PATH = 4
+CLONE_NEWNS = 0x00020000
+SO_PEERPIDFD = 77  # Linux >= 6.5: a pidfd of the peer, valid across PID namespaces
+_SYS_OPEN_TREE = 428
+_SYS_MOVE_MOUNT = 429
+
+
+def peer_pidfd(sock: socket.socket) -> int | None:
+    """A pidfd of the process at the other end of a connected unix socket, or None (old kernel)."""
+    try:
+        return int(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD))
+    except OSError:
+        return None
+
+
+def bind_into_namespace(pidfd: int, source: str, target: str, timeout: float = 30.0) -> None:
+    """Bind-mount ``source`` (a path here) onto ``target`` (a path in the mount namespace of the
+    process ``pidfd`` names), so that the mount exists there and nowhere else.
+
+    setns() of a mount namespace needs a single-threaded caller, so a small child process does it:
+    a clone of ``source`` (open_tree) is taken first, then attached inside (move_mount)."""
+    code = "import sys; from fusefs.kernel import _bind_into_namespace_main as m; sys.exit(m(sys.argv[1:]))"
+    r = subprocess.run([sys.executable, "-c", code, str(pidfd), source, target], pass_fds=(pidfd,),
+                       capture_output=True, timeout=timeout, cwd="/", env={"PATH": os.defpath})
+    if r.returncode != 0:
+        raise OSError(errno.EIO, r.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["failed"])
+
+
+def _bind_into_namespace_main(argv: list[str]) -> int:
+    pidfd, source, target = int(argv[0]), argv[1], argv[2]
+    _libc.syscall.restype = ctypes.c_long
+    tree = _libc.syscall(_SYS_OPEN_TREE, AT_FDCWD, source.encode(), OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC)
+    if tree < 0:
+        raise SystemExit(f"open_tree {source}: {os.strerror(ctypes.get_errno())}")
+    if _libc.setns(pidfd, CLONE_NEWNS) != 0:
+        raise SystemExit(f"setns: {os.strerror(ctypes.get_errno())}")
+    os.makedirs(target, mode=0o755, exist_ok=True)
+    here, there = os.fstat(tree), os.stat(target)
+    if (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino):
+        return 0  # mounted there already (an earlier volume of the same pod)
+    if _libc.syscall(_SYS_MOVE_MOUNT, tree, b"", AT_FDCWD, target.encode(), MOVE_MOUNT_F_EMPTY_PATH) != 0:
+        raise SystemExit(f"move_mount onto {target}: {os.strerror(ctypes.get_errno())}")
+    return 0

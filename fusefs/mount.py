@@ -28,12 +28,15 @@ from .ops import Operations
 from .read import BlockCache
 from .retry import RetryPolicy
 from .store import AsyncStore, open_store
-from .store.base import BlockingStore, ObjectInfo
+from .store.base import ObjectInfo
 
 log = logging.getLogger(__name__)
 
-CHECK_TIMEOUT = 15.0  # seconds for the first request: a wrong endpoint fails fast
+CHECK_DEADLINE = 10.0  # seconds the mount-time check is retried for
+CHECK_TIMEOUT = 20.0  # seconds for the whole check, its retries included: a hung endpoint fails too
 PREFETCH_PARALLEL = 4  # objects warmed at once by the `prefetch` globs
+#: on SIGTERM, how long open files may still be written and closed (kubelet's default grace is 30 s)
+STOP_WRITES_WAIT = 25.0
 
 
 class MountError(Exception):
@@ -73,11 +76,17 @@ def fuse_options(config: MountConfig) -> set[str]:
     return opts
 
 
-async def check_store(blocking: BlockingStore, limit: float = CHECK_TIMEOUT) -> None:
-    """One request that proves the endpoint, bucket and credentials work; MountError otherwise."""
+def check_policy(config: MountConfig) -> RetryPolicy:
+    """The mount-time check retries like every request (one throttled or failed answer must not
+    fail a pod's start), within a shorter deadline: a wrong endpoint still fails in seconds."""
+    return RetryPolicy(deadline=min(CHECK_DEADLINE, config.tuning.retry_deadline))
+
+
+async def check_store(store: AsyncStore, policy: RetryPolicy, limit: float = CHECK_TIMEOUT) -> None:
+    """Prove that the endpoint, bucket and credentials work (retried); MountError otherwise."""
     try:
         with trio.fail_after(limit):
-            await trio.to_thread.run_sync(blocking.check_access, abandon_on_cancel=True)
+            await store.check_access(policy)
     except trio.TooSlowError:
         raise MountError(f"the store did not answer within {limit:.0f}s: check --endpoint-url") from None
     except errors.StoreError as exc:
@@ -154,10 +163,21 @@ async def _warm(ops: Operations, config: MountConfig) -> None:
         log.warning("prefetch stopped: %s", exc)
 
 
-async def _signals(cancel: trio.CancelScope) -> None:
+async def _settle_writes(ops: Operations, limit: float) -> None:
+    """Let open write handles close and their uploads finish (a pod's writer exits before the
+    server is told to stop), for at most ``limit`` seconds."""
+    with trio.move_on_after(limit):
+        while ops.writes_pending:  # noqa: ASYNC110 (a few polls once, at stop: no event needed)
+            await trio.sleep(0.05)
+    if ops.writes_pending:
+        log.error("stopping with writes still pending after %.0fs: their data is lost", limit)
+
+
+async def _signals(cancel: trio.CancelScope, ops: Operations) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for sig in signals:
-            log.info("signal %s: unmounting", sig)
+            log.info("signal %s: finishing uploads, then unmounting", sig)
+            await _settle_writes(ops, STOP_WRITES_WAIT)
             pyfuse3.terminate()
             cancel.cancel()
             return
@@ -176,10 +196,11 @@ async def serve(
     """
     os.umask(0o077)
     limit_malloc_retention()
-    blocking = open_store(config)
-    await check_store(blocking)
+    # Building a client may resolve credentials (a credential process, an identity endpoint): off the loop.
+    blocking = await trio.to_thread.run_sync(open_store, config)
     store = AsyncStore(blocking, config.tuning.max_concurrent_requests,
                        RetryPolicy(deadline=config.tuning.retry_deadline))
+    await check_store(store, check_policy(config))
     cache = open_cache(config)
     exporter = _exporter(config, cache)
     # Blocks dropped by the reader are reused for the next ones (fusefs.buffers): a few suffice,
@@ -203,7 +224,7 @@ async def serve(
                 threading.Thread(target=raise_readahead, args=(mountpoint, config.tuning.readahead_kb),
                                  daemon=True).start()
             with trio.CancelScope() as loop_scope:
-                nursery.start_soon(_signals, loop_scope)
+                nursery.start_soon(_signals, loop_scope, ops)
                 nursery.start_soon(_warm, ops, config)
                 if ready is not None:
                     ready()

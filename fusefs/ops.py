@@ -147,6 +147,7 @@ class Operations(pyfuse3.Operations):
         self._handles: dict[int, FileHandle | DirHandle] = {}
         self._next_fh = 1
         self._writers: dict[int, SharedWrite] = {}  # inode -> its write state, while open for writing
+        self._flushing = 0  # uploads at flush/fsync/release in progress
         self._walks: dict[str, _Walk] = {}
         self._io: dict[int, _InodeIO] = {}
         #: set by ``fusefs.mount.serve`` once INIT negotiated passthrough and a registrar exists
@@ -599,7 +600,16 @@ class Operations(pyfuse3.Operations):
 
     async def _flush(self, h: FileHandle) -> None:
         if h.writer is not None and h.writer.dirty:
-            self._written(h.node, await h.writer.flush())
+            self._flushing += 1
+            try:
+                self._written(h.node, await h.writer.flush())
+            finally:
+                self._flushing -= 1
+
+    @property
+    def writes_pending(self) -> bool:
+        """Whether a file is open for writing or an upload is in progress (what a clean stop waits for)."""
+        return bool(self._writers) or self._flushing > 0
 
     @fuse_errors
     async def flush(self, fh: int) -> None:

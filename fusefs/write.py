@@ -46,17 +46,12 @@ from typing import TypeVar
 
 import trio
 
-from . import directio, errors
-from .config import GiB, MiB, Tuning
+from . import directio, errors, parts
+from .config import MiB, Tuning
 from .store.base import AsyncStore, MultipartUpload, ObjectInfo
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-S3_MIN_PART = 5 * MiB  # every part but the last must be at least this big
-S3_MAX_PART = 5 * GiB
-S3_MAX_PARTS = 10_000
-PARTS_PER_TIER = 1_000  # a streamed upload doubles its part size after every 1,000 parts
 
 LAZY, STREAM, STAGED = "lazy", "stream", "staged"
 
@@ -65,21 +60,8 @@ class StagingError(errors.StoreError):
     """The local staging file failed (disk full, I/O error); ``errno`` is the disk's."""
 
 
-class FileTooLargeError(errors.StoreError):
-    default_errno = errno.EFBIG
-
-
 class HandleReleasedError(errors.StoreError):
     default_errno = errno.EBADF
-
-
-def part_size(base: int, number: int) -> int:
-    """Size of part ``number`` (from 1) of an upload whose first parts are ``base`` bytes.
-
-    A streamed upload does not know its final size, so parts grow: ``base`` for the first
-    1,000 parts, doubled for each further 1,000. 10,000 parts of a 5 MiB base hold ~5 TiB (the
-    S3 object limit) while small files keep small parts."""
-    return min(base << ((number - 1) // PARTS_PER_TIER), S3_MAX_PART)
 
 
 def _as_store_error(exc: Exception, key: str) -> errors.StoreError:
@@ -91,10 +73,11 @@ def _as_store_error(exc: Exception, key: str) -> errors.StoreError:
 class _Multipart:
     """One multipart upload with parts sent in the background under a bound on parts in flight."""
 
-    def __init__(self, store: AsyncStore, key: str, nursery: trio.Nursery, base: int, max_in_flight: int) -> None:
+    def __init__(self, store: AsyncStore, key: str, nursery: trio.Nursery, plan: parts.PartPlan,
+                 max_in_flight: int) -> None:
         self.store = store
         self.key = key
-        self.base = base
+        self.plan = plan
         self.parts = 0  # parts handed to send() so far
         self.error: errors.StoreError | None = None  # first failed part, if any
         self._nursery = nursery
@@ -105,11 +88,11 @@ class _Multipart:
         self._idle.set()
 
     def next_size(self) -> int:
-        return part_size(self.base, self.parts + 1)
+        return self.plan.size(self.parts + 1)
 
     @property
     def full(self) -> bool:
-        return self.parts >= S3_MAX_PARTS
+        return self.plan.full(self.parts)
 
     async def start(self) -> None:
         self._upload = await self.store.create_multipart(self.key)
@@ -193,7 +176,7 @@ class WriteHandle:
         self._staging_dir = staging_dir
         self._nursery = nursery
         self._existing = existing
-        self._base = max(tuning.part_size, S3_MIN_PART)
+        self._plan = parts.streaming(store.limits, tuning.part_size)  # within the backend's limits
         self._max_in_flight = max(1, tuning.max_upload_parts_in_flight)
         self._lock = trio.Lock()
         self._fd: int | None = None
@@ -340,7 +323,7 @@ class WriteHandle:
 
     # -- stream mode ---------------------------------------------------------------------------
     def _next_part_size(self) -> int:
-        return self._stream.next_size() if self._stream is not None else part_size(self._base, 1)
+        return self._stream.next_size() if self._stream is not None else self._plan.size(1)
 
     async def _append(self, data: bytes) -> None:
         view = memoryview(data)
@@ -365,7 +348,7 @@ class WriteHandle:
         """Send the full buffer as the next part: written through to the staging file first.
         Falls back to staging if the multipart upload cannot start or has failed."""
         if self._stream is None:
-            up = _Multipart(self._store, self.key, self._nursery, self._base, self._max_in_flight)
+            up = _Multipart(self._store, self.key, self._nursery, self._plan, self._max_in_flight)
             try:
                 await up.start()
             except errors.StoreError as exc:
@@ -438,12 +421,10 @@ class WriteHandle:
     # -- staged mode ---------------------------------------------------------------------------
     async def _flush_staged(self) -> ObjectInfo:
         size = self._size
-        if size <= self._base:
+        if size <= self._plan.base:
             return await self._store.put(self.key, await self._pread(0, size))
-        base = max(self._base, -(-size // S3_MAX_PARTS))
-        if base > S3_MAX_PART:
-            raise FileTooLargeError(f"{self.key}: {size} bytes is more than one object can hold", key=self.key)
-        up = _Multipart(self._store, self.key, self._nursery, base, self._max_in_flight)
+        plan = parts.sized(self._store.limits, self._plan.base, size, self.key)
+        up = _Multipart(self._store, self.key, self._nursery, plan, self._max_in_flight)
         await up.start()
         try:
             offset = 0

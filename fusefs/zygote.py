@@ -32,6 +32,8 @@ import signal
 import socket
 import sys
 import traceback
+from collections.abc import Callable
+from typing import NoReturn
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +80,24 @@ def run(sock_fd: int) -> int:
         sock.send(f"pid {pid}".encode())
 
 
-def _child(sock: socket.socket, fds: list[int]) -> None:
+def run_child(body: Callable[[], int]) -> NoReturn:
+    """The end of a forked child: run ``body`` and leave with its status, whatever happens (a
+    forked child must never return into its parent's loop, nor run its parent's exit handlers)."""
     rc = 1
     try:
+        rc = body()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(rc)
+
+
+def _child(sock: socket.socket, fds: list[int]) -> NoReturn:
+    def body() -> int:
         sock.close()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.setsid()
@@ -94,15 +111,9 @@ def _child(sock: socket.socket, fds: list[int]) -> None:
         os.close(log_fd)
         from .cli import serve
 
-        rc = serve(config_fd, fuse_fd, ready_fd, None)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            traceback.print_exc()
-    finally:
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(rc)
+        return serve(config_fd, fuse_fd, ready_fd, None)
+
+    run_child(body)
 
 
 def _reap(signum: int, frame: object) -> None:

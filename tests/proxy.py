@@ -1,24 +1,80 @@
-"""A counting reverse proxy for S3 requests, used by the tests and the benchmarks.
+"""A counting, fault-injecting reverse proxy for store requests, used by the tests and the benchmarks.
 
-Put it between a client and ``rclone serve s3`` to prove what an operation costs the store: how
-many requests of each kind (``classify``) and how many response bytes. It speaks just enough
-HTTP/1.1 to stay transparent: keep-alive, Content-Length and chunked bodies streamed both ways,
-and ``Expect: 100-continue`` relayed rather than answered (SDKs sign that header, and the Host
-header passes unchanged, so SigV4 signatures still verify at the store).
+Put it between a client and ``rclone serve s3`` (or fake-gcs-server) to prove what an operation
+costs the store: how many requests of each kind (``classify``) and how many response bytes. It
+speaks just enough HTTP/1.1 to stay transparent: keep-alive, Content-Length and chunked bodies
+streamed both ways, and ``Expect: 100-continue`` relayed rather than answered (SDKs sign that
+header, and the Host header passes unchanged, so SigV4 signatures still verify at the store).
+
+With a ``FaultPlan`` (``proxy.inject(plan)``) it also misbehaves the way stores and networks do:
+it answers 503 SlowDown or 500 InternalError itself, resets the connection in the middle of the
+response body, stalls without answering, or closes the connection right after the response
+headers. Faults start at a given rate and come in bursts; which requests are hit follows a
+seeded random sequence (deterministic in the order requests arrive), and the kinds take turns,
+so enough faults cover every kind. ``proxy.down(kind)`` makes every request fail until
+``proxy.up()``. What was injected is counted in ``tally().faults``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import random
 import socket
+import struct
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import cast
 from urllib.parse import parse_qs, urlsplit
 
 CHUNK = 1 << 20
+
+SLOWDOWN, INTERNAL, RESET, STALL, CLOSE = "slowdown", "internal", "reset", "stall", "close-after-headers"
+FAULT_KINDS = (SLOWDOWN, INTERNAL, RESET, STALL, CLOSE)
+_ANSWERS = {SLOWDOWN: (503, "Service Unavailable", "SlowDown", "Please reduce your request rate."),
+            INTERNAL: (500, "Internal Server Error", "InternalError", "We encountered an internal error.")}
+
+
+@dataclass
+class FaultPlan:
+    """Which requests misbehave, and how.
+
+    ``rate``: chance that a request starts a burst of faults; a burst is 1 to ``burst`` requests
+    in a row. ``kinds`` take turns. ``only``: the request kinds (``classify``) that may be hit,
+    all if empty. ``stall``: seconds a stalled request waits before its connection is closed
+    (longer than the client's read timeout, so the client gives up first)."""
+
+    rate: float = 0.03
+    burst: int = 3
+    kinds: tuple[str, ...] = FAULT_KINDS
+    seed: int = 0
+    only: frozenset[str] = frozenset()
+    stall: float = 3.0
+    _random: random.Random = field(init=False, repr=False)
+    _left: int = field(default=0, init=False, repr=False)  # requests still to hit in this burst
+    _turn: int = field(default=0, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.kinds) - set(FAULT_KINDS)
+        if unknown or not self.kinds:
+            raise ValueError(f"fault kinds must be among {FAULT_KINDS}, got {self.kinds}")
+        self._random = random.Random(self.seed)
+
+    def next_fault(self, kind: str) -> str | None:
+        """The fault for the next request of ``kind`` (None: serve it normally). Not thread-safe:
+        the proxy calls it under its lock."""
+        if self.only and kind not in self.only:
+            return None
+        if self._left == 0 and self._random.random() < self.rate:
+            self._left = self._random.randint(1, max(1, self.burst))
+        if self._left == 0:
+            return None
+        self._left -= 1
+        fault = self.kinds[self._turn % len(self.kinds)]
+        self._turn += 1
+        return fault
 
 
 @dataclass
@@ -28,6 +84,7 @@ class Tally:
     requests: Counter[str] = field(default_factory=Counter)  # kind -> count
     body_bytes: Counter[str] = field(default_factory=Counter)  # kind -> response body bytes
     errors: int = 0  # responses with a status >= 400
+    faults: Counter[str] = field(default_factory=Counter)  # fault kind -> requests it was injected into
 
     @property
     def total(self) -> int:
@@ -35,7 +92,7 @@ class Tally:
 
     def as_dict(self) -> dict[str, object]:
         return {"requests": dict(self.requests), "body_bytes": dict(self.body_bytes),
-                "total": self.total, "errors": self.errors}
+                "total": self.total, "errors": self.errors, "faults": dict(self.faults)}
 
 
 def classify(method: str, path: str, headers: dict[str, str]) -> str:
@@ -91,7 +148,7 @@ class _Reader:
                 continue  # stray CRLF between messages
             lines.append(line)
 
-    def copy(self, n: int, out: socket.socket) -> int:
+    def copy(self, n: int, out: socket.socket | _Sink) -> int:
         done = 0
         while done < n:
             data = self.file.read1(min(CHUNK, n - done))
@@ -101,7 +158,7 @@ class _Reader:
             done += len(data)
         return done
 
-    def copy_chunked(self, out: socket.socket) -> int:
+    def copy_chunked(self, out: socket.socket | _Sink) -> int:
         total = 0
         while True:
             size_line = self.file.readline(1024)
@@ -125,6 +182,13 @@ class _Reader:
         return total
 
 
+class _Sink:
+    """Where the body of a request the proxy answers itself goes."""
+
+    def sendall(self, data: bytes) -> None:
+        pass
+
+
 def _headers(lines: list[bytes]) -> dict[str, str]:
     found: dict[str, str] = {}
     for line in lines[1:]:
@@ -135,7 +199,8 @@ def _headers(lines: list[bytes]) -> dict[str, str]:
 
 class CountingProxy:
     """``with CountingProxy(upstream_port) as proxy: ... proxy.endpoint ... proxy.snapshot()``:
-    ``snapshot()`` is the request count by kind, ``tally()`` adds response bytes and errors."""
+    ``snapshot()`` is the request count by kind, ``tally()`` adds response bytes, errors and the
+    faults injected (``inject``, ``down``)."""
 
     def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1") -> None:
         self.upstream = (upstream_host, upstream_port)
@@ -145,6 +210,32 @@ class CountingProxy:
         self._tally = Tally()
         self._stopping = False
         self._conns: set[socket.socket] = set()
+        self._plan: FaultPlan | None = None
+        self._down: str | None = None  # every request gets this fault
+
+    def inject(self, plan: FaultPlan | None) -> None:
+        """Misbehave as ``plan`` says from the next request on (None: stop)."""
+        with self._lock:
+            self._plan = plan
+
+    def down(self, kind: str = SLOWDOWN) -> None:
+        """Fail every request with ``kind`` until ``up()``: the store is down."""
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {kind!r}")
+        with self._lock:
+            self._down = kind
+
+    def up(self) -> None:
+        with self._lock:
+            self._down = None
+
+    def _fault_for(self, kind: str) -> tuple[str | None, float]:
+        """The fault for the next request of ``kind``, and how long a stall lasts."""
+        with self._lock:
+            fault = self._down or (self._plan.next_fault(kind) if self._plan is not None else None)
+            if fault is not None:
+                self._tally.faults[fault] += 1
+            return fault, self._plan.stall if self._plan is not None else FaultPlan.stall
 
     @property
     def endpoint(self) -> str:
@@ -156,7 +247,8 @@ class CountingProxy:
 
     def tally(self) -> Tally:
         with self._lock:
-            return Tally(Counter(self._tally.requests), Counter(self._tally.body_bytes), self._tally.errors)
+            return Tally(Counter(self._tally.requests), Counter(self._tally.body_bytes), self._tally.errors,
+                         Counter(self._tally.faults))
 
     def snapshot(self) -> Counter[str]:
         """Requests by kind since the last reset (LIST, GET, HEAD, PUT, PART, DELETE, ...)."""
@@ -228,6 +320,13 @@ class CountingProxy:
         """Forward one request and its response; False when either side closes the connection."""
         method, target, _ = head[0].decode("latin-1").split(" ", 2)
         req = _headers(head)
+        fault, stall = self._fault_for(classify(method, target, req))
+        if fault in _ANSWERS:
+            self._answer(fault, method, target, req, creader, client)
+            return False
+        if fault is not None:
+            self._misbehave(fault, stall, method, target, head, req, creader, client, upstream, ureader)
+            return False
         upstream.sendall(b"".join(head) + b"\r\n")
         if req.get("expect", "").lower() == "100-continue":
             interim = ureader.head()
@@ -264,3 +363,55 @@ class CountingProxy:
             keep = False
         self._record(classify(method, target, req), status, nbytes)
         return keep
+
+    # -- faults ----------------------------------------------------------------------------------
+    def _answer(self, fault: str, method: str, target: str, req: dict[str, str], creader: _Reader,
+                client: socket.socket) -> None:
+        """Answer an S3 error ourselves (the store never sees the request), then close."""
+        status, reason, code, message = _ANSWERS[fault]
+        if req.get("expect", "").lower() != "100-continue":  # the body is on its way: take it in
+            if "chunked" in req.get("transfer-encoding", "").lower():
+                creader.copy_chunked(_Sink())
+            elif int(req.get("content-length", "0") or 0):
+                creader.copy(int(req["content-length"]), _Sink())
+        body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}'
+                f"</Message><Resource>{target}</Resource><RequestId>objfs-fault</RequestId></Error>").encode()
+        head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        client.sendall(head + (b"" if method == "HEAD" else body))
+        self._record(classify(method, target, req), status, 0)
+
+    def _misbehave(self, fault: str, stall: float, method: str, target: str, head: list[bytes], req: dict[str, str],
+                   creader: _Reader, client: socket.socket, upstream: socket.socket, ureader: _Reader) -> None:
+        """Send the request on (the store acts on it), then spoil the answer: reset in the middle
+        of its body, close after its headers, or stall."""
+        upstream.sendall(b"".join(head) + b"\r\n")
+        if req.get("expect", "").lower() == "100-continue":
+            interim = ureader.head()
+            if interim is None:
+                return
+            client.sendall(b"".join(interim) + b"\r\n")
+            if not interim[0].split()[1].startswith(b"100"):
+                return
+        if "chunked" in req.get("transfer-encoding", "").lower():
+            creader.copy_chunked(upstream)
+        elif int(req.get("content-length", "0") or 0):
+            creader.copy(int(req["content-length"]), upstream)
+        resp = ureader.head()
+        while resp is not None and resp[0].split()[1].startswith(b"1"):
+            resp = ureader.head()
+        if resp is None:
+            return
+        status = int(resp[0].split()[1])
+        self._record(classify(method, target, req), status, 0)
+        if fault == STALL:  # nothing at all, until the client's read timeout gives up on us
+            time.sleep(stall)
+            return
+        client.sendall(b"".join(resp) + b"\r\n")
+        if fault == RESET:
+            length = int(_headers(resp).get("content-length", "0") or 0)
+            if method != "HEAD" and length > 1:
+                ureader.copy(length // 2, client)
+            # RST rather than FIN: the client sees "connection reset by peer"
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        # CLOSE: headers only, then FIN: the body (if any) comes up short

@@ -155,9 +155,9 @@ def test_parse_size_units(n: int, unit: str) -> None:
 @pytest.mark.parametrize(
     ("source", "expected"),
     [("s3://bucket", ("s3", "bucket", "")), ("s3://bucket/", ("s3", "bucket", "")),
-     ("s3://my.bucket-1/a/b", ("s3", "my.bucket-1", "a/b/")), ("s3://b1/a/b/", ("s3", "b1", "a/b/")),
+     ("s3://my.bucket-1/a/b", ("s3", "my.bucket-1", "a/b/")), ("s3://b12/a/b/", ("s3", "b12", "a/b/")),
      ("gs://data/models", ("gcs", "data", "models/")), ("gcs://data/x", ("gcs", "data", "x/")),
-     ("s3://bk//lead", ("s3", "bk", "lead/")), ("s3://bk/trail//", ("s3", "bk", "trail/")),
+     ("s3://bkt//lead", ("s3", "bkt", "lead/")), ("s3://bkt/trail//", ("s3", "bkt", "trail/")),
      ("gs://under_score/d", ("gcs", "under_score", "d/"))],
 )
 def test_parse_source(source: str, expected: tuple[str, str, str]) -> None:
@@ -169,8 +169,9 @@ def test_parse_source(source: str, expected: tuple[str, str, str]) -> None:
     [("http://bucket/x", "malformed"), ("s3:/bucket", "malformed"), ("bucket/prefix", "malformed"), ("", "malformed"),
      ("S3://bucket", "malformed"), ("s3://", "no bucket"), ("gs:///prefix", "no bucket"),
      ("s3://a", "invalid bucket"), ("s3://bad bucket/x", "invalid bucket"), ("s3://-dash", "invalid bucket"),
-     ("s3://bk/../etc", "invalid prefix"), ("s3://bk/a/../../b", "invalid prefix"), ("s3://bk/a/./b", "invalid prefix"),
-     ("s3://bk/a//b", "invalid prefix"), ("gs://bk/..", "invalid prefix")],
+     ("s3://bkt/../etc", "invalid prefix"), ("s3://bkt/a/../../b", "invalid prefix"),
+     ("s3://bkt/a/./b", "invalid prefix"),
+     ("s3://bkt/a//b", "invalid prefix"), ("gs://bkt/..", "invalid prefix")],
 )
 def test_parse_source_refuses(source: str, reason: str) -> None:
     with pytest.raises(ConfigError, match=reason):

@@ -8,9 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import subprocess
-import sys
-import sysconfig
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,34 +17,17 @@ import pytest
 from csi.local import Client, InProcessPlugin, PluginDirs, unmount_all_under
 from csi.state import StateStore
 from csi.v1 import csi_pb2 as pb
+from tests.pods import objfs_command_for_nobody
 from tests.servers import RcloneS3
 
 pytestmark = pytest.mark.fuse
-REPO = Path(__file__).resolve().parent.parent
-SYSTEM_PYTHON = "/usr/bin/python3"
-
-
-def wrapper(path: Path) -> str | None:
-    """A server command uid 65534 can run, or None where the system python does not fit."""
-    site = sysconfig.get_paths()["purelib"]
-    if not os.access(SYSTEM_PYTHON, os.X_OK):
-        return None
-    version = subprocess.run([SYSTEM_PYTHON, "-c", "import sys; print(sys.version_info[:2])"],
-                             capture_output=True, text=True).stdout.strip()
-    if version != str(sys.version_info[:2]):
-        return None
-    path.write_text(f"#!{SYSTEM_PYTHON}\nimport sys\nsys.path[:0] = [{str(REPO)!r}, {site!r}]\n"
-                    "from fusefs.cli import main\nsys.exit(main())\n")
-    path.chmod(0o755)
-    probe = subprocess.run([str(path), "--help"], user=65534, group=65534, extra_groups=[], capture_output=True)
-    return str(path) if probe.returncode == 0 else None
 
 
 @pytest.fixture(scope="module")
 def unprivileged() -> Iterator[tuple[Client, PluginDirs]]:
     root = tempfile.mkdtemp(prefix="objfs-csi-priv-")
     dirs = PluginDirs(root)
-    command = wrapper(Path(root) / "objfs-serve")
+    command = objfs_command_for_nobody(Path(root) / "objfs-serve")
     if command is None:
         shutil.rmtree(root)
         pytest.skip("no interpreter uid 65534 can run objfs with here")

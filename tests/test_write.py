@@ -9,6 +9,7 @@ import random
 import subprocess
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fusefs import errors, write
+from fusefs import errors
 from fusefs.config import MiB, MountConfig, Tuning
 from fusefs.retry import RetryPolicy
 from fusefs.store import AsyncStore, ObjectInfo, open_store
@@ -342,7 +343,7 @@ op = st.one_of(
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(initial=st.one_of(st.none(), st.integers(0, 3 * SMALL)), ops=st.lists(op, max_size=12))
 async def test_property_matches_bytearray(s3_server, bucket, astore, staging, monkeypatch, initial, ops) -> None:
-    monkeypatch.setattr(write, "S3_MIN_PART", 1)
+    monkeypatch.setattr(astore, "limits", replace(astore.limits, min_part_size=1))
     tuning = Tuning(part_size=SMALL, max_upload_parts_in_flight=2, block_size=SMALL)
     key = f"prop-{random.getrandbits(64):x}"
     model = bytearray()
@@ -415,20 +416,11 @@ async def test_1gib_stream_memory_and_speed(s3_server, bucket, astore, nursery, 
     s3_server.client().delete_object(Bucket=bucket, Key="huge.bin")  # a GiB less in the session's store
 
 
-# -- S3 part limits ----------------------------------------------------------------------------------
-def test_part_schedule_reaches_the_s3_object_limit() -> None:
-    sizes = [write.part_size(write.S3_MIN_PART, n) for n in range(1, write.S3_MAX_PARTS + 1)]
-    assert sizes[0] == sizes[999] == write.S3_MIN_PART and sizes[1000] == 2 * write.S3_MIN_PART
-    assert sizes == sorted(sizes) and max(sizes) <= write.S3_MAX_PART
-    assert sum(sizes) > 4.8 * 1024**4  # ~5 TiB even from the smallest base
-    assert sum(write.part_size(16 * MiB, n) for n in range(1, write.S3_MAX_PARTS + 1)) > 5 * 1024**4
-
-
+# -- part limits (the planner itself: tests/test_parts.py) ---------------------------------------------
 async def test_stream_out_of_parts_falls_back_to_staging(
     s3_server, bucket, astore, nursery, staging, monkeypatch
 ) -> None:
-    monkeypatch.setattr(write, "S3_MIN_PART", 1)
-    monkeypatch.setattr(write, "S3_MAX_PARTS", 3)
+    monkeypatch.setattr(astore, "limits", replace(astore.limits, min_part_size=1, max_parts=3))
     h = open_handle(astore, "parts", nursery, staging, tuning=Tuning(part_size=64 * 1024))
     data = rand(MiB + 5, seed=14)
     await write_chunks(h, data, chunk=10_000)

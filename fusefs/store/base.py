@@ -41,9 +41,19 @@ class ListPage:
     next_token: str | None = None
 
 
+@dataclass(frozen=True)
+class StoreLimits:
+    """What one backend accepts in a multipart upload (``fusefs.parts`` plans within it)."""
+
+    max_parts: int  # parts of one upload, numbered 1..max_parts
+    min_part_size: int  # every part but the last is at least this big
+    max_part_size: int
+    max_object_size: int
+
+
 class MultipartUpload(Protocol):
-    """One in-progress multipart upload. Parts are numbered from 1; all but the last must be at
-    least the store's minimum part size (5 MiB on S3)."""
+    """One in-progress multipart upload. Parts are numbered from 1 to the store's
+    ``limits.max_parts``; all but the last are at least ``limits.min_part_size`` bytes."""
 
     key: str
 
@@ -58,6 +68,7 @@ class BlockingStore(Protocol):
     #: identifies the store and bucket in cache keys, e.g. "s3|http://127.0.0.1:9000|bucket"
     identity: str
     bucket: str
+    limits: StoreLimits
 
     def head(self, key: str) -> ObjectInfo: ...
     def list(
@@ -83,11 +94,12 @@ class AsyncStore:
     def __init__(self, store: BlockingStore, max_concurrent: int = 16, policy: RetryPolicy | None = None):
         self.blocking = store
         self.identity = store.identity
+        self.limits = store.limits
         self.limiter = trio.CapacityLimiter(max_concurrent)
         self.policy = policy or RetryPolicy()
         self.requests = 0  # requests issued, retries included (for stats)
 
-    async def _run(self, what: str, fn: Callable[[], T], sent: int = 0) -> T:
+    async def _run(self, what: str, fn: Callable[[], T], sent: int = 0, policy: RetryPolicy | None = None) -> T:
         counted = metrics.store_kind(what)  # the one place store requests are counted
         attempts = 0
 
@@ -100,10 +112,13 @@ class AsyncStore:
                                                  abandon_on_cancel=True)
 
         try:
-            return await retry.call_async(attempt, self.policy, what)
+            return await retry.call_async(attempt, policy or self.policy, what)
         except Exception as exc:
             counted.failed(exc)
             raise
+
+    async def check_access(self, policy: RetryPolicy | None = None) -> None:
+        await self._run("CHECK", self.blocking.check_access, policy=policy)
 
     async def head(self, key: str) -> ObjectInfo:
         return await self._run(f"HEAD {key}", lambda: self.blocking.head(key))

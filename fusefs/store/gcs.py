@@ -17,11 +17,19 @@ chunk at the committed offset (256 KiB aligned), so parallel or retried parts wo
 serialised and re-synchronised with the session's persisted offset; composed part objects are
 independent, idempotent PUTs of any size. Costs: the temporary objects live under
 ``<dir>/.objfs-uploads/`` until complete/abort (the layers above hide that name), and a composite
-object may have at most 1024 components, so an upload is limited to 1024 parts.
+object may have at most 1024 components, so an upload is limited to 1024 parts (``LIMITS``: the
+upload planner, ``fusefs.parts``, grows parts so that 1024 of them still reach the 5 TiB limit).
+
+One compose request takes at most 32 sources, so ``complete`` composes in a tree: groups of 32
+into temporary composites next to the parts, those again, and only the last compose writes the
+key. Readers never see a partial object at the key, and a failure leaves nothing there; the
+temporary composites are deleted whether ``complete`` succeeds or fails, the parts on success
+(a failed ``complete`` keeps them, so the retry policy can send it again; ``abort`` deletes them).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import secrets
@@ -40,17 +48,22 @@ from google.auth.credentials import AnonymousCredentials
 from google.auth.transport.requests import AuthorizedSession
 from google.cloud.storage import Blob, Bucket, Client
 
-from .. import errors
-from ..config import Credentials
-from .base import ListPage, ObjectInfo
+from .. import errors, retry
+from ..config import Credentials, TiB
+from ..retry import RetryPolicy
+from .base import ListPage, ObjectInfo, StoreLimits
 
 log = logging.getLogger(__name__)
 
 #: name of the folder (inside the key's own directory) that holds parts of uploads in progress
 UPLOAD_DIR = ".objfs-uploads"
 UPLOAD_CHUNK = 16 * 1024 * 1024
-MAX_PARTS = 1024  # components of one composite object
-_COMPOSE_FAN_IN = 32  # sources of one compose request
+#: a composite object has at most 1,024 components; objects are at most 5 TiB; compose takes
+#: components of any size
+LIMITS = StoreLimits(max_parts=1024, min_part_size=1, max_part_size=5 * TiB, max_object_size=5 * TiB)
+COMPOSE_FAN_IN = 32  # sources of one compose request
+#: deleting temporary objects after the upload's outcome is known: brief, best effort
+_CLEANUP_POLICY = RetryPolicy(deadline=5.0)
 _SCOPES = ("https://www.googleapis.com/auth/devstorage.full_control",)
 
 
@@ -157,6 +170,7 @@ class GCSStore:
         max_connections: int = 32,
     ) -> None:
         self.bucket = bucket
+        self.limits = LIMITS
         self.endpoint_url = endpoint_url.rstrip("/") if endpoint_url else None
         self.identity = f"gcs|{self.endpoint_url or 'google'}|{bucket}"
         self._bucket_seen = False
@@ -375,9 +389,9 @@ class GCSMultipartUpload:
         return f"{self.part_prefix}{number:05d}"
 
     def upload_part(self, number: int, data: bytes | memoryview) -> None:
-        if not 1 <= number <= MAX_PARTS:
+        if not 1 <= number <= LIMITS.max_parts:
             raise errors.InvalidRequestError(
-                f"part number {number} of gs://{self.store.bucket}/{self.key} is outside 1..{MAX_PARTS}: "
+                f"part number {number} of gs://{self.store.bucket}/{self.key} is outside 1..{LIMITS.max_parts}: "
                 "use a larger part size", key=self.key,
             )
         name = self._part_name(number)
@@ -392,19 +406,36 @@ class GCSMultipartUpload:
             names = [n for _, n in sorted(self._parts.items())]
         if not names:
             return self.store.put(self.key, b"")
-        bucket = self.store._bucket
-        target = bucket.blob(self.key)
-        timeout = self.store.timeout
-        with self.store._errors(self.key):
-            # First up to 32 parts into the key, then the key itself plus up to 31 more each round.
-            target.compose([bucket.blob(n) for n in names[:_COMPOSE_FAN_IN]], retry=None, timeout=timeout)
-            rest = names[_COMPOSE_FAN_IN:]
-            while rest:
-                batch, rest = rest[: _COMPOSE_FAN_IN - 1], rest[_COMPOSE_FAN_IN - 1 :]
-                target.compose([bucket.blob(self.key), *(bucket.blob(n) for n in batch)], retry=None,
-                               timeout=timeout)
+        temporaries: list[str] = []
+        try:
+            with self.store._errors(self.key):
+                target = self._compose_tree(names, temporaries)
+        finally:
+            self._delete_parts(temporaries)
         self._delete_parts(names)
         return _info(target)
+
+    def _compose_tree(self, names: list[str], temporaries: list[str]) -> Blob:
+        """Compose ``names`` (in order) into the key; intermediate composites are temporary
+        objects next to the parts, listed in ``temporaries`` as they are made."""
+        bucket = self.store._bucket
+        timeout = self.store.timeout
+        level = 0
+        while len(names) > COMPOSE_FAN_IN:
+            merged: list[str] = []
+            for start in range(0, len(names), COMPOSE_FAN_IN):
+                group = names[start : start + COMPOSE_FAN_IN]
+                if len(group) == 1:
+                    merged.append(group[0])
+                    continue
+                name = f"{self.part_prefix}compose-{level}-{start // COMPOSE_FAN_IN:05d}"
+                temporaries.append(name)
+                bucket.blob(name).compose([bucket.blob(n) for n in group], retry=None, timeout=timeout)
+                merged.append(name)
+            names, level = merged, level + 1
+        target = bucket.blob(self.key)
+        target.compose([bucket.blob(n) for n in names], retry=None, timeout=timeout)
+        return target
 
     def abort(self) -> None:
         with self._lock:
@@ -417,6 +448,6 @@ class GCSMultipartUpload:
         # not a failure of the upload.
         for name in names:
             try:
-                self.store.delete(name)
+                retry.call_sync(functools.partial(self.store.delete, name), _CLEANUP_POLICY, f"DELETE {name}")
             except errors.StoreError as exc:
                 log.warning("could not delete upload part gs://%s/%s: %s", self.store.bucket, name, exc)

@@ -20,8 +20,8 @@ import urllib3.exceptions
 from boto3.s3.transfer import TransferConfig
 
 from .. import buffers, errors
-from ..config import Credentials
-from .base import ListPage, ObjectInfo
+from ..config import Credentials, GiB, MiB, TiB
+from .base import ListPage, ObjectInfo, StoreLimits
 from .s3_get import DirectGet
 
 T = TypeVar("T")
@@ -35,6 +35,8 @@ _TRANSIENT = {"InternalError", "ServiceUnavailable", "RequestTimeout", "RequestT
               "PriorRequestNotComplete", "500", "502", "504"}
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
+#: Amazon S3's multipart limits (S3-compatible stores accept at least these, most the same)
+LIMITS = StoreLimits(max_parts=10_000, min_part_size=5 * MiB, max_part_size=5 * GiB, max_object_size=5 * TiB)
 # Bounds the temporary buffer of each read from a response body read in pieces. Below glibc's mmap threshold
 # (1 MiB here: fusefs.mount.limit_malloc_retention), so each chunk reuses heap memory instead of
 # a fresh mapping that costs a page fault per 4 KiB (a tenth of a cold read's CPU at 1 MiB).
@@ -118,6 +120,7 @@ class S3Store:
     ) -> None:
         self.bucket = bucket
         self.region = region
+        self.limits = LIMITS
         self.identity = f"s3|{endpoint_url or 'aws'}|{bucket}"
         # Set once any request proved the bucket exists: from then on a 404 on a key is a
         # missing key, and telling it from a missing bucket costs no extra request.

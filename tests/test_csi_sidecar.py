@@ -1,0 +1,228 @@
+"""The sidecar launcher with real processes and real mounts.
+
+The node plugin runs as the init of a PID namespace of its own (killing it is a restart of its
+container: everything it started dies with it). Each "pod" is an ``objfs sidecar`` in a mount and
+PID namespace of its own, uid 65534 without capabilities, read-only root, the plugin's directories
+hidden from it. kubelet is played by the test: a kubelet root in a temp dir, the pod's objfs-tmp
+emptyDir, NodePublishVolume before the pod's containers start (so before the sidecar listens).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+
+from csi.local import Client, PluginDirs, PluginProcess, unmount_all_under
+from csi.state import PENDING, SERVED, StateStore
+from csi.v1 import csi_pb2 as pb
+from fusefs import kernel
+from tests.pods import FakeKubelet, SidecarPod, objfs_command_for_nobody, wait_for
+from tests.proxy import CountingProxy
+from tests.servers import RcloneS3, random_bytes
+
+pytestmark = pytest.mark.fuse
+MiB = 1024 * 1024
+
+
+@dataclass
+class Node:
+    root: Path
+    dirs: PluginDirs
+    kubelet: FakeKubelet
+    command: str
+    plugin: PluginProcess | None = None
+    client: Client | None = None
+    pods: list[SidecarPod] = field(default_factory=list)
+
+    def start_plugin(self, *extra: str) -> Client:
+        self.plugin = PluginProcess(self.dirs, node_id="node-s", pid_namespace=True, extra_args=[
+            "--launcher", "sidecar", "--kubelet-root", str(self.kubelet.root), "--server-uid", "65534",
+            "--server-gid", "65534", "--sidecar-wait", "1", *extra])
+        self.client = self.plugin.start()
+        return self.client
+
+    def kill_plugin(self) -> None:
+        assert self.plugin is not None and self.client is not None
+        self.client.close()
+        self.plugin.kill()
+
+    def pod(self, uid: str) -> SidecarPod:
+        pod = SidecarPod(self.kubelet.empty_dir(uid), self.command, hide=[Path(self.dirs.root)])
+        self.pods.append(pod)
+        return pod.start()
+
+    def records(self) -> list[str]:
+        state = Path(self.dirs.state)
+        return sorted(os.listdir(state / "targets")) + sorted(os.listdir(state / "pending"))
+
+    def phase(self, target: str) -> str | None:
+        rec = StateStore(self.dirs.state).get(target)
+        return rec.phase if rec is not None else None
+
+
+@pytest.fixture
+def node() -> Iterator[Node]:
+    root = Path(tempfile.mkdtemp(prefix="objfs-sidecar-"))
+    os.chmod(root, 0o755)
+    command = objfs_command_for_nobody(root / "objfs")
+    if command is None:
+        shutil.rmtree(root)
+        pytest.skip("no interpreter uid 65534 can run objfs with here")
+    n = Node(root, PluginDirs(str(root / "plugin")), FakeKubelet(root / "kubelet"), command)
+    try:
+        yield n
+    finally:
+        if n.client is not None:
+            n.client.close()
+        if n.plugin is not None:
+            n.plugin.kill()
+        for p in n.pods:
+            p.close()
+        unmount_all_under(str(root))
+        if not os.environ.get("OBJFS_KEEP_TEST_DIRS"):
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def secrets_of(s3: RcloneS3) -> dict[str, str]:
+    return {"accessKeyID": s3.access_key, "secretAccessKey": s3.secret_key}
+
+
+def status_of(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def stats(client: Client, volume_id: str, target: str) -> pb.NodeGetVolumeStatsResponse:
+    return client.node.NodeGetVolumeStats(pb.NodeGetVolumeStatsRequest(volume_id=volume_id, volume_path=target))
+
+
+def test_a_pod_keeps_reading_across_a_restart_of_the_plugins_container(
+        node: Node, s3_server: RcloneS3, bucket: str) -> None:
+    data = random_bytes(3 * MiB + 17, seed=3)
+    s3_server.client().put_object(Bucket=bucket, Key="w/model.bin", Body=data)
+    client = node.start_plugin()
+    uid = node.kubelet.new_pod()
+    ctx = {"bucket": bucket, "prefix": "w", "endpoint": s3_server.endpoint}
+    # kubelet publishes before it starts any container: the sidecar is not there yet.
+    target = node.kubelet.publish(client, uid, "pv-model", "model", ctx, secrets_of(s3_server))
+    assert kernel.find_mount(target) is not None and node.phase(target) == PENDING
+    cond = stats(client, "model", target).volume_condition
+    assert not cond.abnormal and "waiting for the pod's objfs-sidecar" in cond.message
+
+    pod = node.pod(uid)  # the pod's first container starts and takes the volume
+    wait_for(lambda: node.phase(target) == SERVED, what="the hand-over")
+    assert (Path(target) / "model.bin").read_bytes() == data
+    (server,) = pod.server_pids()
+    fields = status_of(server)
+    assert fields["Uid"].split() == ["65534"] * 4 and int(fields["CapEff"], 16) == 0
+    with open(f"/proc/{server}/environ", "rb") as f:
+        assert s3_server.secret_key.encode() not in f.read()
+    assert os.listdir(Path(node.dirs.state) / "pending") == []  # the config with secrets is gone at once
+    assert stats(client, "model", target).volume_condition.message == "serving"
+
+    node.kill_plugin()  # the plugin's whole PID namespace dies
+    assert (Path(target) / "model.bin").read_bytes() == data
+    client = node.start_plugin()
+    assert (Path(target) / "model.bin").read_bytes() == data
+    assert stats(client, "model", target).volume_condition.message == "serving"
+    # A republish (kubelet, after a restart) is a no-op on a serving mount.
+    node.kubelet.publish(client, uid, "pv-model", "model", ctx, secrets_of(s3_server))
+    assert pod.server_pids() == [server]
+
+    node.kubelet.unpublish(client, "model", target)
+    assert kernel.find_mount(target) is None and not os.path.exists(target)
+    assert node.records() == []
+    wait_for(lambda: pod.server_pids() == [], what="the volume's server to exit")
+    pod.terminate()
+    assert pod.wait() == 0
+
+
+def test_a_killed_sidecar_fails_reads_fast_is_reported_and_unpublishes_cleanly(
+        node: Node, s3_server: RcloneS3, bucket: str) -> None:
+    s3_server.client().put_object(Bucket=bucket, Key="f.txt", Body=b"hello")
+    client = node.start_plugin()
+    uid = node.kubelet.new_pod()
+    pod = node.pod(uid)  # already listening: this publish answers once the mount serves
+    target = node.kubelet.publish(client, uid, "pv-f", "vol-f", {"bucket": bucket, "endpoint": s3_server.endpoint},
+                                  secrets_of(s3_server))
+    assert node.phase(target) == SERVED
+    assert (Path(target) / "f.txt").read_bytes() == b"hello"
+    pod.kill()
+    with pytest.raises(OSError) as err:
+        (Path(target) / "f.txt").read_bytes()
+    assert err.value.errno == errno.ENOTCONN
+    cond = stats(client, "vol-f", target).volume_condition
+    assert cond.abnormal and "objfs-sidecar container of pod" in cond.message and "restarted" in cond.message
+    node.kubelet.unpublish(client, "vol-f", target)
+    assert kernel.find_mount(target) is None and not os.path.exists(target)
+    assert node.records() == []
+
+
+def test_a_pod_without_a_sidecar_is_told_how_to_fix_it(node: Node, s3_server: RcloneS3, bucket: str) -> None:
+    client = node.start_plugin()
+    uid = node.kubelet.new_pod(sidecar=False)
+    with pytest.raises(grpc.RpcError) as err:
+        node.kubelet.publish(client, uid, "pv-x", "vol-x", {"bucket": bucket, "endpoint": s3_server.endpoint},
+                             secrets_of(s3_server))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert 'objfs.csi.dev/inject: "true"' in (err.value.details() or "")
+    assert "--allow-process-fallback" in (err.value.details() or "")
+    parent = node.kubelet.pod_dir(uid) / "volumes" / "kubernetes.io~csi" / "pv-x"
+    assert os.listdir(parent) == [] and node.records() == []
+
+
+def test_two_volumes_in_a_pod_and_pods_sharing_the_node_cache(
+        node: Node, s3_server: RcloneS3, bucket: str) -> None:
+    data = random_bytes(9 * MiB + 5, seed=8)  # two cache blocks
+    s3_server.client().put_object(Bucket=bucket, Key="shared/weights.bin", Body=data)
+    s3_server.client().put_object(Bucket=bucket, Key="own/notes.txt", Body=b"own")
+    with CountingProxy(s3_server.port) as proxy:
+        client = node.start_plugin()
+        shared = {"bucket": bucket, "prefix": "shared", "endpoint": proxy.endpoint}
+        uids = [node.kubelet.new_pod() for _ in range(3)]
+        targets = [node.kubelet.publish(client, u, "pv-shared", "shared", shared, secrets_of(s3_server), readonly=True,
+                                        mode=pb.VolumeCapability.AccessMode.MULTI_NODE_READER_ONLY) for u in uids]
+        own = node.kubelet.publish(client, uids[0], "pv-own", "own", {"bucket": bucket, "prefix": "own",
+                                   "endpoint": proxy.endpoint}, secrets_of(s3_server))
+        pods = [node.pod(u) for u in uids]
+        for t in [*targets, own]:
+            wait_for(lambda t=t: node.phase(t) == SERVED, what=f"the hand-over of {t}")
+        assert len(pods[0].server_pids()) == 2  # one server per volume
+        assert (Path(own) / "notes.txt").read_bytes() == b"own"
+        proxy.reset()
+        for t in targets:
+            assert (Path(t) / "weights.bin").read_bytes() == data
+        got = proxy.tally()
+        # One fetch per block for the node, not per pod: the three pods' servers share the cache.
+        assert got.body_bytes["GET"] <= len(data) + 2 * MiB, got.as_dict()
+        for t in targets:
+            node.kubelet.unpublish(client, "shared", t)
+        node.kubelet.unpublish(client, "own", own)
+        assert node.records() == []
+        for p in pods:
+            wait_for(lambda p=p: p.server_pids() == [], what="the pod's servers to exit")
+
+
+def test_sigterm_lets_open_files_finish_their_upload(node: Node, s3_server: RcloneS3, bucket: str) -> None:
+    client = node.start_plugin()
+    uid = node.kubelet.new_pod()
+    pod = node.pod(uid)
+    target = node.kubelet.publish(client, uid, "pv-w", "vol-w", {"bucket": bucket, "endpoint": s3_server.endpoint},
+                                  secrets_of(s3_server))
+    payload = random_bytes(2 * MiB + 3, seed=5)
+    with open(Path(target) / "ckpt.bin", "wb") as f:
+        f.write(payload[: MiB])
+        pod.terminate()  # kubelet stops the sidecar while the file is still open
+        f.write(payload[MiB:])
+    assert pod.wait() == 0
+    assert s3_server.client().get_object(Bucket=bucket, Key="ckpt.bin")["Body"].read() == payload
+    node.kubelet.unpublish(client, "vol-w", target)
+    assert kernel.find_mount(target) is None and node.records() == []
