@@ -209,7 +209,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def _log_path(self, target: str) -> str:
         if not isinstance(self.launcher, ProcessLauncher):
             return ""
-        return self.launcher.log_path(hashlib.sha256(target.encode()).hexdigest()[:16])
+        return self.launcher.log_path(_server_name(target))
 
     @staticmethod
     def _params(volume_id: str, context: Mapping[str, str]) -> P.VolumeParams:
@@ -442,7 +442,7 @@ def volume_name(target: str) -> str:
     """The volume's name in its pod: the PV (or inline volume) name in kubelet's target path
     ``.../volumes/kubernetes.io~csi/<name>/mount``, else a hash of the path."""
     name = os.path.basename(os.path.dirname(target))
-    return name if _NAME_RE.match(name) else hashlib.sha256(target.encode()).hexdigest()[:16]
+    return name if _NAME_RE.match(name) else _server_name(target)
 
 
 def _handle(rec: PublishRecord) -> ServerHandle:
