@@ -353,13 +353,14 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             except OSError as e:
                 raise Internal(f"cannot remove {target}: {e.strerror}") from None
         self.state.delete_pending_config(target)
+        # The files named after the target go before the record: a plugin killed in between must
+        # not leave them behind, and a retried unpublish (no record left) still finds them by name.
+        for path in {self._metrics_file(target), self._log_path(target), rec.log_path if rec else ""}:
+            if path:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
         if rec is not None:
             self.state.delete(target)
-            with contextlib.suppress(OSError):
-                os.unlink(self._metrics_file(target))
-            if rec.log_path:
-                with contextlib.suppress(OSError):
-                    os.unlink(rec.log_path)
 
     # -- stats and info ----------------------------------------------------------------------
     def NodeGetVolumeStats(self, request: csi_pb2.NodeGetVolumeStatsRequest, context: grpc.ServicerContext
