@@ -48,14 +48,43 @@ def test_node_daemonset_is_privileged_with_bidirectional_propagation() -> None:
     pod = ds["spec"]["template"]["spec"]
     plugin = next(c for c in pod["containers"] if c["name"] == "objfs-csi")
     assert plugin["securityContext"]["privileged"] is True
-    assert "--mode=node" in plugin["args"]
+    args = parse_args(plugin["args"])
+    assert args.mode == "node"
     mounts = {m["name"]: m for m in plugin["volumeMounts"]}
-    assert mounts["kubelet-pods"]["mountPropagation"] == "Bidirectional"
     volumes = {v["name"]: v for v in pod["volumes"]}
+    assert mounts["kubelet-pods"]["mountPropagation"] == "Bidirectional"
+    # kubelet names targets by their host paths: the plugin must see them at the same path.
+    assert mounts["kubelet-pods"]["mountPath"] == volumes["kubelet-pods"]["hostPath"]["path"] == "/var/lib/kubelet/pods"
     assert volumes["dev-fuse"]["hostPath"] == {"path": "/dev/fuse", "type": "CharDevice"}
-    assert volumes["objfs-cache"]["hostPath"]["path"] == "/var/lib/objfs/cache"
-    assert volumes["objfs-state"]["hostPath"]["path"] == "/var/lib/objfs/state"
+    assert volumes["objfs-cache"]["hostPath"]["path"] == mounts["objfs-cache"]["mountPath"] == args.cache_dir
+    assert volumes["objfs-state"]["hostPath"]["path"] == mounts["objfs-state"]["mountPath"] == args.state_dir
     assert any("node-driver-registrar" in c["image"] for c in pod["containers"])
+
+
+def test_the_sidecar_is_how_volumes_are_served_by_default() -> None:
+    (ds,) = by_kind("DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    plugin = next(c for c in pod["containers"] if c["name"] == "objfs-csi")
+    args = parse_args(plugin["args"])
+    assert args.launcher == "sidecar"
+    # A pod without the sidecar is refused with a message saying how to fix it, not served quietly
+    # from the plugin's container (where a DaemonSet rollout would break its mount).
+    assert args.allow_process_fallback is False
+    # The pods' emptyDirs (hand-over sockets) are found under the kubelet root: mounted Bidirectional.
+    mounts = {m["mountPath"]: m for m in plugin["volumeMounts"]}
+    assert mounts[f"{args.kubelet_root}/pods"]["mountPropagation"] == "Bidirectional"
+    # The webhook that adds the sidecar is part of the install, and injects the plugin's own image
+    # (its own, read at start-up): sidecar and plugin speak the same hand-over protocol.
+    listed = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())["resources"]
+    assert {"webhook.yaml", "webhook-rbac.yaml"} <= set(listed)
+    (hook_container,) = named("Deployment", "objfs-webhook")["spec"]["template"]["spec"]["containers"]
+    assert hook_container["image"] == plugin["image"] == "objfs-csi"
+    assert parse_args(hook_container["args"]).sidecar_image == ""
+    # The plugin may read pods (to let regular-container sidecars exit once a pod's work is done), nothing more.
+    binding = named("ClusterRoleBinding", pod["serviceAccountName"])
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": pod["serviceAccountName"], "namespace": "objfs"}]
+    rules = named("ClusterRole", binding["roleRef"]["name"])["rules"]
+    assert rules == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]
 
 
 def test_controller_has_the_provisioner_sidecar() -> None:
