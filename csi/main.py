@@ -20,7 +20,7 @@ from google.protobuf.message import Message
 
 from fusefs import errors as store_errors
 
-from . import metrics, webhook
+from . import metrics, podexit, webhook
 from . import params as P
 from .controller import ControllerService
 from .errors import CsiError, from_store_error
@@ -124,6 +124,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                          "pod's volumes side by side) before deciding the pod has no sidecar")
     ap.add_argument("--handover-timeout", type=float, default=600.0,
                     help="seconds a published volume waits for its pod's sidecar to take it before giving up")
+    ap.add_argument("--sidecar-exit-poll", type=float, default=10.0, metavar="SECONDS",
+                    help="with --launcher sidecar: how often to look (Kubernetes API, pods get) at pods whose objfs "
+                         "sidecar is a regular container (Kubernetes < 1.29) and, once their other containers are "
+                         "done for good, tell it to finish its uploads and exit, so Jobs complete; 0: never")
     ap.add_argument("--workers", type=int, default=16, help="gRPC worker threads")
     ap.add_argument("--metrics-address", default="", metavar="HOST:PORT",
                     help="serve Prometheus metrics (the plugin's and every FUSE server's) on HOST:PORT/metrics; "
@@ -188,6 +192,8 @@ def build_server(args: argparse.Namespace) -> tuple[grpc.Server, NodeService | N
         metrics_dir = metrics.prepare_metrics_dir(args.state_dir, args.server_uid, args.server_gid)
         node = NodeService(args.node_id, state, launcher, args.cache_dir, sidecars, inline=inline,
                            stats_timeout=args.stats_timeout, metrics_dir=metrics_dir)
+        if sidecars is not None:
+            args.exit_watcher = podexit.start_watcher(args, node.sidecar_pods, sidecars.pod_dir)
         csi_pb2_grpc.add_NodeServicer_to_server(node, server)
     csi_pb2_grpc.add_IdentityServicer_to_server(
         IdentityService(args.driver_name, needs_fuse=args.mode != "controller", warmed=warmed), server

@@ -42,6 +42,7 @@ from .launcher import (
     ServerStartError,
     SidecarLauncher,
 )
+from .podexit import PodRef
 from .state import FAILED, MOUNTING, PENDING, PROCESS, SERVED, SIDECAR, KeyedLocks, PublishRecord, StateStore
 from .statfs import StatfsProbes
 from .v1 import csi_pb2, csi_pb2_grpc
@@ -49,6 +50,7 @@ from .v1 import csi_pb2, csi_pb2_grpc
 log = logging.getLogger(__name__)
 STATFS_TIMEOUT = 10.0
 SUPPORTED_MOUNT_FLAGS = ("ro",)
+POD_NAMESPACE_KEY, POD_NAME_KEY = "csi.storage.k8s.io/pod.namespace", "csi.storage.k8s.io/pod.name"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
 
 
@@ -62,8 +64,7 @@ def check_path(path: str, field: str) -> str:
 
 
 def no_sidecar_message(context: Mapping[str, str], pod_uid: str) -> str:
-    pod = "/".join(filter(None, (context.get("csi.storage.k8s.io/pod.namespace"),
-                                 context.get("csi.storage.k8s.io/pod.name")))) or pod_uid or "this pod"
+    pod = "/".join(filter(None, (context.get(POD_NAMESPACE_KEY), context.get(POD_NAME_KEY)))) or pod_uid or "this pod"
     return (f"pod {pod} mounts objfs volumes but has no objfs sidecar (no objfs-tmp emptyDir): annotate the pod "
             'with objfs.csi.dev/inject: "true" and install the objfs admission webhook (deploy/), which adds it; '
             "or run the node plugin with --allow-process-fallback to serve such pods from the plugin")
@@ -134,6 +135,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         except Exception as exc:  # one target must not keep the plugin from starting
             log.error("cannot mount %s afresh: %s", rec.target, exc)
 
+    def sidecar_pods(self) -> list[PodRef]:
+        """The pods whose sidecars this plugin hands volumes to (for ``podexit``)."""
+        return [PodRef(r.pod_namespace, r.pod_name, r.pod_uid) for r in self.state.all() if r.launcher == SIDECAR]
+
     # -- publish -----------------------------------------------------------------------------
     def NodePublishVolume(self, request: csi_pb2.NodePublishVolumeRequest, context: grpc.ServicerContext
                           ) -> csi_pb2.NodePublishVolumeResponse:
@@ -177,7 +182,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                                 fingerprint=fingerprint, config=config.redacted(), phase=MOUNTING)
             pod_uid = request.volume_context.get(POD_UID_KEY, "")
             if self.sidecars is not None and self._has_sidecar(pod_uid):
-                rec = dataclasses.replace(rec, launcher=SIDECAR, pod_uid=pod_uid, name=volume_name(target))
+                rec = dataclasses.replace(rec, launcher=SIDECAR, pod_uid=pod_uid, name=volume_name(target),
+                                          pod_namespace=request.volume_context.get(POD_NAMESPACE_KEY, ""),
+                                          pod_name=request.volume_context.get(POD_NAME_KEY, ""))
                 self.state.put(rec)  # the intent, before anything is mounted
                 phase = self._mount_for_sidecar(rec, config)
                 log.info("published %s at %s (%s, %s)", request.volume_id, target, "ro" if read_only else "rw",
@@ -277,7 +284,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def _with_metrics(self, config: MountConfig, volume_id: str, target: str, context: Mapping[str, str]
                       ) -> MountConfig:
         """Where the server writes its figures, and their labels: the volume, the pod if known."""
-        ns, pod = context.get("csi.storage.k8s.io/pod.namespace", ""), context.get("csi.storage.k8s.io/pod.name", "")
+        ns, pod = context.get(POD_NAMESPACE_KEY, ""), context.get(POD_NAME_KEY, "")
         return dataclasses.replace(config, metrics_path=self._metrics_file(target), metrics_volume=volume_id,
                                    metrics_pod=f"{ns}/{pod}" if pod else "")
 
@@ -418,6 +425,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         status = self.sidecars.status(rec.pod_uid, rec.name)
         if status == handoff.SERVING:
             return None
+        if status == NO_SIDECAR and os.path.exists(os.path.join(self.sidecars.pod_dir(rec.pod_uid), handoff.EXIT_FILE)):
+            return False, "the pod's containers are done: its objfs-sidecar finished its uploads and exited as told"
         if status == NO_SIDECAR:
             return True, (f"the objfs-sidecar container of pod {rec.pod_uid} is not running (it exited or was "
                           "killed, e.g. OOM): reads fail with ENOTCONN; the pod must be restarted")

@@ -46,6 +46,8 @@ class PublishRecord:
     phase: str = SERVED
     launcher: str = PROCESS
     pod_uid: str = ""  # sidecar: whose emptyDir holds the hand-over socket
+    pod_namespace: str = ""  # sidecar: the pod (to tell when its containers are done: csi.podexit)
+    pod_name: str = ""
     name: str = ""  # sidecar: the volume's name in that pod
     message: str = ""  # why the hand-over failed
 

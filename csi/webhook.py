@@ -58,9 +58,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--claim-lookups", choices=("on", "off"), default="on",
                    help="look PVCs up (their PV or StorageClass) to find objfs volumes; off: annotations and "
                         "inline volumes only")
-    g.add_argument("--kube-api", default="", help="API server URL (default: the in-cluster one)")
-    g.add_argument("--kube-token-file", default="", help="bearer token file (default: the service account's)")
-    g.add_argument("--kube-ca-file", default="", help="CA of the API server (default: the service account's)")
+    k = ap.add_argument_group("Kubernetes API (--mode webhook; --mode node with --launcher sidecar, see "
+                              "--sidecar-exit-poll)")
+    k.add_argument("--kube-api", default="", help="API server URL (default: the in-cluster one)")
+    k.add_argument("--kube-token-file", default="", help="bearer token file (default: the service account's)")
+    k.add_argument("--kube-ca-file", default="", help="CA of the API server (default: the service account's)")
 
 
 # -- admission -----------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ Runs unprivileged (uid 65534, no capabilities, read-only root): it writes only u
 Stopping: on SIGTERM (kubelet stopping the container) every server lets open files finish their
 uploads, then unmounts its end; this process exits once they all have. A sidecar that kubelet
 does not stop by itself (a regular container on Kubernetes < 1.29) does the same once the file
-``DIR/exit`` appears.
+``DIR/exit`` appears: the node plugin writes it once the pod's other containers are done for good
+(``csi.podexit``), so a Job's pod completes.
 
 This process stays single-threaded: fork() copies only the calling thread.
 """

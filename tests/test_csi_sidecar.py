@@ -12,6 +12,8 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,6 +26,7 @@ from csi.local import Client, PluginDirs, PluginProcess, unmount_all_under
 from csi.state import PENDING, SERVED, StateStore
 from csi.v1 import csi_pb2 as pb
 from fusefs import kernel
+from tests.kubemock import FakeApiServer
 from tests.pods import FakeKubelet, SidecarPod, objfs_command_for_nobody, wait_for
 from tests.proxy import CountingProxy
 from tests.servers import RcloneS3, random_bytes
@@ -226,3 +229,62 @@ def test_sigterm_lets_open_files_finish_their_upload(node: Node, s3_server: Rclo
     assert s3_server.client().get_object(Bucket=bucket, Key="ckpt.bin")["Body"].read() == payload
     node.kubelet.unpublish(client, "vol-w", target)
     assert kernel.find_mount(target) is None and node.records() == []
+
+
+def job_pod(uid: str, name: str, native: bool, job_state: dict[str, object]) -> dict[str, object]:
+    """The pod as the API server would show it: the webhook's sidecar, one container "job"."""
+    sidecar = {"name": "objfs-sidecar", "image": "objfs-csi", **({"restartPolicy": "Always"} if native else {})}
+    spec: dict[str, object] = {"restartPolicy": "Never", "containers": [{"name": "job", "image": "trainer"}]}
+    if native:
+        spec["initContainers"] = [sidecar]
+    else:
+        spec["containers"] = [sidecar, {"name": "job", "image": "trainer"}]
+    return {"metadata": {"name": name, "namespace": "ml", "uid": uid}, "spec": spec,
+            "status": {"containerStatuses": [{"name": "objfs-sidecar", "state": {"running": {}}},
+                                             {"name": "job", "state": job_state}]}}
+
+
+def test_a_job_with_a_regular_sidecar_completes_with_its_uploads_done(
+        node: Node, s3_server: RcloneS3, bucket: str) -> None:
+    with FakeApiServer(node.root / "api") as api:
+        client = node.start_plugin("--kube-api", api.url, "--kube-token-file", str(api.token_file),
+                                   "--kube-ca-file", str(api.ca_file), "--sidecar-exit-poll", "0.2")
+        ctx = {"bucket": bucket, "prefix": "runs", "endpoint": s3_server.endpoint}
+        job, native = node.kubelet.new_pod(), node.kubelet.new_pod()
+        paths = {u: f"/api/v1/namespaces/ml/pods/pod-{u[:5]}" for u in (job, native)}  # FakeKubelet's names
+        running = {"running": {"startedAt": "2026-12-02T16:00:00Z"}}
+        api.put(paths[job], job_pod(job, f"pod-{job[:5]}", False, running))
+        api.put(paths[native], job_pod(native, f"pod-{native[:5]}", True, running))
+        targets = {u: node.kubelet.publish(client, u, "pv-runs", "runs", ctx, secrets_of(s3_server))
+                   for u in (job, native)}
+        pods = {u: node.pod(u) for u in (job, native)}
+        for t in targets.values():
+            wait_for(lambda t=t: node.phase(t) == SERVED, what=f"the hand-over of {t}")
+
+        # The Job's container: writes its result and exits (its last close starts the upload).
+        payload = random_bytes(12 * MiB + 11, seed=12)
+        writer = ("import sys; f = open(sys.argv[1], 'wb'); [f.write(sys.stdin.buffer.read(1 << 20)) "
+                  "for _ in range(13)]; f.close()")
+        subprocess.run([sys.executable, "-c", writer, f"{targets[job]}/result.bin"], input=payload, check=True)
+        # While the API says it still runs, the sidecar is left alone (looked at again and again).
+        wait_for(lambda: api.count("GET", paths[job]) >= 3, what="the plugin to look at the Job's pod")
+        exit_file = node.kubelet.empty_dir(job) / "exit"
+        assert not exit_file.exists() and pods[job].proc is not None and pods[job].proc.poll() is None
+        # The pod with a native sidecar was read once and then left alone: kubelet stops that one.
+        assert api.count("GET", paths[native]) == 1
+        # kubelet reports the container done: the plugin tells the sidecar, which uploads and exits 0.
+        api.put(paths[job], job_pod(job, f"pod-{job[:5]}", False, {"terminated": {"exitCode": 0}}))
+        assert pods[job].wait() == 0
+        assert exit_file.exists()
+        cond = stats(client, "runs", targets[job]).volume_condition
+        assert not cond.abnormal and "exited as told" in cond.message  # done, not broken
+        assert s3_server.client().get_object(Bucket=bucket, Key="runs/result.bin")["Body"].read() == payload
+        assert api.count("GET", paths[native]) == 1 and not (node.kubelet.empty_dir(native) / "exit").exists()
+        assert pods[native].proc is not None and pods[native].proc.poll() is None
+
+        for t in targets.values():
+            node.kubelet.unpublish(client, "runs", t)
+            assert kernel.find_mount(t) is None
+        assert node.records() == []
+        pods[native].terminate()
+        assert pods[native].wait() == 0
