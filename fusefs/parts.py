@@ -24,10 +24,16 @@ def capacity(limits: StoreLimits, base: int, tier: int) -> int:
     """Bytes that ``max_parts`` parts of the growing schedule hold."""
     total, number, shift = 0, 0, 0
     while number < limits.max_parts:
+        size = min(base << shift, limits.max_part_size)
+        if size == limits.max_part_size:
+            # Every further part is the largest: the rest at once. A loop to the end would be
+            # max_parts / tier steps (10,000 on S3 for tier 1), run on the event loop whenever
+            # a file is opened for writing or staged at close.
+            return total + (limits.max_parts - number) * size
         count = min(tier, limits.max_parts - number)
-        total += count * min(base << shift, limits.max_part_size)
+        total += count * size
         number += count
-        shift = min(shift + 1, 62)
+        shift += 1
     return total
 
 

@@ -57,3 +57,16 @@ def mount_fs(tmp_path: Path) -> Iterator[Callable[..., Mounted]]:
     yield make
     for m in made:
         m.unmount()
+
+
+# -- figures of the fault tests (tests/figures.py) ----------------------------------------------
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    from tests import figures
+
+    lines = figures.summary_lines()
+    if lines:
+        terminalreporter.section("faults injected and bytes verified")
+        for line in lines:
+            terminalreporter.write_line(line)
+        figures.write_summary()
+        terminalreporter.write_line(f"(written to {figures.SUMMARY})")

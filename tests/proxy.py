@@ -43,14 +43,17 @@ class FaultPlan:
 
     ``rate``: chance that a request starts a burst of faults; a burst is 1 to ``burst`` requests
     in a row. ``kinds`` take turns. ``only``: the request kinds (``classify``) that may be hit,
-    all if empty. ``stall``: seconds a stalled request waits before its connection is closed
-    (longer than the client's read timeout, so the client gives up first)."""
+    all if empty. ``skip``: how many of those requests are served normally before any is hit
+    (with ``rate=1.0``: fail exactly from the request after them on). ``stall``: seconds a
+    stalled request waits before its connection is closed (longer than the client's read
+    timeout, so the client gives up first)."""
 
     rate: float = 0.03
     burst: int = 3
     kinds: tuple[str, ...] = FAULT_KINDS
     seed: int = 0
     only: frozenset[str] = frozenset()
+    skip: int = 0
     stall: float = 3.0
     _random: random.Random = field(init=False, repr=False)
     _left: int = field(default=0, init=False, repr=False)  # requests still to hit in this burst
@@ -66,6 +69,9 @@ class FaultPlan:
         """The fault for the next request of ``kind`` (None: serve it normally). Not thread-safe:
         the proxy calls it under its lock."""
         if self.only and kind not in self.only:
+            return None
+        if self.skip > 0:
+            self.skip -= 1
             return None
         if self._left == 0 and self._random.random() < self.rate:
             self._left = self._random.randint(1, max(1, self.burst))
@@ -96,8 +102,11 @@ class Tally:
 
 
 def classify(method: str, path: str, headers: dict[str, str]) -> str:
-    """The kind of S3 request: LIST, GET, HEAD, PUT, PART, COPY, CREATE-MULTIPART, COMPLETE, DELETE..."""
+    """The kind of S3 request: LIST, GET, HEAD, PUT, PART, COPY, CREATE-MULTIPART, COMPLETE, DELETE...
+    (GCS JSON API requests: ``classify_gcs``)."""
     url = urlsplit(path)
+    if url.path.startswith(_GCS_ROOTS):
+        return classify_gcs(method, url.path)
     query = parse_qs(url.query, keep_blank_values=True)
     parts = [p for p in url.path.split("/") if p]
     bucket_level = len(parts) <= 1
@@ -128,6 +137,30 @@ def classify(method: str, path: str, headers: dict[str, str]) -> str:
             return "ABORT"
         return "DELETE-BUCKET" if bucket_level else "DELETE"
     return method
+
+
+_GCS_ROOTS = ("/storage/v1/b", "/upload/storage/v1/b/", "/download/storage/v1/b/")
+
+
+def classify_gcs(method: str, path: str) -> str:
+    """The kind of a GCS JSON API request, in S3's words where there is one (metadata GET is
+    HEAD, media upload PUT), plus COMPOSE."""
+    if path.startswith("/upload/"):
+        return "PUT"
+    if path.startswith("/download/"):
+        return "GET"
+    parts = path.removeprefix("/storage/v1/b").strip("/").split("/")
+    if parts == [""]:
+        return "CREATE-BUCKET" if method == "POST" else "LIST-BUCKETS"
+    if len(parts) == 1:
+        return {"GET": "HEAD-BUCKET", "DELETE": "DELETE-BUCKET"}.get(method, method)
+    if len(parts) == 2:  # /b/<bucket>/o
+        return "LIST" if method == "GET" else method
+    if method == "POST" and len(parts) == 4 and parts[-1] == "compose":
+        return "COMPOSE"
+    if method == "POST" and "rewriteTo" in parts:
+        return "COPY"
+    return {"GET": "HEAD", "DELETE": "DELETE", "PATCH": "PATCH"}.get(method, method)
 
 
 class _Reader:
