@@ -70,8 +70,8 @@ LOCK_POLL_MAX = 0.01
 #: hangs (a stalled store, a stopped process) must not stall every reader of that block on the node.
 LOCK_WAIT = 30.0
 #: bump when the entry format changes: old entries then simply miss (v2: CRC-32C instead of CRC-32;
-#: v3: tenants, block sizes and whole-object data files)
-FORMAT = "v3"
+#: v3: tenants, block sizes and whole-object data files; v4: each CRC seeded with its block's key)
+FORMAT = "v4"
 
 # Eviction policy: least-recently-used, knowingly. LRU costs one SQLite write transaction per get
 # (the access time). Measured here in CPU time per get (the machine was loaded, wall time was
@@ -128,16 +128,19 @@ class BlockKey:
                           separators=(",", ":"))
 
 
-def _checksum(data: bytes | bytearray | memoryview) -> int:
+def _checksum(data: bytes | bytearray | memoryview, key: BlockKey) -> int:
     # CRC-32C with the CPU's crc32 instruction (the crc32c package, which takes any buffer and
     # releases the GIL for large ones): about 24 GB/s here against zlib's CRC-32 at 3.4 GB/s,
     # which took 12% of a warm read's CPU time. Every block is checked on every read from the cache.
-    return int(crc32c.crc32c(data))
+    # Seeded with the block's key (the CRC of key + data): an index row that names another key's
+    # intact file, with that file's tag (a damaged or mixed-up index), fails the check instead of
+    # serving another object's bytes (tests/test_cache_faults.py swaps two rows).
+    return int(crc32c.crc32c(data, crc32c.crc32c(key.encode().encode())))
 
 
-def _tag(data: bytes | bytearray) -> int:
+def _tag(data: bytes | bytearray, key: BlockKey) -> int:
     # length in the high bits, CRC-32C in the low 32: one integer column, both checked on read
-    return (len(data) << 32) | _checksum(data)
+    return (len(data) << 32) | _checksum(data, key)
 
 
 class _BlockDisk(diskcache.Disk):
@@ -375,7 +378,7 @@ class NodeCache:
         # A bytearray block goes to the file as it is: a bytes() copy would hold the GIL for the
         # whole block while the event loop wants it.
         value = data if type(data) in (bytes, bytearray) else bytes(data)
-        self._cache.set(key.encode(), value, tag=_tag(data))
+        self._cache.set(key.encode(), value, tag=_tag(data, key))
 
     # -- whole-object data files (fusefs.objects) ------------------------------------------------
 
@@ -419,7 +422,7 @@ class NodeCache:
                     os.close(direct)
         finally:
             os.close(fd)
-        self._cache.set(key.encode(), df.token, tag=_tag(data))
+        self._cache.set(key.encode(), df.token, tag=_tag(data, key))
 
     def _lookup_in_file(self, key: BlockKey) -> bytes | None:
         """A block from its object's data file, checked against its marker; None on a miss.
@@ -439,7 +442,7 @@ class NodeCache:
             if df is None or df.token != token:
                 self._cache.delete(dkey)  # a marker of an earlier file of this object
                 return None
-            data = self._read_verified_at(handle.fileno(), key.index * key.block_size, tag)
+            data = self._read_verified_at(handle.fileno(), key, tag)
         if data is None:
             self._corrupt(key, dkey)
             if df.complete:  # a complete file that fails a check must not be passed through again
@@ -447,12 +450,13 @@ class NodeCache:
         return data
 
     @staticmethod
-    def _read_verified_at(fd: int, offset: int, tag: Any) -> bytes | None:
+    def _read_verified_at(fd: int, key: BlockKey, tag: Any) -> bytes | None:
+        """Block ``key`` at its offset in an object's data file, if it matches the tag."""
         if not isinstance(tag, int) or tag < 0:
             return None
         length, crc = tag >> 32, tag & 0xFFFFFFFF
-        data = _read_into(fd, buffers.take(length), offset)
-        if len(data) != length or _checksum(data) != crc:
+        data = _read_into(fd, buffers.take(length), key.index * key.block_size)
+        if len(data) != length or _checksum(data, key) != crc:
             return None
         return cast(bytes, data)  # a pooled buffer, handed out as the block (fusefs.buffers)
 
@@ -470,10 +474,23 @@ class NodeCache:
             df = self._data_file(oid)
             if df is not None and not df.complete:
                 df = self._publish(oid, df)
+            elif df is not None and not self._marks(oid, df):
+                # The kernel reads a complete file unchecked (passthrough): it must at least be
+                # this object's. Its blocks' markers carry its token; an index row naming another
+                # object's file does not match them.
+                self._report("corrupt", f"the index names a file of another object for {oid.key!r}; not used")
+                return None
         except Exception as exc:
             self._problem("publish", exc)
             return None
         return os.path.join(self.directory, df.relpath) if df is not None and df.complete else None
+
+    def _marks(self, oid: ObjectId, df: DataFile) -> bool:
+        """Whether block 0's marker says it was written into ``df``."""
+        assert self._cache is not None
+        first = BlockKey(oid.store, oid.key, oid.version, 0, oid.block_size, oid.size, oid.tenant)
+        token = self._cache.get(first.encode(), default=None)
+        return bool(token == df.token)
 
     def _publish(self, oid: ObjectId, df: DataFile) -> DataFile | None:
         """Check every block of a partial file against its marker and publish it complete; None
@@ -492,7 +509,7 @@ class NodeCache:
             return self._data_file(oid)  # published by another server, or evicted
         try:
             for bkey, tag in tags:
-                block = self._read_verified_at(fd, bkey.index * oid.block_size, tag)
+                block = self._read_verified_at(fd, bkey, tag)
                 if block is None:
                     self._corrupt(bkey, bkey.encode())
                     return None
@@ -561,7 +578,7 @@ class NodeCache:
             return None
         try:
             with handle:
-                data = self._read_verified(handle, tag)
+                data = self._read_verified(handle, key, tag)
         except Exception as exc:
             self._problem("read", exc)
             return None
@@ -573,7 +590,7 @@ class NodeCache:
         return data
 
     @staticmethod
-    def _read_verified(handle: Any, tag: Any) -> bytes | None:
+    def _read_verified(handle: Any, key: BlockKey, tag: Any) -> bytes | None:
         """The block's bytes if they match the tag, else None. One read() of the file.
 
         (Mapping the file instead, to reply from its page cache without a copy, measured slower
@@ -589,7 +606,7 @@ class NodeCache:
             if os.fstat(fd).st_size != length:
                 return None
             data = _read_into(fd, buffers.take(length))
-        if len(data) != length or _checksum(data) != crc:
+        if len(data) != length or _checksum(data, key) != crc:
             return None
         return data
 
