@@ -40,20 +40,30 @@ SCENARIOS: dict[str, Callable[[scenarios.Ctx], Scenario]] = {
     "9": scenarios.memory,
     "10": lambda ctx: _csi(ctx),
     "11": scenarios.model_load,
+    "12": lambda ctx: _csi(ctx, "publish_latency"),
+    "13": lambda ctx: _csi(ctx, "sidecar_memory"),
 }
 ALIASES = {"cold": "1", "warm": "2", "hot": "3", "small": "4", "ls": "5", "shared": "6", "ttfb": "7",
-           "write": "8", "memory": "9", "csi": "10", "model": "11"}
+           "write": "8", "memory": "9", "csi": "10", "model": "11",
+           "sidecar": "12", "sidecar-memory": "13"}
 
 
-def _csi(ctx: scenarios.Ctx) -> Scenario:
+def _csi(ctx: scenarios.Ctx, which: str = "node_publish") -> Scenario:
     from bench import csi_publish
 
     reason = csi_publish.csi_available(REPO)
     if reason:
-        sc = ctx.run.scenario("10", "NodePublishVolume latency", "ms", False, [])
+        sid, title = {"node_publish": ("10", "NodePublishVolume latency"),
+                      "publish_latency": ("12", "NodePublishVolume latency, process vs sidecar launcher"),
+                      "sidecar_memory": ("13", "memory of a pod's objfs sidecar")}[which]
+        sc = ctx.run.scenario(sid, title, "ms" if sid != "13" else "MiB", False, [])
         sc.notes.append(f"not available: {reason}")
         return sc
-    return csi_publish.node_publish(ctx)
+    if which == "node_publish":
+        return csi_publish.node_publish(ctx)
+    from bench import csi_sidecar
+
+    return getattr(csi_sidecar, which)(ctx)  # type: ignore[no-any-return]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -61,7 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=("small", "full"), default="full", help="data sizes (full: 1 GiB objects)")
     ap.add_argument("--quick", action="store_true", help="tiny data, one repetition: a smoke test (< 2 minutes)")
-    ap.add_argument("--only", default="", help="comma-separated scenarios: numbers 1-11 or " + ",".join(ALIASES))
+    ap.add_argument("--only", default="", help="comma-separated scenarios: numbers 1-13 or " + ",".join(ALIASES))
     ap.add_argument("--skip", default="", help="comma-separated scenarios to leave out")
     ap.add_argument("--reps", type=int, default=0, help="repetitions of each measurement (default: by size)")
     ap.add_argument("--clients", default="", help="comma-separated FUSE clients (default: all of "

@@ -1,5 +1,6 @@
-"""The eleven scenarios. Each measures every client it applies to, alternating the order of the
-clients from one repetition to the next, and checks every byte read against the manifest."""
+"""The scenarios (those of objfs-csi, 10, 12 and 13, are in csi_publish.py and csi_sidecar.py). Each
+measures every client it applies to, alternating the order of the clients from one repetition to the
+next, and checks every byte read against the manifest."""
 
 from __future__ import annotations
 
