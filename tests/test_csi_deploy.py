@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import jsonpatch
+import pytest
 import yaml
 
+from csi import inject as I
 from csi import params as P
 from csi.main import parse_args
 
@@ -140,3 +143,37 @@ def test_webhook_is_fail_safe_and_its_flags_match_its_objects() -> None:
     assert role[0]["resources"] == ["secrets"] and role[0]["resourceNames"] == [args.webhook_secret]
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert container["securityContext"]["readOnlyRootFilesystem"] and args.cert_dir.startswith(tuple(mounts))
+
+
+def _pod_templates(folder: Path) -> list[dict[str, Any]]:
+    """Every pod an example creates: Pods, and the pod templates of Deployments and Jobs."""
+    pods = [d for d in by_kind("Pod", folder)]
+    pods += [d["spec"]["template"] for kind in ("Deployment", "Job") for d in by_kind(kind, folder)]
+    return pods
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_every_example_pod_gets_the_sidecar_from_the_webhook(native: bool) -> None:
+    examples = DEPLOY / "examples"
+    objfs_classes = {sc["metadata"]["name"] for sc in by_kind("StorageClass", examples)}
+    objfs_claims = {c["metadata"]["name"] for c in by_kind("PersistentVolumeClaim", examples)
+                    if c["spec"].get("storageClassName") in objfs_classes
+                    or any(pv["metadata"]["name"] == c["spec"].get("volumeName") for pv in by_kind("PersistentVolume",
+                                                                                                      examples))}
+    settings = I.SidecarSettings(image="objfs-csi", native=native)
+    pods = _pod_templates(examples)
+    assert any("objfs.csi.dev/sidecar-memory-limit" in (p["metadata"].get("annotations") or {}) for p in pods)
+    for pod in pods:
+        decision = I.decide(pod, "default", settings, lambda ns, name: name in objfs_claims, objfs_classes.__contains__)
+        assert decision.inject, (pod["metadata"], decision.reason)
+        patched = jsonpatch.apply_patch(pod, I.sidecar_patch(pod, settings))
+        spec = patched["spec"]
+        where = spec["initContainers"] if native else spec["containers"]
+        sidecar = where[0]
+        assert sidecar["name"] == I.SIDECAR_NAME and (sidecar.get("restartPolicy") == "Always") == native
+        tmp = [v for v in spec["volumes"] if v["name"] == I.VOLUME_NAME]
+        own = [v for v in pod["spec"]["volumes"] if v["name"] == I.VOLUME_NAME]
+        assert len(tmp) == 1 and (not own or tmp == own)  # a pod's own objfs-tmp (e.g. its sizeLimit) is kept
+        annotations = pod["metadata"].get("annotations") or {}
+        if "objfs.csi.dev/sidecar-memory-limit" in annotations:
+            assert sidecar["resources"]["limits"]["memory"] == annotations["objfs.csi.dev/sidecar-memory-limit"]
