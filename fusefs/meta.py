@@ -131,6 +131,7 @@ class Meta:
         self._listings: dict[str, Listing] = {}
         self._listing_flights: dict[str, trio.Event] = {}
         self._conflicts_noted: set[str] = set()
+        self._skips_noted: set[str] = set()
         self._unversioned_noted: set[str] = set()
 
     # -- keys ---------------------------------------------------------------------------------
@@ -283,26 +284,30 @@ class Meta:
         prefix = self.dir_prefix(path)
         files: dict[str, Entry] = {}
         dirs: dict[str, Entry] = {}
+        skipped: list[str] = []
         token: str | None = None
         while True:
             page = await self.store.list(prefix, "/", token)
             for info in page.objects:
                 name = info.key[len(prefix):]
-                if name == "":
+                if name == "" and info.key == prefix:
                     continue  # the directory's own marker
-                if valid_name(name):
+                # a key outside the prefix asked for (a store or proxy that misbehaves) is not ours
+                if info.key.startswith(prefix) and valid_name(name):
                     files[name] = Entry(name, False, info)
                 else:
-                    log.debug("skipping key %r: not a valid file name", info.key)
+                    skipped.append(info.key)
             for p in page.prefixes:
                 name = p[len(prefix):-1]
-                if valid_name(name):
+                if p.startswith(prefix) and p.endswith("/") and valid_name(name):
                     dirs[name] = Entry(name, True)
                 else:
-                    log.debug("skipping prefix %r: not a valid directory name", p)
+                    skipped.append(p)
             token = page.next_token
             if not token:
                 break
+        if skipped:
+            self._note_skipped(path, skipped)
         for name in files.keys() & dirs.keys():
             self._note_conflict(join(path, name))
         entries = {**files, **dirs}  # a name that is both shows the directory
@@ -315,6 +320,18 @@ class Meta:
                 self.nodes[ino].info = entry.info
                 self.nodes[ino].expires = exp
         return listing
+
+    def _note_skipped(self, path: str, keys: list[str]) -> None:
+        """One warning per directory (not per key, not per listing) for keys that cannot be shown
+        as names inside the mount: empty segments ('a//b', a leading '/'), '.', '..', names over
+        255 bytes, NUL, keys outside the prefix listed. They stay in the store, out of the tree."""
+        log.debug("skipping keys under %r: %r", self.dir_prefix(path), keys[:100])
+        if path in self._skips_noted:
+            return
+        self._skips_noted.add(path)
+        log.warning("%d key(s) under %r cannot be shown as file names (an empty segment, '.', '..', NUL or "
+                    "a name over %d bytes) and are skipped, e.g. %r", len(keys), self.dir_prefix(path),
+                    NAME_MAX, keys[0][:300])
 
     def _note_conflict(self, path: str) -> None:
         if path not in self._conflicts_noted:
