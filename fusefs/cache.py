@@ -24,7 +24,8 @@ what the same credentials fetched. Mounts with ambient credentials (no secret in
 instance roles, workload identity) share the tenant "", and their servers prove access with one
 1-byte GET per object version before serving cached bytes (``fusefs.read.BlockReader.authorise``).
 No key, tenant or secret appears in a file name (hashes only). The directory is created 0700,
-entries and lock files 0600, complete files 0444: other local users get nothing.
+entries and lock files 0600, complete files 0400: other local users get nothing, even under a
+cache directory an operator made with a looser mode.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ blocks written at their offsets as they are fetched (``<id>-<token>.part``, spar
 node cache's index (diskcache) holds one entry for the file, which carries its size for the LRU
 and unlinks it on eviction, and one size-less marker per block (the file's token and the block's
 length and CRC-32C). Once every block is there, the whole file is read back and each block checked
-against its marker; only then is it made read-only (0444) and renamed to ``<id>-<token>.obj``:
+against its marker; only then is it made read-only (0400) and renamed to ``<id>-<token>.obj``:
 a complete file is never written again, and is what FUSE passthrough serves (``fusefs.backing``).
 
 The token (random, per data file) ties markers to the file they were written into: markers left
@@ -104,7 +104,7 @@ def publish(directory: str, data: DataFile) -> DataFile | None:
     src = os.path.join(directory, data.relpath)
     done = data.published()
     try:
-        os.chmod(src, 0o444)
+        os.chmod(src, 0o400)  # its owner only, like every file of the cache: tenants' bytes
         os.rename(src, os.path.join(directory, done.relpath))
     except FileNotFoundError:
         return done if os.path.exists(os.path.join(directory, done.relpath)) else None

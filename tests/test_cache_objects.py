@@ -61,7 +61,7 @@ def test_blocks_fill_one_file_published_read_only_once_complete(tmp_path: Path, 
     assert path is not None and path.endswith(".obj")
     assert not files(root, ".part")
     assert Path(path).read_bytes() == OBJ
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o444
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o400  # read-only, and private
     assert all(cache.get(key(i)) == block(i) for i in range(4))  # blocks still served, still checked
     # no key, store or tenant in any file name
     assert not any("models" in str(p) or "t1" in p.name for p in root.rglob("*"))
