@@ -11,11 +11,16 @@ STAMPS := .stamps
 CSI_SPEC_VERSION := v1.12.0
 CSI_SANITY_VERSION := v5.4.0
 FAKE_GCS_VERSION := v1.56.1
+HELM_VERSION := v4.3.2
+KUSTOMIZE_VERSION := v5.8.2
+# helm and kustomize take minutes to build: kept per version outside the checkout, so a fresh
+# clone (CI) links them into .tools/bin instead of building them again
+TOOL_CACHE := $(HOME)/.cache/objfs/go-tools
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc util-linux procps
 BENCH_APT_PACKAGES := s3fs linux-perf
 export PATH := $(CURDIR)/$(VENV)/bin:$(TOOLS):$(PATH)
 
-.PHONY: help deps apt venv tools proto lint typecheck check unit sanity test demo bench bench-deps bench-smoke clean
+.PHONY: help deps apt venv tools proto lint typecheck check chart unit sanity test demo bench bench-deps bench-smoke clean
 
 help:
 	@echo "make demo    the main job, end to end on a local S3 server (no cluster needed)"
@@ -41,13 +46,25 @@ $(VENV)/.installed: pyproject.toml | $(STAMPS)/apt
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $@
 
-tools: $(TOOLS)/csi-sanity $(TOOLS)/fake-gcs-server
+tools: $(TOOLS)/csi-sanity $(TOOLS)/fake-gcs-server $(TOOLS)/helm $(TOOLS)/kustomize
 $(TOOLS)/csi-sanity:
 	@mkdir -p $(TOOLS)
 	GOBIN=$(TOOLS) GOFLAGS=-mod=mod go install github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@$(CSI_SANITY_VERSION)
 $(TOOLS)/fake-gcs-server:
 	@mkdir -p $(TOOLS)
 	GOBIN=$(TOOLS) go install github.com/fsouza/fake-gcs-server@$(FAKE_GCS_VERSION)
+
+# The link's target names the version, so a new version pin makes a new build (and a newer link).
+$(TOOL_CACHE)/helm-$(HELM_VERSION)/helm:
+	GOBIN=$(@D) go install helm.sh/helm/v4/cmd/helm@$(HELM_VERSION)
+$(TOOL_CACHE)/kustomize-$(KUSTOMIZE_VERSION)/kustomize:
+	GOBIN=$(@D) go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
+$(TOOLS)/helm: $(TOOL_CACHE)/helm-$(HELM_VERSION)/helm
+	@mkdir -p $(TOOLS)
+	ln -sf $< $@
+$(TOOLS)/kustomize: $(TOOL_CACHE)/kustomize-$(KUSTOMIZE_VERSION)/kustomize
+	@mkdir -p $(TOOLS)
+	ln -sf $< $@
 
 proto: csi/v1/csi_pb2.py
 csi/v1/csi_pb2.py: proto/build.sh | $(VENV)/.installed
@@ -61,13 +78,22 @@ typecheck: $(VENV)/.installed proto
 
 check: lint typecheck
 
+# The Helm chart lints with its defaults and with each launcher, and renders; tests/test_helm.py
+# (in unit) compares what it renders with `kustomize build deploy/`.
+chart: tools
+	helm lint --strict deploy/helm/objfs
+	helm lint --strict deploy/helm/objfs --set node.launcher=process,metrics.enabled=false,webhook.enabled=false
+	helm lint --strict deploy/helm/objfs --set node.launcher=sidecar,namespace.create=true
+	helm template objfs deploy/helm/objfs --namespace objfs >/dev/null
+	kustomize build deploy >/dev/null
+
 unit: deps
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 sanity: deps
 	bash sanity/run.sh
 
-test: deps check unit sanity bench-smoke
+test: deps check chart unit sanity bench-smoke
 
 demo: deps
 	$(PY) -m tests.demo

@@ -19,6 +19,7 @@ from google.protobuf import text_format
 from google.protobuf.message import Message
 
 from fusefs import errors as store_errors
+from fusefs.config import ConfigError, parse_size
 
 from . import metrics, podexit, webhook
 from . import params as P
@@ -87,6 +88,14 @@ class LoggingInterceptor(grpc.ServerInterceptor):
         )
 
 
+def cache_size(text: str) -> int:
+    """--cache-size: the size syntax of ``objfs mount --cache-size``, refused with the reason."""
+    try:
+        return parse_size(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="objfs-csi", description="CSI driver exposing object storage as FUSE volumes")
     ap.add_argument("--endpoint", help="unix:///path/csi.sock (required but in --mode webhook)")
@@ -95,6 +104,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="webhook: the admission webhook that adds the objfs sidecar to pods (see csi/webhook.py)")
     ap.add_argument("--state-dir", default="/var/lib/objfs/state")
     ap.add_argument("--cache-dir", default="/var/lib/objfs/cache", help="node cache shared by all servers")
+    ap.add_argument("--cache-size", type=cache_size, default="10G", metavar="SIZE",
+                    help="the node cache's size limit, e.g. 512M, 10G, 1T (binary units; 0: no node cache; "
+                         "default: 10G)")
     ap.add_argument("--driver-name", default=DRIVER_NAME)
     ap.add_argument("--server-uid", type=int, default=65534, help="uid of the objfs serve processes")
     ap.add_argument("--server-gid", type=int, default=65534, help="gid of the objfs serve processes")
@@ -191,7 +203,7 @@ def build_server(args: argparse.Namespace) -> tuple[grpc.Server, NodeService | N
                         "this node's cloud identity can read")
         metrics_dir = metrics.prepare_metrics_dir(args.state_dir, args.server_uid, args.server_gid)
         node = NodeService(args.node_id, state, launcher, args.cache_dir, sidecars, inline=inline,
-                           stats_timeout=args.stats_timeout, metrics_dir=metrics_dir)
+                           stats_timeout=args.stats_timeout, metrics_dir=metrics_dir, cache_size=args.cache_size)
         if sidecars is not None:
             args.exit_watcher = podexit.start_watcher(args, node.sidecar_pods, sidecars.pod_dir)
         csi_pb2_grpc.add_NodeServicer_to_server(node, server)
@@ -208,7 +220,7 @@ def serve_metrics(args: argparse.Namespace, node: NodeService | None) -> metrics
         return None
     endpoint = metrics.PluginMetrics(
         args.state_dir if node else None, args.kubelet_root, args.cache_dir if node else None,
-        (lambda: len(node.state.all())) if node else None,
+        (lambda: len(node.state.all())) if node else None, args.cache_size,
     )
     try:
         endpoint.serve(args.metrics_address)

@@ -147,11 +147,12 @@ class ServersCollector(Collector):
 
 
 class NodeCollector(Collector):
-    """Figures read at scrape time: live mounts, the node cache's size on disk."""
+    """Figures read at scrape time: live mounts, the node cache's size on disk and its limit."""
 
-    def __init__(self, mounts: Callable[[], int], cache_dir: str | None) -> None:
+    def __init__(self, mounts: Callable[[], int], cache_dir: str | None, cache_limit: int = 0) -> None:
         self.mounts = mounts
         self.cache_dir = cache_dir
+        self.cache_limit = cache_limit
 
     def collect(self) -> Iterator[Metric]:
         with contextlib.suppress(OSError):
@@ -161,6 +162,9 @@ class NodeCollector(Collector):
         if size is not None:
             yield GaugeMetricFamily("objfs_csi_node_cache_size_bytes", "Bytes the node cache holds on disk",
                                     value=size)
+        if self.cache_dir and self.cache_limit:  # size / limit: how full the cache is (evictions start at 1)
+            yield GaugeMetricFamily("objfs_csi_node_cache_limit_bytes", "The node cache's size limit (--cache-size)",
+                                    value=self.cache_limit)
 
 
 def node_cache_bytes(cache_dir: str) -> int | None:
@@ -185,10 +189,10 @@ class PluginMetrics(Endpoint):
     """The plugin's ``/metrics`` endpoint."""
 
     def __init__(self, state_dir: str | None, kubelet_root: str, cache_dir: str | None,
-                 mounts: Callable[[], int] | None) -> None:
+                 mounts: Callable[[], int] | None, cache_limit: int = 0) -> None:
         super().__init__()
         self.registry.register(Forward(REGISTRY))
         if mounts is not None:
-            self.registry.register(NodeCollector(mounts, cache_dir))
+            self.registry.register(NodeCollector(mounts, cache_dir, cache_limit))
         if state_dir is not None:
             self.registry.register(ServersCollector(lambda: server_files(state_dir, kubelet_root)))

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 import grpc
 
 from fusefs import handoff, kernel
-from fusefs.config import MountConfig
+from fusefs.config import DEFAULT_CACHE_SIZE, MountConfig
 
 from . import metrics
 from . import params as P
@@ -73,8 +73,10 @@ def no_sidecar_message(context: Mapping[str, str], pod_uid: str) -> str:
 class NodeService(csi_pb2_grpc.NodeServicer):
     def __init__(self, node_id: str, state: StateStore, launcher: Launcher | None, cache_dir: str | None,
                  sidecars: SidecarLauncher | None = None, *, inline: P.InlinePolicy | None = None,
-                 stats_timeout: float = STATFS_TIMEOUT, metrics_dir: str | None = None) -> None:
+                 stats_timeout: float = STATFS_TIMEOUT, metrics_dir: str | None = None,
+                 cache_size: int = DEFAULT_CACHE_SIZE) -> None:
         self.node_id = node_id
+        self.cache_size = cache_size  # every server opens the shared node cache with this limit
         self.metrics_dir = metrics_dir  # servers write their figures here (csi.metrics)
         self.state = state
         self.launcher = launcher  # process launcher: the default, or the fallback next to sidecars
@@ -158,7 +160,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             raise InvalidArgument(f"volume_mount_group {group!r} must be a numeric gid")
         p = self._params(request.volume_id, request.volume_context)
         config = P.mount_config(p, request.secrets, read_only=read_only, cache_dir=self.cache_dir,
-                                gid_override=int(group) if group else None)
+                                cache_size=self.cache_size, gid_override=int(group) if group else None)
         if P.is_inline(request.volume_context):
             self.inline.check(p, config.credentials)
         fingerprint = _fingerprint(request.volume_id, mode, read_only, request.volume_context, config.redacted())

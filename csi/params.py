@@ -13,7 +13,15 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from fusefs.config import BACKENDS, ConfigError, Credentials, MountConfig, bucket_name_problem, normalize_prefix
+from fusefs.config import (
+    BACKENDS,
+    DEFAULT_CACHE_SIZE,
+    ConfigError,
+    Credentials,
+    MountConfig,
+    bucket_name_problem,
+    normalize_prefix,
+)
 
 from .errors import FailedPrecondition, InvalidArgument
 from .v1 import csi_pb2
@@ -183,6 +191,7 @@ def mount_config(
     *,
     read_only: bool,
     cache_dir: str | None,
+    cache_size: int = DEFAULT_CACHE_SIZE,
     gid_override: int | None = None,
 ) -> MountConfig:
     if not p.bucket:
@@ -191,7 +200,7 @@ def mount_config(
         return MountConfig(
             backend=p.backend, bucket=p.bucket, prefix=p.prefix, endpoint_url=p.endpoint or None,
             region=p.region or None, credentials=credentials(secrets, p.backend), read_only=read_only,
-            cache_dir=cache_dir if p.cache else None, metadata_ttl=p.metadata_ttl, uid=p.uid,
+            cache_dir=cache_dir if p.cache else None, cache_size=cache_size, metadata_ttl=p.metadata_ttl, uid=p.uid,
             gid=p.gid if gid_override is None else gid_override, file_mode=p.file_mode, dir_mode=p.dir_mode,
             allow_other=True, prefetch=p.prefetch, fs_name="objfs",
         )

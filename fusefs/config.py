@@ -21,6 +21,8 @@ KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
 TiB = 1024 * GiB
+#: the node cache's size limit unless one is given (objfs mount --cache-size, objfs-csi --cache-size)
+DEFAULT_CACHE_SIZE = 10 * GiB
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1024 * GiB, "p": 1024 * 1024 * GiB}
@@ -87,7 +89,7 @@ class MountConfig:
     credentials: Credentials = field(default_factory=Credentials)
     read_only: bool = False
     cache_dir: str | None = None
-    cache_size: int = 10 * GiB
+    cache_size: int = DEFAULT_CACHE_SIZE
     metadata_ttl: float = 60.0
     uid: int = 0
     gid: int = 0

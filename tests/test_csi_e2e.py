@@ -13,6 +13,7 @@ import mmap
 import os
 import shutil
 import signal
+import sqlite3
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -172,6 +173,27 @@ def test_sigterm_shuts_down_cleanly_and_keeps_mounts(s3_server: RcloneS3, bucket
     try:
         client.node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id="static-t", target_path=target))
         assert kernel.find_mount(target) is None and not os.path.exists(target)
+    finally:
+        client.close()
+        plugin.stop()
+
+
+def test_cache_size_is_every_servers_limit(s3_server: RcloneS3, bucket: str, dirs: PluginDirs) -> None:
+    """--cache-size reaches the servers: the shared cache's limit (diskcache keeps it in its
+    settings, set by each opener) is the plugin's, not the 10G default."""
+    secrets = {"accessKeyID": s3_server.access_key, "secretAccessKey": s3_server.secret_key}
+    s3_server.client().put_object(Bucket=bucket, Key="w.bin", Body=b"w" * 100_000)
+    plugin = PluginProcess(dirs, node_id="node-1", extra_args=["--cache-size=64M"])
+    client = plugin.start()
+    try:
+        target = publish(client, dirs, "pv-c", "static-c", Mode.SINGLE_NODE_READER_ONLY,
+                         {"bucket": bucket, "endpoint": s3_server.endpoint}, secrets, readonly=True)
+        with open(os.path.join(target, "w.bin"), "rb") as f:
+            assert f.read() == b"w" * 100_000
+        with contextlib.closing(sqlite3.connect(f"file:{dirs.cache}/cache.db?mode=ro", uri=True)) as db:
+            (limit,) = db.execute("SELECT value FROM Settings WHERE key = 'size_limit'").fetchone()
+        assert limit == 64 << 20
+        client.node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id="static-c", target_path=target))
     finally:
         client.close()
         plugin.stop()

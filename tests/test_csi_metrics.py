@@ -51,7 +51,8 @@ def plugin() -> Iterator[Plugin]:
     dirs = PluginDirs(root)
     try:
         p = InProcessPlugin(dirs, node_id="node-m",
-                            extra_args=["--metrics-address", "127.0.0.1:0", "--kubelet-root", root])
+                            extra_args=["--metrics-address", "127.0.0.1:0", "--kubelet-root", root,
+                                                     "--cache-size", "256M"])
         with p as client:
             yield Plugin(dirs, client, p.args.metrics.port)
     finally:
@@ -80,6 +81,7 @@ def test_rpcs_mounts_and_servers_figures(s3_server: RcloneS3, bucket: str, plugi
     assert value(got, "objfs_fuse_operation_seconds_count", volume="models-a", op="read") >= 1
     sized = plugin.scrape(lambda s: value(s, "objfs_csi_node_cache_size_bytes") >= len(data))
     assert value(sized, "objfs_csi_node_cache_size_bytes") >= len(data)
+    assert value(sized, "objfs_csi_node_cache_limit_bytes") == 256 << 20
 
     stats = plugin.client.node.NodeGetVolumeStats(pb.NodeGetVolumeStatsRequest(volume_id="models-a",
                                                                                volume_path=target))

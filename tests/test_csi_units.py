@@ -12,6 +12,7 @@ from csi import params as P
 from csi import volume_id as V
 from csi.controller import bucket_name_for
 from csi.errors import InvalidArgument
+from csi.main import parse_args
 from csi.state import PublishRecord, StateStore
 
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
@@ -80,3 +81,14 @@ def test_state_records_are_atomic_private_and_survive_reload(tmp_path: str) -> N
     assert StateStore(root).all() == [rec]
     store.delete("/t/mount")
     assert store.get("/t/mount") is None
+
+
+def test_cache_size_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--endpoint", "unix:///x.sock", "--node-id", "n"]
+    assert parse_args(base).cache_size == 10 << 30
+    assert parse_args([*base, "--cache-size=1.5G"]).cache_size == 3 << 29
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--cache-size=lots"])
+    assert "--cache-size: malformed size 'lots'" in capsys.readouterr().err
+    config = P.mount_config(P.parse({"bucket": "models"}), {}, read_only=False, cache_dir="/c", cache_size=7 << 20)
+    assert (config.cache_dir, config.cache_size) == ("/c", 7 << 20)
