@@ -186,8 +186,9 @@ def test_node_scheduling_and_resources() -> None:
     pod = one(objects, "DaemonSet", "objfs-csi-node")["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"objfs.csi.dev/disk": "nvme"}
     assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
-    assert node_plugin(objects)["resources"] == {"requests": {"cpu": "250m", "memory": "256Mi"},
-                                                 "limits": {"memory": "2Gi"}}
+    default = yaml.safe_load((CHART / "values.yaml").read_text())["node"]["resources"]
+    assert node_plugin(objects)["resources"] == {"requests": {**default["requests"], "cpu": "250m"},
+                                                 "limits": {**default["limits"], "memory": "2Gi"}}
     # the other components keep theirs
     controller = one(objects, "Deployment", "objfs-csi-controller")["spec"]["template"]["spec"]
     assert "nodeSelector" not in controller and "tolerations" not in controller
