@@ -16,18 +16,20 @@ KUSTOMIZE_VERSION := v5.8.2
 # helm and kustomize take minutes to build: kept per version outside the checkout, so a fresh
 # clone (CI) links them into .tools/bin instead of building them again
 TOOL_CACHE := $(HOME)/.cache/objfs/go-tools
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc util-linux procps
+# libfuse >= 3.17.3 and pyfuse3 with FUSE passthrough, built once per version (native/build.sh)
+NATIVE_CACHE ?= $(HOME)/.cache/objfs/native
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc util-linux procps meson ninja-build curl patch
 BENCH_APT_PACKAGES := s3fs linux-perf
 export PATH := $(CURDIR)/$(VENV)/bin:$(TOOLS):$(PATH)
 
-.PHONY: help deps apt venv tools proto lint typecheck check chart unit sanity test demo bench bench-deps bench-smoke clean
+.PHONY: help deps apt venv native tools proto lint typecheck check chart unit sanity test demo bench bench-deps bench-smoke clean
 
 help:
 	@echo "make demo    the main job, end to end on a local S3 server (no cluster needed)"
 	@echo "make test    install everything the tests need, then lint, type-check, pytest and csi-sanity"
 	@echo "make bench   side-by-side benchmarks against s3fs-fuse and rclone mount"
 
-deps: apt venv tools proto
+deps: apt venv native tools proto
 
 apt: $(STAMPS)/apt
 $(STAMPS)/apt:
@@ -44,6 +46,13 @@ $(VENV)/.installed: pyproject.toml | $(STAMPS)/apt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+# The patched pyfuse3 replaces the stock one in the venv; objfs falls back to reading through the
+# server (and says so) wherever the kernel or the privilege for passthrough is missing.
+native: $(VENV)/.native
+$(VENV)/.native: native/build.sh native/pyfuse3-passthrough.patch $(VENV)/.installed
+	bash native/build.sh $(CURDIR)/$(PY) $(NATIVE_CACHE) >/dev/null
 	@touch $@
 
 tools: $(TOOLS)/csi-sanity $(TOOLS)/fake-gcs-server $(TOOLS)/helm $(TOOLS)/kustomize

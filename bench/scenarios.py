@@ -521,5 +521,40 @@ def _model_once(ctx: Ctx, name: str, by_name: dict[str, Client], node_cache: Pat
     return secs
 
 
+# 14 ----------------------------------------------------------------------------------------------
+def second_pod(ctx: Ctx) -> Scenario:
+    """A second pod on the node loads the model the first one loaded: two objfs mounts of one node
+    cache. With FUSE passthrough both read the cache's complete file, so the second finds its pages
+    in the page cache the first one filled (no drop between them); local disk has the page cache
+    dropped before each load."""
+    size = (ctx.bucket_dir / MODEL_KEY).stat().st_size
+    sc = ctx.run.scenario("14", f"A second pod on the node loads the {size / MiB:.0f} MiB model after the first",
+                          "MB/s", True, [])
+    sc.goals += [Goal("objfs second pod >= 2x local disk", "objfs (second pod)", ref="local disk", factor=2.0)]
+    node_cache = fresh_cache(ctx, "second-pod")
+    try:
+        with OBJFS.mount(ctx.store, "model", ctx.mountpoint("objfs"), cache_dir=node_cache) as m:
+            read_all(m.path / "model.safetensors", size)  # the node cache gets the complete file
+        time.sleep(2)  # its writer publishes the complete file on the way out
+        for rep in range(ctx.sizes.reps):
+            for name in rotated(["objfs (second pod)", "local disk"], rep):
+                if name == "local disk":
+                    secs = _model_once(ctx, name, {}, node_cache)
+                else:
+                    with OBJFS.mount(ctx.store, "model", ctx.mountpoint("objfs-1"), cache_dir=node_cache) as first, \
+                            OBJFS.mount(ctx.store, "model", ctx.mountpoint("objfs"), cache_dir=node_cache) as second:
+                        procs.drop_caches()
+                        _check_model(ctx, _load_model(first.path / "model.safetensors"), "objfs (first pod)")
+                        t0 = time.perf_counter()
+                        tensors = _load_model(second.path / "model.safetensors")
+                        secs = time.perf_counter() - t0
+                    _check_model(ctx, tensors, name)
+                sc.add(name, size / MB / secs)
+                ctx.log(f"  14 {name}: {size / MB / secs:.0f} MB/s")
+    finally:
+        shutil.rmtree(node_cache, ignore_errors=True)
+    return sc
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)

@@ -7,8 +7,8 @@ shared by every mount on the node, and no READ reaches this server. Registering 
 (``objfs mount``) does it itself; an unprivileged one asks the node plugin's broker
 (``MountConfig.broker_socket``, see ``csi/broker.py``), passing both fds.
 
-Needs the patched pyfuse3 (``FileInfo.backing_id``, the ``passthrough`` init option,
-``passthrough_supported()``, ``session_fd()``) built against libfuse >= 3.17, a kernel >= 6.9 and
+Needs the patched pyfuse3 (``native/``: ``FileInfo.backing_id``, the ``passthrough`` init option,
+``passthrough_supported()``, ``fuse_fd()``) built against libfuse >= 3.17.3, a kernel >= 6.9 and
 the privilege. Without one of them the server reads through itself as before and says so once.
 """
 
@@ -54,7 +54,7 @@ class SelfRegistrar:
 
 def patched_pyfuse3() -> bool:
     """Whether this pyfuse3 has the passthrough API (helper build in the Makefile)."""
-    return all(hasattr(pyfuse3, name) for name in ("passthrough_supported", "session_fd")) and hasattr(
+    return all(hasattr(pyfuse3, name) for name in ("passthrough_supported", "fuse_fd")) and hasattr(
         pyfuse3.FileInfo, "backing_id")
 
 
@@ -104,7 +104,7 @@ class Passthrough:
         return self._negotiated
 
     def _fuse_fd(self) -> int:
-        return int(pyfuse3.session_fd())  # type: ignore[attr-defined]
+        return int(pyfuse3.fuse_fd())  # type: ignore[attr-defined]
 
     def _register(self, path: str, size: int) -> int:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)

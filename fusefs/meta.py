@@ -133,6 +133,9 @@ class Meta:
         self._conflicts_noted: set[str] = set()
         self._skips_noted: set[str] = set()
         self._unversioned_noted: set[str] = set()
+        #: inode -> the version its FUSE passthrough opens read (set by ``ops``): the kernel gives
+        #: such an inode no other kind of open, so a new version of its path gets a new inode
+        self.backed: dict[int, str] = {}
 
     # -- keys ---------------------------------------------------------------------------------
     def key_of(self, path: str) -> str:
@@ -154,12 +157,13 @@ class Meta:
     def node_for(self, path: str, entry: Entry) -> Node:
         """The node of ``path`` (created if needed), updated with ``entry``; lookups unchanged."""
         ino = self.by_path.get(path)
+        if ino is not None and entry.info is not None and self._replaces_backed(ino, entry.info):
+            self.detach(ino)  # its passthrough opens keep the old version; the path names the new one
+            ino = None
         if ino is not None:
             n = self.nodes[ino]
             if n.is_dir == entry.is_dir:
-                if entry.info is not None:
-                    n.info = entry.info
-                n.expires = self._expiry()
+                self._set_info(n, entry.info)
                 return n
             # Changed kind (file replaced by a directory or back): a new inode.
             del self.by_path[path]
@@ -179,6 +183,32 @@ class Meta:
             del self.nodes[inode]
             if self.by_path.get(n.path) == inode:
                 del self.by_path[n.path]
+
+    def _replaces_backed(self, inode: int, info: ObjectInfo) -> bool:
+        held = self.backed.get(inode)
+        return held is not None and bool(info.version) and info.version != held
+
+    def _set_info(self, n: Node, info: ObjectInfo | None, expires: float | None = None) -> None:
+        """What the store says of ``n`` now; a new version of an inode that passthrough opens
+        hold detaches it instead (they read the old version's file, and so does its fstat)."""
+        if info is not None and self._replaces_backed(n.inode, info):
+            self.detach(n.inode)
+            return
+        if info is not None:
+            n.info = info
+        n.expires = self._expiry() if expires is None else expires
+
+    def detach(self, inode: int) -> None:
+        """Unlink ``inode`` from its path, as if the object had been replaced: the next lookup of
+        the path makes a new inode, while open files of this one keep their version (attributes
+        included: it is never refreshed again)."""
+        n = self.nodes.get(inode)
+        if n is None or n.path.startswith("\0"):
+            return
+        if self.by_path.get(n.path) == inode:
+            del self.by_path[n.path]
+        n.path = f"\0replaced:{n.path}"
+        n.expires = float("inf")
 
     def move(self, old: str, new: str) -> None:
         """Re-point the inode of ``old`` at ``new`` (after a rename)."""
@@ -243,8 +273,7 @@ class Meta:
                 listing.put(name_of(path), entry)
         ino = self.by_path.get(path)
         if ino is not None and entry is not None and entry.info is not None:
-            self.nodes[ino].info = entry.info
-            self.nodes[ino].expires = exp
+            self._set_info(self.nodes[ino], entry.info, exp)
 
     def invalidate_listing(self, path: str) -> None:
         self._listings.pop(path, None)
@@ -317,8 +346,7 @@ class Meta:
             self._entries[join(path, name)] = (entry, exp)
             ino = self.by_path.get(join(path, name))
             if ino is not None and entry.info is not None and not self.nodes[ino].is_dir:
-                self.nodes[ino].info = entry.info
-                self.nodes[ino].expires = exp
+                self._set_info(self.nodes[ino], entry.info, exp)
         return listing
 
     def _note_skipped(self, path: str, keys: list[str]) -> None:
@@ -380,8 +408,7 @@ class Meta:
             return
         known, entry = self.cached(node.path)
         if known and entry is not None and not entry.is_dir:
-            node.info = entry.info
-            node.expires = self._expiry()
+            self._set_info(node, entry.info)
             return
         await self.head_file(node)
 
@@ -393,8 +420,7 @@ class Meta:
             self.remember(node.path, None)
             raise
         self.remember(node.path, Entry(name_of(node.path), False, info))
-        node.info = info
-        node.expires = self._expiry()
+        self._set_info(node, info)
         return info
 
     async def pin(self, node: Node) -> ObjectInfo | None:

@@ -85,7 +85,10 @@ class FileHandle:
 @dataclass
 class _InodeIO:
     """The kernel's I/O mode of an inode, as far as this server's opens set it: its opens are
-    all passthrough (of one backing file) or none; direct-I/O opens may go beside either."""
+    all passthrough (of one backing file) or none. The kernel refuses every other open (direct
+    I/O too) of an inode that has a backing file, so such an open is sent to a new inode of the
+    path (``Meta.detach``, ESTALE); while the backing file is being registered, opens beside it
+    go direct (the kernel takes a passthrough open beside direct ones)."""
 
     cached: int = 0  # open handles in the page-cache mode
     passthrough: int = 0  # passthrough handles, and opens about to become one
@@ -449,11 +452,13 @@ class Operations(pyfuse3.Operations):
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writing:
             self._writable()
+        attached = not node.path.startswith("\0")
         if self._writer_of(inode) is None:
-            await self.meta.refresh_file(node)
+            await self.meta.refresh_file(node)  # may detach an inode that passthrough opens hold
             pinned = await self.meta.pin(node)
         else:  # reads go to the write state while it lives; after that, pinned at the first read
             pinned = node.info if node.info is not None and node.info.version else None
+        self._leave_backed(inode, writing or (attached and node.path.startswith("\0")), pinned)
         handle = FileHandle(node, pinned, self._sequential())
         keep = False
         backing_id = 0
@@ -476,10 +481,22 @@ class Operations(pyfuse3.Operations):
         self.stats.opens += 1
         return file_info(fh, backing_id, keep, handle.mode == DIRECT)
 
+    def _leave_backed(self, inode: int, elsewhere: bool, pinned: ObjectInfo | None) -> None:
+        """An open that cannot join the inode's passthrough opens (``elsewhere``: a write, or
+        the path found to name another version just now; or a pinned version not theirs):
+        the kernel would fail it (EINVAL, or EBUSY for a second backing file). Unlinking the
+        inode from its path and answering ESTALE makes the kernel look the path up again
+        (LOOKUP_REVAL) and open a new inode, while the passthrough opens keep the old one."""
+        io = self._io.get(inode)
+        if io is None or not io.backing_id:
+            return
+        if elsewhere or pinned is None or pinned.version != io.version:
+            self.meta.detach(inode)
+            raise _fail(errno.ESTALE)
+
     def _ordinary_mode(self, inode: int) -> str:
         """The mode of an open the server answers, counted: the kernel refuses a page-cache open
-        beside passthrough ones (and a second backing file), so next to those one (a write,
-        another version, no complete file) goes direct instead."""
+        beside passthrough ones, so next to one being registered it goes direct instead."""
         io = self._io.setdefault(inode, _InodeIO())
         if io.passthrough:
             return DIRECT
@@ -514,6 +531,7 @@ class Operations(pyfuse3.Operations):
                 io.passthrough, io.version = 0, ""
         io.backing_id = backing_id
         if backing_id:
+            self.meta.backed[inode] = pinned.version
             self.stats.passthrough_opens += 1
         return backing_id
 
@@ -629,6 +647,7 @@ class Operations(pyfuse3.Operations):
             io.passthrough -= 1
             if not io.passthrough:  # the kernel let go of the backing file with the last one
                 backing_id, io.backing_id, io.version = io.backing_id, 0, ""
+                self.meta.backed.pop(h.node.inode, None)
                 if self.passthrough is not None and backing_id:
                     await self.passthrough.close(backing_id)
         if not io.cached and not io.passthrough:

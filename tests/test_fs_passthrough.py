@@ -18,12 +18,14 @@ import pytest
 from fusefs import backing
 from fusefs.config import MiB, MountConfig, Tuning
 from tests.fsmount import Mounted
+from tests.scrape import parse, value
 from tests.servers import RcloneS3, random_bytes
 
 pytestmark = pytest.mark.fuse
 
 TUNING = Tuning(block_size=1 * MiB, max_prefetch_blocks=2, memory_blocks=4, readahead_kb=1024)
 SIZE = 6 * MiB + 777
+FILL_ATTEMPTS = 4
 STOPPED_READ_LIMIT = 120.0  # seconds: a read the stopped server would have to answer never ends
 
 needs_passthrough = pytest.mark.skipif(
@@ -43,11 +45,21 @@ def data(s3_server: RcloneS3, config: MountConfig) -> bytes:
 
 
 def cached(mount_fs: Callable[..., Mounted], config: MountConfig, data: bytes) -> None:
-    """Read the object once through a mount, so that its complete file is in the node cache."""
-    m = mount_fs(config, "filler")
-    assert (m.path / "w.bin").read_bytes() == data
-    m.unmount()  # the server drains its writer, which publishes the complete file
-    assert list(Path(config.cache_dir or "").rglob("*.obj")), "no complete file was published"
+    """Read the object through a mount until its complete file is in the node cache (a read
+    does not wait for a busy cache disk: a block it could not hand over is filled by the next)."""
+    for attempt in range(FILL_ATTEMPTS):
+        m = mount_fs(config, f"filler{attempt}")
+        assert (m.path / "w.bin").read_bytes() == data
+        m.unmount()  # the server drains its writer, which publishes the complete file
+        if list(Path(config.cache_dir or "").rglob("*.obj")):
+            return
+    raise AssertionError(f"no complete file was published after {FILL_ATTEMPTS} reads")
+
+
+def figures_at_exit(m: Mounted) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The server's metrics file, written on its way out."""
+    m.unmount()
+    return parse(Path(m.config.metrics_path).read_text())
 
 
 def pread_all(fd: int, size: int) -> bytes:
@@ -116,7 +128,31 @@ def test_complete_file_is_read_by_the_kernel_with_the_server_stopped(
 
 
 @needs_passthrough
-def test_an_inode_is_all_passthrough_or_direct_beside_it(
+def test_reads_of_a_complete_file_never_reach_the_server(
+    config: MountConfig, data: bytes, mount_fs: Callable[..., Mounted], tmp_path: Path
+) -> None:
+    cached(mount_fs, config, data)
+    m = mount_fs(dataclasses.replace(config, metrics_path=str(tmp_path / "pt.prom")))
+    for _ in range(2):
+        assert (m.path / "w.bin").read_bytes() == data
+    figures = figures_at_exit(m)
+    assert value(figures, "objfs_fuse_operation_seconds_count", op="open") == 2
+    assert value(figures, "objfs_fuse_operation_seconds_count", op="read") == 0
+
+
+@needs_passthrough
+def test_a_partial_object_is_read_through_the_server(
+    config: MountConfig, data: bytes, mount_fs: Callable[..., Mounted], tmp_path: Path
+) -> None:
+    # a fresh node cache: no complete file yet, so the first reader is served by the server
+    m = mount_fs(dataclasses.replace(config, metrics_path=str(tmp_path / "cold.prom")))
+    assert (m.path / "w.bin").read_bytes() == data
+    figures = figures_at_exit(m)
+    assert value(figures, "objfs_fuse_operation_seconds_count", op="read") > 0
+
+
+@needs_passthrough
+def test_a_new_version_or_a_writer_gets_a_new_inode_beside_passthrough_opens(
     config: MountConfig, data: bytes, s3_server: RcloneS3, mount_fs: Callable[..., Mounted]
 ) -> None:
     cached(mount_fs, config, data)
@@ -124,25 +160,45 @@ def test_an_inode_is_all_passthrough_or_direct_beside_it(
     path = m.path / "w.bin"
     first = os.open(path, os.O_RDONLY)  # passthrough
     try:
-        second = os.open(path, os.O_RDONLY)  # the same backing file
+        held = os.fstat(first).st_ino
+        second = os.open(path, os.O_RDONLY)  # the same backing file, the same inode
+        assert os.fstat(second).st_ino == held
         assert pread_all(second, SIZE) == data
         os.close(second)
-        # the object replaced: a new open pins the new version, which has no complete file: it is
-        # answered by the server in direct I/O (a page-cache open would fail beside passthrough)
-        new = random_bytes(SIZE, 12)
-        s3_server.client().put_object(Bucket=config.bucket, Key="w.bin", Body=new)
-        third = os.open(path, os.O_RDONLY)
+        # A writer cannot share an inode with passthrough opens (the kernel refuses the open):
+        # it gets the path's new inode, the readers keep theirs and its bytes.
+        writer = os.open(path, os.O_WRONLY | os.O_TRUNC)
         try:
-            assert pread_all(third, SIZE) == new
-            assert pread_all(first, SIZE) == data  # the first open pinned the old version: its bytes
-        finally:
-            os.close(third)
-        writer = os.open(path, os.O_WRONLY | os.O_TRUNC)  # writes go direct too
-        try:
+            assert os.fstat(writer).st_ino != held
             os.write(writer, b"written")
         finally:
             os.close(writer)
+        assert pread_all(first, SIZE) == data
+        assert path.read_bytes() == b"written"
     finally:
         os.close(first)
-    # every passthrough open closed: ordinary opens work again
-    assert path.read_bytes() == b"written"
+
+
+@needs_passthrough
+def test_an_object_replaced_in_the_store_is_read_new_by_new_opens(
+    config: MountConfig, data: bytes, s3_server: RcloneS3, mount_fs: Callable[..., Mounted]
+) -> None:
+    cached(mount_fs, config, data)
+    m = mount_fs(config)  # metadata_ttl=0: every open asks the store
+    path = m.path / "w.bin"
+    first = os.open(path, os.O_RDONLY)  # passthrough of the old version's complete file
+    try:
+        new = random_bytes(SIZE - 1000, 12)
+        s3_server.client().put_object(Bucket=config.bucket, Key="w.bin", Body=new)
+        third = os.open(path, os.O_RDONLY)  # the new version, which has no complete file yet
+        try:
+            assert os.fstat(third).st_ino != os.fstat(first).st_ino
+            assert os.fstat(third).st_size == len(new)
+            assert pread_all(third, SIZE) == new
+        finally:
+            os.close(third)
+        assert pread_all(first, SIZE) == data  # the first open pinned the old version: its bytes
+        assert os.fstat(first).st_size == SIZE
+    finally:
+        os.close(first)
+    assert path.read_bytes() == new
