@@ -24,6 +24,8 @@ from typing import Any, Protocol
 import pyfuse3
 import trio
 
+from . import metrics
+
 log = logging.getLogger(__name__)
 
 #: ioctls on the /dev/fuse fd (linux/fuse.h): struct fuse_backing_map {i32 fd; u32 flags; u64 padding}
@@ -123,6 +125,7 @@ class Passthrough:
             return await trio.to_thread.run_sync(self._register, path, size)
         except OSError as exc:
             self.failed += 1
+            metrics.PASSTHROUGH_REFUSED.inc()
             level = logging.DEBUG if self._reported else logging.WARNING
             self._reported = True
             log.log(level, "passthrough open of %s refused (%s); reading through the server", path, exc)

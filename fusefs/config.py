@@ -77,6 +77,8 @@ class Tuning:
     readahead_kb: int = 16 * 1024  # kernel readahead for the mount's bdi
     request_timeout: float = 60.0  # one store request
     retry_deadline: float = 30.0  # all retries of one request (a read fails with EIO after it)
+    #: open complete node-cache files with FUSE passthrough where the build, kernel and privilege allow
+    passthrough: bool = True
 
 
 @dataclass(frozen=True)

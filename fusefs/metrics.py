@@ -64,6 +64,10 @@ FUSE_SECONDS = Histogram("objfs_fuse_operation_seconds", "Time to answer a FUSE 
                          buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0))
 FUSE_ERRORS = Counter("objfs_fuse_errors", "FUSE operations answered with an error, by operation and errno",
                       ["op", "errno"], registry=REGISTRY)
+PASSTHROUGH_OPENS = Counter("objfs_fuse_passthrough_opens", "Opens answered with FUSE passthrough of a complete "
+                            "node-cache file: the kernel reads it, no READ reaches this server", registry=REGISTRY)
+PASSTHROUGH_REFUSED = Counter("objfs_fuse_passthrough_refused", "Complete node-cache files whose registration as a "
+                              "backing file failed (the open then went through the server)", registry=REGISTRY)
 OPEN_HANDLES = Gauge("objfs_open_handles", "Open file and directory handles of this mount", registry=REGISTRY)
 CACHE_REMOVED = Counter("objfs_node_cache_removed_blocks", "Block files this server removed from the node "
                         "cache: LRU evictions, and the few replaced or deleted as corrupt", registry=REGISTRY)

@@ -110,6 +110,9 @@ def passthrough_for(config: MountConfig, cache: BlockCache | None) -> Passthroug
     allow it (fusefs.backing); otherwise None, said once in the log."""
     if cache is None:
         return None
+    if not config.tuning.passthrough:
+        log.info("FUSE passthrough off: turned off in the configuration; reading through the server")
+        return None
     registrar, how = choose_registrar(config.broker_socket)
     if registrar is None:
         log.warning("FUSE passthrough off: %s; reading through the server", how)

@@ -533,6 +533,7 @@ class Operations(pyfuse3.Operations):
         if backing_id:
             self.meta.backed[inode] = pinned.version
             self.stats.passthrough_opens += 1
+            metrics.PASSTHROUGH_OPENS.inc()
         return backing_id
 
     def _walk_prefetch(self, node: Node) -> None:

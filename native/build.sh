@@ -25,6 +25,8 @@ patch_id="$(sha256sum "$patch_file" | cut -c1-12)"
 pytag="$("$py" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
 work="$root/work"
 mkdir -p "$root" "$work"
+exec 9>"$root/.lock"
+flock 9  # one build at a time per cache (worktrees and CI on one machine share it)
 started=$SECONDS
 
 log() { echo "native: $*" >&2; }

@@ -137,7 +137,9 @@ def test_reads_of_a_complete_file_never_reach_the_server(
         assert (m.path / "w.bin").read_bytes() == data
     figures = figures_at_exit(m)
     assert value(figures, "objfs_fuse_operation_seconds_count", op="open") == 2
+    assert value(figures, "objfs_fuse_passthrough_opens_total") == 2
     assert value(figures, "objfs_fuse_operation_seconds_count", op="read") == 0
+    assert value(figures, "objfs_store_requests_total", kind="GET") == 0
 
 
 @needs_passthrough
@@ -148,7 +150,22 @@ def test_a_partial_object_is_read_through_the_server(
     m = mount_fs(dataclasses.replace(config, metrics_path=str(tmp_path / "cold.prom")))
     assert (m.path / "w.bin").read_bytes() == data
     figures = figures_at_exit(m)
+    assert value(figures, "objfs_fuse_passthrough_opens_total") == 0
     assert value(figures, "objfs_fuse_operation_seconds_count", op="read") > 0
+
+
+@needs_passthrough
+def test_passthrough_turned_off_reads_through_the_server(
+    config: MountConfig, data: bytes, mount_fs: Callable[..., Mounted], tmp_path: Path
+) -> None:
+    cached(mount_fs, config, data)
+    off = dataclasses.replace(config, tuning=dataclasses.replace(TUNING, passthrough=False),
+                              metrics_path=str(tmp_path / "off.prom"))
+    m = mount_fs(off)
+    assert (m.path / "w.bin").read_bytes() == data
+    figures = figures_at_exit(m)
+    assert value(figures, "objfs_fuse_passthrough_opens_total") == 0
+    assert value(figures, "objfs_node_cache_read_bytes_total") == SIZE  # the server read the cache
 
 
 @needs_passthrough

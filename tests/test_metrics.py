@@ -43,7 +43,8 @@ def figures_once(m: Mounted, ok: Callable[[Samples], bool], patience: float = 60
 @pytest.fixture
 def config(s3_config: MountConfig, counting_proxy: CountingProxy, tmp_path: Path) -> MountConfig:
     return dataclasses.replace(
-        s3_config, endpoint_url=counting_proxy.endpoint, tuning=Tuning(block_size=1 * MiB),
+        # the server's own read path (FUSE passthrough would let the kernel read the cached file)
+        s3_config, endpoint_url=counting_proxy.endpoint, tuning=Tuning(block_size=1 * MiB, passthrough=False),
         metrics_path=str(tmp_path / "metrics" / "a.prom"), metrics_volume="vol-a",
     )
 
