@@ -71,6 +71,10 @@ class LoggingInterceptor(grpc.ServerInterceptor):
             except store_errors.StoreError as e:
                 err = from_store_error(e, method)
                 code, message = err.code, err.message
+            except NotImplementedError:
+                # an RPC the plugin does not advertise (the generated servicer's default raises this):
+                # UNIMPLEMENTED, which COs expect for it, not INTERNAL
+                code, message = grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by objfs-csi"
             except Exception as e:
                 log.exception("%s failed", method)
                 code, message = grpc.StatusCode.INTERNAL, f"{method}: unexpected error: {e}"

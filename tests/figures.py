@@ -26,6 +26,13 @@ class FaultFigures:
 
 
 RECORDED: list[FaultFigures] = []
+#: other figures, one line each (``FUZZ inputs=N ...``, ``SOAK ...``), shown with the fault lines
+NOTES: list[str] = []
+
+
+def note(line: str) -> None:
+    NOTES.append(line)
+    print(line, flush=True)
 
 
 def report(test: str, faults: dict[str, int], verified_bytes: int) -> FaultFigures:
@@ -37,12 +44,12 @@ def report(test: str, faults: dict[str, int], verified_bytes: int) -> FaultFigur
 
 def summary_lines() -> list[str]:
     if not RECORDED:
-        return []
+        return list(NOTES)
     total = FaultFigures("TOTAL", sum(f.injected for f in RECORDED), sum(f.verified_bytes for f in RECORDED))
     for f in RECORDED:
         for kind, n in f.kinds.items():
             total.kinds[kind] = total.kinds.get(kind, 0) + n
-    return [f.line() for f in RECORDED] + [total.line()]
+    return [f.line() for f in RECORDED] + [total.line()] + NOTES
 
 
 def write_summary() -> None:
