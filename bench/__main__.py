@@ -72,7 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=("small", "full"), default="full", help="data sizes (full: 1 GiB objects)")
     ap.add_argument("--quick", action="store_true", help="tiny data, one repetition: a smoke test (< 2 minutes)")
-    ap.add_argument("--only", default="", help="comma-separated scenarios: numbers 1-13 or " + ",".join(ALIASES))
+    ap.add_argument("--only", default="",
+                    help=f"comma-separated scenarios: numbers 1-{len(SCENARIOS)} or " + ",".join(ALIASES))
     ap.add_argument("--skip", default="", help="comma-separated scenarios to leave out")
     ap.add_argument("--reps", type=int, default=0, help="repetitions of each measurement (default: by size)")
     ap.add_argument("--clients", default="", help="comma-separated FUSE clients (default: all of "
