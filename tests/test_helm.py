@@ -205,3 +205,10 @@ def test_another_namespace_everywhere() -> None:
     assert hook["clientConfig"]["service"]["namespace"] == "storage"
     (expr,) = hook["namespaceSelector"]["matchExpressions"]
     assert expr["values"] == ["storage", "kube-system"]  # the webhook never handles its own namespace's pods
+
+
+def test_node_extra_args_reach_the_plugin() -> None:
+    plugin = node_plugin(render("node.extraArgs[0]=--inline-buckets=models-*", "node.extraArgs[1]=--stats-timeout=5"))
+    args = parse_args(plugin["args"])
+    assert (args.inline_buckets, args.stats_timeout) == ("models-*", 5.0)
+    assert helm("node.extraArgs[0]=inline-buckets", check=False).returncode != 0  # the schema wants flags
