@@ -43,10 +43,11 @@ SCENARIOS: dict[str, Callable[[scenarios.Ctx], Scenario]] = {
     "12": lambda ctx: _csi(ctx, "publish_latency"),
     "13": lambda ctx: _csi(ctx, "sidecar_memory"),
     "14": scenarios.second_pod,
+    "15": scenarios.soak_scenario,
 }
 ALIASES = {"cold": "1", "warm": "2", "hot": "3", "small": "4", "ls": "5", "shared": "6", "ttfb": "7",
            "write": "8", "memory": "9", "csi": "10", "model": "11",
-           "sidecar": "12", "sidecar-memory": "13", "second-pod": "14"}
+           "sidecar": "12", "sidecar-memory": "13", "second-pod": "14", "soak": "15"}
 
 
 def _csi(ctx: scenarios.Ctx, which: str = "node_publish") -> Scenario:

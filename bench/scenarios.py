@@ -435,6 +435,44 @@ def memory(ctx: Ctx) -> Scenario:
     return sc
 
 
+# 15 ----------------------------------------------------------------------------------------------
+#: how long the soak reads, by data size (quick: a smoke test; make test's short soak is tests/test_soak.py);
+#: OBJFS_SOAK_SECONDS overrides it
+SOAK_SECONDS = {"quick": 10.0, "small": 120.0, "full": 300.0}
+SOAK_READERS = 32
+
+
+def soak_scenario(ctx: Ctx) -> Scenario:
+    """32 readers for minutes on one objfs mount (random ranges of the large objects, the small files
+    whole), every byte checked against the local copy; the server's RSS sampled every second."""
+    from bench import soak
+
+    seconds = float(os.environ.get("OBJFS_SOAK_SECONDS") or SOAK_SECONDS.get(ctx.run.size, 300.0))
+    sc = ctx.run.scenario("15", f"objfs serve RSS growth over a {seconds:.0f} s soak, {SOAK_READERS} readers",
+                          "MiB", False, [])
+    sc.goals += [Goal("RSS growth <= 100 MiB", "objfs", ref=None, op="<=", value=100)]
+    names = [LARGE_KEY, MEMORY_KEY, *ctx.manifest.small]
+    sizes = {n: (ctx.bucket_dir / n).stat().st_size for n in names}
+    with OBJFS.mount(ctx.store, "", ctx.mountpoint("objfs-soak")) as m:
+        if not m.server_pids:
+            sc.notes.append("objfs: FUSE server process not found")
+            return sc
+        result = soak.run(m.path, names, sizes, soak.local_truth(ctx.bucket_dir), sorted(m.server_pids), seconds,
+                          SOAK_READERS, sample_every=1.0)
+    if result.wrong:
+        raise WrongBytes(f"soak: {len(result.wrong)} reads returned wrong bytes, e.g. {result.wrong[0]}")
+    start, end = result.rss_mib(5.0), result.rss_mib(-1)
+    sc.add("objfs", end - start, **{"RSS start MiB": start, "RSS end MiB": end, "RSS peak MiB": result.peak_mib,
+                                    "reads": result.reads, "GB read": result.bytes / 1e9,
+                                    "errors": len(result.errors)})
+    sc.notes.append("RSS over time: " + result.series(max(10.0, seconds / 10)))
+    if result.errors:
+        sc.notes.append(f"{len(result.errors)} reads failed, e.g. {result.errors[0]}")
+    ctx.log(f"  15 objfs: RSS {start:.0f} -> {end:.0f} MiB (peak {result.peak_mib:.0f}), {result.reads} reads, "
+            f"{result.bytes / 1e9:.1f} GB")
+    return sc
+
+
 # 11 ----------------------------------------------------------------------------------------------
 def _load_model(path: Path) -> dict[str, Any]:
     from safetensors import safe_open
