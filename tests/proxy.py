@@ -9,9 +9,10 @@ header, and the Host header passes unchanged, so SigV4 signatures still verify a
 With a ``FaultPlan`` (``proxy.inject(plan)``) it also misbehaves the way stores and networks do:
 it answers 503 SlowDown or 500 InternalError itself, resets the connection in the middle of the
 response body, stalls without answering, or closes the connection right after the response
-headers. Faults start at a given rate and come in bursts; which requests are hit follows a
-seeded random sequence (deterministic in the order requests arrive), and the kinds take turns,
-so enough faults cover every kind. ``proxy.down(kind)`` makes every request fail until
+headers (for answers without a body: in the middle of the headers, or before them). Faults
+start at a given rate and come in bursts; which requests are hit follows a seeded random
+sequence (deterministic in the order requests arrive), and the kinds take turns, so enough
+faults cover every kind. ``proxy.down(kind)`` makes every request fail until
 ``proxy.up()``. What was injected is counted in ``tally().faults``.
 """
 
@@ -91,6 +92,7 @@ class Tally:
     body_bytes: Counter[str] = field(default_factory=Counter)  # kind -> response body bytes
     errors: int = 0  # responses with a status >= 400
     faults: Counter[str] = field(default_factory=Counter)  # fault kind -> requests it was injected into
+    faulted: Counter[tuple[str, str]] = field(default_factory=Counter)  # (request kind, fault kind) -> count
 
     @property
     def total(self) -> int:
@@ -98,7 +100,8 @@ class Tally:
 
     def as_dict(self) -> dict[str, object]:
         return {"requests": dict(self.requests), "body_bytes": dict(self.body_bytes),
-                "total": self.total, "errors": self.errors, "faults": dict(self.faults)}
+                "total": self.total, "errors": self.errors, "faults": dict(self.faults),
+                "faulted": {f"{k} {f}": n for (k, f), n in self.faulted.items()}}
 
 
 def classify(method: str, path: str, headers: dict[str, str]) -> str:
@@ -268,6 +271,7 @@ class CountingProxy:
             fault = self._down or (self._plan.next_fault(kind) if self._plan is not None else None)
             if fault is not None:
                 self._tally.faults[fault] += 1
+                self._tally.faulted[kind, fault] += 1
             return fault, self._plan.stall if self._plan is not None else FaultPlan.stall
 
     @property
@@ -281,7 +285,7 @@ class CountingProxy:
     def tally(self) -> Tally:
         with self._lock:
             return Tally(Counter(self._tally.requests), Counter(self._tally.body_bytes), self._tally.errors,
-                         Counter(self._tally.faults))
+                         Counter(self._tally.faults), Counter(self._tally.faulted))
 
     def snapshot(self) -> Counter[str]:
         """Requests by kind since the last reset (LIST, GET, HEAD, PUT, PART, DELETE, ...)."""
@@ -440,11 +444,21 @@ class CountingProxy:
         if fault == STALL:  # nothing at all, until the client's read timeout gives up on us
             time.sleep(stall)
             return
-        client.sendall(b"".join(resp) + b"\r\n")
+        head = b"".join(resp) + b"\r\n"
+        rheaders = _headers(resp)
+        length = int(rheaders.get("content-length", "0") or 0)
+        # An answer without a body (an uploaded part, a HEAD) would be complete with its headers:
+        # then the fault spoils the headers instead, or the client would never notice it.
+        body = method != "HEAD" and status not in (204, 304) and (
+            length > 1 or "chunked" in rheaders.get("transfer-encoding", "").lower())
         if fault == RESET:
-            length = int(_headers(resp).get("content-length", "0") or 0)
-            if method != "HEAD" and length > 1:
+            if body:
+                client.sendall(head)
                 ureader.copy(length // 2, client)
+            else:
+                client.sendall(head[: len(head) // 2])
             # RST rather than FIN: the client sees "connection reset by peer"
             client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        # CLOSE: headers only, then FIN: the body (if any) comes up short
+        elif body:  # CLOSE: headers only, then FIN: the body comes up short
+            client.sendall(head)
+        # CLOSE of an answer without a body: FIN without any answer

@@ -84,6 +84,20 @@ def _translate(exc: BaseException, key: str | None, bucket: str) -> errors.Store
     return errors.StoreError(f"{where}: unexpected error: {exc!r}", key=key)
 
 
+def _check_body_length(response_dict: dict[str, Any], operation_model: Any, **_: Any) -> None:
+    """botocore reads the body of a non-streaming answer without checking it against its
+    Content-Length (it turns urllib3's check off) and parses whatever came: a LIST answer cut
+    right after its headers parsed as an empty listing (a directory that looked empty), a
+    CreateMultipartUpload answer as one without an UploadId. A short body is a broken
+    connection, and is retried like one (IncompleteReadError is transient in ``_translate``)."""
+    body = response_dict.get("body")
+    if not isinstance(body, bytes) or operation_model.http.get("method") == "HEAD":
+        return
+    expected = str(response_dict["headers"].get("content-length", ""))
+    if expected.isdigit() and len(body) != int(expected):
+        raise botocore.exceptions.IncompleteReadError(actual_bytes=len(body), expected_bytes=int(expected))
+
+
 def _info(key: str, size: int, etag: str, mtime: Any) -> ObjectInfo:
     ts = mtime.timestamp() if hasattr(mtime, "timestamp") else 0.0
     return ObjectInfo(key=key, size=int(size), version=etag.strip('"'), mtime=ts)
@@ -145,6 +159,7 @@ class S3Store:
             aws_access_key_id=creds.access_key_id, aws_secret_access_key=creds.secret_access_key,
             aws_session_token=creds.session_token,
         )
+        self.client.meta.events.register("before-parse.s3", _check_body_length)
         self.direct = DirectGet(self.client)
         self.transfer = TransferConfig(
             multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=16 * 1024 * 1024,
@@ -296,6 +311,8 @@ class S3MultipartUpload:
         self._parts: dict[int, str] = {}
         self._lock = threading.Lock()
         self.size = 0
+        self._complete_sent = False  # a CompleteMultipartUpload went out (its answer may be lost)
+        self._completed = False  # the store said it completed
 
     def upload_part(self, number: int, data: bytes | memoryview) -> None:
         r = self.store._call(
@@ -307,12 +324,33 @@ class S3MultipartUpload:
             self.size += len(data)
 
     def complete(self) -> ObjectInfo:
+        """Complete the upload; safe to call again after a failure (the retry policy does).
+
+        A retry after the store completed the upload but the answer was lost (or after the HEAD
+        below failed) finds the upload gone: NoSuchUpload. That is success if the object at the
+        key now has our size, not a missing file (ENOENT at close for data that landed)."""
         with self._lock:
             parts = [{"PartNumber": n, "ETag": e} for n, e in sorted(self._parts.items())]
-        self.store._call(
-            self.key, self.store.client.complete_multipart_upload, Key=self.key,
-            UploadId=self.upload_id, MultipartUpload={"Parts": parts},
-        )
+            resent, self._complete_sent = self._complete_sent, True
+        if not self._completed:
+            try:
+                self.store._call(
+                    self.key, self.store.client.complete_multipart_upload, Key=self.key,
+                    UploadId=self.upload_id, MultipartUpload={"Parts": parts},
+                )
+            except errors.NotFoundError:
+                if not resent:
+                    raise
+                info = self.store.head(self.key)
+                if info.size != self.size:
+                    raise errors.StoreError(
+                        f"s3://{self.store.bucket}/{self.key}: the multipart upload is gone and the object "
+                        f"there has {info.size} bytes, not the {self.size} uploaded: written again meanwhile?",
+                        key=self.key,
+                    ) from None
+                self._completed = True
+                return info
+            self._completed = True
         # Some stores (rclone) answer a multipart ETag here but report the content MD5 on HEAD
         # and LIST; ask once so the version we pin is the one readers will see.
         return self.store.head(self.key)
