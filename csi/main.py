@@ -21,6 +21,7 @@ from google.protobuf.message import Message
 from fusefs import errors as store_errors
 from fusefs.config import ConfigError, parse_size
 
+from . import broker as passthrough_broker
 from . import metrics, podexit, webhook
 from . import params as P
 from .controller import ControllerService
@@ -196,8 +197,11 @@ def build_server(args: argparse.Namespace) -> tuple[grpc.Server, NodeService | N
             threading.Thread(target=launcher.warm_up, name="zygote-warm-up", daemon=True).start()
             warmed = launcher.warmed
         sidecars = None
+        broker = os.path.join(args.state_dir, "broker")
+        # Registers servers' complete node-cache files as FUSE passthrough backing files (they lack
+        # CAP_SYS_ADMIN); process servers get its path, sidecars a directory fd of it.
+        args.broker = passthrough_broker.start(broker, args.cache_dir, args.server_uid)
         if args.launcher == "sidecar":
-            broker = os.path.join(args.state_dir, "broker")
             sidecars = SidecarLauncher(args.kubelet_root, args.cache_dir, broker_dir=broker, pod_wait=args.sidecar_wait,
                                        handover_timeout=args.handover_timeout)
         inline = P.InlinePolicy.from_flags(args.allow_inline_node_identity, args.inline_buckets,
@@ -207,7 +211,8 @@ def build_server(args: argparse.Namespace) -> tuple[grpc.Server, NodeService | N
                         "this node's cloud identity can read")
         metrics_dir = metrics.prepare_metrics_dir(args.state_dir, args.server_uid, args.server_gid)
         node = NodeService(args.node_id, state, launcher, args.cache_dir, sidecars, inline=inline,
-                           stats_timeout=args.stats_timeout, metrics_dir=metrics_dir, cache_size=args.cache_size)
+                           stats_timeout=args.stats_timeout, metrics_dir=metrics_dir, cache_size=args.cache_size,
+                           broker_socket=args.broker.path if args.broker is not None else "")
         if sidecars is not None:
             args.exit_watcher = podexit.start_watcher(args, node.sidecar_pods, sidecars.pod_dir)
         csi_pb2_grpc.add_NodeServicer_to_server(node, server)

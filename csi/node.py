@@ -74,8 +74,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def __init__(self, node_id: str, state: StateStore, launcher: Launcher | None, cache_dir: str | None,
                  sidecars: SidecarLauncher | None = None, *, inline: P.InlinePolicy | None = None,
                  stats_timeout: float = STATFS_TIMEOUT, metrics_dir: str | None = None,
-                 cache_size: int = DEFAULT_CACHE_SIZE) -> None:
+                 cache_size: int = DEFAULT_CACHE_SIZE, broker_socket: str = "") -> None:
         self.node_id = node_id
+        #: the passthrough broker's socket (csi/broker.py), "" when there is none
+        self.broker_socket = broker_socket
         self.cache_size = cache_size  # every server opens the shared node cache with this limit
         self.metrics_dir = metrics_dir  # servers write their figures here (csi.metrics)
         self.state = state
@@ -165,6 +167,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             self.inline.check(p, config.credentials)
         fingerprint = _fingerprint(request.volume_id, mode, read_only, request.volume_context, config.redacted())
         config = self._with_metrics(config, request.volume_id, target, request.volume_context)
+        if config.cache_dir and self.broker_socket:  # not in the fingerprint: where, not what
+            config = dataclasses.replace(config, broker_socket=self.broker_socket)
 
         with self.locks.hold(target):
             rec = self.state.get(target)

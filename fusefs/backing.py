@@ -60,14 +60,11 @@ def patched_pyfuse3() -> bool:
         pyfuse3.FileInfo, "backing_id")
 
 
-def broker_registrar(socket_path: str) -> Registrar | None:
-    """The node plugin's broker client, from ``fusefs.passthrough`` (helper "native")."""
-    try:
-        from . import passthrough  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    factory = getattr(passthrough, "BrokerClient", None)
-    return factory(socket_path) if factory is not None else None  # type: ignore[no-any-return]
+def broker_registrar(socket_path: str) -> Registrar:
+    """The node plugin's broker (``csi/broker.py``) through its client (``fusefs.passthrough``)."""
+    from .passthrough import BrokerClient
+
+    return BrokerClient(socket_path)
 
 
 def choose_registrar(broker_socket: str) -> tuple[Registrar | None, str]:
@@ -75,10 +72,7 @@ def choose_registrar(broker_socket: str) -> tuple[Registrar | None, str]:
     if not patched_pyfuse3():
         return None, "this pyfuse3 has no passthrough API (needs the patched build against libfuse >= 3.17)"
     if broker_socket:
-        registrar = broker_registrar(broker_socket)
-        if registrar is None:
-            return None, "no broker client in this build (fusefs.passthrough)"
-        return registrar, f"backing files registered by the broker at {broker_socket}"
+        return broker_registrar(broker_socket), f"backing files registered by the broker at {broker_socket}"
     if os.geteuid() != 0:
         return None, "not root and no broker socket configured"
     return SelfRegistrar(), "backing files registered by this server (root)"

@@ -7,6 +7,7 @@ The fallback test runs everywhere."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import signal
 import threading
@@ -15,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from csi.broker import Broker
 from fusefs import backing
 from fusefs.config import MiB, MountConfig, Tuning
+from fusefs.passthrough import BrokerClient
 from tests.fsmount import Mounted
 from tests.scrape import parse, value
 from tests.servers import RcloneS3, random_bytes
@@ -219,3 +222,70 @@ def test_an_object_replaced_in_the_store_is_read_new_by_new_opens(
     finally:
         os.close(first)
     assert path.read_bytes() == new
+
+
+@needs_passthrough
+def test_a_server_with_a_broker_socket_registers_through_the_broker(
+    config: MountConfig, data: bytes, mount_fs: Callable[..., Mounted], tmp_path: Path
+) -> None:
+    cached(mount_fs, config, data)
+    broker = Broker(str(tmp_path / "broker"), config.cache_dir or "", server_uid=65534)
+    try:
+        m = mount_fs(dataclasses.replace(config, broker_socket=broker.path, metrics_path=str(tmp_path / "b.prom")))
+        for _ in range(2):
+            assert (m.path / "w.bin").read_bytes() == data
+        figures = figures_at_exit(m)
+    finally:
+        broker.close()
+    assert broker.registered == 2  # each open registered the file, each last release closed it
+    assert broker.refused == 0
+    assert value(figures, "objfs_fuse_passthrough_opens_total") == 2
+    assert value(figures, "objfs_fuse_operation_seconds_count", op="read") == 0
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[tuple[Broker, Path]]:
+    objects = tmp_path / "cache" / "objects" / "ab"
+    objects.mkdir(parents=True)
+    b = Broker(str(tmp_path / "broker"), str(tmp_path / "cache"), server_uid=65534)
+    yield b, objects
+    b.close()
+
+
+def _file(path: Path, mode: int) -> Path:
+    path.write_bytes(b"x" * 4096)
+    path.chmod(mode)
+    return path
+
+
+@pytest.mark.parametrize("case", ["outside the cache", "open for writing", "not complete", "replaced", "not fuse"])
+def test_the_broker_registers_only_complete_cache_files_on_a_fuse_fd(
+    broker: tuple[Broker, Path], tmp_path: Path, case: str
+) -> None:
+    b, objects = broker
+    fuse_fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    fds = [fuse_fd]
+    try:
+        flags = os.O_RDONLY
+        if case == "outside the cache":
+            path, code = _file(tmp_path / "x.obj", 0o400), errno.EACCES
+        elif case == "open for writing":
+            path, code, flags = _file(objects / "w.obj", 0o600), errno.EACCES, os.O_RDWR
+        elif case == "not complete":
+            path, code = _file(objects / "p.part", 0o400), errno.EACCES
+        else:
+            path, code = _file(objects / "r.obj", 0o400), errno.ESTALE if case == "replaced" else errno.EINVAL
+        file_fd = os.open(path, flags | os.O_CLOEXEC)
+        fds.append(file_fd)
+        if case == "replaced":
+            os.replace(_file(objects / "new", 0o400), path)
+        if case == "not fuse":
+            fuse_fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            fds.append(fuse_fd)
+        with pytest.raises(OSError) as err:
+            BrokerClient(b.path).open(fuse_fd, file_fd)
+        assert err.value.errno == code
+        assert b.registered == 0 and b.refused == 1
+    finally:
+        for fd in fds:
+            os.close(fd)
