@@ -2,9 +2,11 @@
 # FUSE passthrough needs libfuse >= 3.17.3 (Debian bookworm has 3.14) and a pyfuse3 that can return a
 # backing id from open (no release can). This builds both, cached by version under ROOT:
 #   ROOT/libfuse-<v>/prefix              libfuse from Debian's source package, built with meson + ninja
-#   ROOT/libfuse-<v>/pyfuse3-<v>-<patch>-<python>/*.whl
+#   ROOT/libfuse-<v>/pyfuse3-<v>-<patch>-r<rev>-<python>/*.whl
 #                                        pyfuse3's sdist with native/pyfuse3-passthrough.patch, linked
-#                                        against that prefix with an rpath (no LD_LIBRARY_PATH needed)
+#                                        against that libfuse, which the wheel carries beside the
+#                                        module (rpath $ORIGIN: no LD_LIBRARY_PATH, and the servers'
+#                                        uid loads it from the venv, not from root's home)
 # and installs the wheel into PYTHON's environment. A second run with the same versions only checks.
 #
 # usage: native/build.sh PYTHON [ROOT]      (ROOT defaults to ~/.cache/objfs/native)
@@ -15,6 +17,7 @@ LIBFUSE_VERSION=3.18.3
 LIBFUSE_SHA256=bcd19582c5e30f7fe45dd86a5540e998590aa01903afc7ebcbeea6c8ac5421ee
 LIBFUSE_MIN=3.17.3  # conn->want/want_ext conversion fixed (passthrough negotiable through `want`)
 PYFUSE3_VERSION=3.5.0
+WHEEL_REV=2  # how the wheel is made (not the patch): raise it to rebuild cached wheels
 POOL=http://deb.debian.org/debian/pool/main/f/fuse3
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -95,9 +98,31 @@ build_pyfuse3() {
   patch -s --batch -d "$src" -p1 < "$patch_file"
   rm -f "$src/src/pyfuse3/__init__.c"  # generated from the unpatched sources: Cython makes it anew
   mkdir -p "$wheel_dir.tmp"
-  PKG_CONFIG_PATH="$prefix/lib/pkgconfig" LDFLAGS="-Wl,-rpath,$prefix/lib" \
+  PKG_CONFIG_PATH="$prefix/lib/pkgconfig" LDFLAGS='-Wl,-rpath,$ORIGIN'" -Wl,-rpath,$prefix/lib" \
     SETUPTOOLS_SCM_PRETEND_VERSION="$local_version" \
     "$py" -m pip wheel -q --no-deps -w "$wheel_dir.tmp" "$src" >&2
+  # libfuse goes into the wheel beside the module (its RECORD updated): one self-contained file
+  "$py" - "$wheel_dir.tmp"/pyfuse3-*.whl "$prefix/lib/libfuse3.so.4" <<'EOF'
+import base64, hashlib, os, sys, zipfile
+wheel, lib = sys.argv[1:3]
+name = "pyfuse3/" + os.path.basename(lib)
+with open(lib, "rb") as f:  # the symlink's target, under the soname
+    data = f.read()
+with zipfile.ZipFile(wheel) as zin, zipfile.ZipFile(wheel + ".new", "w", zipfile.ZIP_DEFLATED) as zout:
+    record_name, record = "", ""
+    for item in zin.infolist():
+        if item.filename.endswith(".dist-info/RECORD"):
+            record_name, record = item.filename, zin.read(item).decode()
+            continue
+        zout.writestr(item, zin.read(item))
+    info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
+    info.external_attr = 0o755 << 16
+    info.compress_type = zipfile.ZIP_DEFLATED
+    zout.writestr(info, data)
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    zout.writestr(record_name, record + f"{name},sha256={digest},{len(data)}\n")
+os.replace(wheel + ".new", wheel)
+EOF
   rm -rf "$wheel_dir" && mv "$wheel_dir.tmp" "$wheel_dir"
   rm -rf "$src"
 }
@@ -109,8 +134,8 @@ if ! ls "$root"/libfuse-"$LIBFUSE_VERSION"/prefix/lib/libfuse3.so.* >/dev/null 2
 fi
 dir="$root/libfuse-$LIBFUSE_VERSION"
 prefix="$dir/prefix"
-local_version="$PYFUSE3_VERSION+objfs.$patch_id"
-wheel_dir="$dir/pyfuse3-$PYFUSE3_VERSION-$patch_id-$pytag"
+local_version="$PYFUSE3_VERSION+objfs.$patch_id.$WHEEL_REV"
+wheel_dir="$dir/pyfuse3-$PYFUSE3_VERSION-$patch_id-r$WHEEL_REV-$pytag"
 
 if ! ls "$prefix"/lib/libfuse3.so.* >/dev/null 2>&1; then
   log "building libfuse $LIBFUSE_VERSION into $prefix"
@@ -126,17 +151,17 @@ installed="$("$py" -c 'import importlib.metadata as m; print(m.version("pyfuse3"
 if [ "$installed" != "$local_version" ]; then
   "$py" -m pip install -q --no-deps --force-reinstall "$wheel_dir"/pyfuse3-*.whl
 fi
-# The module must load the private libfuse (rpath) and have the patch's API.
-"$py" - "$prefix" <<'EOF'
-import sys
+# The module must load the libfuse it carries and have the patch's API.
+"$py" - <<'EOF'
+import os, sys
 import pyfuse3
-so = pyfuse3.__file__
+here = os.path.dirname(pyfuse3.__file__)
 maps = open("/proc/self/maps").read()
 missing = [n for n in ("passthrough_supported", "fuse_fd") if not hasattr(pyfuse3, n)]
 if missing or not hasattr(pyfuse3.FileInfo(), "backing_id"):
-    sys.exit(f"native: {so} lacks the passthrough API ({missing})")
-if sys.argv[1] + "/lib/libfuse3.so" not in maps:
-    sys.exit(f"native: {so} does not load libfuse from {sys.argv[1]}")
+    sys.exit(f"native: {here} lacks the passthrough API ({missing})")
+if os.path.join(here, "libfuse3.so.4") not in maps:
+    sys.exit(f"native: {pyfuse3.__file__} does not load the libfuse3.so.4 beside it")
 EOF
 log "pyfuse3 $local_version with libfuse $LIBFUSE_VERSION ready ($((SECONDS - started)) s)"
 echo "$wheel_dir"
