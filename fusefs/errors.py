@@ -89,6 +89,16 @@ def is_temp_failure(exc: BaseException) -> bool:
     return isinstance(exc, StoreError) and exc.transient
 
 
+def first_store_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first StoreError in ``group`` (requests run side by side in a nursery fail as a
+    group), else the group itself."""
+    for exc in group.exceptions:
+        found = first_store_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
+        if isinstance(found, StoreError):
+            return found
+    return group
+
+
 def errno_of(exc: BaseException) -> int:
     """The errno a FUSE operation should return for ``exc``: never one that makes a caller's
     read loop stop short or spin (EAGAIN, EWOULDBLOCK, EINTR become EIO)."""

@@ -387,9 +387,14 @@ class Meta:
             page = await self.store.list(key + "/", "/", None, 1)
             is_dir[0] = bool(page.objects or page.prefixes)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(do_head)
-            nursery.start_soon(do_list)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(do_head)
+                nursery.start_soon(do_list)
+        except ExceptionGroup as group:
+            # A failed HEAD or LIST comes out of the nursery wrapped in a group, which the FUSE
+            # layer took for an unexpected error (EIO): a revoked key gave EIO, not EACCES.
+            raise errors.first_store_error(group) from None
         name = name_of(path)
         if is_dir[0]:
             if head[0] is not None:

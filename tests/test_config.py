@@ -204,3 +204,32 @@ def test_mount_config_validation(kwargs: dict[str, object]) -> None:
     base: dict[str, object] = {"backend": "s3", "bucket": "b"}
     with pytest.raises(ConfigError):
         MountConfig(**{**base, **kwargs})  # type: ignore[arg-type]
+
+
+# -- bucket names: the rule that is broken, in words (issue: "s3://b" was said to have bad characters)
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [("s3://b", "S3 bucket names are 3 to 63 characters long, this one has 1"),
+     ("s3://" + "a" * 64, "S3 bucket names are 3 to 63 characters long, this one has 64"),
+     ("gs://ab", "GCS bucket names are 3 to 63 characters long (222 with dots), this one has 2"),
+     ("gs://" + "a" * 64, "GCS bucket names are 3 to 63 characters long (222 with dots), this one has 64"),
+     ("gs://a." + "b" * 64, "each dot-separated part of a GCS bucket name is 1 to 63 characters long"),
+     ("s3://Upper", "'U' is not allowed: use only lower-case letters, digits, '.' and '-' in S3 bucket names"),
+     ("s3://under_score", "'_' is not allowed: use only lower-case letters, digits, '.' and '-' in S3 bucket names"),
+     ("s3://-dash", "it must start and end with a lower-case letter or a digit"),
+     ("s3://192.168.1.1", "it must not look like an IP address"),
+     ("s3://a..b", "S3 bucket names must not contain two adjacent periods"),
+     ("gs://googlebucket", "GCS bucket names must not start with 'goog'"),
+     ("gs://my-google-data", "GCS bucket names must not contain 'google'")],
+)
+def test_bucket_name_errors_name_the_rule(source: str, message: str) -> None:
+    bucket = source.split("://", 1)[1]
+    with pytest.raises(ConfigError) as exc:
+        parse_source(source)
+    assert str(exc.value) == f"invalid bucket name {bucket!r}: {message}"
+
+
+@pytest.mark.parametrize("source", ["s3://abc", "s3://a" + "b" * 62, "gs://under_score", "gs://a.b.c",
+                                    "gs://" + ".".join(["a" * 63] * 3), "s3://my.bucket-1"])
+def test_valid_bucket_names_pass(source: str) -> None:
+    assert parse_source(source)[1] == source.split("://", 1)[1]
