@@ -154,9 +154,14 @@ async def _warm(ops: Operations, config: MountConfig) -> None:
         limiter = trio.CapacityLimiter(PREFETCH_PARALLEL)
 
         async def warm_one(info: ObjectInfo) -> None:
+            # Each object's failure stays its own: raised into the nursery, it came out as an
+            # ExceptionGroup that the except below does not catch, and took the server down.
             async with limiter:
-                for index in range(ops.reader.block_count(info.size)):
-                    await ops.reader.warm(info, index)
+                try:
+                    for index in range(ops.reader.block_count(info.size)):
+                        await ops.reader.warm(info, index)
+                except errors.StoreError as exc:
+                    log.warning("prefetch of %s stopped: %s", info.key, exc)
 
         async with trio.open_nursery() as nursery:
             for info in matches:

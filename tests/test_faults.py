@@ -472,3 +472,30 @@ def test_shortened_deadline_is_a_tuning_knob() -> None:
     assert config.tuning.retry_deadline == 30.0
     short = dataclasses.replace(config, tuning=Tuning(retry_deadline=2.0))
     assert MountConfig.from_json(short.to_json()).tuning.retry_deadline == 2.0
+
+
+# -- prefetch ------------------------------------------------------------------------------------
+
+def test_store_failing_during_prefetch_leaves_the_mount_serving(
+    side: Side, tmp_path: Path, mount_fs: Callable[..., Mounted]
+) -> None:
+    """The `prefetch` globs warm the node cache in the background; the store fails every GET
+    meanwhile (past the deadline). Prefetch gives up, the mount keeps serving, and once the
+    store answers the files read right."""
+    files = {f"warm/{i}.bin": random_bytes(300_000 + i, seed=700 + i) for i in range(3)}
+    for key, data in files.items():
+        side.direct.put(key, data)
+    side.proxy.inject(FaultPlan(rate=1.0, burst=1, kinds=(INTERNAL,), only=frozenset({"GET"})))
+    config = dataclasses.replace(side.config(tmp_path, retry_deadline=1.0), cache_dir=str(tmp_path / "cache"),
+                                 prefetch=("warm/*.bin",))
+    m = mount_fs(config)
+    while side.proxy.tally().faults[INTERNAL] < 3 * len(files) and m.proc.poll() is None:
+        threading.Event().wait(0.1)  # every object's warm-up met the failing store, retried
+    while "prefetch" not in m.log_text() and m.proc.poll() is None:
+        threading.Event().wait(0.1)  # and gave up
+    faults = side.proxy.tally().faults
+    side.proxy.inject(None)
+    assert m.proc.poll() is None, f"the server died: {m.log_text()[-2000:]}"
+    for key, data in files.items():
+        assert (m.path / key).read_bytes() == data
+    figures.report(f"prefetch[{side.backend.name}]", dict(faults), sum(map(len, files.values())))
