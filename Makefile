@@ -22,12 +22,13 @@ APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc util-linux procps meson ninja-
 BENCH_APT_PACKAGES := s3fs linux-perf
 export PATH := $(CURDIR)/$(VENV)/bin:$(TOOLS):$(PATH)
 
-.PHONY: help deps apt venv native tools proto lint typecheck check chart unit sanity test demo bench bench-deps bench-smoke clean
+.PHONY: help deps apt venv native tools proto lint typecheck check chart unit sanity test demo bench bench-deps bench-smoke clean e2e e2e-build
 
 help:
 	@echo "make demo    the main job, end to end on a local S3 server (no cluster needed)"
 	@echo "make test    install everything the tests need, then lint, type-check, pytest and csi-sanity"
 	@echo "make bench   side-by-side benchmarks against s3fs-fuse and rclone mount"
+	@echo "make e2e     objfs on a real single-node Kubernetes built here (e2e/README.md)"
 
 deps: apt venv native tools proto
 
@@ -80,7 +81,7 @@ csi/v1/csi_pb2.py: proto/build.sh | $(VENV)/.installed
 	bash proto/build.sh $(CSI_SPEC_VERSION) $(CURDIR)/$(PY)
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check fusefs csi tests bench sanity
+	$(VENV)/bin/ruff check fusefs csi tests bench sanity e2e
 
 typecheck: $(VENV)/.installed proto
 	$(VENV)/bin/mypy
@@ -121,3 +122,11 @@ bench-smoke: bench-deps
 
 clean:
 	rm -rf $(VENV) .tools $(STAMPS) csi/v1 .mypy_cache .ruff_cache build *.egg-info
+
+# A real single-node Kubernetes (e2e/README.md). The heavy builds are cached under
+# ~/.cache/objfs/e2e/<versions>/; the objfs image is rebuilt from deploy/Dockerfile every time.
+e2e-build: deps
+	bash e2e/build.sh all
+
+e2e: e2e-build
+	bash e2e/run.sh

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Builds (once) everything `make e2e` runs, cached under $E2E_CACHE (outside the repository, keyed by
+# version) so CI on this machine reuses it: the Kubernetes binaries from k8s.io/kubernetes through a
+# wrapper module, the CSI external-provisioner, the pause program, and the objfs image.
+# Usage: e2e/build.sh [debs|k8s|provisioner|csihelper|pause|images|all]
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+. "$here/versions.sh"
+mkdir -p "$E2E_CACHE/bin"
+nice_="nice -n 19"
+t0=$SECONDS
+phase() { echo "e2e-build: $1 took $((SECONDS - t0)) s"; t0=$SECONDS; }
+
+debs() {
+  # etcd, containerd, runc, CNI plugins and the image tools: Debian's packages.
+  local missing=""
+  for p in $E2E_APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+  if [ -n "$missing" ]; then
+    echo "installing Debian packages:$missing"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+  fi
+  # Debian starts containerd as a service on install; the e2e cluster runs its own, by PID.
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active -q containerd 2>/dev/null; then
+    systemctl stop containerd || true
+  fi
+  phase "Debian packages"
+}
+
+k8s() {
+  # k8s.io/kubernetes cannot be `go install`ed (its go.mod replaces the staging modules with
+  # ./staging/...): a wrapper module requires it and points each staging module at its published
+  # v0.x twin, the list read from kubernetes' own go.mod so it follows the pinned version.
+  local all=1 c
+  for c in $K8S_COMMANDS; do [ -x "$E2E_CACHE/bin/$c" ] || all=0; done
+  [ $all = 1 ] && return 0
+  local mod="$E2E_CACHE/src/k8s-wrapper"
+  mkdir -p "$mod"
+  local gomod
+  gomod="$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')"
+  {
+    echo "module objfs.dev/e2e/k8s"
+    echo
+    echo "go 1.24.0"
+    echo
+    echo "require k8s.io/kubernetes $K8S_VERSION"
+    echo
+    sed -n 's#^\s*\(k8s.io/[^ ]*\) => ./staging/.*#\1#p' "$gomod" | while read -r m; do
+      echo "replace $m => $m $K8S_STAGING_VERSION"
+    done
+  } > "$mod/go.mod"
+  printf 'package main\n\nimport _ "k8s.io/kubernetes/cmd/kubelet/app"\n\nfunc main() {}\n' > "$mod/tools.go"
+  (cd "$mod" && GOFLAGS=-mod=mod $nice_ go mod tidy >/dev/null 2>&1 || GOFLAGS=-mod=mod go mod download)
+  for c in $K8S_COMMANDS; do
+    [ -x "$E2E_CACHE/bin/$c" ] && continue
+    (cd "$mod" && GOFLAGS=-mod=mod $nice_ go build -o "$E2E_CACHE/bin/$c.tmp" "k8s.io/kubernetes/cmd/$c")
+    mv "$E2E_CACHE/bin/$c.tmp" "$E2E_CACHE/bin/$c"
+    phase "go build $c"
+  done
+}
+
+provisioner() {
+  [ -x "$E2E_CACHE/bin/csi-provisioner" ] && return 0
+  GOBIN="$E2E_CACHE/bin" GOFLAGS=-mod=mod $nice_ go install \
+    "github.com/kubernetes-csi/external-provisioner/v5/cmd/csi-provisioner@$PROVISIONER_VERSION"
+  phase "go install csi-provisioner"
+}
+
+csihelper() {
+  # The registrar/livenessprobe stand-in, built in the wrapper module (it has the kubelet's
+  # registration API, the CSI spec and grpc at the versions Kubernetes uses).
+  local out="$E2E_CACHE/bin/objfs-e2e-registrar" mod="$E2E_CACHE/src/k8s-wrapper"
+  [ -x "$out" ] && [ "$out" -nt "$here/csihelper/main.go" ] && return 0
+  mkdir -p "$mod/csihelper"
+  cp "$here/csihelper/main.go" "$mod/csihelper/main.go"
+  (cd "$mod" && GOFLAGS=-mod=mod $nice_ go build -o "$out" ./csihelper)
+  phase "go build csihelper"
+}
+
+pause() {
+  # The sandbox image: a static program that sleeps until SIGTERM/SIGINT (no registry here).
+  [ -x "$E2E_CACHE/bin/pause" ] && return 0
+  gcc -O2 -static -o "$E2E_CACHE/bin/pause" "$here/pause.c"
+  phase "pause"
+}
+
+images() {
+  bash "$here/images.sh"
+  phase "images"
+}
+
+what="${1:-all}"
+case "$what" in
+  debs) debs ;; k8s) k8s ;; provisioner) provisioner ;; csihelper) csihelper ;; pause) pause ;;
+  images) images ;;
+  all) debs; k8s; provisioner; csihelper; pause; images ;;
+  *) echo "usage: $0 [debs|k8s|provisioner|csihelper|pause|images|all]" >&2; exit 2 ;;
+esac

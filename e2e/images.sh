@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The e2e cluster's images, without a registry: a Debian base made with debootstrap, local stand-ins for
+# the two bases deploy/Dockerfile names (python:3.11-slim-bookworm, golang:1.22-bookworm: Debian's own
+# python3 and golang on that base), then deploy/Dockerfile itself through buildah, plus small images for
+# the pause program, csi-provisioner and the registrar. Each is saved as an OCI archive under
+# $E2E_CACHE/images/, which e2e/cluster.sh imports into its containerd.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+repo="$(cd "$here/.." && pwd)"
+. "$here/versions.sh"
+img="$E2E_CACHE/images"
+mkdir -p "$img"
+bud=(buildah --storage-driver vfs)
+t0=$SECONDS
+phase() { echo "e2e-build: image $1 took $((SECONDS - t0)) s"; t0=$SECONDS; }
+
+base_tar="$E2E_CACHE/debian-bookworm.tar"
+if [ ! -s "$base_tar" ]; then
+  root="$E2E_CACHE/rootfs.tmp"
+  unmount_under() { mount | awk -v r="$1/" 'index($3, r) == 1 {print $3}' | sort -r | xargs -r umount -l; }
+  unmount_under "$root"   # a debootstrap killed half-way leaves its /proc and /sys mounted
+  rm -rf --one-file-system "$root"
+  nice -n 19 debootstrap --variant=minbase --include=ca-certificates bookworm "$root" http://deb.debian.org/debian >/dev/null
+  # This machine reaches registries through an intercepting proxy: its CAs go into the base, or
+  # pip, go and apt over https fail with CERTIFICATE_VERIFY_FAILED inside the build.
+  cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/" 2>/dev/null || true
+  chroot "$root" update-ca-certificates >/dev/null
+  cp /etc/apt/sources.list.d/debian.sources "$root/etc/apt/sources.list.d/" 2>/dev/null && rm -f "$root/etc/apt/sources.list"
+  cp /etc/apt/apt.conf.d/99artifact-registry "$root/etc/apt/apt.conf.d/" 2>/dev/null || true
+  rm -rf "$root/var/cache/apt/archives/"*.deb "$root/var/lib/apt/lists/"*
+  unmount_under "$root"
+  tar -C "$root" --one-file-system -cf "$base_tar.tmp" .
+  mv "$base_tar.tmp" "$base_tar"
+  rm -rf --one-file-system "$root"
+  phase "debootstrap base"
+fi
+
+have() { "${bud[@]}" inspect --type image "$1" >/dev/null 2>&1; }
+
+if ! have localhost/objfs-e2e/debian:bookworm; then
+  c=$("${bud[@]}" from scratch)
+  "${bud[@]}" add "$c" "$base_tar" / >/dev/null
+  "${bud[@]}" config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin --cmd /bin/bash "$c"
+  "${bud[@]}" commit -q "$c" localhost/objfs-e2e/debian:bookworm >/dev/null
+  "${bud[@]}" rm "$c" >/dev/null
+  phase "debian base"
+fi
+
+# Stand-ins for the Dockerfile's bases, labelled as such: same Debian release and Python minor.
+if ! have docker.io/library/python:3.11-slim-bookworm; then
+  c=$("${bud[@]}" from --pull-never localhost/objfs-e2e/debian:bookworm)
+  "${bud[@]}" run --network host "$c" -- sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -qq --no-install-recommends python3 python3-pip python3-venv python3-dev python-is-python3 >/dev/null \
+    && rm -rf /var/lib/apt/lists/* && printf "[global]\nbreak-system-packages = true\n" > /etc/pip.conf'
+  "${bud[@]}" config --label objfs.e2e.stand-in="Debian bookworm python3 for python:3.11-slim-bookworm" "$c"
+  "${bud[@]}" commit -q "$c" docker.io/library/python:3.11-slim-bookworm >/dev/null
+  "${bud[@]}" rm "$c" >/dev/null
+  phase "python stand-in"
+fi
+if ! have docker.io/library/golang:1.22-bookworm; then
+  c=$("${bud[@]}" from --pull-never localhost/objfs-e2e/debian:bookworm)
+  "${bud[@]}" run --network host "$c" -- sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -qq --no-install-recommends golang-go git >/dev/null && rm -rf /var/lib/apt/lists/*'
+  "${bud[@]}" config --env GOPATH=/go --label objfs.e2e.stand-in="Debian bookworm golang for golang:1.22-bookworm" "$c"
+  "${bud[@]}" commit -q "$c" docker.io/library/golang:1.22-bookworm >/dev/null
+  "${bud[@]}" rm "$c" >/dev/null
+  phase "golang stand-in"
+fi
+
+# The objfs image from deploy/Dockerfile, rebuilt every time (it is the code under test); buildah's
+# layer cache keeps the unchanged steps.
+nice -n 19 "${bud[@]}" bud --pull-never --layers --network host -q -f "$repo/deploy/Dockerfile" \
+  -t localhost/objfs-csi:e2e "$repo" >/dev/null
+rm -f "$img/objfs-csi.tar"
+"${bud[@]}" push -q localhost/objfs-csi:e2e "oci-archive:$img/objfs-csi.tar:localhost/objfs-csi:e2e"
+phase "objfs-csi (deploy/Dockerfile)"
+
+# Binaries on the Debian base (csi-provisioner is linked against glibc) or from scratch (pause).
+bin_image() {  # name binary base
+  local name=$1 bin=$2 base=$3 c
+  [ -s "$img/$name.tar" ] && [ "$img/$name.tar" -nt "$E2E_CACHE/bin/$bin" ] && return 0
+  c=$("${bud[@]}" from --pull-never "$base")
+  "${bud[@]}" copy "$c" "$E2E_CACHE/bin/$bin" "/$bin" >/dev/null
+  "${bud[@]}" config --entrypoint "[\"/$bin\"]" "$c"
+  "${bud[@]}" commit -q "$c" "localhost/objfs-e2e/$name:e2e" >/dev/null
+  "${bud[@]}" rm "$c" >/dev/null
+  rm -f "$img/$name.tar"
+  "${bud[@]}" push -q "localhost/objfs-e2e/$name:e2e" "oci-archive:$img/$name.tar:localhost/objfs-e2e/$name:e2e"
+  phase "$name"
+}
+bin_image pause pause scratch
+bin_image csi-provisioner csi-provisioner localhost/objfs-e2e/debian:bookworm
+bin_image registrar objfs-e2e-registrar localhost/objfs-e2e/debian:bookworm

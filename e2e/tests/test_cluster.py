@@ -1,0 +1,295 @@
+"""objfs on a real single-node Kubernetes (e2e/run.sh): the real kubelet publishes the volumes, the real
+external-provisioner creates them, the webhook adds the sidecars, and the pods read and write through
+their FUSE mounts to an rclone S3 server on the node's loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from kube import DRIVER, NAMESPACE, Kube, Obj, pod, pod_spec
+from safetensors.numpy import save
+
+from tests.servers import RcloneS3, random_bytes
+
+STATE = Path("/var/lib/objfs/state/targets")  # the node plugin's records (hostPath, this mount ns)
+
+
+def storage_class(name: str, s3: RcloneS3, bucket: str) -> Obj:
+    return {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": name},
+            "provisioner": DRIVER, "reclaimPolicy": "Delete",
+            "parameters": {"bucket": bucket, "prefix": "volumes", "endpoint": s3.endpoint, "region": "us-east-1",
+                           "csi.storage.k8s.io/provisioner-secret-name": "objfs-s3",
+                           "csi.storage.k8s.io/provisioner-secret-namespace": "objfs",
+                           "csi.storage.k8s.io/node-publish-secret-name": "objfs-s3",
+                           "csi.storage.k8s.io/node-publish-secret-namespace": "objfs"}}
+
+
+def pvc(name: str, sc: str, mode: str = "ReadWriteMany") -> Obj:
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name, "namespace": NAMESPACE},
+            "spec": {"accessModes": [mode], "storageClassName": sc, "resources": {"requests": {"storage": "1Gi"}}}}
+
+
+def claim_volume(claim: str, read_only: bool = False) -> Obj:
+    return {"name": "data", "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}}
+
+
+def data_mount(read_only: bool = False) -> Obj:
+    return {"name": "data", "mountPath": "/data", "readOnly": read_only}
+
+
+def objfs_mounts() -> list[str]:
+    """FUSE mounts of objfs under the kubelet's pods (this test runs in the cluster's mount namespace)."""
+    out = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        sep = fields.index("-")
+        if fields[sep + 1].startswith("fuse") and fields[4].startswith("/var/lib/kubelet/"):
+            out.append(fields[4])
+    return out
+
+
+def sidecars_of(pod_uid: str) -> list[int]:
+    """`objfs sidecar` processes of one pod: in this network namespace (all pods here use the node's
+    network), with that pod's volumes (their kubelet paths name the pod UID) in their mount table."""
+    mine = os.readlink("/proc/self/ns/net")
+    pids = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().split(b"\0")
+            if (b"sidecar" in cmd and any(b"objfs" in c for c in cmd) and os.readlink(p / "ns/net") == mine
+                    and pod_uid in (p / "mountinfo").read_text()):
+                pids.append(int(p.name))
+        except OSError:
+            continue
+    return pids
+
+
+def records_for(pod_uid: str) -> list[dict[str, Any]]:
+    recs = []
+    for f in STATE.glob("*.json") if STATE.is_dir() else []:
+        rec = json.loads(f.read_text())
+        if pod_uid in rec.get("target", ""):
+            recs.append(rec)
+    return recs
+
+
+def bound_pv(kube: Kube, claim: str) -> Obj:
+    kube.wait_for(f"pvc {claim} bound", lambda: kube.get("pvc", claim).get("status", {}).get("phase") == "Bound")
+    return kube.get("pv", kube.get("pvc", claim)["spec"]["volumeName"], None)
+
+
+@pytest.fixture(scope="module")
+def sc(kube: Kube, store: RcloneS3) -> tuple[str, str]:
+    bucket = store.create_bucket("e2e-" + secrets.token_hex(4))
+    name = "objfs-e2e"
+    kube.apply(storage_class(name, store, bucket))
+    return name, bucket
+
+
+WRITE_READ = """
+import hashlib, os, sys
+data = os.urandom(3 * 1024 * 1024 + 17)
+with open('/data/out.bin', 'wb') as f:
+    f.write(data)
+with open('/data/out.bin', 'rb') as f:
+    back = f.read()
+assert back == data, 'read back differs'
+os.makedirs('/data/dir', exist_ok=True)
+open('/data/dir/small.txt', 'w').write('hello from a pod\\n')
+print(hashlib.sha256(data).hexdigest())
+"""
+
+
+def test_provisioned_claim_is_written_and_read_by_a_pod(kube: Kube, store: RcloneS3, sc: tuple[str, str]) -> None:
+    name, bucket = sc
+    kube.apply(pvc("rw", name))
+    pv = bound_pv(kube, "rw")
+    assert pv["spec"]["csi"]["driver"] == DRIVER
+    kube.apply(pod("writer", WRITE_READ, [claim_volume("rw")], [data_mount()]))
+    done = kube.wait_pod_done("writer")
+    # the webhook gave the pod its sidecar
+    names = [c["name"] for c in done["spec"].get("initContainers", []) + done["spec"]["containers"]]
+    assert "objfs-sidecar" in names
+    digest = kube.logs("writer", "app").split()[-1]
+    prefix = f"volumes/{pv['metadata']['name']}/"
+    assert hashlib.sha256(store.read_object(bucket, prefix + "out.bin")).hexdigest() == digest
+    assert store.read_object(bucket, prefix + "dir/small.txt") == b"hello from a pod\n"
+    # deleting the pod leaves no mount, FUSE server or record of it
+    uid = done["metadata"]["uid"]
+    kube.delete("pod", "writer")
+    kube.wait_for("writer's mounts gone", lambda: not [m for m in objfs_mounts() if uid in m])
+    assert not records_for(uid)
+    assert not sidecars_of(uid)
+
+
+def test_deleting_the_claim_deletes_its_data(kube: Kube, store: RcloneS3, sc: tuple[str, str]) -> None:
+    name, bucket = sc
+    kube.apply(pvc("doomed", name))
+    pv = bound_pv(kube, "doomed")
+    kube.apply(pod("fill", "open('/data/a.txt', 'w').write('x' * 1000)", [claim_volume("doomed")], [data_mount()]))
+    kube.wait_pod_done("fill")
+    prefix = f"volumes/{pv['metadata']['name']}/"
+    assert store.read_object(bucket, prefix + "a.txt") == b"x" * 1000
+    kube.delete("pod", "fill")
+    kube.delete("pvc", "doomed")
+    kube.wait_for("pv deleted", lambda: not kube.exists("pv", pv["metadata"]["name"], None))
+    left = store.client().list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    assert left == []
+
+
+def static_pv(name: str, s3: RcloneS3, bucket: str, prefix: str) -> list[Obj]:
+    return [
+        {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": name},
+         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"],
+                  "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
+                  "csi": {"driver": DRIVER, "volumeHandle": name, "readOnly": True,
+                          "volumeAttributes": {"bucket": bucket, "prefix": prefix, "endpoint": s3.endpoint,
+                                               "region": "us-east-1"},
+                          "nodePublishSecretRef": {"name": "objfs-s3", "namespace": "objfs"}}}},
+        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name, "namespace": NAMESPACE},
+         "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "", "volumeName": name,
+                  "resources": {"requests": {"storage": "1Gi"}}}},
+    ]
+
+
+def upload_model(s3: RcloneS3, bucket: str, prefix: str) -> dict[str, str]:
+    """A small safetensors model (written with the safetensors library) and a config, uploaded; returns
+    the sha256 of each tensor's bytes, which the pods check after parsing the file themselves."""
+    tensors = {f"layer{i}.weight": np.frombuffer(random_bytes(4 * (512 * 1024 + 1031 * i), seed=i),
+                                                 dtype=np.float32).reshape(-1, 1) for i in range(4)}
+    s3.client().put_object(Bucket=bucket, Key=prefix + "model.safetensors", Body=save(tensors))
+    s3.client().put_object(Bucket=bucket, Key=prefix + "config.json", Body=b'{"layers": 4}')
+    return {name: hashlib.sha256(t.tobytes()).hexdigest() for name, t in tensors.items()}
+
+
+def check_model(manifest: dict[str, str], ready_file: str, loop: bool = False) -> str:
+    """A pod's script: load /data/model.safetensors (header and every tensor, by the format: the image
+    has no safetensors library) and check each tensor's sha256; mark ready; with ``loop``, keep loading
+    (counting rounds in /tmp/rounds) and exit non-zero at the first failed read."""
+    return f"""
+import hashlib, json, struct, sys, time
+manifest = json.loads({json.dumps(json.dumps(manifest))})
+def check():
+    with open('/data/model.safetensors', 'rb') as f:
+        (n,) = struct.unpack('<Q', f.read(8))
+        header = json.loads(f.read(n))
+        header.pop('__metadata__', None)
+        if sorted(header) != sorted(manifest):
+            sys.exit(f'tensors {{sorted(header)}} != {{sorted(manifest)}}')
+        for name, t in header.items():
+            start, end = t['data_offsets']
+            f.seek(8 + n + start)
+            got = hashlib.sha256(f.read(end - start)).hexdigest()
+            if got != manifest[name]:
+                sys.exit(f'{{name}}: sha256 {{got}} != {{manifest[name]}}')
+    json.load(open('/data/config.json'))
+check()
+open({ready_file!r}, 'w').write('ok')
+rounds = 0
+while {loop!r}:
+    try:
+        check()
+    except Exception as e:
+        print('read failed:', repr(e), flush=True)
+        sys.exit(3)
+    rounds += 1
+    open('/tmp/rounds', 'w').write(str(rounds))
+    time.sleep(0.2)
+time.sleep(1e9)
+"""
+
+
+def deployment(name: str, replicas: int, script: str, claim: str) -> Obj:
+    spec = pod_spec(script, [claim_volume(claim, read_only=True)], [data_mount(read_only=True)],
+                    restart="Always", readiness="/tmp/ready")
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": NAMESPACE},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
+                     "template": {"metadata": {"labels": {"app": name}}, "spec": spec}}}
+
+
+def ready_replicas(kube: Kube, name: str) -> int:
+    return int(kube.get("deployment", name).get("status", {}).get("readyReplicas") or 0)
+
+
+def test_read_only_many_volume_serves_three_replicas(kube: Kube, store: RcloneS3) -> None:
+    bucket = store.create_bucket("models-" + secrets.token_hex(4))
+    manifest = upload_model(store, bucket, "tiny-model/")
+    kube.apply(*static_pv("model-rox", store, bucket, "tiny-model"))
+    kube.apply(deployment("inference", 3, check_model(manifest, "/tmp/ready"), "model-rox"))
+    kube.wait_for("3 replicas ready", lambda: ready_replicas(kube, "inference") == 3)
+    pods = kube.get("pod", selector="app=inference")["items"]
+    assert len(pods) == 3
+    assert all(s["restartCount"] == 0 for p in pods for s in p["status"]["containerStatuses"])
+    kube.delete("deployment", "inference")
+    kube.wait_for("inference pods gone", lambda: not kube.get("pod", selector="app=inference")["items"])
+    for p in pods:
+        uid = p["metadata"]["uid"]
+        assert not [m for m in objfs_mounts() if uid in m]
+        assert not records_for(uid)
+        assert not sidecars_of(uid)
+
+
+def test_inline_ephemeral_volume(kube: Kube, store: RcloneS3) -> None:
+    bucket = store.create_bucket("inline-" + secrets.token_hex(4))
+    store.client().put_object(Bucket=bucket, Key="assets/logo.txt", Body=b"inline volume\n")
+    volume = {"name": "data", "csi": {"driver": DRIVER, "readOnly": True,
+                                      "volumeAttributes": {"bucket": bucket, "prefix": "assets",
+                                                           "endpoint": store.endpoint, "region": "us-east-1"},
+                                      "nodePublishSecretRef": {"name": "objfs-s3"}}}
+    script = "assert open('/data/logo.txt').read() == 'inline volume\\n', 'wrong content'; print('ok')"
+    kube.apply(pod("inline", script, [volume], [data_mount(read_only=True)]))
+    kube.wait_pod_done("inline")
+    assert kube.logs("inline", "app").strip().endswith("ok")
+    kube.delete("pod", "inline")
+
+
+def test_job_completes_with_its_sidecar(kube: Kube, store: RcloneS3, sc: tuple[str, str]) -> None:
+    name, bucket = sc
+    kube.apply(pvc("results", name))
+    pv = bound_pv(kube, "results")
+    spec = pod_spec("open('/data/score.txt', 'w').write('0.93\\n')", [claim_volume("results")], [data_mount()])
+    kube.apply({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "evaluate", "namespace": NAMESPACE},
+                "spec": {"backoffLimit": 0, "template": {"spec": spec}}})
+    kube.wait_for("job complete", lambda: any(
+        c["type"] in ("Complete", "Failed") and c["status"] == "True"
+        for c in kube.get("job", "evaluate").get("status", {}).get("conditions", [])))
+    conditions = {c["type"]: c["status"] for c in kube.get("job", "evaluate")["status"]["conditions"]}
+    assert conditions.get("Complete") == "True", conditions
+    assert store.read_object(bucket, f"volumes/{pv['metadata']['name']}/score.txt") == b"0.93\n"
+    kube.run("-n", NAMESPACE, "delete", "job", "evaluate", "--cascade=foreground", "--wait=true")
+
+
+def test_node_plugin_rollout_breaks_no_read(kube: Kube, store: RcloneS3) -> None:
+    bucket = store.create_bucket("roll-" + secrets.token_hex(4))
+    manifest = upload_model(store, bucket, "m/")
+    kube.apply(*static_pv("model-roll", store, bucket, "m"))
+    kube.apply(deployment("reader", 1, check_model(manifest, "/tmp/ready", loop=True), "model-roll"))
+    kube.wait_for("reader ready", lambda: ready_replicas(kube, "reader") == 1)
+    (p,) = kube.get("pod", selector="app=reader")["items"]
+    name = p["metadata"]["name"]
+
+    def rounds() -> int:
+        out = kube.exec(name, "cat", "/tmp/rounds", container="app", check=False).strip()
+        return int(out) if out.isdigit() else 0
+
+    before = rounds()
+    old = {q["metadata"]["uid"] for q in kube.get("pod", "", "objfs", selector="app=objfs-csi-node")["items"]}
+    kube.run("-n", "objfs", "rollout", "restart", "ds/objfs-csi-node")
+    kube.run("-n", "objfs", "rollout", "status", "ds/objfs-csi-node", "--timeout=600s", timeout=660)
+    new = {q["metadata"]["uid"] for q in kube.get("pod", "", "objfs", selector="app=objfs-csi-node")["items"]}
+    assert new and not new & old, "the node plugin was not replaced"
+    # reads went on through the restart and go on after it
+    after = kube.wait_for("reads after the rollout", lambda: (r := rounds()) > before + 5 and r)
+    assert after > before
+    status = kube.get("pod", name)["status"]["containerStatuses"]
+    assert all(s["restartCount"] == 0 for s in status), kube.logs(name, "app")
+    kube.delete("deployment", "reader")

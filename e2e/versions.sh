@@ -1,0 +1,8 @@
+# Pinned versions of what the e2e cluster runs; the cache is keyed by them.
+K8S_VERSION=v1.34.0
+K8S_STAGING_VERSION=v0.34.0
+PROVISIONER_VERSION=v5.3.0
+K8S_COMMANDS="kube-apiserver kubelet kube-controller-manager kube-scheduler kubectl"
+E2E_APT_PACKAGES="etcd-server containerd runc containernetworking-plugins buildah debootstrap iptables conntrack"
+E2E_CACHE="${E2E_CACHE:-$HOME/.cache/objfs/e2e/$K8S_VERSION-$PROVISIONER_VERSION}"
+export E2E_CACHE
