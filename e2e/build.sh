@@ -60,9 +60,15 @@ k8s() {
 }
 
 provisioner() {
+  # Its go.mod has replace directives too (so no `go install ...@version`): build it as the main
+  # module, from a copy of the module the Go proxy serves.
   [ -x "$E2E_CACHE/bin/csi-provisioner" ] && return 0
-  GOBIN="$E2E_CACHE/bin" GOFLAGS=-mod=mod $nice_ go install \
-    "github.com/kubernetes-csi/external-provisioner/v5/cmd/csi-provisioner@$PROVISIONER_VERSION"
+  local dir src="$E2E_CACHE/src/external-provisioner-$PROVISIONER_VERSION"
+  dir="$(go mod download -json "github.com/kubernetes-csi/external-provisioner/v5@$PROVISIONER_VERSION" \
+    | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')"
+  rm -rf "$src" && cp -r "$dir" "$src" && chmod -R u+w "$src"
+  (cd "$src" && GOFLAGS=-mod=mod $nice_ go build -o "$E2E_CACHE/bin/csi-provisioner.tmp" ./cmd/csi-provisioner)
+  mv "$E2E_CACHE/bin/csi-provisioner.tmp" "$E2E_CACHE/bin/csi-provisioner"
   phase "go install csi-provisioner"
 }
 

@@ -22,4 +22,5 @@ ip -n "$ns" link set lo up
 ip -n "$ns" addr add 10.213.0.1/32 dev lo
 ip -n "$ns" route add 10.0.0.0/24 dev lo
 # Private mounts (slave: the machine's mounts still come in, ours never go out), then the cluster.
-ip netns exec "$ns" unshare --mount --propagation slave bash "$here/inside.sh" "$root" "$@"
+# nsenter, not `ip netns exec`: that mounts a fresh /sys, which hides the cgroup mounts runc needs.
+nsenter --net="/run/netns/$ns" unshare --mount --propagation slave bash "$here/inside.sh" "$root" "$@"
