@@ -262,6 +262,8 @@ class NodeCache:
         self._counts_lock = threading.Lock()
         self._reported: set[str] = set()
         self._flights: dict[BlockKey, _Flight] = {}
+        #: complete files this process checked whole (``_complete_file``): handed out unchecked after
+        self._verified: set[str] = set()
         self._queue_bytes = write_queue_bytes
         self._queued = 0  # bytes in the writer's queue (under _submit_lock)
         self._overflow = 0  # bytes waiting in tasks for room in the writer's queue, holding their locks
@@ -475,27 +477,26 @@ class NodeCache:
             df = self._data_file(oid)
             if df is not None and not df.complete:
                 df = self._publish(oid, df)
-            elif df is not None and not self._marks(oid, df):
-                # The kernel reads a complete file unchecked (passthrough): it must at least be
-                # this object's. Its blocks' markers carry its token; an index row naming another
-                # object's file does not match them.
-                self._report("corrupt", f"the index names a file of another object for {oid.key!r}; not used")
-                return None
+            elif df is not None and df.relpath not in self._verified:
+                # The kernel reads a complete file unchecked (FUSE passthrough), so before this
+                # server hands one out for the first time every block is checked against its
+                # marker: a file damaged on disk since it was published, or an index row naming
+                # another object's file, is evicted (its blocks are fetched again), never served.
+                if not self._verify_file(oid, df):
+                    self._report("corrupt-file", f"complete file of {oid.key!r} (version {oid.version}) failed its "
+                                            "check; evicted")
+                    self._cache.delete(oid.encode(FORMAT))
+                    return None
+                self._verified.add(df.relpath)
         except Exception as exc:
             self._problem("publish", exc)
             return None
         return os.path.join(self.directory, df.relpath) if df is not None and df.complete else None
 
-    def _marks(self, oid: ObjectId, df: DataFile) -> bool:
-        """Whether block 0's marker says it was written into ``df``."""
-        assert self._cache is not None
-        first = BlockKey(oid.store, oid.key, oid.version, 0, oid.block_size, oid.size, oid.tenant)
-        token = self._cache.get(first.encode(), default=None)
-        return bool(token == df.token)
-
-    def _publish(self, oid: ObjectId, df: DataFile) -> DataFile | None:
-        """Check every block of a partial file against its marker and publish it complete; None
-        if a block is missing or wrong (its marker is then removed: it is fetched again)."""
+    def _verify_file(self, oid: ObjectId, df: DataFile) -> bool | None:
+        """Check every block of ``df`` against its marker: True if all match, None if a marker is
+        missing or names another file (not all there: not corrupt), False if a block is wrong (its
+        marker is then removed)."""
         assert self._cache is not None
         tags = []
         for index in range(oid.blocks()):
@@ -504,26 +505,35 @@ class NodeCache:
             if token != df.token:
                 return None
             tags.append((bkey, tag))
-        try:
-            fd = os.open(os.path.join(self.directory, df.relpath), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return self._data_file(oid)  # published by another server, or evicted
+        fd = os.open(os.path.join(self.directory, df.relpath), os.O_RDONLY | os.O_CLOEXEC)
         try:
             for bkey, tag in tags:
                 block = self._read_verified_at(fd, bkey, tag)
                 if block is None:
                     self._corrupt(bkey, bkey.encode())
-                    return None
+                    return False
                 pool = buffers.pool()
                 if pool is not None:
                     pool.give(block)
                 del block
         finally:
             os.close(fd)
+        return True
+
+    def _publish(self, oid: ObjectId, df: DataFile) -> DataFile | None:
+        """Check every block of a partial file against its marker and publish it complete; None
+        if a block is missing or wrong (its marker is then removed: it is fetched again)."""
+        assert self._cache is not None
+        try:
+            if not self._verify_file(oid, df):
+                return None
+        except FileNotFoundError:
+            return self._data_file(oid)  # published by another server, or evicted
         done = objects.publish(self.directory, df)
         if done is not None:
             self._cache.set(oid.encode(FORMAT), done)  # the row now names the complete file
             self._count("published")
+            self._verified.add(done.relpath)
         return done
 
     def _corrupt(self, key: BlockKey, dkey: str) -> None:

@@ -16,7 +16,9 @@ import dataclasses
 import errno
 import os
 import sqlite3
+import stat
 import subprocess
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -110,12 +112,16 @@ def cache_files(cache: Path) -> tuple[list[Path], list[Path]]:
 
 
 def flip(path: Path, offset: int) -> None:
-    os.chmod(path, 0o600)  # complete files are read-only; the fault is the disk's, not a write of ours
+    """One bit flipped, the file's mode kept: the disk's fault, not a write of ours (a complete file
+    made writable would no longer be opened with FUSE passthrough)."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    os.chmod(path, 0o600)
     with open(path, "r+b") as f:
         f.seek(offset)
         byte = f.read(1)
         f.seek(offset)
         f.write(bytes([byte[0] ^ 0x10]))
+    os.chmod(path, mode)
 
 
 @pytest.mark.parametrize("fault", ["truncate", "flip"])
@@ -258,3 +264,28 @@ def test_a_complete_file_of_another_object_is_never_handed_out(tmp_path: Path) -
             assert all(cache.get(k) is None for k in ks), name
     finally:
         cache.close()
+
+
+def test_bit_rot_in_complete_files_is_never_passed_through(
+    stored: MountConfig, mount_fs: Callable[..., Mounted]
+) -> None:
+    """Complete files are what FUSE passthrough hands to the kernel, which reads them unchecked: a
+    server checks a complete file whole before its first passthrough open, so one damaged after it
+    was published is evicted and fetched again (with or without passthrough on this machine)."""
+    reads = Reads(stored, mount_fs)
+    reads()
+    cache = Path(stored.cache_dir or "")
+    m, _ = reads(unmount=False)  # opens of a fully cached object publish its file complete
+    deadline = time.monotonic() + 30
+    while len(list(cache.rglob("*.obj"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    m.unmount()
+    complete = sorted(cache.rglob("*.obj"))
+    assert len(complete) == 2, complete
+    for path in complete:
+        flip(path, path.stat().st_size // 2)
+        INJECTED["flip-complete"] += 1
+    _, log = reads()
+    assert "failed its check" in log, log
+    _, log = reads()
+    assert "failed its check" not in log
