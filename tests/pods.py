@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,11 +44,34 @@ def objfs_command_for_nobody(path: Path) -> str | None:
                              capture_output=True, text=True).stdout.strip()
     if version != str(sys.version_info[:2]):
         return None
-    path.write_text(f"#!{SYSTEM_PYTHON}\nimport sys\nsys.path[:0] = [{str(REPO)!r}, {site!r}]\n"
-                    "from fusefs.cli import main\nsys.exit(main())\n")
+    preload = _readable_native_libs(path.parent / "objfs-native-lib")
+    preamble = (f"#!{SYSTEM_PYTHON}\nimport ctypes, sys\nsys.path[:0] = [{str(REPO)!r}, {site!r}]\n"
+                f"for lib in {preload!r}:\n    ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)\n")
+    path.write_text(preamble + "from fusefs.cli import main\nsys.exit(main())\n")
     path.chmod(0o755)
     probe = subprocess.run([str(path), "--help"], user=65534, group=65534, extra_groups=[], capture_output=True)
-    return str(path) if probe.returncode == 0 else None
+    check = path.with_name(path.name + "-probe")  # what serve needs: pyfuse3 and its libfuse
+    check.write_text(preamble + "import pyfuse3\n")
+    check.chmod(0o755)
+    imports = subprocess.run([str(check)], user=65534, group=65534, extra_groups=[], capture_output=True)
+    return str(path) if probe.returncode == 0 and imports.returncode == 0 else None
+
+
+def _readable_native_libs(into: Path) -> list[str]:
+    """The patched pyfuse3 (make native) finds its libfuse by a runpath under root's home, which
+    uid 65534 cannot enter: copy the libraries it needs from there to ``into`` (readable), for the
+    launcher to load before pyfuse3 (the loader then finds them by soname)."""
+    import pyfuse3
+
+    found = subprocess.run(["ldd", pyfuse3.__file__ or ""], capture_output=True, text=True).stdout
+    libs = []
+    for line in found.splitlines():
+        parts = line.split("=>")
+        lib = parts[1].split("(")[0].strip() if len(parts) == 2 else ""
+        if lib.startswith(str(Path.home()) + "/"):
+            into.mkdir(mode=0o755, exist_ok=True)
+            libs.append(str(Path(shutil.copy2(lib, into / Path(lib).name))))
+    return libs
 
 
 def cap(mode: int = Mode.SINGLE_NODE_WRITER) -> pb.VolumeCapability:
