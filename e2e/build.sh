@@ -31,8 +31,19 @@ k8s() {
   # k8s.io/kubernetes cannot be `go install`ed (its go.mod replaces the staging modules with
   # ./staging/...): a wrapper module requires it and points each staging module at its published
   # v0.x twin, the list read from kubernetes' own go.mod so it follows the pinned version.
+  # The version is stamped in (the webhook picks native sidecars from the API server's version; an
+  # unstamped build says v0.0.0); a binary without it is rebuilt (only a relink: the build cache).
+  local ver="-X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1"
+  ver="$ver -X k8s.io/component-base/version.gitMinor=$(echo "$K8S_VERSION" | cut -d. -f2)"
+  ver="$ver -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION"
   local all=1 c
-  for c in $K8S_COMMANDS; do [ -x "$E2E_CACHE/bin/$c" ] || all=0; done
+  stamped() {
+    local flag=--version
+    [ "$1" = kubectl ] && flag="version --client"
+    # shellcheck disable=SC2086
+    "$E2E_CACHE/bin/$1" $flag 2>/dev/null | grep -q "$K8S_VERSION"
+  }
+  for c in $K8S_COMMANDS; do stamped "$c" || all=0; done
   [ $all = 1 ] && return 0
   local mod="$E2E_CACHE/src/k8s-wrapper"
   mkdir -p "$mod"
@@ -52,8 +63,8 @@ k8s() {
   printf 'package main\n\nimport _ "k8s.io/kubernetes/cmd/kubelet/app"\n\nfunc main() {}\n' > "$mod/tools.go"
   (cd "$mod" && GOFLAGS=-mod=mod $nice_ go mod tidy >/dev/null 2>&1 || GOFLAGS=-mod=mod go mod download)
   for c in $K8S_COMMANDS; do
-    [ -x "$E2E_CACHE/bin/$c" ] && continue
-    (cd "$mod" && GOFLAGS=-mod=mod $nice_ go build -o "$E2E_CACHE/bin/$c.tmp" "k8s.io/kubernetes/cmd/$c")
+    stamped "$c" && continue
+    (cd "$mod" && GOFLAGS=-mod=mod $nice_ go build -ldflags "$ver" -o "$E2E_CACHE/bin/$c.tmp" "k8s.io/kubernetes/cmd/$c")
     mv "$E2E_CACHE/bin/$c.tmp" "$E2E_CACHE/bin/$c"
     phase "go build $c"
   done

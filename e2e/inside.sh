@@ -93,7 +93,7 @@ start kube-apiserver kube-apiserver --etcd-servers=http://127.0.0.1:2379 --bind-
   --service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key" \
   --service-account-issuer=https://kubernetes.default.svc --token-auth-file="$pki/tokens.csv" \
   --authorization-mode=RBAC --service-cluster-ip-range=10.0.0.0/24 --allow-privileged=true \
-  --enable-aggregator-routing=true
+  --enable-aggregator-routing=true --kubelet-preferred-address-types=InternalIP
 for _ in $(seq 120); do k get --raw /readyz >/dev/null 2>&1 && break; sleep 1; done
 k get --raw /readyz >/dev/null
 phase "etcd + kube-apiserver ready"
