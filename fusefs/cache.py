@@ -482,10 +482,19 @@ class NodeCache:
                 # server hands one out for the first time every block is checked against its
                 # marker: a file damaged on disk since it was published, or an index row naming
                 # another object's file, is evicted (its blocks are fetched again), never served.
-                if not self._verify_file(oid, df):
+                try:
+                    verdict = self._verify_file(oid, df)
+                except FileNotFoundError:
+                    return None  # evicted by another server meanwhile: read through the server
+                if verdict is False:
                     self._report("corrupt-file", f"complete file of {oid.key!r} (version {oid.version}) failed its "
                                             "check; evicted")
                     self._cache.delete(oid.encode(FORMAT))
+                    return None
+                if verdict is None:
+                    # A marker missing (evicted, or not written yet) or naming another file: not
+                    # proven damaged, so it stays for the server path, which checks each block it
+                    # reads; only passthrough, which checks nothing, is refused for now.
                     return None
                 self._verified.add(df.relpath)
         except Exception as exc:

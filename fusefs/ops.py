@@ -87,13 +87,15 @@ class _InodeIO:
     """The kernel's I/O mode of an inode, as far as this server's opens set it: its opens are
     all passthrough (of one backing file) or none. The kernel refuses every other open (direct
     I/O too) of an inode that has a backing file, so such an open is sent to a new inode of the
-    path (``Meta.detach``, ESTALE); while the backing file is being registered, opens beside it
-    go direct (the kernel takes a passthrough open beside direct ones)."""
+    path (``Meta.detach``, ESTALE); while the backing file is being registered, other read-only
+    opens wait for it (``registering``): a direct open answered meanwhile would make the kernel
+    fail the passthrough open's reply (EIO; seen with 32 readers in tests/test_soak.py)."""
 
     cached: int = 0  # open handles in the page-cache mode
     passthrough: int = 0  # passthrough handles, and opens about to become one
     version: str = ""  # the object version the backing file holds
     backing_id: int = 0
+    registering: trio.Event | None = None  # set while a backing file is being registered
 
 
 @dataclass
@@ -512,6 +514,8 @@ class Operations(pyfuse3.Operations):
                 or not self.passthrough.available()):
             return 0
         io = self._io.setdefault(inode, _InodeIO())
+        while io.registering is not None:  # join its outcome instead of racing it
+            await io.registering.wait()
         if io.cached:
             return 0
         if io.passthrough:
@@ -519,7 +523,8 @@ class Operations(pyfuse3.Operations):
                 return 0  # another version's file (or one being registered) backs the inode
             io.passthrough += 1
             return io.backing_id
-        io.passthrough, io.version = 1, pinned.version  # reserved: opens meanwhile go direct
+        io.passthrough, io.version = 1, pinned.version  # reserved: read-only opens meanwhile wait
+        io.registering = trio.Event()
         backing_id = 0
         try:
             path = await trio.to_thread.run_sync(complete_file, self.reader.cache_key(pinned, 0).object_id())
@@ -529,7 +534,9 @@ class Operations(pyfuse3.Operations):
         finally:
             if not backing_id:
                 io.passthrough, io.version = 0, ""
-        io.backing_id = backing_id
+            io.backing_id = backing_id
+            done, io.registering = io.registering, None
+            done.set()
         if backing_id:
             self.meta.backed[inode] = pinned.version
             self.stats.passthrough_opens += 1
