@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -42,6 +42,7 @@ from fusefs.store.base import BlockingStore
 from fusefs.store.gcs import UPLOAD_DIR
 from tests import figures
 from tests.fsmount import Mounted
+from tests.observer import Observer
 from tests.proxy import CLOSE, FAULT_KINDS, INTERNAL, RESET, SLOWDOWN, STALL, CountingProxy, FaultPlan
 from tests.servers import random_bytes
 from tests.test_store import Backend, gcs_server, make_backend
@@ -281,37 +282,23 @@ def test_reads_through_faults_are_exact(side: Side, tmp_path: Path, mount_fs: Ca
 # -- writes ----------------------------------------------------------------------------------------
 
 @dataclass
-class Sightings:
+class Sightings(Observer):
     """Another client listing and HEADing the store while objfs writes: every object it sees
     must be one of the writes, whole."""
 
     side: Side
     expected: dict[str, int]  # key -> size of the whole object
     seen: list[tuple[str, int]] = field(default_factory=list)
-    looks: int = 0
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    join_timeout: ClassVar[float] = 60.0
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            listed = self.side.objects()
-            self.seen += listed.items()
-            for key in listed:
-                try:
-                    self.seen.append((key, self.side.direct.head(key).size))
-                except errors.NotFoundError:
-                    pass
-            self.looks += 1
-
-    def __enter__(self) -> Sightings:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        assert self._thread is not None
-        self._thread.join(60)
+    def look(self) -> None:
+        listed = self.side.objects()
+        self.seen += listed.items()
+        for key in listed:
+            try:
+                self.seen.append((key, self.side.direct.head(key).size))
+            except errors.NotFoundError:
+                pass
 
     def check(self) -> None:
         assert self.looks > 1

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from fusefs.store.gcs import COMPOSE_FAN_IN, UPLOAD_DIR, GCSMultipartUpload, GCS
 from fusefs.store.gcs import LIMITS as GCS_LIMITS
 from fusefs.store.s3 import LIMITS as S3_LIMITS
 from tests import figures
+from tests.observer import Observer
 from tests.proxy import INTERNAL, RESET, CountingProxy, FaultPlan
 from tests.servers import FakeGCS
 from tests.test_store import all_keys, gcs_server
@@ -170,7 +170,7 @@ def test_small_parts_are_raised_to_the_backend_minimum() -> None:
 # -- a real GCS compose on fake-gcs-server ----------------------------------------------------------
 
 @dataclass
-class Watcher:
+class Watcher(Observer):
     """Another client looking at the destination key (HEAD and LIST) as fast as it can while an
     upload completes: every sighting must be the whole object."""
 
@@ -178,30 +178,14 @@ class Watcher:
     key: str
     size: int
     seen: list[int] = field(default_factory=list)  # sizes seen at the key
-    looks: int = 0
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
 
-    def _run(self) -> None:
-        directory = self.key.rsplit("/", 1)[0] + "/"
-        while not self._stop.is_set():
-            try:
-                self.seen.append(self.store.head(self.key).size)
-            except errors.NotFoundError:
-                pass
-            page = self.store.list(directory, "/")
-            self.seen += [o.size for o in page.objects if o.key == self.key]
-            self.looks += 1
-
-    def __enter__(self) -> Watcher:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        assert self._thread is not None
-        self._thread.join(30)
+    def look(self) -> None:
+        try:
+            self.seen.append(self.store.head(self.key).size)
+        except errors.NotFoundError:
+            pass
+        page = self.store.list(self.key.rsplit("/", 1)[0] + "/", "/")
+        self.seen += [o.size for o in page.objects if o.key == self.key]
 
     def check(self) -> None:
         assert self.looks > 0
