@@ -10,7 +10,7 @@ repo="$(cd "$here/.." && pwd)"
 . "$here/versions.sh"
 img="$E2E_CACHE/images"
 mkdir -p "$img"
-bud=(buildah --storage-driver vfs)
+bud=(buildah --storage-driver overlay)
 t0=$SECONDS
 phase() { echo "e2e-build: image $1 took $((SECONDS - t0)) s"; t0=$SECONDS; }
 

@@ -98,7 +98,9 @@ build_pyfuse3() {
   patch -s --batch -d "$src" -p1 < "$patch_file"
   rm -f "$src/src/pyfuse3/__init__.c"  # generated from the unpatched sources: Cython makes it anew
   mkdir -p "$wheel_dir.tmp"
-  PKG_CONFIG_PATH="$prefix/lib/pkgconfig" LDFLAGS='-Wl,-rpath,$ORIGIN'" -Wl,-rpath,$prefix/lib" \
+  # -L first in LDFLAGS: some Pythons' link line (Debian's) names the system library directory
+  # before pkg-config's -L, and -lfuse3 would then bind the system libfuse3.so.3 (no passthrough).
+  PKG_CONFIG_PATH="$prefix/lib/pkgconfig" LDFLAGS="-L$prefix/lib -Wl,-rpath,\$ORIGIN -Wl,-rpath,$prefix/lib" \
     SETUPTOOLS_SCM_PRETEND_VERSION="$local_version" \
     "$py" -m pip wheel -q --no-deps -w "$wheel_dir.tmp" "$src" >&2
   # libfuse goes into the wheel beside the module (its RECORD updated): one self-contained file
@@ -106,6 +108,10 @@ build_pyfuse3() {
 import base64, hashlib, os, sys, zipfile
 wheel, lib = sys.argv[1:3]
 name = "pyfuse3/" + os.path.basename(lib)
+with zipfile.ZipFile(wheel) as z:  # a wheel linked against another libfuse is never cached
+    module = next(n for n in z.namelist() if n.startswith("pyfuse3/__init__") and n.endswith(".so"))
+    if b"libfuse3.so.4\0" not in z.read(module):
+        sys.exit(f"native: {module} is not linked against {os.path.basename(lib)}")
 with open(lib, "rb") as f:  # the symlink's target, under the soname
     data = f.read()
 with zipfile.ZipFile(wheel) as zin, zipfile.ZipFile(wheel + ".new", "w", zipfile.ZIP_DEFLATED) as zout:
@@ -150,6 +156,7 @@ fi
 installed="$("$py" -c 'import importlib.metadata as m; print(m.version("pyfuse3"))' 2>/dev/null || true)"
 if [ "$installed" != "$local_version" ]; then
   "$py" -m pip install -q --no-deps --force-reinstall "$wheel_dir"/pyfuse3-*.whl
+  "$py" -m pip install -q "$wheel_dir"/pyfuse3-*.whl  # its dependencies (trio), where missing
 fi
 # The module must load the libfuse it carries and have the patch's API.
 "$py" - <<'EOF'

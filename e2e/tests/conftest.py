@@ -16,6 +16,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).res
 
 from kube import NAMESPACE, Kube  # noqa: E402
 
+from tests.proxy import CountingProxy  # noqa: E402
 from tests.servers import RcloneS3  # noqa: E402
 
 
@@ -49,3 +50,11 @@ def store(kube: Kube, s3: RcloneS3) -> RcloneS3:
                     "metadata": {"name": "objfs-s3", "namespace": ns},
                     "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}})
     return s3
+
+
+@pytest.fixture()
+def counted(s3: RcloneS3) -> Iterator[CountingProxy]:
+    """A counting proxy in front of the store, for volumes whose requests a test counts (its
+    endpoint, on the node's loopback, goes into their volume attributes)."""
+    with CountingProxy(s3.port) as proxy:
+        yield proxy

@@ -16,6 +16,7 @@ import pytest
 from kube import DRIVER, NAMESPACE, Kube, Obj, pod, pod_spec
 from safetensors.numpy import save
 
+from tests.proxy import CountingProxy
 from tests.servers import RcloneS3, random_bytes
 
 STATE = Path("/var/lib/objfs/state/targets")  # the node plugin's records (hostPath, this mount ns)
@@ -146,13 +147,13 @@ def test_deleting_the_claim_deletes_its_data(kube: Kube, store: RcloneS3, sc: tu
     assert left == []
 
 
-def static_pv(name: str, s3: RcloneS3, bucket: str, prefix: str) -> list[Obj]:
+def static_pv(name: str, s3: RcloneS3, bucket: str, prefix: str, endpoint: str = "") -> list[Obj]:
     return [
         {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": name},
          "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"],
                   "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
                   "csi": {"driver": DRIVER, "volumeHandle": name, "readOnly": True,
-                          "volumeAttributes": {"bucket": bucket, "prefix": prefix, "endpoint": s3.endpoint,
+                          "volumeAttributes": {"bucket": bucket, "prefix": prefix, "endpoint": endpoint or s3.endpoint,
                                                "region": "us-east-1"},
                           "nodePublishSecretRef": {"name": "objfs-s3", "namespace": "objfs"}}}},
         {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name, "namespace": NAMESPACE},
@@ -161,14 +162,16 @@ def static_pv(name: str, s3: RcloneS3, bucket: str, prefix: str) -> list[Obj]:
     ]
 
 
-def upload_model(s3: RcloneS3, bucket: str, prefix: str) -> dict[str, str]:
-    """A small safetensors model (written with the safetensors library) and a config, uploaded; returns
-    the sha256 of each tensor's bytes, which the pods check after parsing the file themselves."""
-    tensors = {f"layer{i}.weight": np.frombuffer(random_bytes(4 * (512 * 1024 + 1031 * i), seed=i),
+def upload_model(s3: RcloneS3, bucket: str, prefix: str) -> tuple[dict[str, str], int]:
+    """A small safetensors model (written with the safetensors library; 20 MiB: three 8 MiB blocks) and
+    a config, uploaded; returns the sha256 of each tensor's bytes, which the pods check after parsing
+    the file themselves, and the bytes uploaded."""
+    tensors = {f"layer{i}.weight": np.frombuffer(random_bytes(4 * (1280 * 1024 + 1031 * i), seed=i),
                                                  dtype=np.float32).reshape(-1, 1) for i in range(4)}
-    s3.client().put_object(Bucket=bucket, Key=prefix + "model.safetensors", Body=save(tensors))
-    s3.client().put_object(Bucket=bucket, Key=prefix + "config.json", Body=b'{"layers": 4}')
-    return {name: hashlib.sha256(t.tobytes()).hexdigest() for name, t in tensors.items()}
+    model, config = save(tensors), b'{"layers": 4}'
+    s3.client().put_object(Bucket=bucket, Key=prefix + "model.safetensors", Body=model)
+    s3.client().put_object(Bucket=bucket, Key=prefix + "config.json", Body=config)
+    return {name: hashlib.sha256(t.tobytes()).hexdigest() for name, t in tensors.items()}, len(model) + len(config)
 
 
 def check_model(manifest: dict[str, str], ready_file: str, loop: bool = False) -> str:
@@ -220,15 +223,20 @@ def ready_replicas(kube: Kube, name: str) -> int:
     return int(kube.get("deployment", name).get("status", {}).get("readyReplicas") or 0)
 
 
-def test_read_only_many_volume_serves_three_replicas(kube: Kube, store: RcloneS3) -> None:
+def test_read_only_many_volume_serves_three_replicas(kube: Kube, store: RcloneS3, counted: CountingProxy) -> None:
     bucket = store.create_bucket("models-" + secrets.token_hex(4))
-    manifest = upload_model(store, bucket, "tiny-model/")
-    kube.apply(*static_pv("model-rox", store, bucket, "tiny-model"))
+    manifest, size = upload_model(store, bucket, "tiny-model/")
+    kube.apply(*static_pv("model-rox", store, bucket, "tiny-model", endpoint=counted.endpoint))
     kube.apply(deployment("inference", 3, check_model(manifest, "/tmp/ready"), "model-rox"))
     kube.wait_for("3 replicas ready", lambda: ready_replicas(kube, "inference") == 3)
     pods = kube.get("pod", selector="app=inference")["items"]
     assert len(pods) == 3
     assert all(s["restartCount"] == 0 for p in pods for s in p["status"]["containerStatuses"])
+    # Three sidecars, one node cache: the model's bytes came from the store about once (each block
+    # once per node; the first read of each server may add a small ranged GET of its header), where
+    # three servers fetching for themselves would have read 3x.
+    tally = counted.tally()
+    assert size <= tally.body_bytes["GET"] < 1.5 * size, tally.as_dict()
     kube.delete("deployment", "inference")
     kube.wait_for("inference pods gone", lambda: not kube.get("pod", selector="app=inference")["items"])
     for p in pods:
@@ -270,7 +278,7 @@ def test_job_completes_with_its_sidecar(kube: Kube, store: RcloneS3, sc: tuple[s
 
 def test_node_plugin_rollout_breaks_no_read(kube: Kube, store: RcloneS3) -> None:
     bucket = store.create_bucket("roll-" + secrets.token_hex(4))
-    manifest = upload_model(store, bucket, "m/")
+    manifest, _ = upload_model(store, bucket, "m/")
     kube.apply(*static_pv("model-roll", store, bucket, "m"))
     kube.apply(deployment("reader", 1, check_model(manifest, "/tmp/ready", loop=True), "model-roll"))
     kube.wait_for("reader ready", lambda: ready_replicas(kube, "reader") == 1)
