@@ -2,7 +2,8 @@
 
 The same keys work as StorageClass ``parameters``, PV ``volumeAttributes`` and inline volume
 attributes (the contract in DESIGN.md). Keys that kubelet and external-provisioner add
-(``csi.storage.k8s.io/...``) are ignored; anything else unknown is refused by name, because a
+(``csi.storage.k8s.io/...``, and ``storage.kubernetes.io/csiProvisionerIdentity``, which the
+provisioner puts into every PV it makes) are ignored; anything else unknown is refused by name, because a
 typo (``readOnly``, ``metadataTtl``) silently ignored would be worse.
 """
 
@@ -26,7 +27,8 @@ from fusefs.config import (
 from .errors import FailedPrecondition, InvalidArgument
 from .v1 import csi_pb2
 
-K8S_PREFIX = "csi.storage.k8s.io/"
+#: the prefixes Kubernetes reserves for the keys it adds to parameters and volume attributes
+K8S_PREFIXES = ("csi.storage.k8s.io/", "storage.kubernetes.io/")
 EPHEMERAL_KEY = "csi.storage.k8s.io/ephemeral"
 KNOWN = ("backend", "bucket", "prefix", "endpoint", "region", "cache", "metadataTTL", "uid", "gid",
          "fileMode", "dirMode", "prefetch")
@@ -52,7 +54,7 @@ class VolumeParams:
 
 def user_keys(parameters: Mapping[str, str]) -> dict[str, str]:
     """The parameters without the keys Kubernetes adds."""
-    return {k: v for k, v in parameters.items() if not k.startswith(K8S_PREFIX)}
+    return {k: v for k, v in parameters.items() if not k.startswith(K8S_PREFIXES)}
 
 
 def parse(parameters: Mapping[str, str]) -> VolumeParams:

@@ -56,6 +56,7 @@ teardown() {
   exit $rc
 }
 trap teardown EXIT
+trap "exit 143" TERM INT HUP  # a signal runs the teardown too
 
 # --- PKI: one CA; the apiserver's serving cert; a service-account key pair; one admin token.
 pki="$root/pki"

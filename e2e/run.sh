@@ -15,6 +15,7 @@ cleanup() {
   if [ "${E2E_KEEP:-0}" != 1 ]; then rm -rf "$root"; fi
 }
 trap cleanup EXIT
+trap "exit 143" TERM INT HUP  # so that a stopped run still runs cleanup (EXIT alone does not on a signal)
 ip netns add "$ns"
 ip -n "$ns" link set lo up
 # The node's address, on lo (no dummy or veth links on this machine's kernel): not 127/8, which is

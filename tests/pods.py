@@ -88,6 +88,16 @@ def wait_for(predicate: object, timeout: float = 60.0, what: str = "condition") 
 
 
 @dataclass
+
+def kubelet_context(uid: str) -> dict[str, str]:
+    """The keys besides the volume's own attributes that a real cluster puts into NodePublish's
+    volume_context (checked on the e2e cluster): kubelet's pod info (``podInfoOnMount``) and the
+    mark external-provisioner leaves in every PV it makes."""
+    return {"csi.storage.k8s.io/pod.name": f"pod-{uid[:5]}", "csi.storage.k8s.io/pod.namespace": "ml",
+            "csi.storage.k8s.io/pod.uid": uid, "csi.storage.k8s.io/serviceAccount.name": "default",
+            "csi.storage.k8s.io/ephemeral": "false",
+            "storage.kubernetes.io/csiProvisionerIdentity": "1764745432123-8081-objfs.csi.dev"}
+
 class FakeKubelet:
     root: Path
 
@@ -120,12 +130,9 @@ class FakeKubelet:
         parent = self.pod_dir(uid) / "volumes" / "kubernetes.io~csi" / pv
         parent.mkdir(parents=True, exist_ok=True)
         target = str(parent / "mount")
-        pod_info = {"csi.storage.k8s.io/pod.name": f"pod-{uid[:5]}", "csi.storage.k8s.io/pod.namespace": "ml",
-                    "csi.storage.k8s.io/pod.uid": uid, "csi.storage.k8s.io/serviceAccount.name": "default",
-                    "csi.storage.k8s.io/ephemeral": "false"}
         client.node.NodePublishVolume(pb.NodePublishVolumeRequest(
             volume_id=volume_id, target_path=target, volume_capability=cap(mode), readonly=readonly,
-            volume_context={**context, **pod_info}, secrets=secrets), timeout=timeout)
+            volume_context={**context, **kubelet_context(uid)}, secrets=secrets), timeout=timeout)
         return target
 
     @staticmethod

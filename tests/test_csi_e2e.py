@@ -25,6 +25,7 @@ from csi.local import Client, PluginDirs, PluginProcess, unmount_all_under
 from csi.state import StateStore
 from csi.v1 import csi_pb2 as pb
 from fusefs import kernel
+from tests.pods import kubelet_context
 from tests.servers import RcloneS3
 
 pytestmark = pytest.mark.fuse
@@ -54,12 +55,9 @@ def publish(client: Client, dirs: PluginDirs, pv: str, volume_id: str, mode: int
     parent = os.path.join(dirs.root, "pods", pod_uid, "volumes", "kubernetes.io~csi", pv)
     os.makedirs(parent)
     target = os.path.join(parent, "mount")
-    pod_info = {"csi.storage.k8s.io/pod.name": f"pod-{pod_uid[:5]}", "csi.storage.k8s.io/pod.namespace": "ml",
-                "csi.storage.k8s.io/pod.uid": pod_uid, "csi.storage.k8s.io/serviceAccount.name": "default",
-                "csi.storage.k8s.io/ephemeral": "false"}
     client.node.NodePublishVolume(pb.NodePublishVolumeRequest(
         volume_id=volume_id, target_path=target, volume_capability=cap(mode), readonly=readonly,
-        volume_context={**context, **pod_info}, secrets=secrets))
+        volume_context={**context, **kubelet_context(pod_uid)}, secrets=secrets))
     return target
 
 

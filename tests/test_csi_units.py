@@ -48,7 +48,8 @@ def test_malformed_volume_ids_are_rejected(text: str) -> None:
 def test_parameters_parse_and_reject_unknown_keys() -> None:
     p = P.parse({"bucket": "models", "prefix": "llama/", "metadataTTL": "30", "uid": "1000", "gid": "2000",
                  "fileMode": "0640", "dirMode": "0750", "prefetch": "*.json, config/*", "cache": "none",
-                 "csi.storage.k8s.io/pod.name": "ignored"})
+                 "csi.storage.k8s.io/pod.name": "ignored",
+                 "storage.kubernetes.io/csiProvisionerIdentity": "1764745432123-8081-objfs.csi.dev"})
     assert (p.bucket, p.prefix, p.metadata_ttl, p.uid, p.gid) == ("models", "llama/", 30.0, 1000, 2000)
     assert (p.file_mode, p.dir_mode, p.prefetch, p.cache) == (0o640, 0o750, ("*.json", "config/*"), False)
     with pytest.raises(InvalidArgument, match="readOnly"):
