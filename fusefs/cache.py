@@ -38,6 +38,7 @@ import os
 import queue
 import threading
 import zlib
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -91,6 +92,14 @@ CULL_LIMIT = 2
 #: when the writer's queue and the blocks waiting for it are all full, how long a read waits for room
 #: before it gives up caching its block (seconds)
 HAND_OVER_WAIT = 0.5
+#: blocks of whole-object files that were not cached because the writer was behind, remembered to be
+#: fetched again in the background once the writer is idle (``NodeCache._refill``): without that, one
+#: skipped block keeps an object's file from ever being complete, and every later pod on the node
+#: reads it through the server and the store instead of through FUSE passthrough. Keys only (the
+#: bytes are gone), so the bound is on work, not memory: 4096 blocks is 32 GiB at 8 MiB blocks.
+REFILL_BLOCKS = 4096
+#: how often the refiller looks whether the writer has caught up (seconds)
+REFILL_POLL = 0.05
 WRITE_BATCH_ITEMS = 64
 WRITE_BATCH_BYTES = 16 * 1024 * 1024
 
@@ -258,7 +267,8 @@ class NodeCache:
         self._lock_dir = os.path.join(directory, "locks")
         self._counts: dict[str, int] = dict.fromkeys(
             ("hits", "hit_bytes", "misses", "corrupt", "errors", "fetches", "waits", "shared",
-             "stores", "store_bytes", "store_skipped", "lock_timeouts", "published"), 0)
+             "stores", "store_bytes", "store_skipped", "lock_timeouts", "published", "refills",
+             "refill_errors"), 0)
         self._counts_lock = threading.Lock()
         self._reported: set[str] = set()
         self._flights: dict[BlockKey, _Flight] = {}
@@ -268,6 +278,9 @@ class NodeCache:
         self._queued = 0  # bytes in the writer's queue (under _submit_lock)
         self._overflow = 0  # bytes waiting in tasks for room in the writer's queue, holding their locks
         self._queue: queue.Queue[Any] = queue.Queue()  # bounded by _queued (see _try_submit)
+        #: skipped blocks of data files and how to fetch them, oldest first (``_refill``; trio side)
+        self._refills: OrderedDict[BlockKey, Callable[[], Awaitable[bytes]]] = OrderedDict()
+        self._refilling = False
         self._closed = False
         self._submit_lock = threading.Lock()  # orders _try_submit against close: nothing queued after _STOP
         self._cache = self._open()
@@ -322,7 +335,8 @@ class NodeCache:
 
     def stats(self) -> dict[str, int]:
         """Counters of this object (hits, misses, fetches, waits for another fetcher, shared
-        in-process, corrupt, errors, stores, store_bytes, store_skipped, lock_timeouts) and of the
+        in-process, corrupt, errors, stores, store_bytes, store_skipped, lock_timeouts, published,
+        refills, refill_errors) and of the
         shared directory (volume: bytes on disk including the index; entries), write_queue."""
         with self._counts_lock:
             result = dict(self._counts)
@@ -839,6 +853,8 @@ class NodeCache:
             self._count("fetches")
             data = await fetch()
             handed = await self._hand_over(key, data, lock, wait)
+            if not handed:
+                self._refill_later(key, fetch)
             return data
         finally:
             if not handed:
@@ -846,8 +862,55 @@ class NodeCache:
 
     async def _fetch_and_submit(self, key: BlockKey, fetch: Callable[[], Awaitable[bytes]], wait: bool) -> bytes:
         data = await self._fetch(fetch)
-        await self._hand_over(key, data, None, wait)
+        if not await self._hand_over(key, data, None, wait):
+            self._refill_later(key, fetch)
         return data
+
+    # -- completing whole-object files in the background -------------------------------------------
+
+    def _refill_later(self, key: BlockKey, fetch: Callable[[], Awaitable[bytes]]) -> None:
+        """Remember a block of a data file that was fetched but not cached, to fetch it again once
+        the writer is idle. The cold read that skipped it did not wait for the disk; this makes
+        the object's file complete afterwards, for passthrough, at the price of one more GET per
+        skipped block (counted in ``refills``)."""
+        if key.whole or not self.usable or key in self._refills or len(self._refills) >= REFILL_BLOCKS:
+            return
+        self._refills[key] = fetch
+        if not self._refilling:
+            self._refilling = True
+            trio.lowlevel.spawn_system_task(self._refill)
+
+    async def _writer_idle(self) -> None:
+        """Until nothing waits for the writer (its queue is filled from other threads too: polled)."""
+        while True:
+            if not (self._queued or self._overflow):
+                return
+            await trio.sleep(REFILL_POLL)
+
+    async def _refill(self) -> None:
+        """Fetch the remembered blocks one at a time, each only when the writer's queue and its
+        overflow are empty: the refill never competes with a reader for the disk or for memory,
+        and never holds more than one block. Ends when nothing is left (or at the end of the run:
+        what is left then is simply not cached)."""
+        try:
+            while self._refills and self.usable:
+                await self._writer_idle()
+                key, fetch = self._refills.popitem(last=False)
+                if await trio.to_thread.run_sync(self.contains, key):
+                    continue  # another server of the node cached it meanwhile
+                try:
+                    await self.get_or_fetch(key, fetch, wait_for_space=True)
+                except Exception as exc:  # replaced, deleted or the store is down: leave this object
+                    self._count("refill_errors")
+                    self._report("refill", f"could not complete the file of {key.key!r} (version "
+                                           f"{key.version}): {type(exc).__name__}: {exc}")
+                    oid = key.object_id()
+                    for other in [k for k in self._refills if k.object_id() == oid]:
+                        del self._refills[other]
+                else:
+                    self._count("refills")
+        finally:
+            self._refilling = False
 
     @staticmethod
     async def _acquire(lock: _BlockLock) -> None:

@@ -187,6 +187,10 @@ class _NodeCacheCollector(Collector):
         "stores": ("objfs_node_cache_stored_blocks", "Blocks written into the node cache"),
         "store_bytes": ("objfs_node_cache_stored_bytes", "Bytes written into the node cache"),
         "store_skipped": ("objfs_node_cache_skipped_blocks", "Fetched blocks not cached: the writer was behind"),
+        "refills": ("objfs_node_cache_refilled_blocks", "Skipped blocks fetched again once the writer was idle, "
+                    "to complete an object's file"),
+        "refill_errors": ("objfs_node_cache_refill_errors", "Background refills that failed (the object changed, "
+                          "or the store failed): its file stays partial"),
         "lock_timeouts": ("objfs_node_cache_lock_timeouts", "Waits for another fetcher that gave up"),
         "published": ("objfs_node_cache_published_objects", "Whole objects this server completed in the node "
                       "cache (what FUSE passthrough opens: reads of those then bypass the server)"),

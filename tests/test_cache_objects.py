@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,8 +14,10 @@ import trio.lowlevel
 
 from fusefs.cache import BlockKey, NodeCache
 from fusefs.config import Credentials, MountConfig
+from fusefs.errors import ObjectChangedError
 from fusefs.objects import tenant_of
 from tests.servers import random_bytes
+from tests.test_cache import GatedWriter
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -160,3 +162,76 @@ def check_published(directory: str) -> None:
         assert path is not None and Path(path).read_bytes() == OBJ
     finally:
         again.close()
+
+
+async def _until(check: Callable[[], bool], seconds: float = 30.0) -> None:
+    with trio.fail_after(seconds):
+        while True:
+            if await trio.to_thread.run_sync(check):
+                return
+            await trio.sleep(0.02)
+
+
+class SlowDisk:
+    """A cold read that outruns the disk: a cache whose writer's queue holds one block and whose
+    writer is held at the door, so of the object's four blocks 1 is queued, 2 waits in a task and 3
+    is not cached. Records every fetch; ``replaced`` makes later fetches fail as a replaced object's."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.cache = NodeCache(str(tmp_path / "cache"), 64 * MiB, write_queue_bytes=BS)
+        self.writer = GatedWriter(self.cache)
+        self.calls: list[int] = []
+        self.replaced = False
+
+    def fetcher(self, i: int) -> Callable[[], Awaitable[bytes]]:
+        async def fetch() -> bytes:
+            self.calls.append(i)
+            await trio.lowlevel.checkpoint()
+            if self.replaced:  # the store now holds another version: the pinned GET fails
+                raise ObjectChangedError("models/w.bin changed", key="models/w.bin")
+            return block(i)
+        return fetch
+
+    async def read_all(self) -> None:
+        c = self.cache
+        assert await c.get_or_fetch(key(0), self.fetcher(0)) == block(0)
+        await trio.to_thread.run_sync(self.writer.entered.acquire)  # the writer holds block 0
+        for i in (1, 2, 3):
+            assert await c.get_or_fetch(key(i), self.fetcher(i)) == block(i)
+        assert c.stats()["store_skipped"] == 1
+        assert c.complete_file(key(0).object_id()) is None
+
+    async def close(self) -> None:
+        self.writer.gate.set()
+        await trio.to_thread.run_sync(self.cache.close)
+
+
+async def test_blocks_skipped_behind_a_slow_writer_are_refilled_until_the_file_is_complete(tmp_path: Path) -> None:
+    disk = SlowDisk(tmp_path)
+    c = disk.cache
+    try:
+        await disk.read_all()
+        disk.writer.gate.set()  # the disk catches up: the refiller fetches block 3 again and publishes
+        await _until(lambda: c.complete_file(key(0).object_id()) is not None)
+        path = c.complete_file(key(0).object_id())
+        assert path is not None and await trio.Path(path).read_bytes() == OBJ
+        assert sorted(disk.calls) == [0, 1, 2, 3, 3]
+        assert c.stats()["refills"] == 1
+    finally:
+        await disk.close()
+
+
+async def test_a_refill_of_a_replaced_object_leaves_its_file_partial_and_never_wrong(tmp_path: Path) -> None:
+    disk = SlowDisk(tmp_path)
+    c = disk.cache
+    try:
+        await disk.read_all()
+        disk.replaced = True
+        disk.writer.gate.set()
+        await _until(lambda: c.stats()["refill_errors"] == 1)
+        assert c.complete_file(key(0).object_id()) is None
+        assert c.stats()["refills"] == 0
+        assert [c.get(key(i)) for i in range(3)] == [block(i) for i in range(3)]
+        assert c.get(key(3)) is None
+    finally:
+        await disk.close()
