@@ -33,9 +33,16 @@ def kube() -> Kube:
     return k
 
 
+#: the S3 server's port on the node's loopback: fixed, because the node plugin allows inline volumes
+#: only this endpoint (--inline-endpoints in e2e/overlay/kustomization.yaml); the cluster has a
+#: network namespace of its own, so nothing else holds it
+S3_PORT = 19000
+
+
 @pytest.fixture(scope="session")
 def s3() -> Iterator[RcloneS3]:
-    with tempfile.TemporaryDirectory(prefix="objfs-e2e-s3-") as d, RcloneS3(Path(d) / "data") as server:
+    with (tempfile.TemporaryDirectory(prefix="objfs-e2e-s3-") as d,
+          RcloneS3(Path(d) / "data", port=S3_PORT) as server):
         yield server
 
 

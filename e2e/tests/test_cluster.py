@@ -104,8 +104,8 @@ with open('/data/out.bin', 'wb') as f:
 with open('/data/out.bin', 'rb') as f:
     back = f.read()
 assert back == data, 'read back differs'
-os.makedirs('/data/dir', exist_ok=True)
-open('/data/dir/small.txt', 'w').write('hello from a pod\\n')
+with open('/data/small.txt', 'w') as f:  # closed here: a failed upload fails the pod
+    f.write('hello from a pod\\n')
 print(hashlib.sha256(data).hexdigest())
 """
 
@@ -123,7 +123,7 @@ def test_provisioned_claim_is_written_and_read_by_a_pod(kube: Kube, store: Rclon
     digest = kube.logs("writer", "app").split()[-1]
     prefix = f"volumes/{pv['metadata']['name']}/"
     assert hashlib.sha256(store.read_object(bucket, prefix + "out.bin")).hexdigest() == digest
-    assert store.read_object(bucket, prefix + "dir/small.txt") == b"hello from a pod\n"
+    assert store.read_object(bucket, prefix + "small.txt") == b"hello from a pod\n"
     # deleting the pod leaves no mount, FUSE server or record of it
     uid = done["metadata"]["uid"]
     kube.delete("pod", "writer")
