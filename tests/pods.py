@@ -87,8 +87,6 @@ def wait_for(predicate: object, timeout: float = 60.0, what: str = "condition") 
         time.sleep(0.05)
 
 
-@dataclass
-
 def kubelet_context(uid: str) -> dict[str, str]:
     """The keys besides the volume's own attributes that a real cluster puts into NodePublish's
     volume_context (checked on the e2e cluster): kubelet's pod info (``podInfoOnMount``) and the
@@ -98,6 +96,8 @@ def kubelet_context(uid: str) -> dict[str, str]:
             "csi.storage.k8s.io/ephemeral": "false",
             "storage.kubernetes.io/csiProvisionerIdentity": "1764745432123-8081-objfs.csi.dev"}
 
+
+@dataclass
 class FakeKubelet:
     root: Path
 
