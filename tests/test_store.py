@@ -170,8 +170,11 @@ def test_list_with_delimiter(store: BlockingStore) -> None:
 
 def test_list_pagination(store: BlockingStore) -> None:
     keys = [f"many/{i:05d}" for i in range(1100)]
+    # The first alone: rclone's local backend makes the folder `many` on a key's first PUT, and 16
+    # first PUTs at once race to make it (one answers 500 InternalError; real stores have no folders).
+    store.put(keys[0], b".")
     with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda k: store.put(k, b"."), keys))
+        list(pool.map(lambda k: store.put(k, b"."), keys[1:]))
     store.put("many/sub/inner", b"!")
     first = store.list("many/", "/")
     assert len(first.objects) == 1000
