@@ -40,6 +40,15 @@ def put_many(server: RcloneS3, bucket: str, objects: dict[str, bytes]) -> None:
         list(pool.map(lambda kv: client.put_object(Bucket=bucket, Key=kv[0], Body=kv[1]), objects.items()))
 
 
+def wait_complete(config: MountConfig, count: int = 1, timeout: float = 30.0) -> None:
+    """Until the node cache holds ``count`` complete object files: a read that outran a busy cache
+    disk leaves blocks to the background refill, which completes the file while the mount lives."""
+    root = Path(config.cache_dir or "")
+    deadline = time.monotonic() + timeout
+    while len(list(root.rglob("*.obj"))) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def via(config: MountConfig, proxy: CountingProxy, **changes: Any) -> MountConfig:
     return dataclasses.replace(config, endpoint_url=proxy.endpoint, **changes)
 
@@ -220,6 +229,7 @@ def test_second_read_costs_no_get_and_a_second_mount_reads_from_the_node_cache(
     counting_proxy.reset()
     assert (m.path / key).read_bytes() == data
     assert counting_proxy.snapshot()["GET"] == 0
+    wait_complete(config)
     m.unmount()  # the server drains the node cache's write queue before it exits
 
     counting_proxy.reset()
@@ -272,6 +282,7 @@ def test_prefetch_globs_warm_the_node_cache_after_mount(
     while counting_proxy.snapshot()["GET"] < 3 and time.monotonic() < deadline:  # 3 blocks of 2 MiB
         time.sleep(0.05)
     assert counting_proxy.snapshot()["GET"] == 3
+    wait_complete(config)
     counting_proxy.reset()
     assert (m.path / "models" / "w.safetensors").read_bytes() == data
     assert counting_proxy.snapshot()["GET"] == 0
