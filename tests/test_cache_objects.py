@@ -235,3 +235,26 @@ async def test_a_refill_of_a_replaced_object_leaves_its_file_partial_and_never_w
         assert c.get(key(3)) is None
     finally:
         await disk.close()
+
+
+def test_a_complete_file_is_checked_whole_once_per_node_until_it_changes(
+    tmp_path: Path, cache: NodeCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fill(cache, range(4))
+    oid = key(0).object_id()
+    path = cache.complete_file(oid)  # published: checked whole on the way
+    assert path is not None and cache.stats()["file_checks"] == 1
+
+    def new_server() -> tuple[str | None, int]:
+        other = NodeCache(cache.directory, 64 * MiB)
+        try:
+            return other.complete_file(oid), other.stats()["file_checks"]
+        finally:
+            other.close()
+
+    assert new_server() == (path, 0)  # another server of the node trusts that check
+    os.utime(path)  # any change to the file moves its change time: checked again, then trusted
+    assert new_server() == (path, 1)
+    assert new_server() == (path, 0)
+    monkeypatch.setattr("fusefs.cache.VERIFIED_FOR", 0.0)  # a check older than VERIFIED_FOR: again
+    assert new_server() == (path, 1)
