@@ -131,11 +131,6 @@ class BlockKey:
         """The block is the whole object: cached as one entry of its own, not in a data file."""
         return self.block_size <= 0 or self.size <= self.block_size
 
-    @property
-    def last_of_file(self) -> bool:
-        """The last block of an object kept in a data file."""
-        return not self.whole and self.index == self.object_id().blocks() - 1
-
     def object_id(self) -> ObjectId:
         return ObjectId(self.tenant, self.store, self.key, self.version, self.block_size, self.size)
 
@@ -509,7 +504,7 @@ class NodeCache:
                 try:
                     seal = _seal(os.path.join(self.directory, df.relpath), oid)
                     if self._sealed(df, seal):
-                        self._verified.add(df.relpath)
+                        self._verified.add(df.relpath)  # (already recorded node-wide)
                         return os.path.join(self.directory, df.relpath)
                     verdict = self._verify_file(oid, df)
                 except FileNotFoundError:
@@ -524,8 +519,7 @@ class NodeCache:
                     # proven damaged, so it stays for the server path, which checks each block it
                     # reads; only passthrough, which checks nothing, is refused for now.
                     return None
-                self._verified.add(df.relpath)
-                self._cache.set(_seal_key(df.relpath), seal, tag=int(time.time()))
+                self._record_check(df.relpath, seal)
         except Exception as exc:
             self._problem("publish", exc)
             return None
@@ -572,17 +566,43 @@ class NodeCache:
         try:
             if not self._verify_file(oid, df):
                 return None
+            done = objects.publish(self.directory, df)
         except FileNotFoundError:
-            return self._data_file(oid)  # published by another server, or evicted
-        done = objects.publish(self.directory, df)
-        if done is not None:
-            self._cache.set(oid.encode(FORMAT), done)  # the row now names the complete file
-            self._count("published")
-            self._verified.add(done.relpath)
-            with contextlib.suppress(FileNotFoundError):  # (evicted at once: nothing to seal)
-                seal = _seal(os.path.join(self.directory, done.relpath), oid)
-                self._cache.set(_seal_key(done.relpath), seal, tag=int(time.time()))
+            # Published by another server or thread, or evicted. Only the one whose rename worked
+            # re-points the row: diskcache unlinks a row's old file when the row is set, and
+            # setting it a second time to the same complete file would unlink that very file.
+            return self._data_file(oid)
+        self._cache.set(oid.encode(FORMAT), done)  # the row now names the complete file
+        self._count("published")
+        with contextlib.suppress(FileNotFoundError):  # (evicted at once: nothing to record)
+            self._record_check(done.relpath, _seal(os.path.join(self.directory, done.relpath), oid))
         return done
+
+    def _record_check(self, relpath: str, seal: int) -> None:
+        """Remember that the complete file ``relpath``, as identified by ``seal``, was checked
+        whole: in this server, and node-wide for ``VERIFIED_FOR`` (``_sealed``)."""
+        assert self._cache is not None
+        self._verified.add(relpath)
+        self._cache.set(_seal_key(relpath), seal, tag=int(time.time()))
+
+    def _publish_when_whole(self, oid: ObjectId) -> None:
+        """Publish the object's partial file if every block of it is now marked. Called by the
+        writer for each object a batch wrote into: blocks arrive in any order (concurrent
+        prefetches, refills, other servers), so the batch holding the last block is not always the
+        one that completes the file. The markers are looked at last block first, which is the one
+        a sequential fill is still missing, so an incomplete file costs one lookup. Never raises."""
+        if self._cache is None or oid.size <= oid.block_size:
+            return
+        try:
+            for index in reversed(range(oid.blocks())):
+                bkey = BlockKey(oid.store, oid.key, oid.version, index, oid.block_size, oid.size, oid.tenant)
+                if bkey.encode() not in self._cache:
+                    return
+            df = self._data_file(oid)
+            if df is not None and not df.complete:
+                self._publish(oid, df)
+        except Exception as exc:
+            self._problem("publish", exc)
 
     def _corrupt(self, key: BlockKey, dkey: str) -> None:
         assert self._cache is not None
@@ -674,8 +694,7 @@ class NodeCache:
     def _write_loop(self) -> None:
         while True:
             batch, stop = self._next_batch()
-            # an object's last block is usually the last one it was missing: publish it then
-            last = [it[0].object_id() for it in batch if it[0].last_of_file]
+            filled = list(dict.fromkeys(it[0].object_id() for it in batch if not it[0].whole))
             try:
                 self._store_batch([(key, data) for key, data, _ in batch])  # never raises
             finally:
@@ -686,8 +705,8 @@ class NodeCache:
                         except OSError as exc:
                             self._problem("unlock", exc)
                 _recycle(batch)
-            for oid in last:
-                self._complete_file(oid)
+            for oid in filled:
+                self._publish_when_whole(oid)
             if stop:
                 return
 

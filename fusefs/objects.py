@@ -98,16 +98,14 @@ def new_partial(directory: str, oid: ObjectId, fmt: str) -> DataFile:
     return DataFile(rel, oid.size)
 
 
-def publish(directory: str, data: DataFile) -> DataFile | None:
-    """Make a verified partial file read-only and rename it complete; None if it is gone (evicted,
-    or published by another process meanwhile)."""
+def publish(directory: str, data: DataFile) -> DataFile:
+    """Make a verified partial file read-only and rename it complete. Raises FileNotFoundError if
+    it is gone: evicted, or published by another server meanwhile, which then also re-points the
+    index row (doing it twice would unlink the file: see ``NodeCache._publish``)."""
     src = os.path.join(directory, data.relpath)
     done = data.published()
-    try:
-        os.chmod(src, 0o400)  # its owner only, like every file of the cache: tenants' bytes
-        os.rename(src, os.path.join(directory, done.relpath))
-    except FileNotFoundError:
-        return done if os.path.exists(os.path.join(directory, done.relpath)) else None
+    os.chmod(src, 0o400)  # its owner only, like every file of the cache: tenants' bytes
+    os.rename(src, os.path.join(directory, done.relpath))
     return done
 
 

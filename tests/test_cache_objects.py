@@ -155,6 +155,39 @@ async def test_one_fetch_per_block_fills_the_file_through_get_or_fetch(cache: No
     check_published(cache.directory)
 
 
+async def test_the_writer_publishes_a_file_whose_last_block_came_first(tmp_path: Path, cache: NodeCache) -> None:
+    # Concurrent prefetches finish in any order: the batch with the last block is then not the one
+    # that completes the file, and nobody may have to ask for the file for it to be published.
+    for i in (3, 1, 0, 2):
+        assert await cache.get_or_fetch(key(i), lambda i=i: trio.to_thread.run_sync(block, i),
+                                        wait_for_space=True) == block(i)
+    await _until(lambda: bool(files(tmp_path / "cache", ".obj")))
+    (path,) = files(tmp_path / "cache", ".obj")
+    assert path.read_bytes() == OBJ
+    assert not files(tmp_path / "cache", ".part")
+
+
+def test_two_servers_publishing_one_file_at_once_leave_it_published(tmp_path: Path, cache: NodeCache,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # Server 2 has checked the partial file (its blocks read through an fd opened before the
+    # rename) when server 1 publishes it; server 2's publish must then leave the file alone.
+    fill(cache, range(4))
+    oid = key(0).object_id()
+    other = NodeCache(cache.directory, 64 * MiB)
+    try:
+        partial = other._data_file(oid)
+        assert partial is not None and not partial.complete
+        monkeypatch.setattr(other, "_verify_file", lambda oid, df: True)  # its check passed, before the rename
+        path = cache.complete_file(oid)
+        assert path is not None
+        done = other._publish(oid, partial)
+        assert done is not None and done.complete
+        assert Path(path).read_bytes() == OBJ  # still there
+        assert other.complete_file(oid) == path
+    finally:
+        other.close()
+
+
 def check_published(directory: str) -> None:
     again = NodeCache(directory, 64 * MiB)
     try:
@@ -211,8 +244,8 @@ async def test_blocks_skipped_behind_a_slow_writer_are_refilled_until_the_file_i
     c = disk.cache
     try:
         await disk.read_all()
-        disk.writer.gate.set()  # the disk catches up: the refiller fetches block 3 again and publishes
-        await _until(lambda: c.complete_file(key(0).object_id()) is not None)
+        disk.writer.gate.set()  # the disk catches up: the refiller fetches block 3 again, the writer publishes
+        await _until(lambda: bool(files(tmp_path / "cache", ".obj")))
         path = c.complete_file(key(0).object_id())
         assert path is not None and await trio.Path(path).read_bytes() == OBJ
         assert sorted(disk.calls) == [0, 1, 2, 3, 3]

@@ -21,6 +21,7 @@ import pytest
 from fusefs.config import MiB, MountConfig, Tuning
 from fusefs.meta import valid_name
 from tests.fsmount import Mounted
+from tests.pods import wait_for
 from tests.proxy import CountingProxy
 from tests.servers import RcloneS3
 
@@ -40,13 +41,11 @@ def put_many(server: RcloneS3, bucket: str, objects: dict[str, bytes]) -> None:
         list(pool.map(lambda kv: client.put_object(Bucket=bucket, Key=kv[0], Body=kv[1]), objects.items()))
 
 
-def wait_complete(config: MountConfig, count: int = 1, timeout: float = 30.0) -> None:
-    """Until the node cache holds ``count`` complete object files: a read that outran a busy cache
-    disk leaves blocks to the background refill, which completes the file while the mount lives."""
+def wait_complete(config: MountConfig, count: int = 1) -> None:
+    """Until the node cache holds ``count`` complete object files: the writer publishes a file
+    beside the read path, after the read that filled it has returned."""
     root = Path(config.cache_dir or "")
-    deadline = time.monotonic() + timeout
-    while len(list(root.rglob("*.obj"))) < count and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: len(list(root.rglob("*.obj"))) >= count, what=f"{count} complete file(s) in the node cache")
 
 
 def via(config: MountConfig, proxy: CountingProxy, **changes: Any) -> MountConfig:
