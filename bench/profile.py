@@ -46,6 +46,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--perf", action="store_true", help="record a perf profile of the server")
     ap.add_argument("--perf-all", action="store_true", help="record a perf profile of the whole machine")
     ap.add_argument("--py-spy", action="store_true", help="sample the server's Python stacks with py-spy")
+    ap.add_argument("--gil", action="store_true",
+                    help="with --py-spy: only the thread holding the GIL (the server's Python CPU time, without waits)")
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/objfs-bench"))
     ap.add_argument("--size", choices=("small", "full"), default="small", help="whose data: python -m bench --size X")
     ap.add_argument("--cache-dir", type=Path, help="node cache directory (default: under --workdir)")
@@ -159,7 +161,8 @@ def main() -> int:
             if args.py_spy:
                 spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-r", "200",
                                         "-f", "raw", "-o", str(results / f"py-spy-{args.mode}.txt"),
-                                        "-p", str(srv.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                        *(["--gil"] if args.gil else []), "-p", str(srv.pid)],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1)
             user0, sys0 = srv.cpu()
             if args.mode == "small":

@@ -110,6 +110,13 @@ REFILL_POLL = 0.05
 VERIFIED_FOR = 24 * 3600.0
 WRITE_BATCH_ITEMS = 64
 WRITE_BATCH_BYTES = 16 * 1024 * 1024
+#: a batch of small blocks waits up to this long for more (seconds): a walk of small files hands the
+#: writer one file every few milliseconds, and without the wait each one woke the writer for a commit
+#: of its own, every wake-up a fight for the GIL with the read path (perf of the walk: a third of the
+#: server's time was the kernel switching threads). Only while the batch is under ``GATHER_BYTES``:
+#: a block-sized batch is written at once.
+GATHER_FOR = 0.02
+GATHER_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -716,6 +723,7 @@ class NodeCache:
         batch: list[tuple[BlockKey, bytes, _BlockLock | None]] = []
         size = 0
         item = self._queue.get()
+        gather_until = time.monotonic() + GATHER_FOR
         while True:
             if item is _STOP:
                 return batch, True
@@ -726,7 +734,10 @@ class NodeCache:
             if len(batch) >= WRITE_BATCH_ITEMS or size >= WRITE_BATCH_BYTES:
                 return batch, False
             try:
-                item = self._queue.get_nowait()
+                if size >= GATHER_BYTES:
+                    item = self._queue.get_nowait()
+                else:
+                    item = self._queue.get(timeout=max(0.0, gather_until - time.monotonic()))
             except queue.Empty:
                 return batch, False
 

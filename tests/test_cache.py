@@ -372,14 +372,14 @@ class GatedWriter:
     def __init__(self, cache: NodeCache) -> None:
         self.gate = threading.Event()
         self.entered = threading.Semaphore(0)
-        store = cache._store
+        store_batch = cache._store_batch
 
-        def gated(key: BlockKey, data: bytes) -> bool:
-            self.entered.release()
+        def gated(items: list[tuple[BlockKey, bytes]]) -> None:
+            self.entered.release()  # once per batch: the writer holds what it took
             self.gate.wait()
-            return store(key, data)
+            store_batch(items)
 
-        cache._store = gated  # type: ignore[method-assign]
+        cache._store_batch = gated  # type: ignore[method-assign]
 
 
 async def test_full_write_queue_skips_caching_and_releases_lock(tmp_path: Path) -> None:
@@ -428,6 +428,33 @@ async def test_wait_for_space_caches_every_block(tmp_path: Path) -> None:
     finally:
         writer.gate.set()
         c.close()
+
+
+async def test_small_blocks_handed_over_one_by_one_are_committed_together(tmp_path: Path) -> None:
+    # A walk of small files gives the writer one file at a time; it gathers them into shared
+    # commits (fusefs.cache.GATHER_FOR) instead of waking for each one.
+    c = NodeCache(str(tmp_path / "cache"), 64 * MiB)
+    batches: list[int] = []
+    store_batch = c._store_batch
+
+    def counting(items: list[tuple[BlockKey, bytes]]) -> None:
+        batches.append(len(items))
+        store_batch(items)
+
+    c._store_batch = counting  # type: ignore[method-assign]
+    files = [(BlockKey("s3|http://127.0.0.1:1|bucket", f"small/f{i}", "etag-1", 0), blob(i, 3000)) for i in range(20)]
+    try:
+        for k, data in files:
+            assert await c.get_or_fetch(k, Fetcher(data)) == data
+            await trio.sleep(0.001)  # the next file's GET: the writer is idle again by then
+    finally:
+        await trio.to_thread.run_sync(c.close)
+    assert sum(batches) == 20 and len(batches) <= 10, batches  # (one commit per file without gathering)
+    reopened = NodeCache(str(tmp_path / "cache"), 64 * MiB)
+    try:
+        assert [reopened.get(k) for k, _ in files] == [d for _, d in files]
+    finally:
+        reopened.close()
 
 
 def _process_reader(
