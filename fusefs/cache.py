@@ -116,6 +116,8 @@ WRITE_BATCH_BYTES = 16 * 1024 * 1024
 #: server's time was the kernel switching threads). Only while the batch is under ``GATHER_BYTES``:
 #: a block-sized batch is written at once.
 GATHER_FOR = 0.02
+#: partly filled objects whose first missing block the writer remembers (``_publish_when_whole``)
+MISSING_KEPT = 1024
 GATHER_BYTES = 1024 * 1024
 
 
@@ -291,6 +293,9 @@ class NodeCache:
         #: skipped blocks of data files and how to fetch them, oldest first (``_refill``; trio side)
         self._refills: OrderedDict[BlockKey, Callable[[], Awaitable[bytes]]] = OrderedDict()
         self._refilling = False
+        #: a block each partly filled object was found missing last (writer thread only), looked at
+        #: first: an object filled in any order costs one lookup per batch, not one per block
+        self._missing: OrderedDict[ObjectId, int] = OrderedDict()
         self._closed = False
         self._submit_lock = threading.Lock()  # orders _try_submit against close: nothing queued after _STOP
         self._cache = self._open()
@@ -596,14 +601,19 @@ class NodeCache:
         """Publish the object's partial file if every block of it is now marked. Called by the
         writer for each object a batch wrote into: blocks arrive in any order (concurrent
         prefetches, refills, other servers), so the batch holding the last block is not always the
-        one that completes the file. The markers are looked at last block first, which is the one
-        a sequential fill is still missing, so an incomplete file costs one lookup. Never raises."""
+        one that completes the file. The block found missing last time is looked at first, then the
+        others last block first (the one a sequential fill is still missing), so an incomplete file
+        usually costs one lookup. Never raises."""
         if self._cache is None or oid.size <= oid.block_size:
             return
         try:
-            for index in reversed(range(oid.blocks())):
+            known = self._missing.pop(oid, None)
+            for index in ([known] if known is not None else []) + list(reversed(range(oid.blocks()))):
                 bkey = BlockKey(oid.store, oid.key, oid.version, index, oid.block_size, oid.size, oid.tenant)
                 if bkey.encode() not in self._cache:
+                    self._missing[oid] = index
+                    while len(self._missing) > MISSING_KEPT:
+                        self._missing.popitem(last=False)
                     return
             df = self._data_file(oid)
             if df is not None and not df.complete:
