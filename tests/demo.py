@@ -32,15 +32,12 @@ from safetensors.numpy import save_file
 
 from csi.local import Client, PluginDirs, PluginProcess, unmount_all_under
 from csi.v1 import csi_pb2 as pb
+from tests.pods import cap
 from tests.servers import RcloneS3
 
 console = Console(emoji=False, log_path=False)
 Mode = pb.VolumeCapability.AccessMode
 MiB = 1024 * 1024
-
-
-def cap(mode: int) -> pb.VolumeCapability:
-    return pb.VolumeCapability(mount=pb.VolumeCapability.MountVolume(), access_mode=Mode(mode=mode))
 
 
 def make_model(path: Path, mib: int) -> dict[str, np.ndarray]:

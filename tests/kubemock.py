@@ -101,6 +101,9 @@ class FakeApiServer:
                         self._answer(200, current)
                         return
                     version = int(current.get("metadata", {}).get("resourceVersion", "0"))
+                    if body is None:
+                        self._status(400, f"{method} without a body")
+                        return
                     if method == "PUT":
                         if body["metadata"].get("resourceVersion") != str(version):
                             self._status(409, "the object has been modified")

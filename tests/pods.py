@@ -24,6 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from csi.local import Client, children
 from csi.v1 import csi_pb2 as pb
@@ -74,8 +75,13 @@ def _readable_native_libs(into: Path) -> list[str]:
     return libs
 
 
-def cap(mode: int = Mode.SINGLE_NODE_WRITER) -> pb.VolumeCapability:
-    return pb.VolumeCapability(mount=pb.VolumeCapability.MountVolume(), access_mode=Mode(mode=mode))
+def cap(mode: int = Mode.SINGLE_NODE_WRITER, block: bool = False, group: str = "") -> pb.VolumeCapability:
+    """A volume capability as kubelet sends it: a mount (or ``block``) with one access mode (any
+    int: the tests also send values the spec does not define)."""
+    access = Mode(mode=cast("pb.VolumeCapability.AccessMode.Mode", mode))
+    if block:
+        return pb.VolumeCapability(block=pb.VolumeCapability.BlockVolume(), access_mode=access)
+    return pb.VolumeCapability(mount=pb.VolumeCapability.MountVolume(volume_mount_group=group), access_mode=access)
 
 
 def wait_for(predicate: object, timeout: float = 60.0, what: str = "condition") -> None:

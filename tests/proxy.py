@@ -27,7 +27,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Self, cast
 from urllib.parse import parse_qs, urlsplit
 
 CHUNK = 1 << 20
@@ -298,7 +298,7 @@ class CountingProxy:
             if status >= 400:
                 self._tally.errors += 1
 
-    def start(self) -> CountingProxy:
+    def start(self) -> Self:
         threading.Thread(target=self._accept, name="proxy-accept", daemon=True).start()
         return self
 
@@ -310,7 +310,7 @@ class CountingProxy:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
 
-    def __enter__(self) -> CountingProxy:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -444,7 +444,7 @@ class CountingProxy:
         if fault == STALL:  # nothing at all, until the client's read timeout gives up on us
             time.sleep(stall)
             return
-        head = b"".join(resp) + b"\r\n"
+        answer_head = b"".join(resp) + b"\r\n"
         rheaders = _headers(resp)
         length = int(rheaders.get("content-length", "0") or 0)
         # An answer without a body (an uploaded part, a HEAD) would be complete with its headers:
@@ -453,12 +453,12 @@ class CountingProxy:
             length > 1 or "chunked" in rheaders.get("transfer-encoding", "").lower())
         if fault == RESET:
             if body:
-                client.sendall(head)
+                client.sendall(answer_head)
                 ureader.copy(length // 2, client)
             else:
-                client.sendall(head[: len(head) // 2])
+                client.sendall(answer_head[: len(answer_head) // 2])
             # RST rather than FIN: the client sees "connection reset by peer"
             client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         elif body:  # CLOSE: headers only, then FIN: the body comes up short
-            client.sendall(head)
+            client.sendall(answer_head)
         # CLOSE of an answer without a body: FIN without any answer

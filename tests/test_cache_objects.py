@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Awaitable, Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -149,7 +150,7 @@ async def test_one_fetch_per_block_fills_the_file_through_get_or_fetch(cache: No
     async with trio.open_nursery() as nursery:
         for _ in range(3):  # three readers of every block at once
             for i in range(4):
-                nursery.start_soon(lambda i=i: cache.get_or_fetch(key(i), lambda: fetcher(i), wait_for_space=True))
+                nursery.start_soon(partial(cache.get_or_fetch, key(i), partial(fetcher, i), wait_for_space=True))
     assert sorted(calls) == [0, 1, 2, 3]
     await trio.to_thread.run_sync(cache.close)  # drains the writer, which publishes
     check_published(cache.directory)
@@ -159,7 +160,7 @@ async def test_the_writer_publishes_a_file_whose_last_block_came_first(tmp_path:
     # Concurrent prefetches finish in any order: the batch with the last block is then not the one
     # that completes the file, and nobody may have to ask for the file for it to be published.
     for i in (3, 1, 0, 2):
-        assert await cache.get_or_fetch(key(i), lambda i=i: trio.to_thread.run_sync(block, i),
+        assert await cache.get_or_fetch(key(i), partial(trio.to_thread.run_sync, block, i),
                                         wait_for_space=True) == block(i)
     await _until(lambda: bool(files(tmp_path / "cache", ".obj")))
     (path,) = files(tmp_path / "cache", ".obj")

@@ -25,7 +25,7 @@ from csi.local import Client, PluginDirs, PluginProcess, unmount_all_under
 from csi.state import StateStore
 from csi.v1 import csi_pb2 as pb
 from fusefs import kernel
-from tests.pods import kubelet_context
+from tests.pods import cap, kubelet_context
 from tests.servers import RcloneS3
 
 pytestmark = pytest.mark.fuse
@@ -42,10 +42,6 @@ def dirs() -> Iterator[PluginDirs]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(rec.pid, signal.SIGKILL)
     shutil.rmtree(root, ignore_errors=True)
-
-
-def cap(mode: int) -> pb.VolumeCapability:
-    return pb.VolumeCapability(mount=pb.VolumeCapability.MountVolume(), access_mode=Mode(mode=mode))
 
 
 def publish(client: Client, dirs: PluginDirs, pv: str, volume_id: str, mode: int, context: dict[str, str],

@@ -11,6 +11,7 @@ import shutil
 import signal
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -18,17 +19,11 @@ import pytest
 from csi.local import Client, PluginDirs, in_process_plugin, unmount_all_under
 from csi.v1 import csi_pb2 as pb
 from fusefs import kernel
+from tests.pods import cap
 from tests.servers import RcloneS3
 
 Mode = pb.VolumeCapability.AccessMode
 SNW = Mode.SINGLE_NODE_WRITER
-
-
-def cap(mode: int = SNW, block: bool = False, group: str = "") -> pb.VolumeCapability:
-    if block:
-        return pb.VolumeCapability(block=pb.VolumeCapability.BlockVolume(), access_mode=Mode(mode=mode))
-    mount = pb.VolumeCapability.MountVolume(volume_mount_group=group)
-    return pb.VolumeCapability(mount=mount, access_mode=Mode(mode=mode))
 
 
 def code_of(fn: object, *args: object) -> tuple[grpc.StatusCode, str]:
@@ -50,10 +45,10 @@ def client(plugin: tuple[Client, PluginDirs]) -> Client:
 
 
 @pytest.fixture
-def pods(plugin: tuple[Client, PluginDirs]) -> str:
+def pods(plugin: tuple[Client, PluginDirs]) -> Iterator[str]:
     """Where kubelet-shaped target paths go (cleaned after the test)."""
     path = tempfile.mkdtemp(prefix="pods-", dir=plugin[1].root)
-    yield path  # type: ignore[misc]
+    yield path
     unmount_all_under(path)
     shutil.rmtree(path, ignore_errors=True)
 
@@ -221,7 +216,8 @@ def test_node_publish_validation(client: Client, s3_server: RcloneS3, pods: str,
          grpc.StatusCode.FAILED_PRECONDITION, "--inline-endpoints"),
     ]
     for change, want, message in cases:
-        req = pb.NodePublishVolumeRequest(**{**base, **{k: v for k, v in change.items() if v is not None}})
+        fields: dict[str, Any] = {**base, **{k: v for k, v in change.items() if v is not None}}
+        req = pb.NodePublishVolumeRequest(**fields)
         if change.get("volume_capability", 1) is None:
             req.ClearField("volume_capability")
         code, details = code_of(publish, req)

@@ -252,7 +252,7 @@ def test_a_job_with_a_regular_sidecar_completes_with_its_uploads_done(
         ctx = {"bucket": bucket, "prefix": "runs", "endpoint": s3_server.endpoint}
         job, native = node.kubelet.new_pod(), node.kubelet.new_pod()
         paths = {u: f"/api/v1/namespaces/ml/pods/pod-{u[:5]}" for u in (job, native)}  # FakeKubelet's names
-        running = {"running": {"startedAt": "2026-12-02T16:00:00Z"}}
+        running: dict[str, object] = {"running": {"startedAt": "2026-12-02T16:00:00Z"}}
         api.put(paths[job], job_pod(job, f"pod-{job[:5]}", False, running))
         api.put(paths[native], job_pod(native, f"pod-{native[:5]}", True, running))
         targets = {u: node.kubelet.publish(client, u, "pv-runs", "runs", ctx, secrets_of(s3_server))
@@ -269,7 +269,8 @@ def test_a_job_with_a_regular_sidecar_completes_with_its_uploads_done(
         # While the API says it still runs, the sidecar is left alone (looked at again and again).
         wait_for(lambda: api.count("GET", paths[job]) >= 3, what="the plugin to look at the Job's pod")
         exit_file = node.kubelet.empty_dir(job) / "exit"
-        assert not exit_file.exists() and pods[job].proc is not None and pods[job].proc.poll() is None
+        job_proc = pods[job].proc
+        assert not exit_file.exists() and job_proc is not None and job_proc.poll() is None
         # The pod with a native sidecar was read once and then left alone: kubelet stops that one.
         assert api.count("GET", paths[native]) == 1
         # kubelet reports the container done: the plugin tells the sidecar, which uploads and exits 0.
@@ -280,7 +281,8 @@ def test_a_job_with_a_regular_sidecar_completes_with_its_uploads_done(
         assert not cond.abnormal and "exited as told" in cond.message  # done, not broken
         assert s3_server.client().get_object(Bucket=bucket, Key="runs/result.bin")["Body"].read() == payload
         assert api.count("GET", paths[native]) == 1 and not (node.kubelet.empty_dir(native) / "exit").exists()
-        assert pods[native].proc is not None and pods[native].proc.poll() is None
+        native_proc = pods[native].proc
+        assert native_proc is not None and native_proc.poll() is None
 
         for t in targets.values():
             node.kubelet.unpublish(client, "runs", t)

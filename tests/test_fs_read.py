@@ -195,7 +195,7 @@ def test_full_ranged_mmap_and_concurrent_reads_are_byte_exact(
             assert os.pread(fd, n, off) == data[off:off + n]
     finally:
         os.close(fd)
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+    with open(path, "rb") as mf, mmap.mmap(mf.fileno(), 0, prot=mmap.PROT_READ) as mm:
         for _ in range(100):
             off = r.randrange(0, len(data))
             assert mm[off:off + 10000] == data[off:off + 10000]

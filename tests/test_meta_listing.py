@@ -28,8 +28,8 @@ class CountingName(str):
 
 
 def big_listing(n: int) -> Listing:
-    names = [CountingName(f"f{i:06d}") for i in range(n)]
-    entries = {name: Entry(name, False, ObjectInfo(f"d/{name}", 1, "v", 0.0)) for name in names}
+    names: list[str] = [CountingName(f"f{i:06d}") for i in range(n)]
+    entries: dict[str, Entry] = {name: Entry(name, False, ObjectInfo(f"d/{name}", 1, "v", 0.0)) for name in names}
     return Listing(names, entries, time.monotonic() + 3600)
 
 

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import trio
@@ -259,7 +260,7 @@ def test_s3_ranged_gets_skip_botocores_pipeline_once_learned(s3_server: RcloneS3
     assert store.direct.ready
     # an answer that may be this path's own fault (here a 403: the credentials were revoked) turns
     # it off; the error the caller sees is botocore's
-    store.client._request_signer._credentials = BotoCredentials(s3_server.access_key, "revoked")
+    cast(Any, store.client)._request_signer._credentials = BotoCredentials(s3_server.access_key, "revoked")
     with pytest.raises(errors.AccessDeniedError):
         store.get_range(key, 0, 3)
     assert not store.direct.enabled

@@ -8,7 +8,7 @@ import os
 import random
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -96,7 +96,9 @@ async def write_chunks(h: WriteHandle, data: bytes, offset: int = 0, chunk: int 
 
 
 # -- basic shapes ------------------------------------------------------------------------------------
-async def test_small_write_is_one_put(s3_server, bucket, astore, nursery, staging) -> None:
+async def test_small_write_is_one_put(
+    s3_server: RcloneS3, bucket: str, astore: AsyncStore, nursery: trio.Nursery, staging: str
+) -> None:
     h = open_handle(astore, "small.txt", nursery, staging)
     assert h.dirty and h.size == 0
     await h.write(0, b"hello ")
@@ -109,7 +111,9 @@ async def test_small_write_is_one_put(s3_server, bucket, astore, nursery, stagin
     await h.release()
 
 
-async def test_empty_new_file(s3_server, bucket, astore, nursery, staging) -> None:
+async def test_empty_new_file(
+    s3_server: RcloneS3, bucket: str, astore: AsyncStore, nursery: trio.Nursery, staging: str
+) -> None:
     h = open_handle(astore, "empty", nursery, staging)
     info = await h.flush()
     assert info.size == 0
@@ -117,7 +121,9 @@ async def test_empty_new_file(s3_server, bucket, astore, nursery, staging) -> No
     await h.release()
 
 
-async def test_clean_existing_flush_sends_nothing(s3_server, bucket, astore, nursery, staging) -> None:
+async def test_clean_existing_flush_sends_nothing(
+    s3_server: RcloneS3, bucket: str, astore: AsyncStore, nursery: trio.Nursery, staging: str
+) -> None:
     raw_put(s3_server, bucket, "k", b"abc")
     existing = await astore.head("k")
     h = open_handle(astore, "k", nursery, staging, existing=existing, truncate=False)
@@ -127,7 +133,9 @@ async def test_clean_existing_flush_sends_nothing(s3_server, bucket, astore, nur
     await h.release()
 
 
-async def test_streaming_multipart_100mib(s3_server, bucket, astore, nursery, staging) -> None:
+async def test_streaming_multipart_100mib(
+    s3_server: RcloneS3, bucket: str, astore: AsyncStore, nursery: trio.Nursery, staging: str
+) -> None:
     data = rand(103 * MiB + 12345, seed=1)
     h = open_handle(astore, "big.bin", nursery, staging)
     await write_chunks(h, data[: 20 * MiB])
@@ -144,7 +152,9 @@ async def test_streaming_multipart_100mib(s3_server, bucket, astore, nursery, st
     await h.release()
 
 
-async def test_random_writes_stage_losslessly(s3_server, bucket, astore, nursery, staging) -> None:
+async def test_random_writes_stage_losslessly(
+    s3_server: RcloneS3, bucket: str, astore: AsyncStore, nursery: trio.Nursery, staging: str
+) -> None:
     model = bytearray()
 
     def apply(offset: int, chunk: bytes) -> None:
@@ -171,7 +181,9 @@ async def test_random_writes_stage_losslessly(s3_server, bucket, astore, nursery
     assert uploads(s3_server, bucket) == []
 
 
-async def test_append_to_existing(s3_server, bucket, astore, nursery, staging) -> None:
+async def test_append_to_existing(
+    s3_server: RcloneS3, bucket: str, astore: AsyncStore, nursery: trio.Nursery, staging: str
+) -> None:
     original = rand(11 * MiB + 7, seed=5)
     raw_put(s3_server, bucket, "log", original)
     existing = await astore.head("log")
@@ -186,7 +198,9 @@ async def test_append_to_existing(s3_server, bucket, astore, nursery, staging) -
     await h.release()
 
 
-async def test_existing_changed_before_first_write(s3_server, bucket, astore, nursery, staging) -> None:
+async def test_existing_changed_before_first_write(
+    s3_server: RcloneS3, bucket: str, astore: AsyncStore, nursery: trio.Nursery, staging: str
+) -> None:
     raw_put(s3_server, bucket, "moving", b"v1" * 1000)
     existing = await astore.head("moving")
     raw_put(s3_server, bucket, "moving", b"v2" * 1000)
@@ -197,7 +211,9 @@ async def test_existing_changed_before_first_write(s3_server, bucket, astore, nu
     await h.release()
 
 
-async def test_truncating_open_of_existing(s3_server, bucket, astore, nursery, staging) -> None:
+async def test_truncating_open_of_existing(
+    s3_server: RcloneS3, bucket: str, astore: AsyncStore, nursery: trio.Nursery, staging: str
+) -> None:
     raw_put(s3_server, bucket, "t", b"old contents")
     existing = await astore.head("t")
     h = open_handle(astore, "t", nursery, staging, existing=existing, truncate=True)
@@ -208,7 +224,9 @@ async def test_truncating_open_of_existing(s3_server, bucket, astore, nursery, s
     await h.release()
 
 
-async def test_truncate_shrink_and_grow(s3_server, bucket, astore, nursery, staging) -> None:
+async def test_truncate_shrink_and_grow(
+    s3_server: RcloneS3, bucket: str, astore: AsyncStore, nursery: trio.Nursery, staging: str
+) -> None:
     original = rand(9 * MiB, seed=7)
     raw_put(s3_server, bucket, "trunc", original)
     existing = await astore.head("trunc")
@@ -230,7 +248,9 @@ async def test_truncate_shrink_and_grow(s3_server, bucket, astore, nursery, stag
     await h.release()
 
 
-async def test_truncate_streamed_file(s3_server, bucket, astore, nursery, staging) -> None:
+async def test_truncate_streamed_file(
+    s3_server: RcloneS3, bucket: str, astore: AsyncStore, nursery: trio.Nursery, staging: str
+) -> None:
     data = rand(7 * MiB, seed=8)
     h = open_handle(astore, "ts", nursery, staging)
     await write_chunks(h, data)
@@ -241,7 +261,9 @@ async def test_truncate_streamed_file(s3_server, bucket, astore, nursery, stagin
     await h.release()
 
 
-async def test_read_your_writes(s3_server, bucket, astore, nursery, staging) -> None:
+async def test_read_your_writes(
+    s3_server: RcloneS3, bucket: str, astore: AsyncStore, nursery: trio.Nursery, staging: str
+) -> None:
     data = rand(7 * MiB, seed=9)
     h = open_handle(astore, "ryw", nursery, staging)
     await write_chunks(h, data)
@@ -257,7 +279,9 @@ async def test_read_your_writes(s3_server, bucket, astore, nursery, staging) -> 
     assert not exists(s3_server, bucket, "ryw")
 
 
-async def test_writes_after_flush(s3_server, bucket, astore, nursery, staging) -> None:
+async def test_writes_after_flush(
+    s3_server: RcloneS3, bucket: str, astore: AsyncStore, nursery: trio.Nursery, staging: str
+) -> None:
     first = rand(6 * MiB, seed=10)
     h = open_handle(astore, "again", nursery, staging)
     await write_chunks(h, first)
@@ -276,7 +300,9 @@ async def test_writes_after_flush(s3_server, bucket, astore, nursery, staging) -
         await h.write(0, b"after release")
 
 
-async def test_release_without_flush_aborts(s3_server, bucket, astore, nursery, staging) -> None:
+async def test_release_without_flush_aborts(
+    s3_server: RcloneS3, bucket: str, astore: AsyncStore, nursery: trio.Nursery, staging: str
+) -> None:
     h = open_handle(astore, "aborted", nursery, staging)
     await write_chunks(h, rand(12 * MiB, seed=11))
     assert [u["Key"] for u in uploads(s3_server, bucket)] == ["aborted"]
@@ -285,7 +311,9 @@ async def test_release_without_flush_aborts(s3_server, bucket, astore, nursery, 
     assert not exists(s3_server, bucket, "aborted")
 
 
-async def test_staging_file_is_private(s3_server, bucket, astore, nursery, staging) -> None:
+async def test_staging_file_is_private(
+    s3_server: RcloneS3, bucket: str, astore: AsyncStore, nursery: trio.Nursery, staging: str
+) -> None:
     h = open_handle(astore, "private", nursery, staging)
     await h.write(0, b"abc")
     await h.write(100, b"def")  # staged now
@@ -295,7 +323,7 @@ async def test_staging_file_is_private(s3_server, bucket, astore, nursery, stagi
 
 # -- failures ----------------------------------------------------------------------------------------
 @pytest.fixture
-def own_server(tmp_path: Path):  # type: ignore[no-untyped-def]
+def own_server(tmp_path: Path) -> Iterator[RcloneS3]:
     server = RcloneS3(tmp_path / "own-s3")
     server.start()
     yield server
@@ -308,7 +336,9 @@ def quick_store(server: RcloneS3, bucket: str) -> AsyncStore:
 
 
 @pytest.mark.parametrize("size", [100, 12 * MiB + 3])
-async def test_failed_flush_keeps_data_for_retry(own_server, nursery, staging, size) -> None:
+async def test_failed_flush_keeps_data_for_retry(
+    own_server: RcloneS3, nursery: trio.Nursery, staging: str, size: int
+) -> None:
     bucket = own_server.create_bucket()
     store = quick_store(own_server, bucket)
     data = rand(size, seed=12)
@@ -342,7 +372,10 @@ op = st.one_of(
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(initial=st.one_of(st.none(), st.integers(0, 3 * SMALL)), ops=st.lists(op, max_size=12))
-async def test_property_matches_bytearray(s3_server, bucket, astore, staging, monkeypatch, initial, ops) -> None:
+async def test_property_matches_bytearray(
+    s3_server: RcloneS3, bucket: str, astore: AsyncStore, staging: str, monkeypatch: pytest.MonkeyPatch,
+    initial: int | None, ops: list[tuple[str, int, int, int]],
+) -> None:
     monkeypatch.setattr(astore, "limits", replace(astore.limits, min_part_size=1))
     tuning = Tuning(part_size=SMALL, max_upload_parts_in_flight=2, block_size=SMALL)
     key = f"prop-{random.getrandbits(64):x}"
@@ -382,7 +415,9 @@ def rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-async def test_1gib_stream_memory_and_speed(s3_server, bucket, astore, nursery, staging) -> None:
+async def test_1gib_stream_memory_and_speed(
+    s3_server: RcloneS3, bucket: str, astore: AsyncStore, nursery: trio.Nursery, staging: str
+) -> None:
     tuning = Tuning()  # the defaults: 16 MiB parts, 4 in flight
     total, chunk = 1024 * MiB, MiB
     block = bytearray(rand(chunk, seed=13))
@@ -418,7 +453,8 @@ async def test_1gib_stream_memory_and_speed(s3_server, bucket, astore, nursery, 
 
 # -- part limits (the planner itself: tests/test_parts.py) ---------------------------------------------
 async def test_stream_out_of_parts_falls_back_to_staging(
-    s3_server, bucket, astore, nursery, staging, monkeypatch
+    s3_server: RcloneS3, bucket: str, astore: AsyncStore, nursery: trio.Nursery, staging: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(astore, "limits", replace(astore.limits, min_part_size=1, max_parts=3))
     h = open_handle(astore, "parts", nursery, staging, tuning=Tuning(part_size=64 * 1024))
@@ -432,7 +468,7 @@ async def test_stream_out_of_parts_falls_back_to_staging(
 
 
 @pytest.fixture
-def tiny_staging(tmp_path: Path):  # type: ignore[no-untyped-def]
+def tiny_staging(tmp_path: Path) -> Iterator[str]:
     """A 1 MiB tmpfs as the staging directory, to make the local disk run out."""
     where = tmp_path / "tiny"
     where.mkdir()
@@ -444,7 +480,7 @@ def tiny_staging(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 async def test_full_staging_disk_is_an_error_that_loses_nothing(
-    s3_server, bucket, astore, nursery, tiny_staging
+    s3_server: RcloneS3, bucket: str, astore: AsyncStore, nursery: trio.Nursery, tiny_staging: str
 ) -> None:
     h = open_handle(astore, "nospace", nursery, tiny_staging)
     data = rand(2 * MiB, seed=15)
@@ -474,7 +510,9 @@ class CountingStore(AsyncStore):
             self.in_flight -= 1
 
 
-async def test_parts_in_flight_are_bounded(s3_server, bucket, astore, nursery, staging) -> None:
+async def test_parts_in_flight_are_bounded(
+    s3_server: RcloneS3, bucket: str, astore: AsyncStore, nursery: trio.Nursery, staging: str
+) -> None:
     store = CountingStore(astore)
     h = open_handle(store, "bounded", nursery, staging)
     data = rand(8 * PART + 1, seed=16)
@@ -498,7 +536,9 @@ class FailingComplete(AsyncStore):
         return await super().complete(upload)
 
 
-async def test_failed_complete_is_aborted_and_retried_whole(s3_server, bucket, astore, nursery, staging) -> None:
+async def test_failed_complete_is_aborted_and_retried_whole(
+    s3_server: RcloneS3, bucket: str, astore: AsyncStore, nursery: trio.Nursery, staging: str
+) -> None:
     store = FailingComplete(astore)
     data = rand(3 * PART + 99, seed=17)
     h = open_handle(store, "complete", nursery, staging)

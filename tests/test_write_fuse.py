@@ -65,12 +65,12 @@ def test_random_writes_append_and_overwrite(
     model += tail
     assert s3_server.read_object(bucket, "random.bin") == bytes(model)
 
-    with open(path, "r+b") as f:  # overwrite in place, read our own write before close
-        f.seek(10)
-        f.write(b"0123456789")
-        f.flush()
-        f.seek(5)
-        assert f.read(20) == bytes(model[5:10]) + b"0123456789" + bytes(model[20:25])
+    with open(path, "r+b") as rw:  # overwrite in place, read our own write before close
+        rw.seek(10)
+        rw.write(b"0123456789")
+        rw.flush()
+        rw.seek(5)
+        assert rw.read(20) == bytes(model[5:10]) + b"0123456789" + bytes(model[20:25])
     model[10:20] = b"0123456789"
     assert s3_server.read_object(bucket, "random.bin") == bytes(model)
 
