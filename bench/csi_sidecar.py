@@ -181,6 +181,8 @@ def sidecar_memory(ctx: Ctx) -> Scenario:
             pod = node.pod(uid)
             node.lists(target)
             sidecar = pod.init_pid
+            if sidecar is None:
+                raise RuntimeError("the pod's sidecar process is gone before anything was measured")
             (server,) = pod.server_pids()
             time.sleep(2)  # idle: start-up done, nothing read
 
