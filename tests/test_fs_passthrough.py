@@ -168,7 +168,11 @@ def test_passthrough_turned_off_reads_through_the_server(
     assert (m.path / "w.bin").read_bytes() == data
     figures = figures_at_exit(m)
     assert value(figures, "objfs_fuse_passthrough_opens_total") == 0
-    assert value(figures, "objfs_node_cache_read_bytes_total") == SIZE  # the server read the cache
+    # The server read it all from the node cache, none from the store. (At least SIZE: under load a
+    # late kernel readahead request can find its block already dropped from the server's memory,
+    # and that block is read from the node cache again; seen once in a loaded CI run.)
+    assert value(figures, "objfs_node_cache_read_bytes_total") >= SIZE
+    assert value(figures, "objfs_store_requests_total", kind="GET") == 0
 
 
 @needs_passthrough
