@@ -467,7 +467,12 @@ class NodeCache:
         oid = key.object_id()
         handle = self._cache.get(oid.encode(FORMAT), read=True) if isinstance(token, int) else None
         if handle is None:
-            self._cache.delete(dkey)  # its file was evicted: a marker of nothing
+            # diskcache answers None both when the object's row is gone and when the row's file
+            # could not be opened: a partial file being renamed complete (the row is re-pointed just
+            # after) looks the same for a moment. Only a marker of no row at all is dropped; the
+            # other is a miss, or the block of a file about to be complete would be fetched again.
+            if not isinstance(token, int) or oid.encode(FORMAT) not in self._cache:
+                self._cache.delete(dkey)  # its file was evicted: a marker of nothing
             return None
         with handle:
             df = self._as_data_file(handle.name, 0)

@@ -189,6 +189,19 @@ def test_two_servers_publishing_one_file_at_once_leave_it_published(tmp_path: Pa
         other.close()
 
 
+def test_a_lookup_while_the_file_is_renamed_complete_keeps_the_blocks_marked(tmp_path: Path, cache: NodeCache) -> None:
+    # A publisher renames the partial file, then re-points the index row: a lookup in between finds
+    # a row whose file it cannot open. That is a miss, not a block to forget.
+    fill(cache, range(4))
+    (part,) = files(tmp_path / "cache", ".part")
+    renamed = part.with_suffix(".obj")
+    part.rename(renamed)  # the publisher's rename; its row update has not happened yet
+    assert cache.get(key(1)) is None
+    renamed.rename(part)
+    path = cache.complete_file(key(0).object_id())  # every marker is still there: it publishes
+    assert path is not None and Path(path).read_bytes() == OBJ
+
+
 def check_published(directory: str) -> None:
     again = NodeCache(directory, 64 * MiB)
     try:
