@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -116,9 +117,9 @@ WRITE_BATCH_BYTES = 16 * 1024 * 1024
 #: server's time was the kernel switching threads). Only while the batch is under ``GATHER_BYTES``:
 #: a block-sized batch is written at once.
 GATHER_FOR = 0.02
+GATHER_BYTES = 1024 * 1024
 #: partly filled objects whose first missing block the writer remembers (``_publish_when_whole``)
 MISSING_KEPT = 1024
-GATHER_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,11 @@ class BlockKey:
 
     def object_id(self) -> ObjectId:
         return ObjectId(self.tenant, self.store, self.key, self.version, self.block_size, self.size)
+
+    @classmethod
+    def of(cls, oid: ObjectId, index: int) -> BlockKey:
+        """Block ``index`` of the object ``oid`` (the inverse of ``object_id``)."""
+        return cls(oid.store, oid.key, oid.version, index, oid.block_size, oid.size, oid.tenant)
 
     def encode(self) -> str:
         """The diskcache key: unambiguous for any strings (JSON), pure ASCII (lone surrogates escaped)."""
@@ -556,7 +562,7 @@ class NodeCache:
         self._count("file_checks")
         tags = []
         for index in range(oid.blocks()):
-            bkey = BlockKey(oid.store, oid.key, oid.version, index, oid.block_size, oid.size, oid.tenant)
+            bkey = BlockKey.of(oid, index)
             token, tag = self._cache.get(bkey.encode(), default=(None, None), tag=True)
             if token != df.token:
                 return None
@@ -613,9 +619,9 @@ class NodeCache:
             return
         try:
             known = self._missing.pop(oid, None)
-            for index in ([known] if known is not None else []) + list(reversed(range(oid.blocks()))):
-                bkey = BlockKey(oid.store, oid.key, oid.version, index, oid.block_size, oid.size, oid.tenant)
-                if bkey.encode() not in self._cache:
+            order = reversed(range(oid.blocks()))  # (lazily: a big object's list per batch is waste)
+            for index in order if known is None else itertools.chain((known,), order):
+                if BlockKey.of(oid, index).encode() not in self._cache:
                     self._missing[oid] = index
                     while len(self._missing) > MISSING_KEPT:
                         self._missing.popitem(last=False)
