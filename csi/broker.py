@@ -1,18 +1,24 @@
-"""The node plugin's passthrough broker: registers node-cache files as FUSE backing files for
-unprivileged servers.
+"""The node plugin's passthrough broker: registers node-cache files as FUSE backing files for the
+node's data service.
 
-FUSE_DEV_IOC_BACKING_OPEN needs CAP_SYS_ADMIN in the initial user namespace, which the servers
-(uid 65534, no capabilities) do not have. A server sends its /dev/fuse fd and an fd of the complete
-cache file it wants to pass through over a unix socket (SCM_RIGHTS); the broker checks both,
-registers the file on that connection and answers the backing id. It keeps no fd: the kernel holds
-the backing file from the ioctl on, and both received fds are closed before the answer.
+FUSE_DEV_IOC_BACKING_OPEN needs CAP_SYS_ADMIN in the initial user namespace, which the data service
+(a uid of its own, no capabilities: ``fusefs.service.daemon``) does not have. It sends the /dev/fuse
+fd a pod's server gave it and an fd of the complete cache file to pass through over a unix socket
+(SCM_RIGHTS); the broker checks both, registers the file on that connection and answers the backing
+id. It keeps no fd: the kernel holds the backing file from the ioctl on, and both received fds are
+closed before the answer. Pods never reach this socket (it lives in the plugin's state directory).
 
-What is checked, so that the socket lends no more than the server could read itself:
-- the peer runs as root or as the servers' uid (SO_PEERCRED);
+What is checked, so that the socket lends no more than the service could read itself:
+- the peer runs as root or as the data service's uid (SO_PEERCRED, before anything is read);
 - the FUSE fd is /dev/fuse (character device 10:229);
 - the file fd is open read-only, on a regular file without write bits, named ``*.obj`` under
-  ``<cache>/objects/``, and is still the file at that path (a complete file is never rewritten:
+  ``<mirror>/objects/`` — the read-only mount of the cache: the kernel reopens a backing file with
+  the open flags a pod's server answers with, and on a read-only mount a write open fails (EROFS)
+  whoever registered it — and is still the file at that path (a complete file is never rewritten:
   ``fusefs.objects``).
+
+Connections are served concurrently (at most ``WORKERS`` at once; more wait in the backlog), and
+one that does not send its request within ``TIMEOUT`` seconds is dropped.
 
 Wire format (``fusefs.passthrough.BrokerClient``): one request per connection, ``b"O"`` with fds
 [fuse, file], or ``b"C" + i32 backing id`` with fds [fuse]; the answer is one i32, the backing id
@@ -21,6 +27,7 @@ Wire format (``fusefs.passthrough.BrokerClient``): one request per connection, `
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -35,6 +42,8 @@ from fusefs.backing import SelfRegistrar
 log = logging.getLogger(__name__)
 
 SOCKET_NAME = "broker.sock"
+WORKERS = 8
+TIMEOUT = 5.0
 FUSE_DEVICE = os.makedev(10, 229)
 _ANSWER = struct.Struct("=i")
 
@@ -50,11 +59,12 @@ class Refused(Exception):
 class Broker:
     """Serves ``<directory>/broker.sock`` in a thread until ``close()``."""
 
-    def __init__(self, directory: str, cache_dir: str, server_uid: int) -> None:
+    def __init__(self, directory: str, cache_dir: str, client_uid: int) -> None:
         self.directory = directory
         self.path = os.path.join(directory, SOCKET_NAME)
         self.objects = os.path.join(os.path.realpath(cache_dir), "objects") + os.sep
-        self.allowed_uids = {0, server_uid}
+        self.allowed_uids = {0, client_uid}
+        self._slots = threading.BoundedSemaphore(WORKERS)
         self.registrar = SelfRegistrar()
         self.registered = 0
         self.refused = 0
@@ -87,12 +97,24 @@ class Broker:
 
     def _serve(self) -> None:
         while not self._closed:
+            self._slots.acquire()  # at most WORKERS connections at once; the rest wait in the backlog
             try:
                 conn, _ = self._sock.accept()
             except OSError:
+                self._slots.release()
                 return
+            threading.Thread(target=self._answer, args=(conn,), name="passthrough-broker-conn", daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        try:
             with conn:
-                conn.settimeout(5.0)
+                conn.settimeout(TIMEOUT)
+                creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+                _pid, uid, _gid = struct.unpack("3i", creds)
+                if uid not in self.allowed_uids:  # before reading anything from it
+                    self.refused += 1
+                    log.warning("passthrough broker: refused a connection of uid %d", uid)
+                    return
                 try:
                     answer = self._handle(conn)
                 except Refused as exc:
@@ -103,18 +125,14 @@ class Broker:
                     self.refused += 1
                     log.warning("passthrough broker: %s", exc)
                     answer = -(exc.errno or errno.EIO)
-                try:
+                with contextlib.suppress(OSError):
                     conn.sendall(_ANSWER.pack(answer))
-                except OSError:
-                    pass
+        finally:
+            self._slots.release()
 
     def _handle(self, conn: socket.socket) -> int:
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        _pid, uid, _gid = struct.unpack("3i", creds)
         msg, fds, _flags, _addr = socket.recv_fds(conn, 16, 2)
         try:
-            if uid not in self.allowed_uids:
-                raise Refused(errno.EPERM, f"uid {uid} is not a server's")
             if msg[:1] == b"O" and len(fds) == 2:
                 fuse_fd, file_fd = fds
                 self._check_fuse(fuse_fd)
@@ -155,12 +173,10 @@ class Broker:
             raise Refused(errno.ESTALE, f"{path} is no longer the file sent")
 
 
-def start(directory: str, cache_dir: str | None, server_uid: int) -> Broker | None:
-    """The broker for this node plugin, or None (servers then read through themselves), said once."""
-    if not cache_dir:
-        return None
+def start(directory: str, mirror: str, client_uid: int) -> Broker | None:
+    """The broker for this node plugin, or None (passthrough off), said once."""
     try:
-        return Broker(directory, cache_dir, server_uid)
+        return Broker(directory, mirror, client_uid)
     except OSError as exc:
-        log.warning("passthrough broker not started (%s): servers read node-cache files themselves", exc)
+        log.warning("passthrough broker not started (%s): FUSE passthrough off", exc)
         return None

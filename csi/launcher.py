@@ -1,9 +1,11 @@
 """Starting and stopping ``objfs serve``, one per (pod, volume).
 
-The contract with the server: ``objfs serve --config-fd N --fuse-fd M --ready-fd K``. It reads
-its MountConfig (secrets included) as JSON from fd N until EOF — never argv or environment, which
-/proc shows to every user — serves the already-mounted /dev/fuse fd M, and writes b"ready\\n" to
-K once the mount answers, or b"error: <message>\\n" and exits non-zero.
+The contract with the server: ``objfs serve --config-fd N --fuse-fd M --ready-fd K --grant-fd G
+--regrant-fd R``. It reads its MountConfig (without secrets: those stay with the data service) as
+JSON from fd N until EOF, serves the already-mounted /dev/fuse fd M with the data of its grant
+connection G (``fusefs.wire.grant``), takes later grant connections on the socket R
+(``fusefs.wire.regrant``), and writes b"ready\\n" to K once the mount answers, or
+b"error: <message>\\n" and exits non-zero.
 
 ``ProcessLauncher`` runs it in its own session (so it survives a plugin restart, even kill -9),
 as an unprivileged uid/gid; setuid to a non-root uid drops every capability. Servers are forked
@@ -31,6 +33,7 @@ from typing import BinaryIO, Protocol
 
 from fusefs import handoff, kernel
 from fusefs.config import MountConfig
+from fusefs.wire import regrant as regrant_wire
 
 from .zygote import Zygote, ZygoteError
 
@@ -49,7 +52,8 @@ class ServerHandle:
 
 
 class Launcher(Protocol):
-    def start(self, config: MountConfig, fuse_fd: int, name: str) -> ServerHandle: ...
+    def start(self, config: MountConfig, fuse_fd: int, name: str, grant: socket.socket) -> ServerHandle: ...
+    def regrant(self, name: str, conn: socket.socket) -> bool: ...
     def alive(self, handle: ServerHandle) -> bool: ...
     def stop(self, handle: ServerHandle) -> None: ...
 
@@ -104,8 +108,13 @@ class ProcessLauncher:
         ready_timeout: float = 60.0,
         stop_timeout: float = 10.0,
         zygote: bool = True,
+        channel_dir: str = "",
     ) -> None:
         self.command = command or default_server_command()
+        #: where each server's regrant socket is bound (root-only: only the plugin hands over)
+        self.channel_dir = channel_dir or os.path.join(os.path.dirname(log_dir), "servers")
+        os.makedirs(self.channel_dir, mode=0o700, exist_ok=True)
+        os.chmod(self.channel_dir, 0o700)
         self.uid, self.gid = uid, gid
         self.log_dir = log_dir
         self.ready_timeout = ready_timeout
@@ -123,22 +132,55 @@ class ProcessLauncher:
     def log_path(self, name: str) -> str:
         return os.path.join(self.log_dir, f"{name}.log")
 
-    def start(self, config: MountConfig, fuse_fd: int, name: str) -> ServerHandle:
+    def channel_path(self, name: str) -> str:
+        return os.path.join(self.channel_dir, f"{name}.sock")
+
+    def _channel(self, name: str) -> socket.socket:
+        """The listening socket a server takes its next grant connections on (``fusefs.wire.regrant``)."""
+        path = self.channel_path(name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # an earlier server's
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.bind(path)
+            sock.listen(4)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def regrant(self, name: str, conn: socket.socket) -> bool:
+        """Hand a server its next grant connection; False if it does not take it."""
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+                sock.settimeout(5.0)
+                sock.connect(self.channel_path(name))
+                regrant_wire.send_grant(sock, conn)
+            return True
+        except OSError as exc:
+            log.warning("server %s did not take its new grant connection: %s", name, exc)
+            return False
+
+    def start(self, config: MountConfig, fuse_fd: int, name: str, grant: socket.socket) -> ServerHandle:
         cfg_r, cfg_w = os.pipe()
         ready_r, ready_w = os.pipe()
         log_path = self.log_path(name)
         proc: subprocess.Popen[bytes] | None = None
+        channel = self._channel(name)
         try:
             with open(log_path, "ab") as logf:
                 os.fchmod(logf.fileno(), 0o600)
-                pid = self._fork(cfg_r, fuse_fd, ready_w, logf.fileno())
+                extra = (grant.fileno(), channel.fileno())
+                pid = self._fork(cfg_r, fuse_fd, ready_w, logf.fileno(), extra)
                 if pid is None:
-                    proc = self._spawn(cfg_r, fuse_fd, ready_w, logf)
+                    proc = self._spawn(cfg_r, fuse_fd, ready_w, logf, extra)
                     pid = proc.pid
         except BaseException:
             for fd in (cfg_r, cfg_w, ready_r, ready_w):
                 os.close(fd)
             raise
+        finally:
+            channel.close()  # the server holds its copy
         os.close(cfg_r)
         os.close(ready_w)
         with self._lock:
@@ -157,25 +199,28 @@ class ProcessLauncher:
             raise ServerStartError(f"objfs serve exited right after reporting ready; see {log_path}")
         return ServerHandle(pid, start_time, log_path)
 
-    def _fork(self, cfg_r: int, fuse_fd: int, ready_w: int, log_fd: int) -> int | None:
+    def _fork(self, cfg_r: int, fuse_fd: int, ready_w: int, log_fd: int, extra: tuple[int, int]) -> int | None:
         """A server forked by the zygote: its pid, or None when there is no zygote to ask."""
         if self._zygote is None:
             return None
         try:
-            return self._zygote.start((cfg_r, fuse_fd, ready_w, log_fd))
+            return self._zygote.start((cfg_r, fuse_fd, ready_w, log_fd, *extra))
         except ZygoteError as exc:
             raise ServerStartError(f"{exc}; try again") from None
 
-    def _spawn(self, cfg_r: int, fuse_fd: int, ready_w: int, logf: BinaryIO) -> subprocess.Popen[bytes]:
+    def _spawn(self, cfg_r: int, fuse_fd: int, ready_w: int, logf: BinaryIO, extra: tuple[int, int]
+               ) -> subprocess.Popen[bytes]:
         """A fresh ``objfs serve`` (when there is no zygote to fork one)."""
+        grant_fd, regrant_fd = extra
         argv = [*self._drop_privileges(), *self.command, "serve", "--config-fd", str(cfg_r),
-                "--fuse-fd", str(fuse_fd), "--ready-fd", str(ready_w)]
+                "--fuse-fd", str(fuse_fd), "--ready-fd", str(ready_w), "--grant-fd", str(grant_fd),
+                "--regrant-fd", str(regrant_fd)]
         try:
             # No user=/group= here: asking Popen to switch uid makes it fork() instead of
             # vfork(), and a fork() of this multi-threaded gRPC process runs gRPC's fork
             # handlers in the child (seen crashing it). setpriv switches after the exec.
             return subprocess.Popen(
-                argv, pass_fds=(cfg_r, fuse_fd, ready_w), start_new_session=True, cwd="/",
+                argv, pass_fds=(cfg_r, fuse_fd, ready_w, grant_fd, regrant_fd), start_new_session=True, cwd="/",
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=self._env(),
             )
         except PermissionError:
@@ -291,6 +336,7 @@ class _PendingHandOver:
     pod_uid: str
     config: MountConfig
     fuse_fd: int  # ours until the sidecar has taken it: the mount lives as long as someone holds it
+    grant: socket.socket  # the volume's connection to the data service, for the sidecar
     on_done: Callable[[str, str | None], None]  # (target, None once served, or the error)
     readahead_kb: int
     cancelled: threading.Event
@@ -308,19 +354,15 @@ class SidecarLauncher:
     mount serves. Once handed over, the plugin keeps no fd and no child for the volume.
     """
 
-    def __init__(self, kubelet_root: str, cache_dir: str | None, broker_dir: str | None = None,
-                 pod_wait: float = 5.0, ready_timeout: float = 60.0, handover_timeout: float = 600.0,
-                 poll: float = 0.1) -> None:
+    def __init__(self, kubelet_root: str, pod_wait: float = 5.0, ready_timeout: float = 60.0,
+                 handover_timeout: float = 600.0, poll: float = 0.1) -> None:
         self.kubelet_root = kubelet_root
-        self.cache_dir = cache_dir
-        self.broker_dir = broker_dir
         self.pod_wait = pod_wait
         self.ready_timeout = ready_timeout
         self.handover_timeout = handover_timeout
         self.poll = poll
         self._lock = threading.Lock()
         self._pending: dict[str, _PendingHandOver] = {}
-        self._pod_locks: dict[str, threading.Lock] = {}
 
     def pod_dir(self, pod_uid: str) -> str:
         return os.path.join(self.kubelet_root, "pods", pod_uid, "volumes", "kubernetes.io~empty-dir", EMPTY_DIR_NAME)
@@ -337,16 +379,17 @@ class SidecarLauncher:
 
     # -- publish -----------------------------------------------------------------------------
     def publish(self, target: str, name: str, pod_uid: str, config: MountConfig, fuse_fd: int,
-                on_done: Callable[[str, str | None], None], readahead_kb: int = 0) -> bool:
-        """Hand ``fuse_fd`` over now (True: the mount serves) or as soon as the sidecar listens
-        (False: pending; ``on_done`` tells the outcome later). The caller keeps and closes its fd."""
+                grant: socket.socket, on_done: Callable[[str, str | None], None], readahead_kb: int = 0) -> bool:
+        """Hand ``fuse_fd`` and the ``grant`` connection over now (True: the mount serves) or as
+        soon as the sidecar listens (False: pending; ``on_done`` tells the outcome later). The
+        caller keeps and closes its fd; the grant connection is ours from here on."""
         sock = self._connect(pod_uid, self.ready_timeout)
         if sock is not None:
-            with sock:
-                self._hand_over(sock, name, pod_uid, config, fuse_fd)
+            with sock, grant:
+                self._hand_over(sock, name, config, fuse_fd, grant)
             _raise_readahead_soon(target, readahead_kb)
             return True
-        pending = _PendingHandOver(target, name, pod_uid, config, os.dup(fuse_fd), on_done, readahead_kb,
+        pending = _PendingHandOver(target, name, pod_uid, config, os.dup(fuse_fd), grant, on_done, readahead_kb,
                                    threading.Event())
         with self._lock:
             self._pending[target] = pending
@@ -374,7 +417,7 @@ class SidecarLauncher:
                 if sock is not None:
                     with sock:
                         try:
-                            self._hand_over(sock, p.name, p.pod_uid, p.config, p.fuse_fd)
+                            self._hand_over(sock, p.name, p.config, p.fuse_fd, p.grant)
                         except (ServerStartError, handoff.ProtocolError, OSError) as exc:
                             error = str(exc)
                     break
@@ -385,6 +428,7 @@ class SidecarLauncher:
                 p.cancelled.wait(self.poll)
         finally:
             os.close(p.fuse_fd)  # handed over, or given up: a mount nobody serves fails with ENOTCONN
+            p.grant.close()
         with self._lock:
             if p.cancelled.is_set() or self._pending.get(p.target) is not p:
                 return
@@ -416,25 +460,14 @@ class SidecarLauncher:
             os.close(dirfd)
         return sock
 
-    def _hand_over(self, sock: socket.socket, name: str, pod_uid: str, config: MountConfig, fuse_fd: int) -> None:
+    def _hand_over(self, sock: socket.socket, name: str, config: MountConfig, fuse_fd: int,
+                   grant: socket.socket) -> None:
         """Send one volume and wait for the sidecar's word; ServerStartError unless it serves."""
         try:
-            pod_side_dir = handoff.receive_hello(sock)
+            handoff.receive_hello(sock)
         except (OSError, handoff.ProtocolError) as exc:
             raise ServerStartError(f"the pod's objfs sidecar did not greet: {exc}") from None
-        cache_fd = broker_fd = None
-        cache_path = ""
-        try:
-            if config.cache_dir:
-                cache_path = self._mount_cache(sock, pod_uid, pod_side_dir, config.cache_dir)
-                cache_fd = os.open(config.cache_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            if self.broker_dir and os.path.isdir(self.broker_dir):
-                broker_fd = os.open(self.broker_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            handoff.send_volume(sock, handoff.VolumeHandOver(name, config, fuse_fd, cache_fd, broker_fd, cache_path))
-        finally:
-            for fd in (cache_fd, broker_fd):
-                if fd is not None:
-                    os.close(fd)
+        handoff.send_volume(sock, handoff.VolumeHandOver(name, config, fuse_fd, grant.fileno()))
         status = handoff.read_status(sock.fileno(), self.ready_timeout)
         if status == handoff.READY:
             return
@@ -442,28 +475,21 @@ class SidecarLauncher:
             raise ServerStartError(f"the pod's objfs sidecar did not report ready within {self.ready_timeout:.0f}s")
         raise ServerStartError(handoff.error_message(status) or "the pod's objfs sidecar hung up without a word")
 
-    def _mount_cache(self, sock: socket.socket, pod_uid: str, pod_side_dir: str, cache_dir: str) -> str:
-        """Mount the node cache at ``<emptyDir>/cache`` inside the sidecar's mount namespace only
-        (kubelet never sees it there, so its clean-up of the emptyDir cannot reach the cache).
-        The server could reach the files through the fd alone, but not SQLite: it resolves
-        /proc/self/fd/N to the plugin's path, which does not exist in the pod. "" if impossible."""
-        pidfd = kernel.peer_pidfd(sock)
-        if pidfd is None:
-            log.warning("pod %s: no pidfd of its sidecar (kernel < 6.5?): its servers read without the node cache",
-                        pod_uid)
-            return ""
-        target = os.path.join(pod_side_dir, "cache")
-        with self._lock:
-            pod_lock = self._pod_locks.setdefault(pod_uid, threading.Lock())
-        try:
-            with pod_lock:  # two volumes of one pod must not stack two mounts
-                kernel.bind_into_namespace(pidfd, cache_dir, target)
-        except (OSError, subprocess.SubprocessError) as exc:
-            log.warning("pod %s: cannot mount the node cache in its sidecar (%s): reading without it", pod_uid, exc)
-            return ""
-        finally:
-            os.close(pidfd)
-        return target
+    def regrant(self, pod_uid: str, name: str, grant: socket.socket) -> bool:
+        """Hand the volume's server in the pod its next grant connection (a restarted plugin)."""
+        sock = self._connect(pod_uid, 5.0)
+        if sock is None:
+            return False
+        with sock:
+            try:
+                handoff.receive_hello(sock)
+                handoff.send_regrant(sock, name, grant.fileno())
+                answer = sock.recv(4096).decode(errors="replace").strip()
+            except (OSError, handoff.ProtocolError) as exc:
+                answer = str(exc)
+        if answer != handoff.OK:
+            log.warning("the sidecar of pod %s did not take the new grant of %s: %s", pod_uid, name, answer)
+        return answer == handoff.OK
 
     # -- status ------------------------------------------------------------------------------
     def status(self, pod_uid: str, name: str, timeout: float = 5.0) -> str:
@@ -479,9 +505,6 @@ class SidecarLauncher:
             except (OSError, handoff.ProtocolError):
                 return NO_SIDECAR
 
-    def forget_pod(self, pod_uid: str) -> None:
-        with self._lock:
-            self._pod_locks.pop(pod_uid, None)
 
 
 def _raise_readahead_soon(target: str, kb: int) -> None:

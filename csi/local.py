@@ -78,9 +78,12 @@ class PluginDirs:
         self.cache = self.cache or os.path.join(self.root, "cache")
 
     def argv(self, node_id: str, mode: str = "all") -> list[str]:
-        uid = str(server_uid())
+        uid = server_uid()
+        data = 65532 if uid else 0  # the data service's own uid wherever the servers' is not root
         return ["--endpoint", f"unix://{self.socket}", "--node-id", node_id, "--mode", mode,
-                "--state-dir", self.state, "--cache-dir", self.cache, "--server-uid", uid, "--server-gid", uid]
+                "--state-dir", self.state, "--cache-dir", self.cache, "--server-uid", str(uid), "--server-gid",
+                str(uid), "--data-uid", str(data), "--data-gid", str(data),
+                "--grant-key-file", os.path.join(self.root, "run", "grants.key")]
 
 
 @dataclass

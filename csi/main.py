@@ -22,12 +22,12 @@ from fusefs import errors as store_errors
 from fusefs.config import ConfigError, parse_size
 
 from . import broker as passthrough_broker
-from . import metrics, podexit, webhook
+from . import dataservice, metrics, podexit, webhook
 from . import params as P
 from .controller import ControllerService
 from .errors import CsiError, from_store_error
 from .identity import DRIVER_NAME, IdentityService
-from .launcher import ProcessLauncher, SidecarLauncher
+from .launcher import ProcessLauncher, SidecarLauncher, default_server_command
 from .node import NodeService
 from .state import StateStore
 from .v1 import csi_pb2_grpc
@@ -116,6 +116,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--server-uid", type=int, default=65534, help="uid of the objfs serve processes")
     ap.add_argument("--server-gid", type=int, default=65534, help="gid of the objfs serve processes")
     ap.add_argument("--server-command", default=None, help="command that runs objfs (default: the installed one)")
+    ap.add_argument("--data-uid", type=int, default=65532,
+                    help="uid of the node's data service: owner of the node cache, the only holder of volumes' "
+                         "credentials (never the servers' uid)")
+    ap.add_argument("--data-gid", type=int, default=65532, help="gid of the node's data service")
+    ap.add_argument("--grant-key-file", default="/run/objfs/grants.key",
+                    help="key that encrypts the credentials in the plugin's grant records; keep it on tmpfs "
+                         "(made if missing)")
     ap.add_argument("--no-zygote", action="store_true",
                     help="start every objfs serve as a fresh process instead of forking it from a pre-imported "
                          "objfs zygote (slower publishes; for debugging)")
@@ -168,14 +175,6 @@ def socket_path(endpoint: str) -> str:
     return path
 
 
-def prepare_cache_dir(path: str, uid: int, gid: int) -> None:
-    """Shared by every server on the node: owned by the server uid, private to it."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    if os.geteuid() == 0:
-        os.chown(path, uid, gid)
-    os.chmod(path, 0o700)
-
-
 def build_server(args: argparse.Namespace) -> tuple[grpc.Server, NodeService | None]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="csi"),
                          interceptors=[LoggingInterceptor()])
@@ -185,7 +184,9 @@ def build_server(args: argparse.Namespace) -> tuple[grpc.Server, NodeService | N
     node = None
     warmed = None
     if args.mode in ("all", "node"):
-        prepare_cache_dir(args.cache_dir, args.server_uid, args.server_gid)
+        if args.data_uid == args.server_uid and args.server_uid != 0:
+            raise SystemExit("--data-uid must differ from --server-uid: the servers are the tenants'")
+        dataservice.prepare_cache(args.cache_dir, args.data_uid, args.data_gid)
         state = StateStore(args.state_dir)
         launcher: ProcessLauncher | None = None
         if args.launcher == "process" or args.allow_process_fallback:
@@ -197,12 +198,22 @@ def build_server(args: argparse.Namespace) -> tuple[grpc.Server, NodeService | N
             threading.Thread(target=launcher.warm_up, name="zygote-warm-up", daemon=True).start()
             warmed = launcher.warmed
         sidecars = None
-        broker = os.path.join(args.state_dir, "broker")
-        # Registers servers' complete node-cache files as FUSE passthrough backing files (they lack
-        # CAP_SYS_ADMIN); process servers get its path, sidecars a directory fd of it.
-        args.broker = passthrough_broker.start(broker, args.cache_dir, args.server_uid)
+        # The data service registers complete node-cache files as FUSE passthrough backing files
+        # through the broker (it lacks CAP_SYS_ADMIN), opened through a read-only mount of the
+        # cache so that no open flags a server answers with can make the kernel write them.
+        args.broker = None
+        mirror = dataservice.readonly_mirror(args.cache_dir, os.path.join(args.state_dir, "cache-ro")) \
+            if args.cache_size > 0 else None
+        if mirror is not None:
+            args.broker = passthrough_broker.start(os.path.join(args.state_dir, "broker"), mirror, args.data_uid)
+        objfs = shlex.split(args.server_command) if args.server_command else default_server_command()
+        args.data = dataservice.DataService(
+            dataservice.command_for(args.data_uid, args.data_gid, objfs), args.cache_dir, args.cache_size,
+            backing_root=mirror if args.broker is not None else None,
+            broker_socket=args.broker.path if args.broker is not None else "",
+            log_path=os.path.join(args.state_dir, "data-service.log"))
         if args.launcher == "sidecar":
-            sidecars = SidecarLauncher(args.kubelet_root, args.cache_dir, broker_dir=broker, pod_wait=args.sidecar_wait,
+            sidecars = SidecarLauncher(args.kubelet_root, pod_wait=args.sidecar_wait,
                                        handover_timeout=args.handover_timeout)
         inline = P.InlinePolicy.from_flags(args.allow_inline_node_identity, args.inline_buckets,
                                            args.inline_endpoints)
@@ -210,9 +221,10 @@ def build_server(args: argparse.Namespace) -> tuple[grpc.Server, NodeService | N
             log.warning("--allow-inline-node-identity with --inline-buckets '*': any pod can mount any bucket "
                         "this node's cloud identity can read")
         metrics_dir = metrics.prepare_metrics_dir(args.state_dir, args.server_uid, args.server_gid)
-        node = NodeService(args.node_id, state, launcher, args.cache_dir, sidecars, inline=inline,
-                           stats_timeout=args.stats_timeout, metrics_dir=metrics_dir, cache_size=args.cache_size,
-                           broker_socket=args.broker.path if args.broker is not None else "")
+        node = NodeService(args.node_id, state, launcher, args.cache_dir, sidecars, data=args.data,
+                           grants=dataservice.GrantRecords(args.state_dir, args.grant_key_file), inline=inline,
+                           stats_timeout=args.stats_timeout, metrics_dir=metrics_dir, cache_size=args.cache_size)
+        args.data.watch(node.regrant_all)
         if sidecars is not None:
             args.exit_watcher = podexit.start_watcher(args, node.sidecar_pods, sidecars.pod_dir)
         csi_pb2_grpc.add_NodeServicer_to_server(node, server)
@@ -266,6 +278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     stop.wait()
     server.stop(grace=5).wait()
+    data = getattr(args, "data", None)
+    if data is not None:
+        data.close()  # mounts keep being served: their servers wait for the next plugin's grants
     return 0
 
 

@@ -1,11 +1,14 @@
 """CSI Node service: mount the target, have it served, and undo both.
 
-The plugin itself does only the privileged part (open /dev/fuse, mount(2), umount(2)); the
-server that talks to the store runs unprivileged (see ``launcher``): in the consuming pod's
-``objfs sidecar`` (``--launcher sidecar``) or as an ``objfs serve`` the plugin starts
-(``--launcher process``, and the fallback for pods without a sidecar). Every publish is recorded
-on disk (see ``state``) before anything is mounted, so a restarted plugin can finish or undo a
-half-done publish and unpublish what an earlier one published.
+The plugin itself does only the privileged part (open /dev/fuse, mount(2), umount(2)); the FUSE
+server runs unprivileged (see ``launcher``): in the consuming pod's ``objfs sidecar``
+(``--launcher sidecar``) or as an ``objfs serve`` the plugin starts (``--launcher process``, and
+the fallback for pods without a sidecar). Either gets its volume's data only through a grant
+connection to the node's data service (``dataservice``): the credentials and the node cache never
+leave the node's side (../shared/DESIGN.md, "Trust boundary"). Every publish is recorded on disk
+(see ``state``) before anything is mounted, so a restarted plugin can finish or undo a half-done
+publish, unpublish what an earlier one published, and hand every live server a new grant
+connection (grants are recorded with their credentials encrypted: ``dataservice.GrantRecords``).
 
 A FUSE mount whose server died blocks or fails any stat of it: the target is never stat-ed
 before mountinfo says what it is, and the only stat of a live mount (statvfs for the volume
@@ -22,16 +25,19 @@ import json
 import logging
 import os
 import re
+import socket
 from collections.abc import Mapping
 
 import grpc
 
 from fusefs import handoff, kernel
-from fusefs.config import DEFAULT_CACHE_SIZE, MountConfig
+from fusefs.config import DEFAULT_CACHE_SIZE, Credentials, MountConfig
+from fusefs.wire.control import ControlError
 
 from . import metrics
 from . import params as P
 from . import volume_id as V
+from .dataservice import DataService, GrantRecords
 from .errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument, NotFound
 from .launcher import (
     NO_SIDECAR,
@@ -70,14 +76,21 @@ def no_sidecar_message(context: Mapping[str, str], pod_uid: str) -> str:
             "or run the node plugin with --allow-process-fallback to serve such pods from the plugin")
 
 
+def for_server(config: MountConfig) -> MountConfig:
+    """What the FUSE server (the tenant's) may know of a volume: no credential, no endpoint, no
+    node path. The rest of the config stays with the data service's grant."""
+    return dataclasses.replace(config, credentials=Credentials(), endpoint_url=None, region=None, cache_dir=None,
+                               broker_socket="")
+
+
 class NodeService(csi_pb2_grpc.NodeServicer):
     def __init__(self, node_id: str, state: StateStore, launcher: Launcher | None, cache_dir: str | None,
-                 sidecars: SidecarLauncher | None = None, *, inline: P.InlinePolicy | None = None,
-                 stats_timeout: float = STATFS_TIMEOUT, metrics_dir: str | None = None,
-                 cache_size: int = DEFAULT_CACHE_SIZE, broker_socket: str = "") -> None:
+                 sidecars: SidecarLauncher | None = None, *, data: DataService, grants: GrantRecords,
+                 inline: P.InlinePolicy | None = None, stats_timeout: float = STATFS_TIMEOUT,
+                 metrics_dir: str | None = None, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
         self.node_id = node_id
-        #: the passthrough broker's socket (csi/broker.py), "" when there is none
-        self.broker_socket = broker_socket
+        self.data = data  # the node's data service: every server's store and node cache
+        self.grants = grants
         self.cache_size = cache_size  # every server opens the shared node cache with this limit
         self.metrics_dir = metrics_dir  # servers write their figures here (csi.metrics)
         self.state = state
@@ -106,6 +119,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             mounted = kernel.find_mount(rec.target) is not None
             if alive and mounted:
                 log.info("adopting %s (volume %s, server pid %d)", rec.target, rec.volume_id, rec.pid)
+                self._regrant(rec)
                 continue
             log.warning("cleaning up %s: server %s, %s", rec.target, "alive" if alive else "dead",
                         "mounted" if mounted else "not mounted")
@@ -118,26 +132,49 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             return
         if rec.phase == SERVED:
             log.info("adopting %s (volume %s, served by the sidecar of pod %s)", rec.target, rec.volume_id, rec.pod_uid)
+            self._regrant(rec)
             return
         # PENDING: kubelet was told OK, and the fd died with the last plugin. Unless the sidecar
         # took it just before, no server ever had it: mount the target afresh and wait again.
         if self.sidecars is not None and self.sidecars.status(rec.pod_uid, rec.name) == handoff.SERVING:
             log.info("adopting %s: the sidecar took it just before the last plugin stopped", rec.target)
             self.state.put(dataclasses.replace(rec, phase=SERVED))
-            self.state.delete_pending_config(rec.target)
+            self._regrant(rec)
             return
-        config_json = self.state.pending_config(rec.target)
-        if self.sidecars is None or config_json is None or not os.path.isdir(self.sidecars.pod_dir(rec.pod_uid)):
-            why = "its pod is gone" if config_json is not None else "its mount config is lost"
+        config = self.grants.get(rec.target)
+        if self.sidecars is None or config is None or not os.path.isdir(self.sidecars.pod_dir(rec.pod_uid)):
+            why = "its pod is gone" if config is not None else "its grant record is lost"
             log.warning("cannot finish the hand-over of %s (%s): cleaning it up", rec.target, why)
             self._teardown(rec.target, rec, lazy=True)
             return
         log.warning("mounting %s afresh: its hand-over to the sidecar of pod %s was pending", rec.target, rec.pod_uid)
         self._unmount(rec.target, rec, lazy=True)
         try:
-            self._mount_for_sidecar(rec, MountConfig.from_json(config_json))
+            self._mount_for_sidecar(rec, config)
         except Exception as exc:  # one target must not keep the plugin from starting
             log.error("cannot mount %s afresh: %s", rec.target, exc)
+
+    def _regrant(self, rec: PublishRecord) -> bool:
+        """Hand a live server its next grant connection (the data service it had is gone)."""
+        config = self.grants.get(rec.target)
+        if config is None:
+            log.warning("%s: no grant record: its server's store requests fail until the pod restarts", rec.target)
+            return False
+        try:
+            conn = self.data.grant(rec.target, config)
+        except ControlError as exc:
+            log.error("%s: the data service refused its grant again: %s", rec.target, exc)
+            return False
+        with conn:
+            if rec.launcher == SIDECAR:
+                return self.sidecars is not None and self.sidecars.regrant(rec.pod_uid, rec.name, conn)
+            return self.launcher is not None and self.launcher.regrant(_server_name(rec.target), conn)
+
+    def regrant_all(self) -> None:
+        """Every live server gets a new grant connection (the data service was restarted)."""
+        for rec in self.state.all():
+            if rec.phase == SERVED:
+                self._regrant(rec)
 
     def sidecar_pods(self) -> list[PodRef]:
         """The pods whose sidecars this plugin hands volumes to (for ``podexit``)."""
@@ -167,8 +204,6 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             self.inline.check(p, config.credentials)
         fingerprint = _fingerprint(request.volume_id, mode, read_only, request.volume_context, config.redacted())
         config = self._with_metrics(config, request.volume_id, target, request.volume_context)
-        if config.cache_dir and self.broker_socket:  # not in the fingerprint: where, not what
-            config = dataclasses.replace(config, broker_socket=self.broker_socket)
 
         with self.locks.hold(target):
             rec = self.state.get(target)
@@ -269,20 +304,34 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             with contextlib.suppress(OSError):
                 os.rmdir(target)
 
+    def _grant(self, target: str, config: MountConfig) -> socket.socket:
+        """Record the grant (credentials encrypted) and open its first connection."""
+        self.grants.put(target, config)
+        try:
+            return self.data.grant(target, config)
+        except ControlError as exc:
+            self.grants.delete(target)
+            raise Internal(f"the node's data service cannot serve {config.source}: {exc}") from None
+
     def _mount_and_serve(self, target: str, config: MountConfig, rec: PublishRecord) -> ServerHandle:
         assert self.launcher is not None
         fd, created = self._mount_target(target, rec.read_only)
+        grant: socket.socket | None = None
         try:
+            grant = self._grant(target, config)
             kernel.set_readahead(target, config.tuning.readahead_kb)
-            return self.launcher.start(config, fd, _server_name(target))
+            return self.launcher.start(for_server(config), fd, _server_name(target), grant)
         except BaseException as e:
             self._undo_mount(target, created)
+            self._forget_grant(target)
             self.state.delete(target)
             if isinstance(e, ServerStartError):
                 raise Internal(f"objfs serve could not serve {config.source}: {e}") from None
             raise
         finally:
             os.close(fd)  # the server holds its copy; ours would keep a dead server's mount hanging
+            if grant is not None:
+                grant.close()  # likewise: the server holds its end of the grant connection
 
     def _metrics_file(self, target: str) -> str:
         return os.path.join(self.metrics_dir, _server_name(target) + ".prom") if self.metrics_dir else ""
@@ -299,14 +348,14 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         assert self.sidecars is not None
         fd, created = self._mount_target(rec.target, rec.read_only)
         try:
-            # Pending until the sidecar has it: a restarted plugin then needs the config to mount again.
-            self.state.put_pending_config(rec.target, config.to_json())
+            # Pending until the sidecar has it: a restarted plugin mounts it again from the grant record.
+            grant = self._grant(rec.target, config)
             self.state.put(dataclasses.replace(rec, phase=PENDING))
-            served = self.sidecars.publish(rec.target, rec.name, rec.pod_uid, config, fd, self._handed_over,
-                                           config.tuning.readahead_kb)
+            served = self.sidecars.publish(rec.target, rec.name, rec.pod_uid, for_server(config), fd, grant,
+                                           self._handed_over, config.tuning.readahead_kb)
         except BaseException as e:
             self._undo_mount(rec.target, created)
-            self.state.delete_pending_config(rec.target)
+            self._forget_grant(rec.target)
             self.state.delete(rec.target)
             if isinstance(e, ServerStartError):
                 raise Internal(f"the pod's objfs sidecar could not serve {config.source}: {e}") from None
@@ -320,7 +369,6 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     def _handed_over(self, target: str, error: str | None) -> None:
         """The outcome of a hand-over (called by the sidecar launcher; never for a cancelled one)."""
-        self.state.delete_pending_config(target)
         rec = self.state.get(target)
         if rec is None:
             return
@@ -328,6 +376,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             self.state.put(dataclasses.replace(rec, phase=SERVED, message=""))
         else:
             self.state.put(dataclasses.replace(rec, phase=FAILED, message=error))
+
+    def _forget_grant(self, target: str) -> None:
+        """The volume's grant is over: its connections closed, its record (and secret) gone."""
+        self.data.revoke(target)
+        self.grants.delete(target)
 
     # -- unpublish ---------------------------------------------------------------------------
     def NodeUnpublishVolume(self, request: csi_pb2.NodeUnpublishVolumeRequest, context: grpc.ServicerContext
@@ -365,10 +418,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 pass
             except OSError as e:
                 raise Internal(f"cannot remove {target}: {e.strerror}") from None
-        self.state.delete_pending_config(target)
+        self._forget_grant(target)
         # The files named after the target go before the record: a plugin killed in between must
         # not leave them behind, and a retried unpublish (no record left) still finds them by name.
-        for path in {self._metrics_file(target), self._log_path(target), rec.log_path if rec else ""}:
+        channel = self.launcher.channel_path(_server_name(target)) if isinstance(self.launcher, ProcessLauncher) else ""
+        for path in {self._metrics_file(target), self._log_path(target), rec.log_path if rec else "", channel}:
             if path:
                 with contextlib.suppress(OSError):
                     os.unlink(path)

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -55,42 +56,27 @@ class PublishRecord:
 class StateStore:
     def __init__(self, root: str) -> None:
         self.dir = os.path.join(root, "targets")
-        # Configs (secrets included) of hand-overs still waiting for their pod's sidecar: what a
-        # restarted plugin needs to mount such a target afresh (the fd died with the old plugin).
-        # Root-only, and deleted as soon as the sidecar has the volume.
-        self.pending_dir = os.path.join(root, "pending")
-        for d in (self.dir, self.pending_dir):
-            os.makedirs(d, mode=0o700, exist_ok=True)
-            os.chmod(d, 0o700)
-        os.chmod(root, 0o711)  # search only: the servers reach <root>/metrics; targets/ and pending/ stay 0700
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+        # search only: the servers reach <root>/metrics, the data service <root>/broker; the
+        # records (targets/, grants/) stay 0700
+        os.chmod(root, 0o711)
+        stale = os.path.join(root, "pending")  # an earlier version kept secrets there: never again
+        if os.path.isdir(stale):
+            shutil.rmtree(stale, ignore_errors=True)
 
     def remove_leftovers(self) -> None:
         """Delete temp files of writes an earlier life did not finish (only the plugin, at start)."""
-        for d in (self.dir, self.pending_dir):
-            for name in os.listdir(d):
-                if name.startswith(".tmp-"):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(os.path.join(d, name))
+        for name in os.listdir(self.dir):
+            if name.startswith(".tmp-"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.dir, name))
 
-    def _path(self, target: str, directory: str | None = None) -> str:
-        return os.path.join(directory or self.dir, hashlib.sha256(target.encode()).hexdigest()[:32] + ".json")
+    def _path(self, target: str) -> str:
+        return os.path.join(self.dir, hashlib.sha256(target.encode()).hexdigest()[:32] + ".json")
 
     def put(self, rec: PublishRecord) -> None:
         self._write(self._path(rec.target), json.dumps(dataclasses.asdict(rec), sort_keys=True).encode())
-
-    def put_pending_config(self, target: str, config_json: str) -> None:
-        self._write(self._path(target, self.pending_dir), config_json.encode())
-
-    def pending_config(self, target: str) -> str | None:
-        try:
-            with open(self._path(target, self.pending_dir)) as f:
-                return f.read()
-        except FileNotFoundError:
-            return None
-
-    def delete_pending_config(self, target: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._path(target, self.pending_dir))
 
     def _write(self, path: str, data: bytes) -> None:
         directory = os.path.dirname(path)

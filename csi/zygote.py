@@ -54,9 +54,9 @@ class Zygote:
         with self._lock:
             return self._ensure()
 
-    def start(self, fds: tuple[int, int, int, int]) -> int | None:
-        """Fork a server with (config read end, fuse fd, ready write end, log fd); its pid, or
-        None if there is no working zygote (nothing was started then)."""
+    def start(self, fds: tuple[int, int, int, int, int, int]) -> int | None:
+        """Fork a server with (config read end, fuse fd, ready write end, log fd, grant connection,
+        regrant socket); its pid, or None if there is no working zygote (nothing was started then)."""
         assert len(fds) == FDS_PER_SERVER
         with self._lock:
             if not self._ensure():

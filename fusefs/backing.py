@@ -3,9 +3,12 @@
 A read-only open of an object whose complete file is in the node cache (``fusefs.objects``) is
 answered with a backing id: the kernel then reads that local file itself, with its page cache
 shared by every mount on the node, and no READ reaches this server. Registering a backing file
-(ioctl FUSE_DEV_IOC_BACKING_OPEN on the /dev/fuse fd) needs CAP_SYS_ADMIN: a server running as root
-(``objfs mount``) does it itself; an unprivileged one asks the node plugin's broker
-(``MountConfig.broker_socket``, see ``csi/broker.py``), passing both fds.
+(ioctl FUSE_DEV_IOC_BACKING_OPEN on the /dev/fuse fd) needs CAP_SYS_ADMIN, and only the data
+service (``fusefs.service``) asks for it: in a standalone ``objfs mount`` as root it does it itself;
+the node's data service, unprivileged, asks the node plugin's broker (``csi/broker.py``) with the
+sidecar's /dev/fuse fd and an fd of the complete file opened through a read-only mount of the
+cache (the kernel reopens a backing file with the user's open flags: the read-only mount makes a
+write open fail, EROFS, whatever the pod's server answers).
 
 Needs the patched pyfuse3 (``native/``: ``FileInfo.backing_id``, the ``passthrough`` init option,
 ``passthrough_supported()``, ``fuse_fd()``) built against libfuse >= 3.17.3, a kernel >= 6.9 and
@@ -22,9 +25,6 @@ import struct
 from typing import Any, Protocol
 
 import pyfuse3
-import trio
-
-from . import metrics
 
 log = logging.getLogger(__name__)
 
@@ -68,24 +68,20 @@ def broker_registrar(socket_path: str) -> Registrar:
 
 
 def choose_registrar(broker_socket: str) -> tuple[Registrar | None, str]:
-    """Who registers backing files, or None with the reason."""
-    if not patched_pyfuse3():
-        return None, "this pyfuse3 has no passthrough API (needs the patched build against libfuse >= 3.17)"
+    """Who registers backing files for the data service, or None with the reason."""
     if broker_socket:
         return broker_registrar(broker_socket), f"backing files registered by the broker at {broker_socket}"
     if os.geteuid() != 0:
         return None, "not root and no broker socket configured"
-    return SelfRegistrar(), "backing files registered by this server (root)"
+    return SelfRegistrar(), "backing files registered by this process (root)"
 
 
 class Passthrough:
-    """Backing ids for one mount: registers complete cache files, closes ids no open uses."""
+    """The FUSE server's side of passthrough: whether INIT negotiated it. The backing files
+    themselves are registered by the data service (``fusefs.service``), never by this side."""
 
-    def __init__(self, registrar: Registrar, how: str) -> None:
-        self.registrar = registrar
+    def __init__(self, how: str) -> None:
         self.how = how
-        self.failed = 0
-        self._reported = False
         self._negotiated: bool | None = None
 
     def available(self) -> bool:
@@ -99,37 +95,15 @@ class Passthrough:
                             "reading through the server")
         return self._negotiated
 
-    def _fuse_fd(self) -> int:
+
+def fuse_fd() -> int | None:
+    """This process's mounted /dev/fuse fd once pyfuse3 is initialised (patched build), else None."""
+    if not patched_pyfuse3():
+        return None
+    try:
         return int(pyfuse3.fuse_fd())  # type: ignore[attr-defined]
-
-    def _register(self, path: str, size: int) -> int:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        try:
-            st = os.fstat(fd)
-            # a complete file is a regular, read-only file of the object's size (fusefs.objects)
-            if not (st.st_mode & 0o170000 == 0o100000 and st.st_size == size and not st.st_mode & 0o222):
-                raise OSError(errno.EINVAL, f"{path} is not a complete cache file")
-            return self.registrar.open(self._fuse_fd(), fd)
-        finally:
-            os.close(fd)  # the kernel holds its own reference from here on
-
-    async def register(self, path: str, size: int) -> int:
-        """A backing id for the complete file ``path``, or 0 (the open then goes through the server)."""
-        try:
-            return await trio.to_thread.run_sync(self._register, path, size)
-        except OSError as exc:
-            self.failed += 1
-            metrics.PASSTHROUGH_REFUSED.inc()
-            level = logging.DEBUG if self._reported else logging.WARNING
-            self._reported = True
-            log.log(level, "passthrough open of %s refused (%s); reading through the server", path, exc)
-            return 0
-
-    async def close(self, backing_id: int) -> None:
-        try:
-            await trio.to_thread.run_sync(self.registrar.close, self._fuse_fd(), backing_id)
-        except OSError as exc:
-            log.debug("closing backing id %d: %s", backing_id, exc)
+    except Exception:  # not initialised (yet)
+        return None
 
 
 def file_info(fh: int, backing_id: int, keep_cache: bool, direct_io: bool) -> Any:

@@ -16,6 +16,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -76,7 +77,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--fuse-fd", type=int)
     s.add_argument("--mountpoint", help="without --fuse-fd: mount here; with it: unmount here on SIGTERM")
     s.add_argument("--ready-fd", type=int)
+    s.add_argument("--grant-fd", type=int, help="a connection to the node's data service for this volume")
+    s.add_argument("--regrant-fd", type=int, help="where the node plugin hands over the next grant connection")
     s.add_argument("--debug", action="store_true")
+    ds = sub.add_parser("data-service", help="internal: the node's data service (started by objfs-csi)")
+    ds.add_argument("--control-fd", type=int, required=True)
+    ds.add_argument("--cache-dir", default="")
+    ds.add_argument("--cache-size", type=int, default=0)
+    ds.add_argument("--backing-root", default="", help="a read-only mount of --cache-dir")
+    ds.add_argument("--broker-socket", default="")
     z = sub.add_parser("zygote", help="internal: fork objfs serve processes on request (used by objfs-csi)")
     z.add_argument("--socket-fd", type=int, required=True)
     sc = sub.add_parser("sidecar", help="serve the objfs volumes of this pod, handed over by objfs-csi")
@@ -107,6 +116,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from . import sidecar
 
             return sidecar.run(args.dir)
+        if args.command == "data-service":
+            from .service import daemon
+
+            logging.getLogger().setLevel(os.environ.get("OBJFS_LOG_LEVEL", "INFO").upper())
+            return daemon.run(args)
         return cmd_serve(args)
     except (UsageError, ConfigError) as exc:
         print(f"objfs: {exc}", file=sys.stderr)
@@ -320,11 +334,13 @@ def cmd_unmount(path: str) -> int:
 
 # -- serve ------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    return serve(args.config_fd, args.fuse_fd, args.ready_fd, args.mountpoint)
+    return serve(args.config_fd, args.fuse_fd, args.ready_fd, args.mountpoint, args.grant_fd, args.regrant_fd)
 
 
-def serve(config_fd: int, fuse_fd: int | None, ready_fd: int | None, mountpoint_arg: str | None) -> int:
-    """``objfs serve``: also what a server forked by ``objfs zygote`` runs."""
+def serve(config_fd: int, fuse_fd: int | None, ready_fd: int | None, mountpoint_arg: str | None,
+          grant_fd: int | None = None, regrant_fd: int | None = None) -> int:
+    """``objfs serve``: also what a server forked by ``objfs zygote`` runs. With ``grant_fd``
+    the volume's data comes from the node's data service; the config then holds no secret."""
     status = handoff.StatusReporter(ready_fd)
     try:
         config = handoff.receive_config(config_fd)
@@ -341,8 +357,10 @@ def serve(config_fd: int, fuse_fd: int | None, ready_fd: int | None, mountpoint_
         return 2
     from .mount import MountError, run
 
+    grant = socket.socket(fileno=grant_fd) if grant_fd is not None else None
+    regrant = socket.socket(fileno=regrant_fd) if regrant_fd is not None else None
     try:
-        run(config, mountpoint, status.ready, unmount_target)
+        run(config, mountpoint, status.ready, unmount_target, grant, regrant)
     except MountError as exc:
         status.error(str(exc))
         print(f"objfs serve: {exc}", file=sys.stderr)

@@ -106,3 +106,9 @@ def errno_of(exc: BaseException) -> int:
     if not code or code in _RETRY_ERRNOS:
         return errno.EIO
     return code
+
+
+def first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first exception that is not a group, however deep."""
+    first = group.exceptions[0]
+    return first_leaf(first) if isinstance(first, BaseExceptionGroup) else first

@@ -6,7 +6,8 @@ waits on a second pipe for one line from the server: ``ready`` once the store an
 FUSE loop is about to serve, or ``error: <message>`` before it exits non-zero.
 
 The second half is the hand-over between the CSI node plugin and ``objfs sidecar`` (the server
-that runs inside the consuming pod): see the comment above ``SIDECAR_SOCKET``.
+that runs inside the consuming pod): see the comment above ``SIDECAR_SOCKET``. What a pod receives
+there is worth no more than its own volume (../shared/DESIGN.md, "Trust boundary").
 """
 
 from __future__ import annotations
@@ -109,21 +110,24 @@ class StatusReporter:
 # connection the sidecar first sends a hello (JSON ``{"dir": DIR}``: where the emptyDir is in the
 # pod's own mount namespace), then the plugin sends one request:
 #
-# - ``{"op": "serve", "name": N, "fds": ["fuse", "cache"?, "broker"?], "cache_path": P,
-#   "config": MountConfig}`` with those descriptors attached, in that order. The sidecar answers
-#   with one status line (``ready`` once the mount serves, ``error: <message>``), exactly as
-#   ``objfs serve`` does on its ready pipe;
+# - ``{"op": "serve", "name": N, "fds": ["fuse", "grant"], "config": MountConfig}`` with those
+#   descriptors attached, in that order: the mounted /dev/fuse and a connection to the node's data
+#   service for this volume's grant (``fusefs.wire.grant``). The config holds no secret, no
+#   endpoint and no node path: everything of value stays behind the grant connection. The sidecar
+#   answers with one status line (``ready`` once the mount serves, ``error: <message>``), exactly
+#   as ``objfs serve`` does on its ready pipe;
+# - ``{"op": "regrant", "name": N, "fds": ["grant"]}``: the volume's next grant connection (the node
+#   plugin restarted); answered ``ok`` once the volume's server has it, else ``error: ...``;
 # - ``{"op": "status", "name": N}``: the sidecar answers ``serving``, ``exited <status>`` or ``unknown``.
-#
-# The config carries the volume's secrets: it is never logged on either side.
 SIDECAR_SOCKET = "objfs.sock"
 #: written into DIR (by whoever knows the pod's main containers are done) to make a sidecar that
 #: kubelet does not stop by itself (not a native sidecar) drain its volumes and exit
 EXIT_FILE = "exit"
 MAX_MESSAGE = 1 << 20
-FD_ROLES = ("fuse", "cache", "broker")
+FD_ROLES = ("fuse", "grant")
 SERVING = "serving"
 UNKNOWN = "unknown"
+OK = "ok"
 
 
 class ProtocolError(Exception):
@@ -158,7 +162,7 @@ def _receive(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any], lis
             raise ProtocolError("the peer closed the connection")
         try:
             message = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ProtocolError("hand-over message is not JSON") from None
         if not isinstance(message, dict):
             raise ProtocolError("hand-over message is not a JSON object")
@@ -185,33 +189,37 @@ class VolumeHandOver:
     name: str
     config: MountConfig
     fuse_fd: int
-    cache_fd: int | None = None
-    broker_fd: int | None = None
-    cache_path: str = ""  # the node cache, mounted by the plugin inside the pod's mount namespace
+    grant_fd: int
 
     def close(self) -> None:
-        for fd in (self.fuse_fd, self.cache_fd, self.broker_fd):
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+        for fd in (self.fuse_fd, self.grant_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def send_volume(sock: socket.socket, volume: VolumeHandOver) -> None:
-    roles, fds = ["fuse"], [volume.fuse_fd]
-    for role, fd in (("cache", volume.cache_fd), ("broker", volume.broker_fd)):
-        if fd is not None:
-            roles.append(role)
-            fds.append(fd)
-    _send(sock, {"op": "serve", "name": volume.name, "fds": roles, "cache_path": volume.cache_path,
-                 "config": json.loads(volume.config.to_json())}, fds)
+    _send(sock, {"op": "serve", "name": volume.name, "fds": list(FD_ROLES),
+                 "config": json.loads(volume.config.to_json())}, [volume.fuse_fd, volume.grant_fd])
+
+
+def send_regrant(sock: socket.socket, name: str, grant_fd: int) -> None:
+    _send(sock, {"op": "regrant", "name": name, "fds": ["grant"]}, [grant_fd])
 
 
 def send_status_request(sock: socket.socket, name: str) -> None:
     _send(sock, {"op": "status", "name": name})
 
 
-def receive_request(sock: socket.socket) -> tuple[str, str, VolumeHandOver | None]:
-    """(op, volume name, the volume for ``serve``). ProtocolError if malformed (fds closed)."""
+@dataclass
+class Request:
+    op: str  # "serve", "regrant" or "status"
+    name: str
+    volume: VolumeHandOver | None = None  # serve
+    grant_fd: int | None = None  # regrant
+
+
+def receive_request(sock: socket.socket) -> Request:
+    """One request. ProtocolError if malformed (its descriptors closed)."""
     message, fds = _receive(sock, len(FD_ROLES))
     with _closed_on_error(fds):
         op, name = message.get("op"), message.get("name")
@@ -220,20 +228,20 @@ def receive_request(sock: socket.socket) -> tuple[str, str, VolumeHandOver | Non
         if op == "status":
             if fds:
                 raise ProtocolError("status request with descriptors")
-            return op, name, None
+            return Request(op, name)
+        if op == "regrant":
+            if message.get("fds") != ["grant"] or len(fds) != 1:
+                raise ProtocolError(f"regrant request for {name} must carry exactly one grant connection")
+            return Request(op, name, grant_fd=fds[0])
         if op != "serve":
             raise ProtocolError(f"unknown hand-over request {op!r}")
         roles = message.get("fds")
-        if not isinstance(roles, list) or len(roles) != len(fds) or not roles or roles[0] != "fuse" \
-                or len(set(roles)) != len(roles) or not set(roles) <= set(FD_ROLES):
-            raise ProtocolError(f"hand-over request for {name} carries descriptors {roles!r}, got {len(fds)}")
+        if roles != list(FD_ROLES) or len(fds) != len(FD_ROLES):
+            raise ProtocolError(f"hand-over request for {name} carries descriptors {roles!r}, got {len(fds)}: "
+                                "expected the FUSE fd and a grant connection (is the sidecar's image older "
+                                "than the node plugin's?)")
         try:
             config = MountConfig.from_json(json.dumps(message.get("config")))
         except (ValueError, TypeError) as exc:
             raise ProtocolError(f"mount config of {name} is invalid: {type(exc).__name__}") from None
-        by_role = dict(zip(roles, fds, strict=True))
-        cache_path = message.get("cache_path") or ""
-        if not isinstance(cache_path, str):
-            raise ProtocolError("cache_path must be a string")
-    return op, name, VolumeHandOver(name, config, by_role["fuse"], by_role.get("cache"), by_role.get("broker"),
-                                    cache_path)
+    return Request(op, name, VolumeHandOver(name, config, fds[0], fds[1]))

@@ -7,14 +7,13 @@ here talks to the network or parses untrusted data.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
 import os
 import socket
 import stat
-import subprocess
-import sys
 from dataclasses import dataclass
 
 MS_RDONLY = 1
@@ -66,6 +65,24 @@ def unmount(target: str, *, lazy: bool = False) -> None:
     if _libc.umount2(target.encode(), flags) != 0:
         e = ctypes.get_errno()
         raise OSError(e, f"unmount of {target} failed: {os.strerror(e)}")
+
+
+MS_REMOUNT = 32
+MS_BIND = 4096
+
+
+def bind_readonly(source: str, target: str) -> None:
+    """A read-only bind mount of ``source`` at ``target`` (root only): nothing opened through it
+    can be written, whatever the opener's credentials (EROFS)."""
+    if _libc.mount(source.encode(), target.encode(), None, MS_BIND, None) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"bind mount of {source} at {target} failed: {os.strerror(e)}")
+    flags = MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV
+    if _libc.mount(b"none", target.encode(), None, flags, None) != 0:
+        e = ctypes.get_errno()
+        with contextlib.suppress(OSError):
+            unmount(target, lazy=True)
+        raise OSError(e, f"making {target} read-only failed: {os.strerror(e)}")
 
 
 @dataclass(frozen=True)
@@ -135,15 +152,8 @@ def set_readahead(target: str, kb: int) -> bool:
         raise
 
 
-# -- a bind mount inside another process's mount namespace -------------------------------------
-AT_FDCWD = -100
-OPEN_TREE_CLONE = 1
-OPEN_TREE_CLOEXEC = os.O_CLOEXEC
-MOVE_MOUNT_F_EMPTY_PATH = 4
-CLONE_NEWNS = 0x00020000
+# -- the process at the other end of a unix socket ---------------------------------------------
 SO_PEERPIDFD = 77  # Linux >= 6.5: a pidfd of the peer, valid across PID namespaces
-_SYS_OPEN_TREE = 428
-_SYS_MOVE_MOUNT = 429
 
 
 def peer_pidfd(sock: socket.socket) -> int | None:
@@ -152,37 +162,3 @@ def peer_pidfd(sock: socket.socket) -> int | None:
         return int(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD))
     except OSError:
         return None
-
-
-def bind_into_namespace(pidfd: int, source: str, target: str, timeout: float = 30.0) -> None:
-    """Bind-mount ``source`` (a path here) onto ``target`` (a path in the mount namespace of the
-    process ``pidfd`` names), so that the mount exists there and nowhere else.
-
-    setns() of a mount namespace needs a single-threaded caller, so a small child process does it:
-    a clone of ``source`` (open_tree) is taken first, then attached inside (move_mount)."""
-    r = subprocess.run([sys.executable, "-I", "-S", "-c", _BIND_HELPER, str(pidfd), source, target],
-                       pass_fds=(pidfd,), capture_output=True, timeout=timeout, cwd="/", env={"PATH": os.defpath})
-    if r.returncode != 0:
-        raise OSError(errno.EIO, r.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["failed"])
-
-
-# The child of bind_into_namespace: a bare interpreter (-I -S) that imports nothing of ours, as it
-# runs on every hand-over: importing fusefs took 0.35-0.55 s of a publish here, this takes ~30 ms.
-_BIND_HELPER = f"""
-import ctypes, os, sys
-libc = ctypes.CDLL(None, use_errno=True)
-libc.syscall.restype = ctypes.c_long
-pidfd, source, target = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-def fail(what):
-    sys.exit(what + ": " + os.strerror(ctypes.get_errno()))
-tree = libc.syscall({_SYS_OPEN_TREE}, {AT_FDCWD}, source.encode(), {OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC})
-if tree < 0:
-    fail("open_tree " + source)
-if libc.setns(pidfd, {CLONE_NEWNS}) != 0:
-    fail("setns")
-os.makedirs(target, mode=0o755, exist_ok=True)
-here, there = os.fstat(tree), os.stat(target)
-if (here.st_dev, here.st_ino) != (there.st_dev, there.st_ino):  # else mounted by an earlier volume of the pod
-    if libc.syscall({_SYS_MOVE_MOUNT}, tree, b"", {AT_FDCWD}, target.encode(), {MOVE_MOUNT_F_EMPTY_PATH}) != 0:
-        fail("move_mount onto " + target)
-"""

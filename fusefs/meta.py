@@ -23,7 +23,8 @@ import trio
 
 from . import errors
 from .config import MountConfig
-from .store.base import AsyncStore, ObjectInfo
+from .service.api import DataClient
+from .store.base import ObjectInfo
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ class Node:
 
 
 class Meta:
-    def __init__(self, store: AsyncStore, config: MountConfig) -> None:
+    def __init__(self, store: DataClient, config: MountConfig) -> None:
         self.store = store
         self.config = config
         self.prefix = config.prefix

@@ -8,27 +8,38 @@ the filesystem is unmounted or SIGTERM/SIGINT arrive.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fnmatch
 import logging
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 import pyfuse3
 import trio
 
 from . import buffers, errors, kernel, metrics
-from .backing import Passthrough, choose_registrar
+from .backing import Passthrough, choose_registrar, fuse_fd, patched_pyfuse3
 from .config import MountConfig
+from .objects import tenant_of
 from .ops import Operations
-from .read import BlockCache
 from .retry import RetryPolicy
+from .service.api import DataClient
+from .service.local import LocalData
+from .service.scope import Scope
 from .store import AsyncStore, open_store
 from .store.base import ObjectInfo
+from .wire.grant import GrantClient
+from .wire.regrant import receive_grants
+
+if TYPE_CHECKING:
+    from .cache import NodeCache
 
 log = logging.getLogger(__name__)
 
@@ -82,18 +93,21 @@ def check_policy(config: MountConfig) -> RetryPolicy:
     return RetryPolicy(deadline=min(CHECK_DEADLINE, config.tuning.retry_deadline))
 
 
-async def check_store(store: AsyncStore, policy: RetryPolicy, limit: float = CHECK_TIMEOUT) -> None:
+async def check_store(store: AsyncStore | DataClient, policy: RetryPolicy, limit: float = CHECK_TIMEOUT) -> None:
     """Prove that the endpoint, bucket and credentials work (retried); MountError otherwise."""
     try:
         with trio.fail_after(limit):
-            await store.check_access(policy)
+            if isinstance(store, AsyncStore):
+                await store.check_access(policy)
+            else:
+                await store.check_access()  # the data service retries with its own policy
     except trio.TooSlowError:
         raise MountError(f"the store did not answer within {limit:.0f}s: check --endpoint-url") from None
     except errors.StoreError as exc:
         raise MountError(str(exc)) from None
 
 
-def open_cache(config: MountConfig) -> BlockCache | None:
+def open_cache(config: MountConfig) -> NodeCache | None:
     if not config.cache_dir or config.cache_size <= 0:
         return None
     try:
@@ -105,39 +119,57 @@ def open_cache(config: MountConfig) -> BlockCache | None:
         return None
 
 
-def passthrough_for(config: MountConfig, cache: BlockCache | None) -> Passthrough | None:
-    """FUSE passthrough for reads of complete node-cache files, when this build and privilege
-    allow it (fusefs.backing); otherwise None, said once in the log."""
-    if cache is None:
+def open_local_data(config: MountConfig, store: AsyncStore) -> LocalData:
+    """The data service in this process (a standalone mount: one trust domain), with the node
+    cache and, where this build and privilege allow it, passthrough registration."""
+    cache = open_cache(config)
+    registrar = None
+    if cache is not None and config.tuning.passthrough and patched_pyfuse3():
+        registrar, how = choose_registrar(config.broker_socket)
+        if registrar is None:
+            log.warning("FUSE passthrough off: %s; reading through the server", how)
+    return LocalData(store, Scope(config.bucket, config.prefix, config.read_only), config.tuning.block_size,
+                     cache=cache, tenant=tenant_of(config), registrar=registrar, fuse_fd=fuse_fd)
+
+
+def passthrough_for(config: MountConfig, data: DataClient) -> Passthrough | None:
+    """FUSE passthrough for reads of complete node-cache files, when this build, the data service
+    and privilege allow it; otherwise None, said once in the log."""
+    if not data.node_cache:
         return None
     if not config.tuning.passthrough:
         log.info("FUSE passthrough off: turned off in the configuration; reading through the server")
         return None
-    registrar, how = choose_registrar(config.broker_socket)
-    if registrar is None:
-        log.warning("FUSE passthrough off: %s; reading through the server", how)
+    if not patched_pyfuse3():
+        log.warning("FUSE passthrough off: this pyfuse3 has no passthrough API (needs the patched build "
+                    "against libfuse >= 3.17); reading through the server")
         return None
-    return Passthrough(registrar, how)
+    if not data.passthrough:
+        log.warning("FUSE passthrough off: the data service cannot register backing files; "
+                    "reading through the server")
+        return None
+    return Passthrough("backing files registered read-only by the data service")
 
 
-def _exporter(config: MountConfig, cache: BlockCache | None) -> metrics.MountExporter:
+def _exporter(config: MountConfig, cache: NodeCache | None) -> metrics.MountExporter:
     """This mount's figures (fusefs.metrics); MountError for an address that cannot be served."""
     try:
         exporter = metrics.for_mount(config.metrics_volume or config.source, config.metrics_pod,
                                      config.metrics_path, config.metrics_address)
     except ValueError as exc:
         raise MountError(str(exc)) from None
-    if hasattr(cache, "stats"):
+    if cache is not None:
         exporter.watch_cache(cache)
-    wanted = bool(config.cache_dir) and config.cache_size > 0
-    metrics.cache_disabled(wanted and not getattr(cache, "usable", False))
+        metrics.cache_disabled(not cache.usable)
+    else:
+        metrics.cache_disabled(bool(config.cache_dir) and config.cache_size > 0)
     exporter.write_quietly()  # before ready: the plugin may ask for the volume's condition at once
     return exporter
 
 
 async def _warm(ops: Operations, config: MountConfig) -> None:
     """Fetch objects matching the `prefetch` globs into the node cache, in the background."""
-    if not config.prefetch or ops.reader.cache is None:
+    if not config.prefetch or not ops.store.node_cache:
         return
     matches: list[ObjectInfo] = []
     token: str | None = None
@@ -191,39 +223,70 @@ async def _signals(cancel: trio.CancelScope, ops: Operations) -> None:
             return
 
 
-async def serve(
-    config: MountConfig,
-    mountpoint: str,
-    ready: Callable[[], None] | None = None,
-    unmount_target: str | None = None,
-) -> None:
-    """Serve ``config`` on ``mountpoint`` (a directory, or ``/dev/fd/N`` already mounted).
-
-    ``ready`` is called once the store answered and the loop is about to serve. ``unmount_target``
-    is the real mount point of a ``/dev/fd/N`` mount, unmounted (lazily) on a signal.
-    """
-    os.umask(0o077)
-    limit_malloc_retention()
+@contextlib.asynccontextmanager
+async def open_data(config: MountConfig, grant: socket.socket | None, fuse_fd_number: int | None
+                    ) -> AsyncIterator[tuple[DataClient, NodeCache | None]]:
+    """The mount's data: over its grant connection (a pod's server: the node's data service holds
+    the credentials and the cache), or served in this process (a standalone ``objfs mount``)."""
+    if grant is not None:
+        async with GrantClient(grant, fuse_fd_number) as client:
+            await check_store(client, check_policy(config))
+            yield client, None
+        return
     # Building a client may resolve credentials (a credential process, an identity endpoint): off the loop.
     blocking = await trio.to_thread.run_sync(open_store, config)
     store = AsyncStore(blocking, config.tuning.max_concurrent_requests,
                        RetryPolicy(deadline=config.tuning.retry_deadline))
     await check_store(store, check_policy(config))
-    cache = open_cache(config)
+    local = open_local_data(config, store)
+    try:
+        yield local, local.cache
+    finally:
+        if local.cache is not None:
+            await trio.to_thread.run_sync(local.cache.close)  # drains the cache's write queue
+
+
+async def serve(
+    config: MountConfig,
+    mountpoint: str,
+    ready: Callable[[], None] | None = None,
+    unmount_target: str | None = None,
+    grant: socket.socket | None = None,
+    regrant: socket.socket | None = None,
+) -> None:
+    """Serve ``config`` on ``mountpoint`` (a directory, or ``/dev/fd/N`` already mounted).
+
+    ``ready`` is called once the store answered and the loop is about to serve. ``unmount_target``
+    is the real mount point of a ``/dev/fd/N`` mount, unmounted (lazily) on a signal. ``grant``:
+    the connection to the node's data service for this volume (``fusefs.wire.grant``); ``regrant``:
+    where a restarted node plugin hands over the next one (``fusefs.wire.regrant``).
+    """
+    os.umask(0o077)
+    limit_malloc_retention()
+    fuse_fd_number = int(mountpoint[len("/dev/fd/"):]) if mountpoint.startswith("/dev/fd/") else None
+    async with open_data(config, grant, fuse_fd_number) as (data, cache), trio.open_nursery() as nursery:
+        if regrant is not None and isinstance(data, GrantClient):
+            nursery.start_soon(receive_grants, regrant, data.replace)
+        await _serve_with(config, mountpoint, data, cache, ready, unmount_target)
+        nursery.cancel_scope.cancel()
+
+
+async def _serve_with(config: MountConfig, mountpoint: str, data: DataClient, cache: NodeCache | None,
+                      ready: Callable[[], None] | None, unmount_target: str | None) -> None:
     exporter = _exporter(config, cache)
     # Blocks dropped by the reader are reused for the next ones (fusefs.buffers): a few suffice,
     # as a stream drops a block for every block it fetches.
-    buffers.configure(config.tuning.block_size, keep=2)
+    buffers.configure(data.block_size, keep=2)
     staging = tempfile.mkdtemp(prefix="objfs-staging-")
     initialized = False
     signalled = False
     try:
         async with trio.open_nursery() as nursery:
-            ops = Operations(config, store, nursery, cache, staging)
+            ops = Operations(config, data, nursery, staging)
             exporter.watch_handles(lambda: len(ops._handles))
             nursery.start_soon(exporter.run)
             options = fuse_options(config)
-            ops.passthrough = passthrough_for(config, cache)
+            ops.passthrough = passthrough_for(config, data)
             if ops.passthrough is not None:
                 options.add("passthrough")
             pyfuse3.init(ops, mountpoint, options)
@@ -247,13 +310,17 @@ async def serve(
                 kernel.unmount(unmount_target, lazy=True)
             except OSError as exc:
                 log.info("unmount of %s: %s", unmount_target, exc)
-        close = getattr(cache, "close", None)
-        if close is not None:
-            await trio.to_thread.run_sync(close)  # drains the cache's write queue
         await trio.to_thread.run_sync(exporter.close)  # the last figures
         await trio.to_thread.run_sync(lambda: shutil.rmtree(staging, ignore_errors=True))
 
 
 def run(config: MountConfig, mountpoint: str, ready: Callable[[], None] | None = None,
-        unmount_target: str | None = None) -> None:
-    trio.run(serve, config, mountpoint, ready, unmount_target)
+        unmount_target: str | None = None, grant: socket.socket | None = None,
+        regrant: socket.socket | None = None) -> None:
+    try:
+        trio.run(serve, config, mountpoint, ready, unmount_target, grant, regrant)
+    except BaseExceptionGroup as group:  # the grant connection's nursery wraps what its body raised
+        mount_error = group.subgroup(MountError)
+        if mount_error is not None:
+            raise errors.first_leaf(mount_error) from None
+        raise

@@ -24,9 +24,9 @@ from . import errors, metrics
 from .backing import Passthrough, file_info
 from .config import MiB, MountConfig
 from .meta import Entry, Listing, Meta, Node, join, name_of, parent_of, valid_name
-from .objects import tenant_of
-from .read import BlockCache, BlockReader, Sequential
-from .store.base import AsyncStore, ObjectInfo
+from .read import BlockReader, Sequential
+from .service.api import DataClient
+from .store.base import ObjectInfo
 from .write import WriteHandle
 
 log = logging.getLogger(__name__)
@@ -134,9 +134,8 @@ class Operations(pyfuse3.Operations):
     def __init__(
         self,
         config: MountConfig,
-        store: AsyncStore,
+        store: DataClient,
         nursery: trio.Nursery,
-        cache: BlockCache | None = None,
         staging_dir: str = "/tmp",
     ) -> None:
         super().__init__()
@@ -146,7 +145,7 @@ class Operations(pyfuse3.Operations):
         self.nursery = nursery
         self.staging_dir = staging_dir
         self.meta = Meta(store, config)
-        self.reader = BlockReader(store, config.tuning, cache, tenant_of(config))
+        self.reader = BlockReader(store, config.tuning)
         self.reader.start(nursery)
         self.small_file = min(SMALL_FILE, config.tuning.block_size)
         self._handles: dict[int, FileHandle | DirHandle] = {}
@@ -508,9 +507,7 @@ class Operations(pyfuse3.Operations):
     async def _passthrough_open(self, inode: int, pinned: ObjectInfo) -> int:
         """A backing id for a read-only open of ``pinned`` when its complete file is in the node
         cache and the inode's other opens allow it; else 0 (the server answers its reads)."""
-        cache = self.reader.cache
-        complete_file = getattr(cache, "complete_file", None)
-        if (self.passthrough is None or complete_file is None or pinned.size <= self.reader.block_size
+        if (self.passthrough is None or not self.store.node_cache or pinned.size <= self.reader.block_size
                 or not self.passthrough.available()):
             return 0
         io = self._io.setdefault(inode, _InodeIO())
@@ -527,10 +524,8 @@ class Operations(pyfuse3.Operations):
         io.registering = trio.Event()
         backing_id = 0
         try:
-            path = await trio.to_thread.run_sync(complete_file, self.reader.cache_key(pinned, 0).object_id())
-            if path is not None:
-                await self.reader.authorise(pinned)  # ambient credentials: this server may read it
-                backing_id = await self.passthrough.register(path, pinned.size)
+            # the data service registers its complete copy, if any, read-only on our connection
+            backing_id = await self.store.backing_open(pinned)
         finally:
             if not backing_id:
                 io.passthrough, io.version = 0, ""
@@ -656,8 +651,8 @@ class Operations(pyfuse3.Operations):
             if not io.passthrough:  # the kernel let go of the backing file with the last one
                 backing_id, io.backing_id, io.version = io.backing_id, 0, ""
                 self.meta.backed.pop(h.node.inode, None)
-                if self.passthrough is not None and backing_id:
-                    await self.passthrough.close(backing_id)
+                if backing_id:
+                    await self.store.backing_close(backing_id)
         if not io.cached and not io.passthrough:
             del self._io[h.node.inode]
 

@@ -3,9 +3,9 @@
 Object bytes are fetched in blocks of ``tuning.block_size`` (an object no larger than a block is
 one GET of the whole object), each GET pinned to the version seen at open: a changed object fails
 with ``ObjectChangedError`` (ESTALE) rather than returning bytes of two versions. A block is fetched
-once per server however many readers want it (single flight), through the node cache when one is
-configured (which makes it once per node), and kept in a memory LRU bounded in bytes
-(``memory_blocks * block_size``): that bound, not the file size, sets the server's RSS.
+once per server however many readers want it (single flight), through the data service
+(``fusefs.service``: the node cache, where there is one, makes it once per node), and kept in a
+memory LRU bounded in bytes (``memory_blocks * block_size``): that bound, not the file size, sets the server's RSS.
 
 Fetches run as tasks of the server's nursery, not of the FUSE request that asked first, so a
 request that goes away does not fail the other readers waiting on the same block.
@@ -15,36 +15,18 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 import trio
 
 from . import buffers, errors
 from .config import Tuning
-from .store.base import AsyncStore, ObjectInfo
+from .service.api import DataClient
+from .store.base import ObjectInfo
 
 log = logging.getLogger(__name__)
 
 BlockId = tuple[str, str, int]  # (key, version, index)
-
-
-class BlockCache(Protocol):
-    """What the reader needs of ``fusefs.cache.NodeCache``."""
-
-    async def get_or_fetch(
-        self, key: Any, fetch: Callable[[], Awaitable[bytes]], *, wait_for_space: bool = False
-    ) -> bytes: ...
-
-    def contains(self, key: Any) -> bool: ...
-
-
-def _block_key(store: str, info: ObjectInfo, index: int, block_size: int, tenant: str) -> Any:
-    from .cache import BlockKey  # the node cache module is optional until it is configured
-
-    return BlockKey(store=store, key=info.key, version=info.version, index=index, block_size=block_size,
-                    size=info.size, tenant=tenant)
 
 
 @dataclass
@@ -57,16 +39,12 @@ class _Flight:
 class BlockReader:
     """One per server: fetches, shares and remembers blocks of objects."""
 
-    def __init__(self, store: AsyncStore, tuning: Tuning, cache: BlockCache | None = None, tenant: str = "") -> None:
-        self.store = store
-        #: the node cache's namespace for this mount's credentials (``fusefs.cache.tenant_of``); ""
-        #: for ambient credentials, which share one namespace and prove access per object version
-        self.tenant = tenant
-        self._authorised: set[tuple[str, str]] = set()  # (key, version) this server fetched or proved
-        self._proving: dict[tuple[str, str], trio.Event] = {}
-        self.block_size = tuning.block_size
-        self.budget = max(1, tuning.memory_blocks) * tuning.block_size
-        self.cache = cache
+    def __init__(self, data: DataClient, tuning: Tuning) -> None:
+        #: blocks come from the data service (``fusefs.service``): through the node cache, where it
+        #: has one, and with the grant's credentials, neither of which this side holds
+        self.data = data
+        self.block_size = data.block_size
+        self.budget = max(1, tuning.memory_blocks) * data.block_size
         self._lru: OrderedDict[BlockId, bytes] = OrderedDict()
         self._lru_bytes = 0
         self._flights: dict[BlockId, _Flight] = {}
@@ -111,56 +89,13 @@ class BlockReader:
         return bid in self._lru or bid in self._flights
 
     # -- fetching -----------------------------------------------------------------------------
-    async def _from_store(self, info: ObjectInfo, index: int) -> bytes:
-        length = self._length(info.size, index)
-        data = await self.store.get_range(info.key, index * self.block_size, length, info.version)
-        if len(data) != length:
-            raise errors.ObjectChangedError(f"{info.key}: got {len(data)} bytes for a {length}-byte block",
-                                            key=info.key)
-        return data
-
-    def cache_key(self, info: ObjectInfo, index: int) -> Any:
-        return _block_key(self.store.identity, info, index, self.block_size, self.tenant)
-
     async def _fetch(self, info: ObjectInfo, index: int, warming: bool = False) -> bytes:
-        if self.cache is None:
-            return await self._from_store(info, index)
-
-        async def fetch() -> bytes:
-            data = await self._from_store(info, index)
-            self._authorised.add((info.key, info.version))  # our own GET of it answered
-            return data
-
-        data = await self.cache.get_or_fetch(self.cache_key(info, index), fetch, wait_for_space=warming)
-        if len(data) != self._length(info.size, index):  # never hand out a block of the wrong size
-            return await self._from_store(info, index)
-        await self.authorise(info)
-        return data
-
-    async def authorise(self, info: ObjectInfo) -> None:
-        """Before serving cached bytes of ``info`` under ambient credentials: one GET of its
-        first byte, pinned to the version, proves that this server's credentials may read it
-        (a listing shows an object to anyone allowed to list, not to read it). Once per object
-        version per server; with explicit credentials the tenant in the cache key does this."""
-        ident = (info.key, info.version)
-        while not self.tenant and ident not in self._authorised:
-            proving = self._proving.get(ident)
-            if proving is not None:
-                await proving.wait()  # someone else's proof, or failure (then try ourselves)
-                continue
-            self._proving[ident] = proving = trio.Event()
-            try:
-                if info.size:
-                    await self.store.get_range(info.key, 0, 1, info.version)
-                self._authorised.add(ident)
-            finally:
-                del self._proving[ident]
-                proving.set()
+        return await self.data.read_block(info, index, warming)
 
     async def warm(self, info: ObjectInfo, index: int) -> None:
         """Put a block into the node cache without keeping it in memory (the `prefetch` globs).
         Waits for room in the cache's write queue: warming should fill the cache, not outrun it."""
-        if self.cache is not None and (info.key, info.version, index) not in self._lru:
+        if self.data.node_cache and (info.key, info.version, index) not in self._lru:
             await self._fetch(info, index, warming=True)
 
     async def _run_flight(self, bid: BlockId, flight: _Flight, info: ObjectInfo, index: int) -> None:
@@ -210,17 +145,15 @@ class BlockReader:
 
     async def _on_node(self, info: ObjectInfo, index: int) -> bool:
         """Whether the node cache holds the block (then it answers fast, and without a request)."""
-        if self.cache is None:
-            return False
-        return await trio.to_thread.run_sync(self.cache.contains, self.cache_key(info, index))
+        return self.data.node_cache and await self.data.on_node(info, index)
 
     async def _urgent(self, info: ObjectInfo, offset: int, end: int, index: int) -> bytes | memoryview:
         """A GET of just ``[offset, end)`` first, alone; the block's fetch starts once it answers.
         Started together, the block's GET (and the prefetch behind it) slows the small one on a
         busy store: measured here, first reads took 17-32 ms that way against ~9 ms alone."""
         try:
-            data: bytes | memoryview | None = await self.store.get_range(info.key, offset, end - offset,
-                                                                          info.version)
+            data: bytes | memoryview | None = await self.data.get_range(info.key, offset, end - offset,
+                                                                         info.version)
         except errors.StoreError:
             data = None  # the block's fetch answers, or raises the error (retried by its own policy)
         self._start(info, index)  # for the reads that follow

@@ -2,11 +2,13 @@
 
 The CSI node plugin mounts each objfs volume of the pod itself and hands the mounted /dev/fuse
 fd over to this process (``fusefs.handoff``, socket ``DIR/objfs.sock``), with the MountConfig
-(secrets included) and, for the node cache, a directory fd of it (the plugin also mounts the
-cache inside this pod's mount namespace at ``DIR/cache``: SQLite resolves ``/proc/self/fd/N`` to
-the plugin's path, which does not exist here). Every volume gets a child process forked from
-this one (imports done once, as in ``objfs zygote``), so one volume that fails takes no other
-with it. The FUSE servers' memory and CPU are the pod's, and they live and die with the pod: a
+(no secret, no endpoint, no node path) and one socket connected to the node's data service for
+this volume's grant (``fusefs.wire.grant``): every byte of the volume comes through it, and the
+node cache and the credentials stay on the node's side. This process is the tenant's (they can
+exec into it): it holds nothing worth more than the pod's own volumes. Every volume gets a child
+process forked from this one (imports done once, as in ``objfs zygote``), so one volume that fails
+takes no other with it. A restarted node plugin hands each child its next grant connection
+through here (``regrant``). The FUSE servers' memory and CPU are the pod's, and they live and die with the pod: a
 restart or upgrade of the node plugin touches none of them.
 
 Runs unprivileged (uid 65534, no capabilities, read-only root): it writes only under DIR
@@ -38,6 +40,7 @@ from typing import NoReturn
 
 from . import handoff
 from .config import MountConfig
+from .wire import regrant as regrant_wire
 from .zygote import run_child
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,7 @@ EXIT_FILE_POLL = 1.0  # seconds between looks for DIR/exit
 @dataclass
 class _Volume:
     pid: int
+    regrant: socket.socket  # our end of the child's channel for new grant connections
     status: int | None = None  # wait status once the server exited
 
 
@@ -161,18 +165,35 @@ class Sidecar:
     def _request(self, conn: socket.socket) -> None:
         self.sel.unregister(conn)
         try:
-            op, name, volume = handoff.receive_request(conn)
+            request = handoff.receive_request(conn)
         except (handoff.ProtocolError, OSError) as exc:
             with contextlib.suppress(OSError):
                 conn.send(f"{handoff.ERROR_PREFIX} {exc}".encode())
             conn.close()
             return
-        if op == "status" or volume is None:
-            with contextlib.suppress(OSError):
-                conn.send(self._status(name).encode())
-            conn.close()
+        if request.volume is not None:
+            self._serve(conn, request.volume)
             return
-        self._serve(conn, volume)
+        answer = self._status(request.name)
+        if request.grant_fd is not None:
+            answer = self._regrant(request.name, request.grant_fd)
+        with contextlib.suppress(OSError):
+            conn.send(answer.encode())
+        conn.close()
+
+    def _regrant(self, name: str, grant_fd: int) -> str:
+        """Forward a new grant connection to the volume's server."""
+        try:
+            vol = self.volumes.get(name)
+            if vol is None or vol.status is not None:
+                return f"{handoff.ERROR_PREFIX} volume {name} is not served here"
+            try:
+                socket.send_fds(vol.regrant, [regrant_wire.WORD], [grant_fd])
+            except OSError as exc:
+                return f"{handoff.ERROR_PREFIX} the server of volume {name} did not take it: {exc}"
+            return handoff.OK
+        finally:
+            os.close(grant_fd)
 
     def _status(self, name: str) -> str:
         vol = self.volumes.get(name)
@@ -192,23 +213,31 @@ class Sidecar:
                 conn.send(f"{handoff.ERROR_PREFIX} {refusal}".encode())
             conn.close()
             return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             pid = os.fork()
         except OSError as exc:
             volume.close()
+            ours.close()
+            theirs.close()
             with contextlib.suppress(OSError):
                 conn.send(f"{handoff.ERROR_PREFIX} fork failed: {exc.strerror}".encode())
             conn.close()
             return
         if pid == 0:
-            self._child(conn, volume)  # never returns
+            ours.close()
+            self._child(conn, volume, theirs)  # never returns
+        theirs.close()
         volume.close()
         conn.close()
-        self.volumes[volume.name] = _Volume(pid)
+        earlier = self.volumes.get(volume.name)
+        if earlier is not None:
+            earlier.regrant.close()
+        self.volumes[volume.name] = _Volume(pid, ours)
         log.warning("volume %s (%s): server %d started", volume.name, volume.config.source, pid)
 
     # -- a child: one volume -----------------------------------------------------------------
-    def _child(self, conn: socket.socket, volume: handoff.VolumeHandOver) -> NoReturn:
+    def _child(self, conn: socket.socket, volume: handoff.VolumeHandOver, regrant: socket.socket) -> NoReturn:
         def body() -> int:
             signal.set_wakeup_fd(-1)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
@@ -217,33 +246,29 @@ class Sidecar:
             for sock in (self.listener, self._wake_r, self._wake_w):
                 if sock is not None:
                     sock.close()
+            for other in self.volumes.values():
+                other.regrant.close()  # the other volumes' channels are not this child's business
             random.seed()  # every child would otherwise draw the same retry jitter
-            return serve_volume(self.dir, volume, conn.detach())
+            return serve_volume(self.dir, volume, conn.detach(), regrant)
 
         run_child(body)
 
 
 def server_config(directory: str, volume: handoff.VolumeHandOver) -> MountConfig:
-    """The config as this pod's server uses it: the cache, broker and metrics at paths valid here."""
-    config = volume.config
-    cache_dir = None
-    if config.cache_dir:
-        if volume.cache_path:
-            cache_dir = volume.cache_path
-        elif volume.cache_fd is not None:
-            cache_dir = f"/proc/self/fd/{volume.cache_fd}"
-    broker = f"/proc/self/fd/{volume.broker_fd}/broker.sock" if volume.broker_fd is not None else ""
+    """The config as this pod's server uses it: its figures written into the pod's directory."""
     metrics = os.path.join(directory, "metrics", f"{volume.name}.prom")
-    return dataclasses.replace(config, cache_dir=cache_dir, broker_socket=broker, metrics_path=metrics)
+    return dataclasses.replace(volume.config, metrics_path=metrics)
 
 
-def serve_volume(directory: str, volume: handoff.VolumeHandOver, status_fd: int) -> int:
+def serve_volume(directory: str, volume: handoff.VolumeHandOver, status_fd: int, regrant: socket.socket) -> int:
     """Serve one handed-over volume until it is unmounted or told to stop; report on ``status_fd``."""
     from .mount import MountError, run
 
     status = handoff.StatusReporter(status_fd)
+    grant = socket.socket(fileno=volume.grant_fd)
     try:
-        run(server_config(directory, volume), f"/dev/fd/{volume.fuse_fd}", status.ready)
+        run(server_config(directory, volume), f"/dev/fd/{volume.fuse_fd}", status.ready, grant=grant,
+            regrant=regrant)
     except MountError as exc:
         status.error(str(exc))
         print(f"objfs sidecar: volume {volume.name}: {exc}", file=sys.stderr)

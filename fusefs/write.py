@@ -48,7 +48,8 @@ import trio
 
 from . import directio, errors, parts
 from .config import MiB, Tuning
-from .store.base import AsyncStore, MultipartUpload, ObjectInfo
+from .service.api import DataClient
+from .store.base import MultipartUpload, ObjectInfo
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -73,7 +74,7 @@ def _as_store_error(exc: Exception, key: str) -> errors.StoreError:
 class _Multipart:
     """One multipart upload with parts sent in the background under a bound on parts in flight."""
 
-    def __init__(self, store: AsyncStore, key: str, nursery: trio.Nursery, plan: parts.PartPlan,
+    def __init__(self, store: DataClient, key: str, nursery: trio.Nursery, plan: parts.PartPlan,
                  max_in_flight: int) -> None:
         self.store = store
         self.key = key
@@ -162,7 +163,7 @@ class WriteHandle:
 
     def __init__(
         self,
-        store: AsyncStore,
+        store: DataClient,
         key: str,
         tuning: Tuning,
         staging_dir: str,

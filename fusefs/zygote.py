@@ -9,14 +9,15 @@ copy-on-write.
 The launcher (the CSI node plugin) starts one zygote, already as the unprivileged server uid,
 and talks to it over a SOCK_SEQPACKET socket, one exchange per server:
 
-- request: ``start`` with four descriptors attached (SCM_RIGHTS): the config pipe's read end,
-  the mounted /dev/fuse, the ready pipe's write end and the server's log file;
+- request: ``start`` with six descriptors attached (SCM_RIGHTS): the config pipe's read end,
+  the mounted /dev/fuse, the ready pipe's write end, the server's log file, its grant connection
+  to the node's data service and the socket it takes the next one on (``fusefs.wire.regrant``);
 - reply: ``pid <n>``, or ``error <message>``.
 
 The child runs exactly what ``objfs serve --config-fd --fuse-fd --ready-fd`` runs, so the
-hand-off protocol (``fusefs.handoff``) is unchanged: the config, secrets included, still travels
-over a pipe, never through the zygote's messages. The child starts its own session, so servers
-outlive the zygote and the plugin. The zygote exits when the launcher's end closes.
+hand-off protocol (``fusefs.handoff``) is unchanged: the config travels over a pipe, never through
+the zygote's messages (it holds no secret: those stay with the data service). The child starts
+its own session, so servers outlive the zygote and the plugin. The zygote exits when the launcher's end closes.
 
 The zygote must stay single-threaded: fork() copies only the calling thread, and a lock held by
 another thread at that moment would stay held in the child forever.
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 START = b"start"
 READY = b"ready"
-FDS_PER_SERVER = 4
+FDS_PER_SERVER = 6
 MAX_MESSAGE = 4096
 
 
@@ -102,7 +103,7 @@ def _child(sock: socket.socket, fds: list[int]) -> NoReturn:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.setsid()
         random.seed()  # every child would otherwise draw the same retry jitter
-        config_fd, fuse_fd, ready_fd, log_fd = fds
+        config_fd, fuse_fd, ready_fd, log_fd, grant_fd, regrant_fd = fds
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.close(devnull)
@@ -111,7 +112,7 @@ def _child(sock: socket.socket, fds: list[int]) -> NoReturn:
         os.close(log_fd)
         from .cli import serve
 
-        return serve(config_fd, fuse_fd, ready_fd, None)
+        return serve(config_fd, fuse_fd, ready_fd, None, grant_fd, regrant_fd)
 
     run_child(body)
 

@@ -16,6 +16,8 @@ import signal
 import sqlite3
 import tempfile
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from collections.abc import Iterator
 
 import pytest
@@ -41,7 +43,8 @@ def dirs() -> Iterator[PluginDirs]:
     for rec in StateStore(d.state).all():
         with contextlib.suppress(ProcessLookupError):
             os.kill(rec.pid, signal.SIGKILL)
-    shutil.rmtree(root, ignore_errors=True)
+    if not os.environ.get("OBJFS_KEEP_TEST_DIRS"):
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def publish(client: Client, dirs: PluginDirs, pv: str, volume_id: str, mode: int, context: dict[str, str],
@@ -98,19 +101,21 @@ def test_kubelet_shaped_lifecycle(s3_server: RcloneS3, bucket: str, dirs: Plugin
         with open(os.path.join(reader, "checkpoint.bin"), "rb") as f:
             assert f.read() == payload
 
-        # The plugin dies hard; the servers (own sessions) keep serving.
+        # The plugin dies hard, and the node's data service with it; the servers (own sessions) live
+        # on, and their reads wait for the next plugin's grant connections instead of failing.
         servers = [(r.pid, r.start_time) for r in StateStore(dirs.state).all()]
         assert len(servers) == 5
         client.close()
         plugin.kill(signal.SIGKILL)
-        for t in ro_targets:
-            assert read_mmap(os.path.join(t, "model.safetensors")) == weights
+        with ThreadPoolExecutor(len(ro_targets)) as pool:
+            reads = [pool.submit(read_mmap, os.path.join(t, "model.safetensors")) for t in ro_targets]
+            plugin = PluginProcess(dirs, node_id="node-1")  # adopts them, and hands them new grants
+            client = plugin.start()
+            assert all(r.result(timeout=120) == weights for r in reads)
         with open(os.path.join(reader, "checkpoint.bin"), "rb") as f:
             assert f.read() == payload
 
-        # A new plugin adopts them and unpublishes every one.
-        plugin = PluginProcess(dirs, node_id="node-1")
-        client = plugin.start()
+        # The new plugin unpublishes every one.
         for volume_id, target in published:
             client.node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=target))
         for _, target in published:
@@ -158,12 +163,13 @@ def test_sigterm_shuts_down_cleanly_and_keeps_mounts(s3_server: RcloneS3, bucket
     client.close()
     plugin.stop()
     assert plugin.proc is not None and plugin.proc.returncode == 0
-    with open(os.path.join(target, "f.txt"), "rb") as f:
-        assert f.read() == b"still here"
     with open(plugin.log_path) as f:
         assert s3_server.secret_key not in f.read()
-    plugin = PluginProcess(dirs, node_id="node-1")
-    client = plugin.start()
+    with ThreadPoolExecutor(1) as pool:  # the mount waits for the next plugin's data service
+        read = pool.submit(Path(target, "f.txt").read_bytes)
+        plugin = PluginProcess(dirs, node_id="node-1")
+        client = plugin.start()
+        assert read.result(timeout=120) == b"still here"
     try:
         client.node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id="static-t", target_path=target))
         assert kernel.find_mount(target) is None and not os.path.exists(target)

@@ -1,0 +1,68 @@
+"""``DataClient``: everything the filesystem layer (``fusefs.ops``, ``meta``, ``read``, ``write``)
+needs of its volume's data, whichever side serves it.
+
+Two implementations: ``fusefs.service.local.LocalData`` (the service in this process: a
+standalone ``objfs mount``, one trust domain) and ``fusefs.wire.grant.GrantClient`` (a pod's
+sidecar, talking to the node's data service over its grant connection). The filesystem cannot
+tell them apart: one code path for the data.
+
+Object keys are full keys in the bucket (the mount's prefix included); the service refuses keys
+outside its grant's prefix. ``read_block`` goes through the node cache where the service has one;
+``backing_open`` answers a FUSE passthrough backing id for a complete cached copy, or 0.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ..store.base import ListPage, MultipartUpload, ObjectInfo, StoreLimits
+
+
+class DataClient(Protocol):
+    #: identifies store and bucket (``AsyncStore.identity``)
+    identity: str
+    limits: StoreLimits
+    #: the block size of ``read_block``: the service's, which the reader must use
+    block_size: int
+    #: whether blocks go through a node cache (warming the cache means something)
+    node_cache: bool
+    #: whether ``backing_open`` can ever answer an id (a cache and a registrar on the service side)
+    passthrough: bool
+
+    @property
+    def requests(self) -> int:
+        """Store requests issued for this client so far (stats)."""
+        ...
+
+    async def check_access(self) -> None: ...
+    async def head(self, key: str) -> ObjectInfo: ...
+    async def list(self, prefix: str, delimiter: str | None = "/", token: str | None = None,
+                   max_keys: int = 1000) -> ListPage: ...
+    async def get_range(self, key: str, start: int, length: int, version: str | None = None) -> bytes: ...
+    async def put(self, key: str, data: bytes | memoryview) -> ObjectInfo: ...
+    async def create_multipart(self, key: str) -> MultipartUpload: ...
+    async def upload_part(self, upload: MultipartUpload, number: int, data: bytes | memoryview) -> None: ...
+    async def complete(self, upload: MultipartUpload) -> ObjectInfo: ...
+    async def abort(self, upload: MultipartUpload) -> None: ...
+    async def copy(self, src: str, dst: str) -> ObjectInfo: ...
+    async def delete(self, key: str) -> None: ...
+
+    # -- blocks ------------------------------------------------------------------------------
+    async def read_block(self, info: ObjectInfo, index: int, warming: bool = False) -> bytes:
+        """Block ``index`` (of ``block_size``) of the pinned version ``info``, through the node
+        cache where there is one. ``warming``: wait for room in the cache rather than skip it."""
+        ...
+
+    async def on_node(self, info: ObjectInfo, index: int) -> bool:
+        """Whether the block is in the node cache (it then answers fast, without a request)."""
+        ...
+
+    # -- passthrough -------------------------------------------------------------------------
+    async def backing_open(self, info: ObjectInfo) -> int:
+        """A FUSE backing id (on this mount's connection) for the complete cached copy of
+        ``info``, registered read-only; 0 when there is none (the server answers reads)."""
+        ...
+
+    async def backing_close(self, backing_id: int) -> None: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,230 @@
+"""``LocalData``: the data service for one grant, in this process.
+
+It holds what a pod must never hold: the store client (with the grant's credentials) and the
+node cache. It serves a standalone ``objfs mount`` directly (one trust domain), and it is what
+the node's data service runs behind every grant connection (``fusefs.wire.grant``): there every
+argument comes from an untrusted sidecar, so each key is checked against the grant's ``Scope``
+before anything is sent, and a block enters the node cache only as this side fetched it.
+
+Sharing the node cache between grants: blocks are keyed by the grant's tenant (a hash of the
+endpoint and the access key id, ``fusefs.objects.tenant_of``); grants with ambient credentials
+share the "" tenant and prove, once per object version, that their credentials may read it (one
+pinned GET of the first byte) before cached bytes are served to them.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import trio
+
+from .. import errors, metrics
+from ..backing import Registrar
+from ..retry import RetryPolicy
+from ..store.base import AsyncStore, ListPage, MultipartUpload, ObjectInfo
+from .scope import Scope
+
+if TYPE_CHECKING:
+    from ..cache import BlockKey, NodeCache
+
+log = logging.getLogger(__name__)
+
+CHECK_DEADLINE = 10.0  # seconds the access check is retried for: a wrong endpoint fails fast
+
+
+class LocalData:
+    """A ``fusefs.service.api.DataClient`` served in this process."""
+
+    def __init__(self, store: AsyncStore, scope: Scope, block_size: int, *, cache: NodeCache | None = None,
+                 tenant: str = "", registrar: Registrar | None = None,
+                 fuse_fd: Callable[[], int | None] | None = None, backing_root: tuple[str, str] | None = None
+                 ) -> None:
+        self.store = store
+        self.scope = scope
+        self.identity = store.identity
+        self.limits = store.limits
+        self.block_size = block_size
+        self.cache = cache
+        self.node_cache = cache is not None
+        self.tenant = tenant
+        self.registrar = registrar
+        #: the FUSE connection's fd backing ids are registered on (None: passthrough off)
+        self.fuse_fd = fuse_fd
+        self.passthrough = cache is not None and registrar is not None and fuse_fd is not None
+        #: (cache dir, a read-only mount of it): complete files are opened for registration through
+        #: the read-only mount, so the kernel refuses to reopen them for writing (EROFS) whatever
+        #: flags a server answers an open with (``fusefs.backing``)
+        self.backing_root = backing_root
+        self._authorised: set[tuple[str, str]] = set()  # (key, version) this grant fetched or proved
+        self._proving: dict[tuple[str, str], trio.Event] = {}
+        self._uploads: set[int] = set()  # ids of uploads this grant started
+
+    @property
+    def requests(self) -> int:
+        return self.store.requests
+
+    # -- store calls, scoped -------------------------------------------------------------------
+    async def check_access(self) -> None:
+        await self.store.check_access(RetryPolicy(deadline=min(CHECK_DEADLINE, self.store.policy.deadline)))
+
+    async def head(self, key: str) -> ObjectInfo:
+        return await self.store.head(self.scope.key(key))
+
+    async def list(self, prefix: str, delimiter: str | None = "/", token: str | None = None,
+                   max_keys: int = 1000) -> ListPage:
+        return await self.store.list(self.scope.key(prefix), delimiter, token, max(1, min(1000, max_keys)))
+
+    async def get_range(self, key: str, start: int, length: int, version: str | None = None) -> bytes:
+        if start < 0 or length < 0 or length > max(self.block_size, 1):
+            raise errors.InvalidRequestError(f"range {start}+{length} of {key!r}: at most one block at a time",
+                                             key=key)
+        return await self.store.get_range(self.scope.key(key), start, length, version)
+
+    async def put(self, key: str, data: bytes | memoryview) -> ObjectInfo:
+        return await self.store.put(self.scope.write(key), data)
+
+    async def create_multipart(self, key: str) -> MultipartUpload:
+        upload = await self.store.create_multipart(self.scope.write(key))
+        self._uploads.add(id(upload))
+        return upload
+
+    def _own(self, upload: MultipartUpload) -> MultipartUpload:
+        if id(upload) not in self._uploads:
+            raise errors.InvalidRequestError("not an upload of this volume", key=upload.key)
+        return upload
+
+    async def upload_part(self, upload: MultipartUpload, number: int, data: bytes | memoryview) -> None:
+        if not 1 <= number <= self.limits.max_parts:
+            raise errors.InvalidRequestError(f"part number {number} is out of range", key=upload.key)
+        await self.store.upload_part(self._own(upload), number, data)
+
+    async def complete(self, upload: MultipartUpload) -> ObjectInfo:
+        info = await self.store.complete(self._own(upload))
+        self._uploads.discard(id(upload))
+        return info
+
+    async def abort(self, upload: MultipartUpload) -> None:
+        try:
+            await self.store.abort(self._own(upload))
+        finally:
+            self._uploads.discard(id(upload))
+
+    async def copy(self, src: str, dst: str) -> ObjectInfo:
+        return await self.store.copy(self.scope.key(src), self.scope.write(dst))
+
+    async def delete(self, key: str) -> None:
+        await self.store.delete(self.scope.write(key))
+
+    # -- blocks ----------------------------------------------------------------------------------
+    def _length(self, info: ObjectInfo, index: int) -> int:
+        return max(0, min(self.block_size, info.size - index * self.block_size))
+
+    def _check_block(self, info: ObjectInfo, index: int) -> None:
+        self.scope.key(info.key)
+        if index < 0 or info.size < 0 or index * self.block_size >= max(info.size, 1):
+            raise errors.InvalidRequestError(f"block {index} of a {info.size}-byte object", key=info.key)
+
+    async def _from_store(self, info: ObjectInfo, index: int) -> bytes:
+        length = self._length(info, index)
+        data = await self.store.get_range(info.key, index * self.block_size, length, info.version)
+        if len(data) != length:
+            raise errors.ObjectChangedError(f"{info.key}: got {len(data)} bytes for a {length}-byte block",
+                                            key=info.key)
+        return data
+
+    def cache_key(self, info: ObjectInfo, index: int) -> BlockKey:
+        from ..cache import BlockKey  # the node cache module is optional until it is configured
+
+        return BlockKey(store=self.identity, key=info.key, version=info.version, index=index,
+                        block_size=self.block_size, size=info.size, tenant=self.tenant)
+
+    async def read_block(self, info: ObjectInfo, index: int, warming: bool = False) -> bytes:
+        self._check_block(info, index)
+        if self.cache is None:
+            return await self._from_store(info, index)
+
+        async def fetch() -> bytes:
+            data = await self._from_store(info, index)
+            self._authorised.add((info.key, info.version))  # our own GET of it answered
+            return data
+
+        data = await self.cache.get_or_fetch(self.cache_key(info, index), fetch, wait_for_space=warming)
+        if len(data) != self._length(info, index):  # never hand out a block of the wrong size
+            return await self._from_store(info, index)
+        await self.authorise(info)
+        return data
+
+    async def authorise(self, info: ObjectInfo) -> None:
+        """Before serving cached bytes of ``info`` under ambient credentials: one GET of its
+        first byte, pinned to the version, proves that this grant's credentials may read it
+        (a listing shows an object to anyone allowed to list, not to read it). Once per object
+        version per grant; with explicit credentials the tenant in the cache key does this."""
+        ident = (info.key, info.version)
+        while not self.tenant and ident not in self._authorised:
+            proving = self._proving.get(ident)
+            if proving is not None:
+                await proving.wait()  # someone else's proof, or failure (then try ourselves)
+                continue
+            self._proving[ident] = proving = trio.Event()
+            try:
+                if info.size:
+                    await self.store.get_range(info.key, 0, 1, info.version)
+                self._authorised.add(ident)
+            finally:
+                del self._proving[ident]
+                proving.set()
+
+    async def on_node(self, info: ObjectInfo, index: int) -> bool:
+        if self.cache is None:
+            return False
+        self._check_block(info, index)
+        return await trio.to_thread.run_sync(self.cache.contains, self.cache_key(info, index))
+
+    # -- passthrough -----------------------------------------------------------------------------
+    async def backing_open(self, info: ObjectInfo) -> int:
+        fuse_fd = self.fuse_fd() if self.fuse_fd is not None else None
+        if self.cache is None or self.registrar is None or fuse_fd is None or info.size <= self.block_size:
+            return 0
+        self.scope.key(info.key)
+        path = await trio.to_thread.run_sync(self.cache.complete_file, self.cache_key(info, 0).object_id())
+        if path is None:
+            return 0
+        await self.authorise(info)  # ambient credentials: this grant may read it
+        try:
+            return await trio.to_thread.run_sync(self._register, fuse_fd, path, info.size)
+        except OSError as exc:
+            metrics.PASSTHROUGH_REFUSED.inc()
+            log.info("passthrough open of %s refused (%s); reading through the server", path, exc)
+            return 0
+
+    def _register(self, fuse_fd: int, path: str, size: int) -> int:
+        assert self.registrar is not None
+        if self.backing_root is not None:
+            cache_dir, readonly = self.backing_root
+            path = os.path.join(readonly, os.path.relpath(path, cache_dir))
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            st = os.fstat(fd)
+            # a complete file is a regular, read-only file of the object's size (fusefs.objects)
+            if not (stat.S_ISREG(st.st_mode) and st.st_size == size and not st.st_mode & 0o222):
+                raise OSError(errno.EINVAL, f"{path} is not a complete cache file")
+            return self.registrar.open(fuse_fd, fd)
+        finally:
+            os.close(fd)  # the kernel holds its own reference from here on
+
+    async def backing_close(self, backing_id: int) -> None:
+        fuse_fd = self.fuse_fd() if self.fuse_fd is not None else None
+        if self.registrar is None or fuse_fd is None or backing_id <= 0:
+            return
+        try:
+            await trio.to_thread.run_sync(self.registrar.close, fuse_fd, backing_id)
+        except OSError as exc:
+            log.debug("closing backing id %d: %s", backing_id, exc)
+
+    async def aclose(self) -> None:
+        return None
