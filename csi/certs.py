@@ -4,6 +4,12 @@ Service, made once and kept in a Secret so every replica serves the same one.
 The CA's private key signs the serving certificate and is then thrown away: nobody can mint another
 certificate under this CA, and the API server trusts exactly this one (the CA goes into the
 MutatingWebhookConfiguration's caBundle). A certificate close to its end is replaced at start-up.
+
+Replicas read the certificate once, at start-up: after one of them renews it, the others still serve
+the old certificate until they restart. So the Secret keeps the CAs of replaced certificates
+(``previous-ca.crt``) until those certificates expire, and the caBundle holds them beside the current
+CA (``ServingCert.ca_bundle``): replacing the bundle with the new CA alone made every other replica
+fail the API server's TLS check.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ log = logging.getLogger(__name__)
 VALIDITY = dt.timedelta(days=5 * 365)
 RENEW_BEFORE = dt.timedelta(days=365)  # replaced at start-up when less than this is left
 KEYS = ("ca.crt", "tls.crt", "tls.key")
+PREVIOUS_KEY = "previous-ca.crt"  # CAs of replaced certificates some replica may still serve
+MAX_PREVIOUS = 4  # the newest ones kept (renewals are years apart; a bound against a Secret that grows)
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,26 @@ class ServingCert:
     ca_pem: bytes
     cert_pem: bytes
     key_pem: bytes
+    previous_ca_pem: bytes = b""  # PEM certificates, newest first
+
+    def previous_cas(self, now: dt.datetime | None = None) -> list[x509.Certificate]:
+        """The previous CAs whose certificates may still be served: not yet expired (a CA and the one
+        certificate it signed end together)."""
+        if not self.previous_ca_pem.strip():
+            return []
+        now = now or dt.datetime.now(dt.UTC)
+        try:
+            cas = x509.load_pem_x509_certificates(self.previous_ca_pem)
+        except ValueError:
+            log.warning("the previous CAs in the webhook's Secret are unreadable: dropping them")
+            return []
+        return [ca for ca in cas if ca.not_valid_after_utc > now][:MAX_PREVIOUS]
+
+    def ca_bundle(self, now: dt.datetime | None = None) -> bytes:
+        """The caBundle: this CA, then the previous ones still in use."""
+        pem = serialization.Encoding.PEM
+        return self.ca_pem + b"".join(ca.public_bytes(pem) for ca in self.previous_cas(now)
+                                      if ca.public_bytes(pem) != self.ca_pem)
 
     def names(self) -> set[str]:
         cert = x509.load_pem_x509_certificate(self.cert_pem)
@@ -110,12 +138,31 @@ def _from_secret(secret: dict[str, object]) -> ServingCert | None:
     if not isinstance(data, dict) or not all(data.get(k) for k in KEYS):
         return None
     try:
-        cert = ServingCert(*(base64.b64decode(data[k]) for k in KEYS))
+        previous = base64.b64decode(data.get(PREVIOUS_KEY) or "")
+    except (ValueError, TypeError):
+        previous = b""
+    try:
+        ca_pem, cert_pem, key_pem = (base64.b64decode(data[k]) for k in KEYS)
+        cert = ServingCert(ca_pem, cert_pem, key_pem, previous)
         cert.names()  # parses
         return cert
     except (ValueError, TypeError, x509.ExtensionNotFound):
         log.warning("the certificate in the webhook's Secret is unreadable: replacing it")
         return None
+
+
+def _replacing(current: ServingCert | None, fresh: ServingCert, now: dt.datetime) -> ServingCert:
+    """``fresh`` that remembers the CAs of ``current`` (its own and its previous ones) while replicas
+    that read ``current`` may still serve certificates they signed."""
+    if current is None:
+        return fresh
+    pem = serialization.Encoding.PEM
+    try:
+        kept = [x509.load_pem_x509_certificate(current.ca_pem), *current.previous_cas(now)]
+    except ValueError:
+        kept = current.previous_cas(now)
+    live = [ca.public_bytes(pem) for ca in kept if ca.not_valid_after_utc > now][:MAX_PREVIOUS]
+    return ServingCert(fresh.ca_pem, fresh.cert_pem, fresh.key_pem, b"".join(live))
 
 
 def ensure_in_secret(kube: KubeClient, namespace: str, secret_name: str, names: list[str]) -> ServingCert:
@@ -125,11 +172,14 @@ def ensure_in_secret(kube: KubeClient, namespace: str, secret_name: str, names: 
     for _ in range(5):
         secret = kube.secret(namespace, secret_name)
         current = _from_secret(secret)
-        if current is not None and current.usable_for(names):
+        now = dt.datetime.now(dt.UTC)
+        if current is not None and current.usable_for(names, now):
             return current
-        fresh = generate(names)
+        fresh = _replacing(current, generate(names, now), now)
         secret["data"] = {k: base64.b64encode(v).decode() for k, v in zip(KEYS, (fresh.ca_pem, fresh.cert_pem,
                                                                                  fresh.key_pem), strict=True)}
+        if fresh.previous_ca_pem:
+            secret["data"][PREVIOUS_KEY] = base64.b64encode(fresh.previous_ca_pem).decode()
         try:
             kube.replace_secret(namespace, secret_name, secret)
         except ApiError as e:

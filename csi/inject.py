@@ -43,8 +43,16 @@ ClaimCheck = Callable[[str, str], bool | None]
 ClassCheck = Callable[[str], bool | None]
 
 
-class InvalidAnnotation(ValueError):
+class Refused(ValueError):
+    """A pod the webhook denies, with this message."""
+
+
+class InvalidAnnotation(Refused):
     """A pod's objfs annotation has a value that cannot be used: the pod is denied with this message."""
+
+
+class ForeignSidecar(Refused):
+    """A pod brings its own container named like the sidecar, other than the one the webhook injects."""
 
 
 @dataclass(frozen=True)
@@ -146,8 +154,41 @@ def _all_containers(spec: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
 
 
-def already_injected(pod: Pod) -> bool:
-    return any(c.get("name") == SIDECAR_NAME for c in _all_containers(pod.get("spec") or {}))
+# What makes the sidecar the sidecar: a container of this name differing in any of these from what the
+# webhook injects is not ours. (Resources are left out: LimitRanges and other admission may change them.)
+SIDECAR_IDENTITY = ("image", "command", "args", "securityContext", "restartPolicy")
+# Values the API server fills into a container's securityContext by itself (defaulting), which the
+# pod may hold on a re-invocation although the webhook did not write them.
+_DEFAULTED_SECURITY = {"procMount": "Default"}
+
+
+def _differences(container: Mapping[str, Any], ours: Mapping[str, Any]) -> list[str]:
+    differ = []
+    for key in SIDECAR_IDENTITY:
+        have, want = container.get(key), ours.get(key)
+        if key == "securityContext" and isinstance(have, dict):
+            have = {k: v for k, v in have.items() if _DEFAULTED_SECURITY.get(k, object()) != v}
+        if (have or None) != (want or None):  # absent, null and empty are the same to the API server
+            differ.append(key)
+    return differ
+
+
+def already_injected(pod: Pod, settings: SidecarSettings) -> bool:
+    """Whether the pod holds the sidecar the webhook injects (a re-invocation, or a pod re-created from
+    an injected one). ForeignSidecar if it holds a container of that name that is not ours: the node
+    plugin hands the pod's volumes to what listens in objfs-tmp, and a tenant's own "objfs-sidecar"
+    must not be taken for the webhook's (it would pass for one wherever a name is all that is checked)."""
+    found = [c for c in _all_containers(pod.get("spec") or {}) if c.get("name") == SIDECAR_NAME]
+    if not found:
+        return False
+    ours = sidecar_container(settings, {})  # resources are not compared
+    for container in found:
+        differ = _differences(container, ours)
+        if differ:
+            raise ForeignSidecar(
+                f"the pod has its own container named {SIDECAR_NAME!r}, which differs from the sidecar objfs "
+                f"injects in {', '.join(differ)}: the name is reserved for objfs; rename that container")
+    return True
 
 
 def objfs_volumes(pod: Pod, namespace: str, driver: str, claim_is_objfs: ClaimCheck | None,
@@ -177,11 +218,12 @@ def objfs_volumes(pod: Pod, namespace: str, driver: str, claim_is_objfs: ClaimCh
 
 def decide(pod: Pod, namespace: str, settings: SidecarSettings, claim_is_objfs: ClaimCheck | None = None,
            class_is_objfs: ClassCheck | None = None) -> Decision:
-    """Whether this pod gets the sidecar. Raises InvalidAnnotation for objfs annotations with bad values."""
+    """Whether this pod gets the sidecar. Raises InvalidAnnotation for objfs annotations with bad values,
+    ForeignSidecar for a container named like the sidecar that is not the webhook's."""
     annotations = (pod.get("metadata") or {}).get("annotations") or {}
     check_annotations(annotations)
     wanted = _inject_annotation(annotations)
-    if already_injected(pod):
+    if already_injected(pod, settings):
         return Decision(False, "already injected")
     if wanted is False:
         return Decision(False, f"{INJECT_ANNOTATION} is \"false\"")

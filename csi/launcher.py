@@ -35,6 +35,7 @@ from fusefs import handoff, kernel
 from fusefs.config import MountConfig
 from fusefs.wire import regrant as regrant_wire
 
+from . import podpath
 from .zygote import Zygote, ZygoteError
 
 log = logging.getLogger(__name__)
@@ -355,8 +356,11 @@ class SidecarLauncher:
     """
 
     def __init__(self, kubelet_root: str, pod_wait: float = 5.0, ready_timeout: float = 60.0,
-                 handover_timeout: float = 600.0, poll: float = 0.1) -> None:
+                 handover_timeout: float = 600.0, poll: float = 0.1, check_peer_cgroup: bool = False) -> None:
         self.kubelet_root = kubelet_root
+        # Whether a connection counts only if its peer runs in the pod's cgroup (csi.podpath.peer_in_pod):
+        # needs a real kubelet's cgroups and the pods' PIDs visible to the plugin.
+        self.check_peer_cgroup = check_peer_cgroup
         self.pod_wait = pod_wait
         self.ready_timeout = ready_timeout
         self.handover_timeout = handover_timeout
@@ -443,21 +447,20 @@ class SidecarLauncher:
             log.warning("hand-over of %s to its sidecar failed: %s", p.target, error)
 
     def _connect(self, pod_uid: str, timeout: float) -> socket.socket | None:
-        """A connection to the pod's sidecar, or None if nothing listens there (yet)."""
+        """A connection to the pod's sidecar, or None if nothing listens there (yet). The pod can write
+        its emptyDir: a symlink it plants at the socket or above is not followed, a file there that is
+        not a socket is not used, and (check_peer_cgroup) a listener outside the pod is refused."""
+        parts = podpath.pod_dir_parts(pod_uid, EMPTY_DIR_NAME)
         try:
-            dirfd = os.open(self.pod_dir(pod_uid), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
+            sock = podpath.connect_in_pod(self.kubelet_root, parts, handoff.SIDECAR_SOCKET, socket.SOCK_SEQPACKET,
+                                          timeout)
+        except OSError:  # not there, not a socket, a symlink, nobody listening (yet), or too slow
             return None
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        sock.settimeout(timeout)
-        try:
-            # Through the directory fd: kubelet's paths can exceed a socket path's 108 bytes.
-            sock.connect(f"/proc/self/fd/{dirfd}/{handoff.SIDECAR_SOCKET}")
-        except OSError:  # not there, nobody listening (yet), or too slow
+        if self.check_peer_cgroup and not podpath.peer_in_pod(sock, pod_uid):
+            log.warning("the process listening on the hand-over socket of pod %s is not in that pod's cgroup: "
+                        "not handing it anything", pod_uid)
             sock.close()
             return None
-        finally:
-            os.close(dirfd)
         return sock
 
     def _hand_over(self, sock: socket.socket, name: str, config: MountConfig, fuse_fd: int,

@@ -240,8 +240,8 @@ def serve_metrics(args: argparse.Namespace, node: NodeService | None) -> metrics
     if not args.metrics_address:
         return None
     endpoint = metrics.PluginMetrics(
-        args.state_dir if node else None, args.kubelet_root, args.cache_dir if node else None,
-        (lambda: len(node.state.all())) if node else None, args.cache_size,
+        args.kubelet_root, args.cache_dir if node else None, (lambda: len(node.state.all())) if node else None,
+        args.cache_size, records=node.state.all if node else None,
     )
     try:
         endpoint.serve(args.metrics_address)

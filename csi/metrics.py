@@ -2,25 +2,31 @@
 
 Its own: CSI RPCs by method and gRPC code with their latency (``observe_rpc``, called by the
 interceptor in ``csi.main``), live mounts, the node cache's size. The servers' figures come from
-the files they write (``fusefs.metrics``): ``<state-dir>/metrics/*.prom`` for servers the plugin
-launched itself, ``<kubelet-root>/pods/*/volumes/kubernetes.io~empty-dir/objfs-tmp/metrics/*.prom``
-for servers in pod sidecars. Those files are parsed (``prometheus_client.parser``) at each scrape
-and merged by metric name; each server labels its own samples (``volume``, ``pod``).
+the files they write (``fusefs.metrics``): for each volume the plugin's records say it published,
+``<state-dir>/metrics/<server>.prom`` (a server it launched itself) or
+``<kubelet-root>/pods/<pod uid>/volumes/kubernetes.io~empty-dir/objfs-tmp/metrics/<volume name>.prom``
+(a server in the pod's sidecar). Those files are parsed (``prometheus_client.parser``) at each
+scrape and merged by metric name.
 
-A file in a pod's emptyDir is written where the pod's own containers could write too: such files
-are read without following symlinks, up to ``MAX_FILE_BYTES``, and only ``objfs_`` metrics other
-than the plugin's own ``objfs_csi_`` ones are taken from them.
+A file in a pod's emptyDir is written where the pod's own containers can write too, so it is
+untrusted input: only files of volumes in the plugin's records are read (a pod cannot make the
+plugin read more by writing more), at most ``MAX_FILES_PER_DIR`` per directory, each up to
+``MAX_FILE_BYTES`` (a larger one is skipped, with one log line), without following a symlink anywhere
+below kubelet's root (``csi.podpath``); only ``objfs_`` metrics other than the plugin's own
+``objfs_csi_`` ones are taken, and their ``volume`` and ``pod`` labels are the plugin's, from its
+record: whatever the file says there is replaced, so a file cannot speak for another volume or pod.
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import logging
 import os
 import sqlite3
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import prometheus_client
@@ -31,10 +37,17 @@ from prometheus_client.registry import Collector
 
 from fusefs.metrics import PROBLEMS, Endpoint, Forward
 
+from . import podpath
+from .launcher import EMPTY_DIR_NAME
+from .state import SIDECAR, PublishRecord
+
 log = logging.getLogger(__name__)
 
-MAX_FILE_BYTES = 1 << 20
-SIDECAR_GLOB = "pods/*/volumes/kubernetes.io~empty-dir/objfs-tmp/metrics/*.prom"
+# A server's file is a few KiB (tens of series per volume). Read at every scrape, for every volume on
+# the node: 1 MiB per file let one pod's files cost the plugin hundreds of MiB per scrape.
+MAX_FILE_BYTES = 64 << 10
+MAX_FILES_PER_DIR = 32  # files read per metrics directory (one pod's, or the plugin's own) per scrape
+PLUGIN_LABELS = ("volume", "pod")  # set by the plugin, never taken from a file
 
 prometheus_client.disable_created_metrics()
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -50,11 +63,36 @@ def observe_rpc(method: str, code: grpc.StatusCode, seconds: float) -> None:
     RPC_SECONDS.labels(method).observe(seconds)
 
 
-def server_files(state_dir: str, kubelet_root: str) -> list[str]:
-    """The metrics files of every server on the node: launched here, then in pod sidecars."""
-    own = sorted(glob.glob(os.path.join(glob.escape(metrics_dir(state_dir)), "*.prom")))
-    pods = sorted(glob.glob(os.path.join(glob.escape(kubelet_root), SIDECAR_GLOB)))
-    return own + pods
+@dataclass(frozen=True)
+class ServerFile:
+    """A server's metrics file as the plugin knows it: ``name`` in ``root/parts...`` (``root`` is the
+    node's own, the ``parts`` below it are opened without following symlinks) and the labels its
+    samples get."""
+
+    root: str
+    parts: tuple[str, ...]
+    name: str
+    labels: dict[str, str] = field(hash=False)
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.root, *self.parts, self.name)
+
+
+def server_files(records: Iterable[PublishRecord], kubelet_root: str) -> list[ServerFile]:
+    """The metrics file of each published volume, labelled from its record."""
+    files = []
+    for rec in records:
+        pod = f"{rec.pod_namespace}/{rec.pod_name}" if rec.pod_name else str(rec.config.get("metrics_pod") or "")
+        labels = {"volume": rec.volume_id, **({"pod": pod} if pod else {})}
+        if rec.launcher == SIDECAR:
+            if rec.pod_uid and rec.name:
+                parts = (*podpath.pod_dir_parts(rec.pod_uid, EMPTY_DIR_NAME), "metrics")
+                files.append(ServerFile(kubelet_root, parts, f"{rec.name}.prom", labels))
+        elif rec.config.get("metrics_path"):
+            path = str(rec.config["metrics_path"])
+            files.append(ServerFile(os.path.dirname(path), (), os.path.basename(path), labels))
+    return files
 
 
 def metrics_dir(state_dir: str) -> str:
@@ -71,29 +109,45 @@ def prepare_metrics_dir(state_dir: str, uid: int, gid: int) -> str:
     return path
 
 
-def read_server_file(path: str) -> str | None:
-    """The text of a server's metrics file, or None: not a regular file (symlinks are not
-    followed), larger than ``MAX_FILE_BYTES``, unreadable, or not text."""
-    if os.path.realpath(os.path.dirname(path)) != os.path.normpath(os.path.dirname(path)):
-        return None  # a symlinked metrics directory
+class TooLarge(OSError):
+    """A metrics file over MAX_FILE_BYTES."""
+
+
+def read_file_at(root: str, parts: tuple[str, ...], name: str) -> str | None:
+    """The text of ``name`` in ``root/parts...``, or None: missing, a symlink (at it or at any of
+    ``parts``), not a regular file, unreadable, or not text. TooLarge past ``MAX_FILE_BYTES``."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        dir_fd = podpath.open_dir_beneath(root, parts)
+        try:
+            fd = podpath.open_file_at(dir_fd, name, stat.S_IFREG, os.O_RDONLY)
+        finally:
+            os.close(dir_fd)
     except OSError:
         return None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_FILE_BYTES:
-            return None
-        data = os.read(fd, MAX_FILE_BYTES + 1)
+        if os.fstat(fd).st_size > MAX_FILE_BYTES:
+            raise TooLarge(f"{name}: over {MAX_FILE_BYTES} bytes")
+        data = os.read(fd, MAX_FILE_BYTES + 1)  # it may have grown since fstat
+    except TooLarge:
+        raise
     except OSError:
         return None
     finally:
         os.close(fd)
     if len(data) > MAX_FILE_BYTES:
-        return None
+        raise TooLarge(f"{name}: over {MAX_FILE_BYTES} bytes")
     try:
         return data.decode()
     except UnicodeDecodeError:
+        return None
+
+
+def read_server_file(path: str) -> str | None:
+    """The text of a server's metrics file at ``path`` (a path of the plugin's own), or None (see
+    read_file_at; a file that is too large too)."""
+    try:
+        return read_file_at(os.path.dirname(path), (), os.path.basename(path))
+    except TooLarge:
         return None
 
 
@@ -123,16 +177,38 @@ def problems(path: str) -> list[str]:
     return found
 
 
+def relabelled(family: Metric, labels: dict[str, str]) -> list[Any]:
+    """``family``'s samples with the plugin's ``labels`` in place of any the file gave them."""
+    return [s._replace(labels={**{k: v for k, v in s.labels.items() if k not in PLUGIN_LABELS}, **labels})
+            for s in family.samples]
+
+
 class ServersCollector(Collector):
     """Every server's file, merged by metric name (one HELP/TYPE per name)."""
 
-    def __init__(self, files: Callable[[], list[str]]) -> None:
+    def __init__(self, files: Callable[[], list[ServerFile]]) -> None:
         self.files = files
+        self._too_large: set[str] = set()  # said once in the log while they stay too large
 
     def collect(self) -> Iterator[Metric]:
         merged: dict[str, Metric] = {}
-        for path in self.files():
-            text = read_server_file(path)
+        per_dir: dict[tuple[str, tuple[str, ...]], int] = {}
+        too_large: set[str] = set()
+        for f in self.files():
+            where = (f.root, f.parts)
+            per_dir[where] = per_dir.get(where, 0) + 1
+            if per_dir[where] > MAX_FILES_PER_DIR:
+                if per_dir[where] == MAX_FILES_PER_DIR + 1:
+                    log.warning("metrics: more than %d volumes' files in %s: reading the first %d", MAX_FILES_PER_DIR,
+                                os.path.join(f.root, *f.parts), MAX_FILES_PER_DIR)
+                continue
+            try:
+                text = read_file_at(f.root, f.parts, f.name)
+            except TooLarge:
+                too_large.add(f.path)
+                if f.path not in self._too_large:
+                    log.warning("metrics: skipping %s: larger than %d bytes", f.path, MAX_FILE_BYTES)
+                continue
             if text is None:
                 continue
             for family in parse_families(text):
@@ -142,7 +218,8 @@ class ServersCollector(Collector):
                                                         family.unit)
                 elif into.type != family.type:
                     continue  # a file of another objfs version that changed a metric's type
-                into.samples.extend(family.samples)
+                into.samples.extend(relabelled(family, f.labels))
+        self._too_large = too_large
         yield from merged.values()
 
 
@@ -188,11 +265,12 @@ def node_cache_bytes(cache_dir: str) -> int | None:
 class PluginMetrics(Endpoint):
     """The plugin's ``/metrics`` endpoint."""
 
-    def __init__(self, state_dir: str | None, kubelet_root: str, cache_dir: str | None,
-                 mounts: Callable[[], int] | None, cache_limit: int = 0) -> None:
+    def __init__(self, kubelet_root: str, cache_dir: str | None, mounts: Callable[[], int] | None,
+                 cache_limit: int = 0, records: Callable[[], Iterable[PublishRecord]] | None = None) -> None:
+        """``records``: the published volumes, whose servers' files are re-exported."""
         super().__init__()
         self.registry.register(Forward(REGISTRY))
         if mounts is not None:
             self.registry.register(NodeCollector(mounts, cache_dir, cache_limit))
-        if state_dir is not None:
-            self.registry.register(ServersCollector(lambda: server_files(state_dir, kubelet_root)))
+        if records is not None:
+            self.registry.register(ServersCollector(lambda: server_files(records(), kubelet_root)))

@@ -5,7 +5,10 @@ Pods annotated ``objfs.csi.dev/inject: "true"``, or mounting objfs volumes (inli
 driver; claims whose PV or StorageClass is objfs, looked up through the API), get the sidecar of
 ``csi.inject``. It fails safe: anything it cannot handle is allowed unchanged with a log line (and the
 MutatingWebhookConfiguration says ``failurePolicy: Ignore``); the only pods it denies are ones whose
-objfs annotations have values it cannot use, with a message naming the annotation.
+objfs annotations have values it cannot use, with a message naming the annotation, and ones that bring
+their own container named ``objfs-sidecar`` other than the one it injects (``csi.inject.already_injected``).
+Bodies that are not an AdmissionReview of the expected shape get HTTP 400. A fixed pool of workers
+serves connections (``--webhook-workers``); idle ones are dropped after ``--webhook-connection-timeout``.
 
 At start-up, unless told otherwise by flags, it reads the API server's version (native sidecars from
 1.29), its own pod's image (the sidecar runs the same image), and its serving certificate from a
@@ -19,13 +22,14 @@ import base64
 import json
 import logging
 import os
+import selectors
 import signal
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 from . import certs
@@ -36,6 +40,10 @@ log = logging.getLogger("objfs.webhook")
 REVIEW_VERSION = "admission.k8s.io/v1"
 MAX_BODY = 8 << 20  # a pod is at most ~1.5 MiB in etcd; an AdmissionReview carries it (and maybe oldObject)
 LOOKUP_BUDGET = 3.0  # seconds of API lookups per review: the webhook's timeoutSeconds is 5
+WORKERS = 16  # connections served at once; more wait in the listen backlog (a thread per connection had no cap)
+# An idle or slow connection is dropped after this long: the API server answers a pod within its
+# timeoutSeconds (5) and reconnects when it needs to, so a longer wait only lets idle sockets hold workers.
+CONNECTION_TIMEOUT = 5.0
 NATIVE_SIDECAR_VERSION = (1, 29)
 
 
@@ -55,6 +63,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--sidecar-image-pull-policy", default="", choices=("", "Always", "IfNotPresent", "Never"))
     g.add_argument("--native-sidecars", choices=("auto", "always", "never"), default="auto",
                    help="inject an init container with restartPolicy Always (auto: if the API server is >= 1.29)")
+    g.add_argument("--webhook-workers", type=int, default=WORKERS,
+                   help="connections served at once (more wait in the listen backlog)")
+    g.add_argument("--webhook-connection-timeout", type=float, default=CONNECTION_TIMEOUT,
+                   help="seconds a connection may stay idle or silent before it is dropped")
     g.add_argument("--claim-lookups", choices=("on", "off"), default="on",
                    help="look PVCs up (their PV or StorageClass) to find objfs volumes; off: annotations and "
                         "inline volumes only")
@@ -84,6 +96,24 @@ def _denied(uid: str, message: str) -> dict[str, Any]:
     return {"uid": uid, "allowed": False, "status": {"code": 400, "reason": "BadRequest", "message": message}}
 
 
+# request fields the webhook reads, and the JSON type each must have when present
+_REQUEST_FIELDS: dict[str, tuple[type, str]] = {"kind": (dict, "an object"), "operation": (str, "a string"),
+                                                "namespace": (str, "a string"), "subResource": (str, "a string")}
+
+
+def _check_request_shape(request: dict[str, Any]) -> None:
+    """BadReview unless the request's fields the webhook reads have their API types: a review of the
+    wrong shape is not something to answer (the pod object itself is judged later, failing safe)."""
+    for key, (kind, name) in _REQUEST_FIELDS.items():
+        value = request.get(key)
+        if value is not None and not isinstance(value, kind):
+            raise BadReview(f"the AdmissionReview's request.{key} is not {name}")
+    for key in ("group", "kind"):
+        value = (request.get("kind") or {}).get(key)
+        if value is not None and not isinstance(value, str):
+            raise BadReview(f"the AdmissionReview's request.kind.{key} is not a string")
+
+
 def _pod_name(pod: dict[str, Any], namespace: str) -> str:
     meta = pod.get("metadata") or {}
     return f"{namespace}/{meta.get('name') or (str(meta.get('generateName') or '') + '*')}"
@@ -100,6 +130,10 @@ class Webhook:
             review = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
             raise BadReview(f"the body is not JSON: {e}") from None
+        except RecursionError:
+            # json's decoder recurses once per nesting level and stops at the interpreter's recursion
+            # limit; no AdmissionReview is nested anywhere near that deep.
+            raise BadReview("the body is not an AdmissionReview: JSON nested too deeply") from None
         if not isinstance(review, dict) or review.get("kind") != "AdmissionReview":
             raise BadReview("the body is not an AdmissionReview")
         if review.get("apiVersion") != REVIEW_VERSION:
@@ -109,6 +143,7 @@ class Webhook:
         if not isinstance(uid, str) or not uid:
             raise BadReview("the AdmissionReview has no request.uid")
         assert isinstance(request, dict)
+        _check_request_shape(request)
         try:
             response = self._respond(uid, request)
         except Exception:
@@ -132,7 +167,7 @@ class Webhook:
         try:
             decision = I.decide(pod, namespace, self.settings, self._claim_check(deadline), self._class_check(deadline))
             patch = I.sidecar_patch(pod, self.settings) if decision.inject else None
-        except I.InvalidAnnotation as e:
+        except I.Refused as e:
             log.warning("pod %s denied: %s", name, e)
             return _denied(uid, f"objfs: {e}")
         if patch:
@@ -187,7 +222,12 @@ class Webhook:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # the API server keeps connections open
     server: _Server
-    timeout = 30  # a client that stops sending does not hold a thread forever
+
+    def setup(self) -> None:
+        super().setup()
+        # Every read and write (the TLS handshake too) gives up after this: a client that stops
+        # sending, or never starts, does not hold one of the few workers for long.
+        self.connection.settimeout(self.server.connection_timeout)
 
     def handle(self) -> None:
         try:
@@ -236,9 +276,54 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.client_address[0], format % args)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+class _Server(HTTPServer):
+    """An HTTPServer whose fixed pool of ``workers`` threads each accept and serve one connection at a
+    time: at most that many connections are served at once and the rest wait in the listen backlog
+    (a thread per connection, as ThreadingHTTPServer does, lets anyone who can connect start threads
+    without end). ``shutdown`` stops the workers once their connection is done."""
+
     webhook: Webhook
+    workers = WORKERS
+    connection_timeout = CONNECTION_TIMEOUT
+    request_queue_size = 128  # the listen backlog, where connections wait for a worker
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self._stopping = threading.Event()
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        # Every worker waits on the same socket and all wake for one connection: non-blocking, the
+        # losers get BlockingIOError from accept() instead of sleeping in it past a shutdown.
+        self.socket.setblocking(False)
+        threads = [threading.Thread(target=self._work, args=(poll_interval,), name=f"webhook-{i}", daemon=True)
+                   for i in range(self.workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    def _work(self, poll_interval: float) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.socket, selectors.EVENT_READ)
+            while not self._stopping.is_set():
+                if selector.select(poll_interval):
+                    self._serve_one()
+
+    def _serve_one(self) -> None:
+        """Accept one connection and serve it to its end, in this worker."""
+        try:
+            request, client = self.get_request()
+        except OSError:  # BlockingIOError: another worker took it
+            return
+        try:
+            self.finish_request(request, client)
+        except Exception:
+            self.handle_error(request, client)
+        finally:
+            self.shutdown_request(request)
+
+    def shutdown(self) -> None:
+        self._stopping.set()
 
 
 class _Server6(_Server):
@@ -259,10 +344,14 @@ def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     return ctx
 
 
-def serve(webhook: Webhook, address: tuple[str, int], context: ssl.SSLContext) -> _Server:
+def serve(webhook: Webhook, address: tuple[str, int], context: ssl.SSLContext, workers: int = WORKERS,
+          connection_timeout: float = CONNECTION_TIMEOUT) -> _Server:
     """An HTTPS server for ``webhook`` (not yet serving: call serve_forever)."""
+    if workers < 1 or connection_timeout <= 0:
+        raise ValueError("the webhook needs at least one worker and a positive connection timeout")
     server = (_Server6 if ":" in address[0] else _Server)(address, _Handler)
     server.webhook = webhook
+    server.workers, server.connection_timeout = workers, connection_timeout
     server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
     return server
 
@@ -326,13 +415,20 @@ def run(args: argparse.Namespace) -> int:
             names = certs.service_names(args.webhook_service, args.webhook_namespace)
             serving = certs.ensure_in_secret(kube(), args.webhook_namespace, args.webhook_secret, names)
             cert_file, key_file = serving.write(args.cert_dir)
-            count = kube().set_ca_bundle(args.webhook_config, base64.b64encode(serving.ca_pem).decode())
-            log.info("caBundle of MutatingWebhookConfiguration %s set (%d webhook(s))", args.webhook_config, count)
+            # The previous CAs stay in the bundle: other replicas may still serve what they signed.
+            bundle = serving.ca_bundle()
+            count = kube().set_ca_bundle(args.webhook_config, base64.b64encode(bundle).decode())
+            log.info("caBundle of MutatingWebhookConfiguration %s set (%d webhook(s), %d CA(s))", args.webhook_config,
+                     count, bundle.count(b"-----BEGIN CERTIFICATE-----"))
     except ApiError as e:
         raise SystemExit(f"webhook start-up: {e}") from None
     settings = I.SidecarSettings(image=image, native=native, image_pull_policy=pull, driver_name=args.driver_name)
     webhook = Webhook(settings, kube() if args.claim_lookups == "on" else None)
-    server = serve(webhook, parse_address(args.webhook_address), tls_context(cert_file, key_file))
+    try:
+        server = serve(webhook, parse_address(args.webhook_address), tls_context(cert_file, key_file),
+                       args.webhook_workers, args.webhook_connection_timeout)
+    except ValueError as e:
+        raise SystemExit(f"--webhook-workers/--webhook-connection-timeout: {e}") from None
 
     def on_signal(signum: int, frame: object) -> None:
         log.info("signal %d: shutting down", signum)

@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from csi.local import Client, InProcessPlugin, PluginDirs, unmount_all_under
+from csi.state import PENDING, SIDECAR, PublishRecord, StateStore
 from csi.v1 import csi_pb2 as pb
 from fusefs import metrics as server_metrics
 from tests.scrape import Samples, scrape_until, value
@@ -94,17 +95,23 @@ def test_rpcs_mounts_and_servers_figures(s3_server: RcloneS3, bucket: str, plugi
 
 
 def test_sidecar_servers_files_are_re_exported_but_not_forged_or_linked(plugin: Plugin) -> None:
+    """The files of volumes the plugin's records say a pod's sidecar serves (tests/security has the attacks)."""
+    state = StateStore(plugin.dirs.state)
+    for name in ("a", "forged", "link"):
+        state.put(PublishRecord(volume_id=f"side-{name}", target=f"/nowhere/{name}/mount", pid=0, start_time=0,
+                                read_only=True, fingerprint="f", launcher=SIDECAR, pod_uid="uid-1", pod_namespace="ml",
+                                pod_name="p", name=name, phase=PENDING))
     metrics_dir = Path(plugin.dirs.root) / "pods" / "uid-1" / "volumes" / "kubernetes.io~empty-dir" / "objfs-tmp"
     (metrics_dir / "metrics").mkdir(parents=True)
-    server_metrics.Exporter({"volume": "side-v", "pod": "ml/p"}).write(str(metrics_dir / "metrics" / "a.prom"))
+    server_metrics.Exporter({"volume": "side-a", "pod": "ml/p"}).write(str(metrics_dir / "metrics" / "a.prom"))
     (metrics_dir / "metrics" / "forged.prom").write_text(
         "# TYPE objfs_csi_mounts gauge\nobjfs_csi_mounts 99\n# TYPE other_thing gauge\nother_thing 1\n")
     os.symlink(metrics_dir / "metrics" / "a.prom", metrics_dir / "metrics" / "link.prom")
     got = plugin.scrape()
-    assert value(got, "objfs_volume_problem", volume="side-v", reason="cache_disabled") == 0
-    assert ("objfs_volume_problem", frozenset({("volume", "side-v"), ("pod", "ml/p"),
+    assert value(got, "objfs_volume_problem", volume="side-a", reason="cache_disabled") == 0
+    assert ("objfs_volume_problem", frozenset({("volume", "side-a"), ("pod", "ml/p"),
                                                ("reason", "cache_disabled")})) in got
-    assert value(got, "objfs_csi_mounts") == 0
+    assert value(got, "objfs_csi_mounts") == 3  # the records, not the forged 99
     assert not any(name == "other_thing" for name, _ in got)
     # read once, not once more through the link
     assert sum(1 for name, labels in got if name == "objfs_open_handles") == 1
