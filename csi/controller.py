@@ -39,7 +39,6 @@ from . import volume_id as V
 from .errors import (
     AlreadyExists,
     CsiError,
-    FailedPrecondition,
     Internal,
     InvalidArgument,
     NotFound,
@@ -395,7 +394,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         try:
             return S.read_manifest(root, sid.prefix, CONTROLLER_RETRY, header_only=True)
         except store_errors.BucketNotFoundError:
-            raise FailedPrecondition(
+            raise InvalidArgument(
                 f"snapshot bucket {sid.bucket!r} does not exist: create it, or name an existing one in the "
                 "VolumeSnapshotClass's parameters.bucket"
             ) from None
@@ -442,8 +441,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 return csi_pb2.ListSnapshotsResponse()
             try:
                 header = self._header(_store(sid, request.secrets), sid)
-            except FailedPrecondition:
-                header = None
+            except InvalidArgument:
+                header = None  # its bucket is gone: so is the snapshot
             if header is not None:
                 self._remember(sid)
                 found.append((str(sid), header))
