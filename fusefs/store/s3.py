@@ -290,8 +290,13 @@ class S3Store:
                 part_r = self._call(dst_key, self.client.upload_part_copy, Key=dst_key, UploadId=upload.upload_id,
                                     PartNumber=number, CopySource=source, CopySourceRange=f"bytes={start}-{end}",
                                     **cond)
+                etag = part_r.get("CopyPartResult", {}).get("ETag")
+                if not etag:  # rclone's S3 server answers UploadPartCopy with an empty result
+                    raise errors.InvalidRequestError(
+                        f"s3://{self.bucket}/{dst_key}: the store does not support UploadPartCopy, needed to "
+                        f"copy objects over {COPY_OBJECT_LIMIT} bytes server-side", key=dst_key)
                 with upload._lock:
-                    upload._parts[number] = part_r["CopyPartResult"]["ETag"]
+                    upload._parts[number] = etag
                     upload.size += end - start + 1
             return upload.complete()
         except BaseException:
