@@ -156,17 +156,18 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         source = self._content_source(request, vid)
         with self.locks.hold(f"create/{request.name}"):
             store = _store(vid, request.secrets)
-            fill = self._plan_fill(source, vid, store, request.secrets, capacity)
-            if vid.owns_bucket:
-                _call(f"create bucket {vid.bucket}", store.create_bucket)
-            else:
-                _call(f"check bucket {vid.bucket}", lambda: store.check_access())  # type: ignore[call-arg]
-            marker = self._mark(store, vid, request.name, capacity, source[0])
-            if not marker.get("populated", True):
-                self._fill(store, vid, request.name, fill)
-                marker["populated"] = True
-                body = json.dumps(marker).encode()
-                _call(f"write volume marker of {request.name}", lambda: store.put(vid.prefix + MARKER, body))
+            marker = self._existing_marker(store, vid, request.name, capacity, source[0])
+            # A repeat of a finished call is answered from the marker alone (its source may be
+            # gone by now); a new volume, or one a failed call left half-filled, is (re)filled.
+            if marker is None or not marker.get("populated", True):
+                fill = self._plan_fill(source, vid, store, request.secrets, capacity)
+                if marker is None:
+                    marker = self._new_volume(store, vid, request.name, capacity, source[0])
+                if not marker.get("populated", True):
+                    self._fill(store, vid, request.name, fill)
+                    marker["populated"] = True
+                    body = json.dumps(marker).encode()
+                    _call(f"write volume marker of {request.name}", lambda: store.put(vid.prefix + MARKER, body))
         context_out = {k: v for k, v in P.user_keys(request.parameters).items() if k not in P.LOCATION_KEYS}
         log.info("volume %s is %s%s", request.name, vid, f" (from {source[0]})" if source[0] else "")
         volume = csi_pb2.Volume(volume_id=str(vid), capacity_bytes=capacity, volume_context=context_out)
@@ -265,20 +266,31 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         return V.VolumeId(V.KIND_BUCKET, p.backend, bucket_name_for(name), p.prefix, p.endpoint, p.region)
 
     @staticmethod
-    def _mark(store: BlockingStore, vid: V.VolumeId, name: str, capacity: int, source: str) -> dict[str, Any]:
-        """The volume's marker, written now if missing. A volume with a content source is
-        marked unpopulated until its copies are done, so a retry fills it again and DeleteVolume
-        still finds (and removes) a half-filled one."""
+    def _new_volume(store: BlockingStore, vid: V.VolumeId, name: str, capacity: int, source: str) -> dict[str, Any]:
+        """Create the bucket (or check the shared one) and write the marker. A volume with a
+        content source is marked unpopulated until its copies are done, so a retry fills it
+        again and DeleteVolume still finds (and removes) a half-filled one."""
+        if vid.owns_bucket:
+            _call(f"create bucket {vid.bucket}", store.create_bucket)
+        else:
+            _call(f"check bucket {vid.bucket}", lambda: store.check_access())  # type: ignore[call-arg]
+        marker: dict[str, Any] = {"name": name, "capacity": capacity, "created": time.time()}
+        if source:
+            marker.update(source=source, populated=False)
+        body = json.dumps(marker).encode()
+        _call(f"write volume marker of {name}", lambda: store.put(vid.prefix + MARKER, body))
+        return marker
+
+    @staticmethod
+    def _existing_marker(store: BlockingStore, vid: V.VolumeId, name: str, capacity: int, source: str
+                         ) -> dict[str, Any] | None:
+        """The volume's marker if the volume exists (None if not, or not yet: its bucket may be
+        missing too); ALREADY_EXISTS if it is another volume's or another request's."""
         key = vid.prefix + MARKER
         try:
             info = _call(f"read volume marker of {name}", lambda: store.head(key))
         except NotFound:
-            marker: dict[str, Any] = {"name": name, "capacity": capacity, "created": time.time()}
-            if source:
-                marker.update(source=source, populated=False)
-            body = json.dumps(marker).encode()
-            _call(f"write volume marker of {name}", lambda: store.put(key, body))
-            return marker
+            return None
         raw = _call(f"read volume marker of {name}", lambda: store.get_range(key, 0, info.size))
         try:
             marker = json.loads(raw)

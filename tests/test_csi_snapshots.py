@@ -146,6 +146,8 @@ def test_snapshot_restore_clone_prefix_volumes(s3_server: RcloneS3, bucket: str)
         ctl.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=s.snapshot_id, secrets=sec), None)  # type: ignore[arg-type]
     assert view.keys(bucket, sid.prefix) == [] and listed(ctl, sec) == []
     assert view.tree(bucket, V.parse(restored.volume_id).prefix) == then
+    # a repeat of a finished CreateVolume is answered from its marker: its source may be gone
+    assert create(ctl, "pvc-restored", params, sec, from_snapshot(s.snapshot_id)).volume_id == restored.volume_id
 
 
 def test_snapshot_of_bucket_volume_needs_a_snapshot_bucket(s3_server: RcloneS3) -> None:
@@ -166,6 +168,17 @@ def test_snapshot_of_bucket_volume_needs_a_snapshot_bucket(s3_server: RcloneS3) 
     assert view.tree(V.parse(restored.volume_id).bucket, "") == {"x/y": b"data"}
     # an unfiltered list finds it (this controller has seen the root)
     assert [x.snapshot_id for x in listed(ctl, sec)] == [s.snapshot_id]
+
+    # Snapshots kept in the bucket of another bucket-per-volume volume outlive that volume's deletion.
+    host = create(ctl, "pvc-host-" + token.token_hex(4), params, sec)
+    host_bucket = V.parse(host.volume_id).bucket
+    view.put(host_bucket, "hosted-data", b"x")
+    s2 = snap(ctl, "s-hosted", restored.volume_id, sec, bucket=host_bucket)
+    ctl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=host.volume_id, secrets=sec), None)  # type: ignore[arg-type]
+    assert view.keys(host_bucket, "") == [V.parse_snapshot(s2.snapshot_id).prefix + p
+                                         for p in ("data/x/y", S.MANIFEST)]
+    back = create(ctl, "pvc-back2-" + token.token_hex(4), params, sec, from_snapshot(s2.snapshot_id))
+    assert view.tree(V.parse(back.volume_id).bucket, "") == {"x/y": b"data"}
 
 
 #: 10,000 objects take ~45 s to snapshot on a loaded 2-core machine (plus ~20 s to PUT them):
