@@ -300,3 +300,35 @@ def test_object_deleted_during_the_snapshot_is_left_out(s3_server: RcloneS3, buc
     s = snap(ctl, "snap-live", vol.volume_id, sec)
     manifest = S.Manifest.loads(s3_server.read_object(bucket, V.parse_snapshot(s.snapshot_id).prefix + S.MANIFEST))
     assert [e.key for e in manifest.entries] == ["kept"] and s.size_bytes == 4
+
+
+@pytest.mark.gcs
+def test_gcs_store_fault_during_copies_then_restore_retried(gcs: FakeGCS) -> None:
+    """On GCS too: a snapshot whose rewrites fail is not there at all, and its retry is whole; a
+    restore whose copies fail leaves an unpopulated volume that the retry fills."""
+    client = gcs.client()
+    bucket = gcs.create_bucket()
+    with CountingProxy(gcs.port) as proxy:
+        params = {"backend": "gcs", "endpoint": proxy.endpoint, "bucket": bucket}
+        ctl = ControllerService()
+        vol = create(ctl, "pvc-gf", params, {})
+        prefix = V.parse(vol.volume_id).prefix
+        files = {f"f{i:02d}": random_bytes(500 + i, i) for i in range(60)}
+        for k, v in files.items():
+            client.bucket(bucket).blob(prefix + k).upload_from_string(v)
+        plan = FaultPlan(rate=1.0, burst=1_000_000, kinds=(INTERNAL,), only=frozenset({"COPY"}), skip=20)
+        proxy.inject(plan)
+        with pytest.raises(Unavailable):
+            snap(ctl, "gsnap-faulty", vol.volume_id, {})
+        proxy.inject(None)
+        assert list(client.list_blobs(bucket, prefix=S.folder_for("gsnap-faulty"))) == []
+        s = snap(ctl, "gsnap-faulty", vol.volume_id, {})
+        proxy.inject(FaultPlan(rate=1.0, burst=1_000_000, kinds=(INTERNAL,), only=frozenset({"COPY"}), skip=20))
+        with pytest.raises(Unavailable):
+            create(ctl, "pvc-gf2", params, {}, from_snapshot(s.snapshot_id))
+        proxy.inject(None)
+        restored = create(ctl, "pvc-gf2", params, {}, from_snapshot(s.snapshot_id))
+    rprefix = V.parse(restored.volume_id).prefix
+    got = {b.name[len(rprefix):]: b.download_as_bytes() for b in client.list_blobs(bucket, prefix=rprefix)}
+    marker = got.pop(S.MARKER)
+    assert got == files and b'"populated": true' in marker
