@@ -44,7 +44,12 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
     def GetPluginCapabilities(self, request: csi_pb2.GetPluginCapabilitiesRequest, context: grpc.ServicerContext
                               ) -> csi_pb2.GetPluginCapabilitiesResponse:
         service = csi_pb2.PluginCapability.Service(type=csi_pb2.PluginCapability.Service.CONTROLLER_SERVICE)
-        return csi_pb2.GetPluginCapabilitiesResponse(capabilities=[csi_pb2.PluginCapability(service=service)])
+        # ONLINE: ControllerExpandVolume only records the size (object storage has none), so a
+        # volume in use grows as well as one that is not; there is nothing to do on the node.
+        expansion = csi_pb2.PluginCapability.VolumeExpansion(type=csi_pb2.PluginCapability.VolumeExpansion.ONLINE)
+        return csi_pb2.GetPluginCapabilitiesResponse(capabilities=[
+            csi_pb2.PluginCapability(service=service), csi_pb2.PluginCapability(volume_expansion=expansion),
+        ])
 
     def Probe(self, request: csi_pb2.ProbeRequest, context: grpc.ServicerContext) -> csi_pb2.ProbeResponse:
         ready = fuse_usable() if self.needs_fuse else True

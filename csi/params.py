@@ -97,6 +97,25 @@ def parse(parameters: Mapping[str, str]) -> VolumeParams:
     return p
 
 
+SNAPSHOT_KNOWN = ("bucket",)
+
+
+def parse_snapshot(parameters: Mapping[str, str], backend: str) -> str:
+    """VolumeSnapshotClass parameters: the bucket snapshots go to ('' for the default: the
+    source volume's bucket). Unknown keys are refused by name, as for volumes."""
+    given = user_keys(parameters)
+    unknown = sorted(set(given) - set(SNAPSHOT_KNOWN))
+    if unknown:
+        raise InvalidArgument(
+            f"unknown snapshot parameter(s) {', '.join(unknown)}: known is {', '.join(SNAPSHOT_KNOWN)}"
+        )
+    bucket = given.get("bucket", "")
+    problem = bucket_name_problem(backend, bucket) if bucket else None
+    if problem:
+        raise InvalidArgument(f"snapshot parameter bucket {bucket!r} is not a valid bucket name: {problem}")
+    return bucket
+
+
 def _number(given: Mapping[str, str], key: str, default: float) -> float:
     if key not in given:
         return default

@@ -68,3 +68,43 @@ def parse(text: str) -> VolumeId:
     if endpoint and not re.match(r"^https?://[^\s/]+(/\S*)?$", endpoint):
         raise MalformedVolumeId(f"{text!r} is not an objfs volume ID (endpoint)")
     return VolumeId(kind, backend, bucket, prefix, endpoint, region)
+
+
+# -- snapshots -------------------------------------------------------------------------------------
+SNAPSHOT_VERSION = "objfs1s"
+
+
+class MalformedSnapshotId(ValueError):
+    """The string is not an objfs snapshot ID."""
+
+
+@dataclass(frozen=True)
+class SnapshotId:
+    """Where a snapshot lives, which is all a later call needs:
+
+        objfs1s:<backend>:<bucket>:<prefix>:<endpoint>:<region>
+
+    ``prefix`` is the snapshot's own folder (``.objfs-snapshots/<name>/``): its manifest and
+    its data. The source volume is recorded in the manifest, not here."""
+
+    backend: str
+    bucket: str
+    prefix: str  # normalized, never empty
+    endpoint: str = ""
+    region: str = ""
+
+    def __str__(self) -> str:
+        fields = [self.bucket, self.prefix, self.endpoint, self.region]
+        return ":".join([SNAPSHOT_VERSION, self.backend, *(quote(f, safe="/-._~") for f in fields)])
+
+
+def parse_snapshot(text: str) -> SnapshotId:
+    parts = text.split(":")
+    if len(parts) != 6 or parts[0] != SNAPSHOT_VERSION or parts[1] not in BACKENDS:
+        raise MalformedSnapshotId(f"{text!r} is not an objfs snapshot ID")
+    # The same field rules as a volume ID of a prefix volume.
+    try:
+        vid = parse(":".join([VERSION, KIND_PREFIX, *parts[1:]]))
+    except MalformedVolumeId:
+        raise MalformedSnapshotId(f"{text!r} is not an objfs snapshot ID") from None
+    return SnapshotId(vid.backend, vid.bucket, vid.prefix, vid.endpoint, vid.region)

@@ -61,12 +61,14 @@ umask 077
   done
 } > "$work/secrets.yaml"
 umask 022
-if [ "$mode" = prefix ]; then
-  AWS_ACCESS_KEY_ID="$access_key" AWS_SECRET_ACCESS_KEY="$secret_key" "$py" -c '
+# Snapshots of a prefix volume go to its own bucket; a volume that is a bucket of its own needs
+# the VolumeSnapshotClass to name a bucket for them (DeleteVolume deletes the volume's bucket).
+if [ "$mode" = prefix ]; then shared=sanity-shared; else shared=sanity-snapshots; fi
+echo "bucket: $shared" > "$work/snapshot-params.yaml"
+AWS_ACCESS_KEY_ID="$access_key" AWS_SECRET_ACCESS_KEY="$secret_key" "$py" -c '
 import sys, boto3
-boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1").create_bucket(Bucket="sanity-shared")
-' "$endpoint"
-fi
+boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1").create_bucket(Bucket=sys.argv[2])
+' "$endpoint" "$shared"
 
 # The servers run as an unprivileged uid (65534) where it can run our interpreter; a venv whose
 # interpreter lives under a private home (/root, 0700) cannot be run by it: then uid 0.
@@ -87,7 +89,8 @@ for _ in $(seq 300); do [ -S "$work/csi.sock" ] && break; sleep 0.1; done
 echo "== running $("$sanity" -version 2>/dev/null || echo csi-sanity) ($mode mode)"
 set +e
 "$sanity" -csi.endpoint "unix://$work/csi.sock" -csi.mountdir "$work/mnt" -csi.stagingdir "$work/staging" \
-  -csi.testvolumeparameters "$work/params.yaml" -csi.secrets "$work/secrets.yaml" -ginkgo.no-color "$@" \
+  -csi.testvolumeparameters "$work/params.yaml" -csi.testsnapshotparameters "$work/snapshot-params.yaml" \
+  -csi.secrets "$work/secrets.yaml" -ginkgo.no-color "$@" \
   > "$work/sanity.log" 2>&1
 rc=$?
 set -e

@@ -113,6 +113,19 @@ def test_example_parameters_are_accepted() -> None:
     assert ("ReadOnlyMany",) in modes
 
 
+def test_snapshotter_beside_the_provisioner_and_the_snapshot_class_is_accepted() -> None:
+    dep = named("Deployment", "objfs-csi-controller")
+    containers = {c["name"]: c for c in dep["spec"]["template"]["spec"]["containers"]}
+    snap = containers["csi-snapshotter"]
+    assert snap["image"].startswith("registry.k8s.io/sig-storage/csi-snapshotter:v8.")
+    assert "--csi-address=/csi/csi.sock" in snap["args"]
+    rules = named("ClusterRole", "objfs-csi-snapshotter")["rules"]
+    assert any("volumesnapshotcontents/status" in r["resources"] for r in rules)
+    for vsc in by_kind("VolumeSnapshotClass", DEPLOY / "examples"):
+        assert vsc["driver"] == "objfs.csi.dev"
+        P.parse_snapshot(vsc["parameters"], "s3")
+
+
 def test_webhook_is_fail_safe_and_its_flags_match_its_objects() -> None:
     (mwc,) = by_kind("MutatingWebhookConfiguration")
     (hook,) = mwc["webhooks"]

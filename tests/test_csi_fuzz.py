@@ -51,7 +51,9 @@ DOCUMENTED: dict[str, set[grpc.StatusCode]] = {
     "ListVolumes": set(),
     "GetCapacity": set(),
     "ControllerGetCapabilities": set(),
-    "CreateSnapshot": {C.ALREADY_EXISTS, C.RESOURCE_EXHAUSTED},
+    # NOT_FOUND: a source volume that does not exist (not in v1.12's table; csi-driver-host-path
+    # answers the same, as CreateVolume does for a missing content source)
+    "CreateSnapshot": {C.ALREADY_EXISTS, C.RESOURCE_EXHAUSTED, C.NOT_FOUND},
     "DeleteSnapshot": {C.FAILED_PRECONDITION},
     "ListSnapshots": set(),
     "ControllerExpandVolume": {C.NOT_FOUND, C.FAILED_PRECONDITION, C.OUT_OF_RANGE},
@@ -115,7 +117,7 @@ def paths(draw: st.DrawFn) -> str:
     """Mostly absolute paths under the scratch root (with odd segments: '.', empty, long, NUL,
     '..' which the plugin must refuse), sometimes relative or empty. Never elsewhere on the host."""
     segment = st.one_of(st.sampled_from(["", ".", "..", "mount", "a b", "x" * 300, "nul\0"]),
-                        st.text(st.characters(exclude_characters="/"), min_size=1, max_size=20))
+                        st.text(st.characters(exclude_characters="/", codec="utf-8"), min_size=1, max_size=20))
     parts = draw(st.lists(segment, min_size=0, max_size=4))
     if ".." not in parts:
         parts = [p for p in parts if p not in ("",)]  # '..'-free paths stay under the root

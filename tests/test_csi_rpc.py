@@ -78,7 +78,10 @@ def test_identity(client: Client) -> None:
     info = client.identity.GetPluginInfo(pb.GetPluginInfoRequest())
     assert info.name == "objfs.csi.dev" and info.vendor_version
     caps = client.identity.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest()).capabilities
-    assert [c.service.type for c in caps] == [pb.PluginCapability.Service.CONTROLLER_SERVICE]
+    assert [c.service.type for c in caps if c.HasField("service")] == [pb.PluginCapability.Service.CONTROLLER_SERVICE]
+    # expansion only records the size: a volume in use grows as well as one that is not
+    assert [c.volume_expansion.type for c in caps if c.HasField("volume_expansion")] == \
+        [pb.PluginCapability.VolumeExpansion.ONLINE]
     assert client.identity.Probe(pb.ProbeRequest()).ready.value is True
 
 
@@ -97,7 +100,9 @@ def test_create_volume_validation(client: Client, s3_server: RcloneS3) -> None:
         ({"parameters": sc_params(s3_server, backend="azure")}, "backend 'azure'"),
         ({"secrets": {"accessKeyID": "only-half"}}, "both accessKeyID and secretAccessKey"),
         ({"volume_content_source": pb.VolumeContentSource(
-            volume=pb.VolumeContentSource.VolumeSource(volume_id="x"))}, "not supported"),
+            volume=pb.VolumeContentSource.VolumeSource(volume_id=""))}, "volume_id is required"),
+        ({"volume_content_source": pb.VolumeContentSource()}, "neither a snapshot nor a volume"),
+        ({"name": ".objfs-snapshots"}, "reserved"),
     ]
     for change, message in cases:
         code, details = code_of(create_rpc, pb.CreateVolumeRequest(**{**base, **change}))  # type: ignore[arg-type]

@@ -212,3 +212,18 @@ def test_node_extra_args_reach_the_plugin() -> None:
     args = parse_args(plugin["args"])
     assert (args.inline_buckets, args.stats_timeout) == ("models-*", 5.0)
     assert helm("node.extraArgs[0]=inline-buckets", check=False).returncode != 0  # the schema wants flags
+
+
+def test_snapshots_off_and_resizer_on() -> None:
+    full = render()
+    without = render("snapshots.enabled=false")
+    assert {k[3] for k in set(full) - set(without)} == {"objfs-csi-snapshotter"}  # its role and binding
+
+    def sidecars(objects: dict[Key, dict[str, Any]]) -> set[str]:
+        dep = objects["apps/v1", "Deployment", "objfs", "objfs-csi-controller"]
+        return {c["name"] for c in dep["spec"]["template"]["spec"]["containers"]}
+
+    assert "csi-snapshotter" in sidecars(full) and "csi-snapshotter" not in sidecars(without)
+    resizing = render("controller.resizer=true")
+    assert "csi-resizer" in sidecars(resizing) and "csi-resizer" not in sidecars(full)
+    assert {k[3] for k in set(resizing) - set(full)} == {"objfs-csi-resizer"}

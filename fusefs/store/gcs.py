@@ -329,6 +329,19 @@ class GCSStore:
                     break
         return _info(target)
 
+    def copy_from(self, src_bucket: str, src_key: str, dst_key: str, size: int, version: str | None = None
+                  ) -> ObjectInfo:
+        source = self.client.bucket(src_bucket).blob(src_key)
+        target = self._bucket.blob(dst_key)
+        cond = {"if_source_generation_match": int(version)} if version else {}
+        with self._errors(dst_key):
+            token: str | None = None
+            while True:  # rewrite copies large objects in several calls, each returning a token
+                token, _, _ = target.rewrite(source, token=token, retry=None, timeout=self.timeout, **cond)
+                if token is None:
+                    break
+        return _info(target)
+
     def delete(self, key: str) -> None:
         try:
             with self._errors(key):

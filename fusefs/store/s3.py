@@ -35,6 +35,9 @@ _TRANSIENT = {"InternalError", "ServiceUnavailable", "RequestTimeout", "RequestT
               "PriorRequestNotComplete", "500", "502", "504"}
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
+#: the largest object one CopyObject copies (Amazon S3's limit); larger ones go part by part
+COPY_OBJECT_LIMIT = 5 * 1024**3
+COPY_PART_SIZE = 512 * 1024 * 1024
 #: Amazon S3's multipart limits (S3-compatible stores accept at least these, most the same)
 LIMITS = StoreLimits(max_parts=10_000, min_part_size=5 * MiB, max_part_size=5 * GiB, max_object_size=5 * TiB)
 # Bounds the temporary buffer of each read from a response body read in pieces. Below glibc's mmap threshold
@@ -268,6 +271,37 @@ class S3Store:
         with self._errors(src):
             self.client.copy({"Bucket": self.bucket, "Key": src}, self.bucket, dst, Config=self.transfer)
         return self.head(dst)
+
+    def copy_from(self, src_bucket: str, src_key: str, dst_key: str, size: int, version: str | None = None
+                  ) -> ObjectInfo:
+        source = {"Bucket": src_bucket, "Key": src_key}
+        cond = {"CopySourceIfMatch": f'"{version}"'} if version else {}
+        if size <= COPY_OBJECT_LIMIT:
+            r = self._call(dst_key, self.client.copy_object, Key=dst_key, CopySource=source, **cond)
+            result = r.get("CopyObjectResult", {})
+            return _info(dst_key, size, result.get("ETag", ""), result.get("LastModified"))
+        # CopyObject takes at most 5 GiB: larger objects are copied as ranges (UploadPartCopy)
+        # of one multipart upload, each pinned to the same source version.
+        part = max(COPY_PART_SIZE, -(-size // LIMITS.max_parts))
+        upload = self.create_multipart(dst_key)
+        try:
+            for number, start in enumerate(range(0, size, part), 1):
+                end = min(size, start + part) - 1
+                part_r = self._call(dst_key, self.client.upload_part_copy, Key=dst_key, UploadId=upload.upload_id,
+                                    PartNumber=number, CopySource=source, CopySourceRange=f"bytes={start}-{end}",
+                                    **cond)
+                etag = part_r.get("CopyPartResult", {}).get("ETag")
+                if not etag:  # rclone's S3 server answers UploadPartCopy with an empty result
+                    raise errors.InvalidRequestError(
+                        f"s3://{self.bucket}/{dst_key}: the store does not support UploadPartCopy, needed to "
+                        f"copy objects over {COPY_OBJECT_LIMIT} bytes server-side", key=dst_key)
+                with upload._lock:
+                    upload._parts[number] = etag
+                    upload.size += end - start + 1
+            return upload.complete()
+        except BaseException:
+            upload.abort()
+            raise
 
     def delete(self, key: str) -> None:
         try:
