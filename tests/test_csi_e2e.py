@@ -16,9 +16,9 @@ import signal
 import sqlite3
 import tempfile
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from collections.abc import Iterator
 
 import pytest
 

@@ -48,7 +48,8 @@ class Node:
     def start_plugin(self, *extra: str) -> Client:
         self.plugin = PluginProcess(self.dirs, node_id="node-s", pid_namespace=True, extra_args=[
             "--launcher", "sidecar", "--kubelet-root", str(self.kubelet.root), "--server-uid", "65534",
-            "--server-gid", "65534", "--sidecar-wait", "1", *extra])
+            "--server-gid", "65534", "--data-uid", "65532", "--data-gid", "65532", "--server-command", self.command,
+            "--sidecar-wait", "1", *extra])
         self.client = self.plugin.start()
         return self.client
 
@@ -64,7 +65,7 @@ class Node:
 
     def records(self) -> list[str]:
         state = Path(self.dirs.state)
-        return sorted(os.listdir(state / "targets")) + sorted(os.listdir(state / "pending"))
+        return sorted(os.listdir(state / "targets")) + sorted(os.listdir(state / "grants"))
 
     def phase(self, target: str) -> str | None:
         rec = StateStore(self.dirs.state).get(target)
@@ -128,7 +129,9 @@ def test_a_pod_keeps_reading_across_a_restart_of_the_plugins_container(
     assert fields["Uid"].split() == ["65534"] * 4 and int(fields["CapEff"], 16) == 0
     with open(f"/proc/{server}/environ", "rb") as f:
         assert s3_server.secret_key.encode() not in f.read()
-    assert os.listdir(Path(node.dirs.state) / "pending") == []  # the config with secrets is gone at once
+    # The pod's server holds no secret and no node path; the grant record's secret is encrypted.
+    record = next((Path(node.dirs.state) / "grants").iterdir()).read_bytes()
+    assert s3_server.secret_key.encode() not in record and s3_server.access_key.encode() not in record
     assert stats(client, "model", target).volume_condition.message == "serving"
 
     node.kill_plugin()  # the plugin's whole PID namespace dies
