@@ -27,12 +27,10 @@ import trio
 from . import buffers, errors, kernel, metrics
 from .backing import Passthrough, choose_registrar, fuse_fd, patched_pyfuse3
 from .config import MountConfig
-from .objects import tenant_of
 from .ops import Operations
 from .retry import RetryPolicy
 from .service.api import DataClient
 from .service.local import LocalData
-from .service.scope import Scope
 from .store import AsyncStore, open_store
 from .store.base import ObjectInfo
 from .wire.grant import GrantClient
@@ -128,8 +126,7 @@ def open_local_data(config: MountConfig, store: AsyncStore) -> LocalData:
         registrar, how = choose_registrar(config.broker_socket)
         if registrar is None:
             log.warning("FUSE passthrough off: %s; reading through the server", how)
-    return LocalData(store, Scope(config.bucket, config.prefix, config.read_only), config.tuning.block_size,
-                     cache=cache, tenant=tenant_of(config), registrar=registrar, fuse_fd=fuse_fd)
+    return LocalData.for_config(config, store, cache=cache, registrar=registrar, fuse_fd=fuse_fd)
 
 
 def passthrough_for(config: MountConfig, data: DataClient) -> Passthrough | None:
@@ -151,7 +148,7 @@ def passthrough_for(config: MountConfig, data: DataClient) -> Passthrough | None
     return Passthrough("backing files registered read-only by the data service")
 
 
-def _exporter(config: MountConfig, cache: NodeCache | None) -> metrics.MountExporter:
+def _exporter(config: MountConfig, data: DataClient, cache: NodeCache | None) -> metrics.MountExporter:
     """This mount's figures (fusefs.metrics); MountError for an address that cannot be served."""
     try:
         exporter = metrics.for_mount(config.metrics_volume or config.source, config.metrics_pod,
@@ -160,9 +157,7 @@ def _exporter(config: MountConfig, cache: NodeCache | None) -> metrics.MountExpo
         raise MountError(str(exc)) from None
     if cache is not None:
         exporter.watch_cache(cache)
-        metrics.cache_disabled(not cache.usable)
-    else:
-        metrics.cache_disabled(bool(config.cache_dir) and config.cache_size > 0)
+    metrics.cache_disabled(data.cache_disabled)
     exporter.write_quietly()  # before ready: the plugin may ask for the volume's condition at once
     return exporter
 
@@ -273,7 +268,7 @@ async def serve(
 
 async def _serve_with(config: MountConfig, mountpoint: str, data: DataClient, cache: NodeCache | None,
                       ready: Callable[[], None] | None, unmount_target: str | None) -> None:
-    exporter = _exporter(config, cache)
+    exporter = _exporter(config, data, cache)
     # Blocks dropped by the reader are reused for the next ones (fusefs.buffers): a few suffice,
     # as a stream drops a block for every block it fetches.
     buffers.configure(data.block_size, keep=2)

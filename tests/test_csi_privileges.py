@@ -1,5 +1,6 @@
-"""The FUSE servers run as the unprivileged server uid (65534) without capabilities, and the node
-cache is theirs (0700). The repo's venv interpreter may live where uid 65534 cannot reach it
+"""The FUSE servers run as the unprivileged server uid (65534) without capabilities; the node's data
+service runs as a uid of its own (65532), also without capabilities, and the node cache is its
+alone (0700): the servers never see it. The repo's venv interpreter may live where uid 65534 cannot reach it
 (/root is 0700 here), so this test runs the server through the system python3 of the same minor
 version with the venv's site-packages on its path."""
 
@@ -36,7 +37,8 @@ def unprivileged() -> Iterator[tuple[Client, PluginDirs]]:
         shutil.rmtree(root)
         pytest.skip("no interpreter uid 65534 can run objfs with here")
     try:
-        extra = ["--server-uid", "65534", "--server-gid", "65534", "--server-command", command]
+        extra = ["--server-uid", "65534", "--server-gid", "65534", "--data-uid", "65532", "--data-gid", "65532",
+                 "--server-command", command]
         with InProcessPlugin(dirs, node_id="node-p", extra_args=extra) as client:
             yield client, dirs
     finally:
@@ -47,6 +49,22 @@ def unprivileged() -> Iterator[tuple[Client, PluginDirs]]:
 def status_fields(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/status") as f:
         return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def data_service_pid() -> int:
+    """The plugin (this process, from any of its threads) started the node's data service."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            ppid = int(status_fields(int(name))["PPid"])
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except (OSError, KeyError, ValueError):
+            continue
+        if ppid == os.getpid() and b"data-service" in cmdline:
+            return int(name)
+    raise AssertionError("no data service running")
 
 
 def test_servers_run_unprivileged(unprivileged: tuple[Client, PluginDirs], s3_server: RcloneS3, bucket: str) -> None:
@@ -77,7 +95,10 @@ def test_servers_run_unprivileged(unprivileged: tuple[Client, PluginDirs], s3_se
             f.write(b"B")
         assert s3_server.client().get_object(Bucket=bucket, Key="b.txt")["Body"].read() == b"B"
         st = os.stat(dirs.cache)
-        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (65534, 0o700)
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (65532, 0o700)
+        service = status_fields(data_service_pid())
+        assert service["Uid"].split() == ["65532"] * 4 and service["Gid"].split() == ["65532"] * 4
+        assert int(service["CapEff"], 16) == 0 and int(service["CapPrm"], 16) == 0
     finally:
         client.node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id="static-p", target_path=target))
     assert not os.path.exists(target)
@@ -140,7 +161,7 @@ def test_secrets_stay_out_of_logs_files_and_errors_and_the_cache_is_private(
         for path in cache_paths:  # not group/other readable (or writable): the cache holds tenants' bytes
             st = os.lstat(path)
             assert stat.S_IMODE(st.st_mode) & 0o077 == 0, (path, oct(st.st_mode))
-            assert st.st_uid == 65534, path
+            assert st.st_uid == 65532, path  # the data service's, never the servers' uid
         for path in _files_under(dirs.root):
             if os.path.commonpath([path, dirs.cache]) == dirs.cache or not os.path.isfile(path):
                 continue  # object bytes, checked above; sockets
@@ -149,7 +170,7 @@ def test_secrets_stay_out_of_logs_files_and_errors_and_the_cache_is_private(
             assert not any(s.encode() in content for s in secret_values), path
             if stat.S_IMODE(os.stat(path).st_mode) & 0o004:  # what other users can read holds nothing secret
                 assert s3_server.access_key.encode() not in content, path
-        for pid in [rec.pid, os.getpid()]:  # the server, and the plugin (this process)
+        for pid in [rec.pid, os.getpid(), data_service_pid()]:  # the server, the plugin (this process), the service
             for what in ("cmdline", "environ"):
                 with open(f"/proc/{pid}/{what}", "rb") as f:
                     content = f.read()

@@ -123,7 +123,8 @@ def test_publish_storm_with_plugin_kills_leaks_nothing(s3_server: RcloneS3, buck
         assert calls == 2 * TARGETS
         assert [t for t in targets if kernel.find_mount(t) is not None or os.path.exists(t)] == []
         assert os.listdir(os.path.join(dirs.state, "targets")) == []
-        assert os.listdir(os.path.join(dirs.state, "pending")) == []
+        assert os.listdir(os.path.join(dirs.state, "grants")) == []  # no grant (nor its secret) outlives its volume
+        assert os.listdir(os.path.join(dirs.state, "servers")) == []
         assert [f for f in os.listdir(os.path.join(dirs.state, "logs")) if f != "zygote.log"] == []
     finally:
         plugin.current().close()

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from csi.dataservice import DataService
 from csi.launcher import ProcessLauncher, proc_start_time
+from csi.node import for_server
 from csi.zygote import Zygote
 from fusefs import handoff, kernel
 from fusefs.config import MountConfig
@@ -47,7 +49,7 @@ def test_forked_server_reports_like_objfs_serve_and_is_reaped(zygote: Zygote, tm
     ready_r, ready_w = os.pipe()
     log_path = tmp_path / "server.log"
     with open(log_path, "ab") as logf, open(os.devnull, "rb") as fuse:
-        pid = zygote.start((cfg_r, fuse.fileno(), ready_w, logf.fileno()))
+        pid = zygote.start((cfg_r, fuse.fileno(), ready_w, logf.fileno(), fuse.fileno(), fuse.fileno()))
     os.close(cfg_r)
     os.close(ready_w)
     assert pid is not None and pid != zygote.pid
@@ -69,9 +71,11 @@ def test_forked_server_serves_a_mount_and_outlives_the_zygote(
     target.mkdir()
     launcher = ProcessLauncher(str(tmp_path / "logs"), OBJFS, uid=0, gid=0)
     launcher._zygote = zygote  # the fixture's, so that it is closed whatever happens
+    service = DataService(OBJFS, None, 0)
     fuse_fd = kernel.mount_fuse(str(target), read_only=True)
     try:
-        handle = launcher.start(s3_config, fuse_fd, "zygote-test")
+        with service.grant(str(target), s3_config) as grant:
+            handle = launcher.start(for_server(s3_config), fuse_fd, "zygote-test", grant)
         os.close(fuse_fd)
         fuse_fd = -1
         assert handle.pid != zygote.pid
@@ -82,6 +86,7 @@ def test_forked_server_serves_a_mount_and_outlives_the_zygote(
         kernel.unmount(str(target))
         assert wait_gone(handle.pid)  # unmounting ends the server, as with objfs serve
     finally:
+        service.close()
         if fuse_fd >= 0:
             os.close(fuse_fd)
         if kernel.find_mount(str(target)) is not None:
@@ -93,6 +98,6 @@ def test_a_zygote_that_cannot_start_means_direct_starts(tmp_path: Path) -> None:
     try:
         assert not broken.ensure()
         with open(os.devnull, "rb") as f:
-            assert broken.start((f.fileno(), f.fileno(), f.fileno(), f.fileno())) is None
+            assert broken.start((f.fileno(),) * 6) is None
     finally:
         broken.close()

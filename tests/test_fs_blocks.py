@@ -15,6 +15,7 @@ from fusefs import errors
 from fusefs.config import MiB, MountConfig, Tuning
 from fusefs.meta import Meta
 from fusefs.read import BlockReader, Sequential
+from fusefs.service.local import LocalData
 from fusefs.store import AsyncStore, open_store
 from fusefs.store.base import ObjectInfo
 from tests.proxy import CountingProxy
@@ -40,7 +41,7 @@ async def reading(s3_server: RcloneS3, config: MountConfig, proxy: CountingProxy
     store = AsyncStore(open_store(config))
     info = await store.head(key)
     async with trio.open_nursery() as nursery:
-        reader = BlockReader(store, config.tuning)
+        reader = BlockReader(LocalData.for_config(config, store), config.tuning)
         reader.start(nursery)
         proxy.reset()
         yield info, reader
@@ -113,7 +114,7 @@ async def test_lookups_answer_from_the_listing(
     client = s3_server.client()
     for key in ("d/a.txt", "d/b.txt", "d/sub/c.txt", "other/x"):
         client.put_object(Bucket=config.bucket, Key=key, Body=b"1")
-    meta = Meta(AsyncStore(open_store(config)), config)
+    meta = Meta(LocalData.for_config(config, AsyncStore(open_store(config))), config)
     counting_proxy.reset()
     listing = await meta.listing("d")
     assert listing.names == ["a.txt", "b.txt", "sub"]

@@ -233,7 +233,7 @@ def test_a_server_with_a_broker_socket_registers_through_the_broker(
     config: MountConfig, data: bytes, mount_fs: Callable[..., Mounted], tmp_path: Path
 ) -> None:
     cached(mount_fs, config, data)
-    broker = Broker(str(tmp_path / "broker"), config.cache_dir or "", server_uid=65534)
+    broker = Broker(str(tmp_path / "broker"), config.cache_dir or "", client_uid=65532)
     try:
         m = mount_fs(dataclasses.replace(config, broker_socket=broker.path, metrics_path=str(tmp_path / "b.prom")))
         for _ in range(2):
@@ -251,7 +251,7 @@ def test_a_server_with_a_broker_socket_registers_through_the_broker(
 def broker(tmp_path: Path) -> Iterator[tuple[Broker, Path]]:
     objects = tmp_path / "cache" / "objects" / "ab"
     objects.mkdir(parents=True)
-    b = Broker(str(tmp_path / "broker"), str(tmp_path / "cache"), server_uid=65534)
+    b = Broker(str(tmp_path / "broker"), str(tmp_path / "cache"), client_uid=65532)
     yield b, objects
     b.close()
 

@@ -4,6 +4,7 @@ S3 server behind it. Also the frame bytes themselves: old sidecars keep talking 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import struct
@@ -17,11 +18,10 @@ import trio.testing
 
 from fusefs import errors
 from fusefs.cache import NodeCache
-from fusefs.config import MountConfig
-from fusefs.objects import tenant_of
+from fusefs.config import MountConfig, Tuning
 from fusefs.retry import RetryPolicy
 from fusefs.service.local import LocalData
-from fusefs.service.scope import ReadOnlyError, Scope
+from fusefs.service.scope import ReadOnlyError
 from fusefs.store import AsyncStore, open_store
 from fusefs.store.base import ObjectInfo
 from fusefs.wire import grant as W
@@ -34,7 +34,8 @@ BLOCK = MiB
 def local_data(config: MountConfig, prefix: str = "", read_only: bool = False,
                cache: NodeCache | None = None) -> LocalData:
     store = AsyncStore(open_store(config), 8, RetryPolicy(deadline=5))
-    return LocalData(store, Scope(config.bucket, prefix, read_only), BLOCK, cache=cache, tenant=tenant_of(config))
+    volume = dataclasses.replace(config, prefix=prefix, read_only=read_only, tuning=Tuning(block_size=BLOCK))
+    return LocalData.for_config(volume, store, cache=cache)
 
 
 @asynccontextmanager
@@ -134,7 +135,7 @@ def test_malformed_requests_get_errors_and_the_connection_keeps_serving(s3_serve
             for header in ({"op": "nope"}, {"op": "head", "key": 5}, {"op": "read", "info": "x", "index": 0},
                            {"op": "read", "info": {"key": "k", "size": -1, "version": "v"}, "index": 0},
                            {"op": "mp_part", "upload": 99, "number": 1, "key": "k"},
-                           {"op": "range", "key": "k", "start": 0, "length": 10 * BLOCK}):
+                           {"op": "range", "key": "k", "start": 0, "length": 65 * MiB}):
                 with pytest.raises(errors.StoreError):
                     await client._call(header)
             assert (await client.head("k")).size == 1

@@ -22,6 +22,8 @@ from hypothesis import strategies as st
 from fusefs import errors
 from fusefs.config import MiB, MountConfig, Tuning
 from fusefs.retry import RetryPolicy
+from fusefs.service.local import LocalData
+from fusefs.service.scope import Scope
 from fusefs.store import AsyncStore, ObjectInfo, open_store
 from fusefs.write import WriteHandle
 from tests.servers import RcloneS3
@@ -85,7 +87,9 @@ def open_handle(
     truncate: bool = True,
     tuning: Tuning = TUNING,
 ) -> WriteHandle:
-    return WriteHandle(store, key, tuning, staging, nursery, existing, truncate)
+    # the data served in-process, as a standalone mount has it (the tests' stores inject faults below it)
+    data = LocalData(store, Scope(""), tuning.block_size)
+    return WriteHandle(data, key, tuning, staging, nursery, existing, truncate)
 
 
 async def write_chunks(h: WriteHandle, data: bytes, offset: int = 0, chunk: int = 128 * 1024) -> None:

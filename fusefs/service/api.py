@@ -28,6 +28,8 @@ class DataClient(Protocol):
     node_cache: bool
     #: whether ``backing_open`` can ever answer an id (a cache and a registrar on the service side)
     passthrough: bool
+    #: the volume asked for the node cache and the service has none usable (a problem to report)
+    cache_disabled: bool
 
     @property
     def requests(self) -> int:

@@ -28,14 +28,12 @@ import trio
 
 from ..backing import Registrar, broker_registrar
 from ..config import MountConfig
-from ..objects import tenant_of
 from ..retry import RetryPolicy
 from ..store import AsyncStore, open_store
 from ..wire import control
 from ..wire.fds import recv_with_fds
 from ..wire.grant import GrantServer
 from .local import LocalData
-from .scope import Scope
 
 if TYPE_CHECKING:
     from ..cache import NodeCache
@@ -75,10 +73,8 @@ class DataService:
         cache = self.cache if config.cache_dir and self.cache is not None else None
 
         async def make_data(fuse_fd: int | None) -> LocalData:
-            return LocalData(
-                grant.store, Scope(config.bucket, config.prefix, config.read_only), config.tuning.block_size,
-                cache=cache, tenant=tenant_of(config),
-                registrar=self.registrar if config.tuning.passthrough else None,
+            return LocalData.for_config(
+                config, grant.store, cache=cache, registrar=self.registrar if config.tuning.passthrough else None,
                 fuse_fd=(lambda: fuse_fd) if fuse_fd is not None else None, backing_root=self.backing_root)
 
         with trio.CancelScope() as scope:

@@ -25,6 +25,8 @@ import trio
 
 from .. import errors, metrics
 from ..backing import Registrar
+from ..config import MountConfig
+from ..objects import tenant_of
 from ..retry import RetryPolicy
 from ..store.base import AsyncStore, ListPage, MultipartUpload, ObjectInfo
 from .scope import Scope
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHECK_DEADLINE = 10.0  # seconds the access check is retried for: a wrong endpoint fails fast
+#: the longest range one request may ask for: what the service holds in memory for one answer
+MAX_RANGE = 64 * 1024 * 1024
 
 
 class LocalData:
@@ -42,15 +46,16 @@ class LocalData:
 
     def __init__(self, store: AsyncStore, scope: Scope, block_size: int, *, cache: NodeCache | None = None,
                  tenant: str = "", registrar: Registrar | None = None,
-                 fuse_fd: Callable[[], int | None] | None = None, backing_root: tuple[str, str] | None = None
-                 ) -> None:
+                 fuse_fd: Callable[[], int | None] | None = None, backing_root: tuple[str, str] | None = None,
+                 cache_wanted: bool = False) -> None:
         self.store = store
         self.scope = scope
         self.identity = store.identity
         self.limits = store.limits
         self.block_size = block_size
         self.cache = cache
-        self.node_cache = cache is not None
+        self.node_cache = cache is not None and cache.usable
+        self.cache_disabled = cache_wanted and not self.node_cache
         self.tenant = tenant
         self.registrar = registrar
         #: the FUSE connection's fd backing ids are registered on (None: passthrough off)
@@ -63,6 +68,16 @@ class LocalData:
         self._authorised: set[tuple[str, str]] = set()  # (key, version) this grant fetched or proved
         self._proving: dict[tuple[str, str], trio.Event] = {}
         self._uploads: set[int] = set()  # ids of uploads this grant started
+        self._refusal_said = False
+
+    @classmethod
+    def for_config(cls, config: MountConfig, store: AsyncStore, *, cache: NodeCache | None = None,
+                   registrar: Registrar | None = None, fuse_fd: Callable[[], int | None] | None = None,
+                   backing_root: tuple[str, str] | None = None) -> LocalData:
+        """The service for the volume ``config`` describes (its bucket, prefix, mode and tenant)."""
+        return cls(store, Scope(config.bucket, config.prefix, config.read_only), config.tuning.block_size,
+                   cache=cache, tenant=tenant_of(config), registrar=registrar, fuse_fd=fuse_fd,
+                   backing_root=backing_root, cache_wanted=bool(config.cache_dir) and config.cache_size > 0)
 
     @property
     def requests(self) -> int:
@@ -80,8 +95,8 @@ class LocalData:
         return await self.store.list(self.scope.key(prefix), delimiter, token, max(1, min(1000, max_keys)))
 
     async def get_range(self, key: str, start: int, length: int, version: str | None = None) -> bytes:
-        if start < 0 or length < 0 or length > max(self.block_size, 1):
-            raise errors.InvalidRequestError(f"range {start}+{length} of {key!r}: at most one block at a time",
+        if start < 0 or length < 0 or length > MAX_RANGE:
+            raise errors.InvalidRequestError(f"range {start}+{length} of {key!r}: at most {MAX_RANGE} bytes at a time",
                                              key=key)
         return await self.store.get_range(self.scope.key(key), start, length, version)
 
@@ -144,20 +159,28 @@ class LocalData:
                         block_size=self.block_size, size=info.size, tenant=self.tenant)
 
     async def read_block(self, info: ObjectInfo, index: int, warming: bool = False) -> bytes:
+        data, _ = await self.read_block_from(info, index, warming)
+        return data
+
+    async def read_block_from(self, info: ObjectInfo, index: int, warming: bool = False) -> tuple[bytes, bool]:
+        """The block, and whether it took a GET of the store (False: the node cache had it)."""
         self._check_block(info, index)
         if self.cache is None:
-            return await self._from_store(info, index)
+            return await self._from_store(info, index), True
+        fetched = False
 
         async def fetch() -> bytes:
+            nonlocal fetched
             data = await self._from_store(info, index)
+            fetched = True
             self._authorised.add((info.key, info.version))  # our own GET of it answered
             return data
 
         data = await self.cache.get_or_fetch(self.cache_key(info, index), fetch, wait_for_space=warming)
         if len(data) != self._length(info, index):  # never hand out a block of the wrong size
-            return await self._from_store(info, index)
+            return await self._from_store(info, index), True
         await self.authorise(info)
-        return data
+        return data, fetched
 
     async def authorise(self, info: ObjectInfo) -> None:
         """Before serving cached bytes of ``info`` under ambient credentials: one GET of its
@@ -199,7 +222,9 @@ class LocalData:
             return await trio.to_thread.run_sync(self._register, fuse_fd, path, info.size)
         except OSError as exc:
             metrics.PASSTHROUGH_REFUSED.inc()
-            log.info("passthrough open of %s refused (%s); reading through the server", path, exc)
+            level = logging.DEBUG if self._refusal_said else logging.WARNING  # said once, not per open
+            self._refusal_said = True
+            log.log(level, "passthrough open of %s refused (%s); reading through the server", path, exc)
             return 0
 
     def _register(self, fuse_fd: int, path: str, size: int) -> int:

@@ -41,8 +41,8 @@ from typing import Any
 
 import trio
 
-from .. import errors
-from ..service.local import LocalData
+from .. import errors, metrics
+from ..service.local import MAX_RANGE, LocalData
 from ..service.scope import ReadOnlyError
 from ..store.base import ListPage, MultipartUpload, ObjectInfo, StoreLimits
 from .fds import recv_with_fds
@@ -52,8 +52,8 @@ log = logging.getLogger(__name__)
 VERSION = 1
 FRAME = struct.Struct("!IQ")
 MAX_HEADER = 64 * 1024
-#: the largest payload either side accepts: a block or part is at most this (64 MiB)
-MAX_PAYLOAD = 64 * 1024 * 1024
+#: the largest payload either side accepts: a block, range or part is at most this
+MAX_PAYLOAD = MAX_RANGE
 #: requests one connection may have in flight at the service: a flood waits, it does not grow
 SERVICE_IN_FLIGHT = 64
 #: how long a request waits for a new connection after the service went away
@@ -71,6 +71,12 @@ ERRORS: dict[str, type[errors.StoreError]] = {
         ReadOnlyError,
     )
 }
+
+
+#: the store request each grant request stands for, in this server's figures (``fusefs.metrics``)
+STORE_KINDS = {"head": "HEAD", "list": "LIST", "range": "GET", "read": "GET", "put": "PUT",
+               "mp_create": "CREATE-MULTIPART", "mp_part": "PART", "mp_complete": "COMPLETE", "mp_abort": "ABORT",
+               "copy": "COPY", "delete": "DELETE", "check": "CHECK"}
 
 
 class ProtocolError(Exception):
@@ -195,6 +201,7 @@ class GrantClient:
         self.limits = StoreLimits(10000, 5 * 1024 * 1024, 5 * 1024 ** 3, 5 * 1024 ** 4)
         self.block_size = 0
         self.node_cache = False
+        self.cache_disabled = False
         self.passthrough = False
         self._requests = 0
         self._sock: trio.socket.SocketType | None = None
@@ -256,6 +263,7 @@ class GrantClient:
                                   int(lim["max_object_size"]))
         self.block_size = int(header["block_size"])
         self.node_cache = bool(header.get("node_cache"))
+        self.cache_disabled = bool(header.get("cache_disabled"))
         self.passthrough = bool(header.get("passthrough"))
         assert self._nursery is not None
         self._nursery.start_soon(self._reader, sock, self._connection)
@@ -300,6 +308,22 @@ class GrantClient:
 
     async def _call(self, header: dict[str, Any], payload: bytes | memoryview = b"",
                     connection: int | None = None) -> tuple[dict[str, Any], bytes]:
+        """One request, counted in this server's figures as the store request it stands for (a
+        block the node cache answered is no GET)."""
+        counted = metrics.store_kind(STORE_KINDS.get(str(header.get("op")), "OTHER"))
+        try:
+            answer, data = await self._exchange(header, payload, connection)
+        except errors.StoreError as exc:
+            counted.attempt(1)
+            counted.failed(exc)
+            raise
+        if header.get("op") != "read" or answer.get("fetched"):
+            counted.attempt(1)
+            counted.succeeded(data if data else answer.get("info"), len(payload))
+        return answer, data
+
+    async def _exchange(self, header: dict[str, Any], payload: bytes | memoryview = b"",
+                        connection: int | None = None) -> tuple[dict[str, Any], bytes]:
         """Send one request and wait for its answer, across reconnections (bounded)."""
         request_id = self._next_id
         self._next_id += 1
@@ -516,7 +540,7 @@ class GrantServer:
             data_client = await self.make_data(self.fuse_fd)
             await _send(self.sock, encode({
                 "version": VERSION, "identity": data_client.identity, "block_size": data_client.block_size,
-                "node_cache": data_client.node_cache,
+                "node_cache": data_client.node_cache, "cache_disabled": data_client.cache_disabled,
                 "passthrough": data_client.passthrough,
                 "limits": {"max_parts": data_client.limits.max_parts,
                            "min_part_size": data_client.limits.min_part_size,
@@ -576,9 +600,9 @@ class GrantServer:
                         payload: bytes) -> tuple[dict[str, Any], bytes | memoryview]:
         op = header.get("op")
         if op == "read":
-            block = await data.read_block(_info_from(header.get("info")), _int(header, "index"),
-                                          bool(header.get("warming")))
-            return {}, block
+            block, fetched = await data.read_block_from(_info_from(header.get("info")), _int(header, "index"),
+                                                        bool(header.get("warming")))
+            return {"fetched": fetched}, block
         if op == "range":
             version = header.get("version")
             if version is not None and not isinstance(version, str):

@@ -54,7 +54,7 @@ def test_symlink_at_the_socket_is_not_followed(tmp_path: Path, victim_listener: 
     """Attack: the pod plants ``objfs.sock -> <another pod's objfs-tmp>/objfs.sock`` in its emptyDir.
     connect() on the path followed it, and the plugin handed this pod's volume (and what came with it)
     to the other pod's sidecar; now the socket file is opened with O_NOFOLLOW and must be a socket."""
-    launcher = SidecarLauncher(str(tmp_path), None)
+    launcher = SidecarLauncher(str(tmp_path))
     os.symlink(pod_dir(tmp_path, VICTIM) / SIDECAR_SOCKET, pod_dir(tmp_path, ATTACKER) / SIDECAR_SOCKET)
     assert launcher._connect(ATTACKER, 5.0) is None
     assert_no_connection(victim_listener)
@@ -79,7 +79,7 @@ def test_symlink_at_a_parent_is_not_followed(tmp_path: Path, victim_listener: so
     """Attack: a symlink at a directory above the socket (the pod's objfs-tmp, or its pod directory)
     pointing at another pod's: connect() followed every component; now each directory below kubelet's
     root is opened with O_NOFOLLOW."""
-    launcher = SidecarLauncher(str(tmp_path), None)
+    launcher = SidecarLauncher(str(tmp_path))
     attacker_tmp = pod_dir(tmp_path, ATTACKER)
     attacker_tmp.rmdir()
     os.symlink(pod_dir(tmp_path, VICTIM), attacker_tmp)
@@ -99,8 +99,8 @@ def test_a_listener_outside_the_pod_is_refused_when_peers_are_checked(tmp_path: 
     form kubelet uses) passes."""
     listener = listen_in(pod_dir(tmp_path, VICTIM))
     try:
-        assert SidecarLauncher(str(tmp_path), None, check_peer_cgroup=True)._connect(VICTIM, 5.0) is None
-        sock = SidecarLauncher(str(tmp_path), None)._connect(VICTIM, 5.0)  # unchecked: connects
+        assert SidecarLauncher(str(tmp_path), check_peer_cgroup=True)._connect(VICTIM, 5.0) is None
+        sock = SidecarLauncher(str(tmp_path))._connect(VICTIM, 5.0)  # unchecked: connects
         assert sock is not None
         with sock:
             proc = tmp_path / "proc" / str(os.getpid())
