@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
 
 from fusefs import handoff, kernel
@@ -341,6 +341,11 @@ class _PendingHandOver:
     on_done: Callable[[str, str | None], None]  # (target, None once served, or the error)
     readahead_kb: int
     cancelled: threading.Event
+    finished: threading.Event = field(default_factory=threading.Event)  # the outcome is known
+    tried: threading.Event = field(default_factory=threading.Event)  # the first connect was tried
+    listening: bool = False  # ... and the sidecar was there
+    error: str | None = None
+    detached: bool = False  # the publish answered "pending": the outcome goes to on_done
 
 
 class SidecarLauncher:
@@ -356,8 +361,10 @@ class SidecarLauncher:
     """
 
     def __init__(self, kubelet_root: str, pod_wait: float = 5.0, ready_timeout: float = 60.0,
-                 handover_timeout: float = 600.0, poll: float = 0.1, check_peer_cgroup: bool = False) -> None:
+                 handover_timeout: float = 600.0, poll: float = 0.1, check_peer_cgroup: bool = False,
+                 sync_wait: float = 5.0) -> None:
         self.kubelet_root = kubelet_root
+        self.sync_wait = sync_wait  # the longest a publish's gRPC thread waits for the sidecar
         # Whether a connection counts only if its peer runs in the pod's cgroup (csi.podpath.peer_in_pod):
         # needs a real kubelet's cgroups and the pods' PIDs visible to the plugin.
         self.check_peer_cgroup = check_peer_cgroup
@@ -384,22 +391,29 @@ class SidecarLauncher:
     # -- publish -----------------------------------------------------------------------------
     def publish(self, target: str, name: str, pod_uid: str, config: MountConfig, fuse_fd: int,
                 grant: socket.socket, on_done: Callable[[str, str | None], None], readahead_kb: int = 0) -> bool:
-        """Hand ``fuse_fd`` and the ``grant`` connection over now (True: the mount serves) or as
-        soon as the sidecar listens (False: pending; ``on_done`` tells the outcome later). The
-        caller keeps and closes its fd; the grant connection is ours from here on."""
-        sock = self._connect(pod_uid, self.ready_timeout)
-        if sock is not None:
-            with sock, grant:
-                self._hand_over(sock, name, config, fuse_fd, grant)
-            _raise_readahead_soon(target, readahead_kb)
-            return True
+        """Hand ``fuse_fd`` and the ``grant`` connection over: True once the mount serves, within
+        ``sync_wait`` seconds; ServerStartError if the sidecar refused it by then; else False
+        (pending: the sidecar is not listening yet, or is slow to answer) and ``on_done`` tells the
+        outcome later. Either way the gRPC thread that asked waits at most ``sync_wait``: a pod
+        whose sidecar greets and then says nothing holds no worker of the plugin. The caller keeps
+        and closes its fd; the grant connection is ours from here on."""
         pending = _PendingHandOver(target, name, pod_uid, config, os.dup(fuse_fd), grant, on_done, readahead_kb,
                                    threading.Event())
         with self._lock:
             self._pending[target] = pending
         threading.Thread(target=self._wait_and_hand_over, args=(pending,), name=f"hand-over {name}",
                          daemon=True).start()
-        return False
+        pending.tried.wait(self.sync_wait)
+        if pending.listening:  # not yet: nothing to wait for (kubelet starts containers after mounts)
+            pending.finished.wait(self.sync_wait)
+        with self._lock:
+            if not pending.finished.is_set():
+                pending.detached = True
+                return False
+            self._pending.pop(target, None)
+        if pending.error is not None:
+            raise ServerStartError(pending.error)
+        return True
 
     def is_pending(self, target: str) -> bool:
         with self._lock:
@@ -418,6 +432,8 @@ class SidecarLauncher:
         try:
             while not p.cancelled.is_set():
                 sock = self._connect(p.pod_uid, self.ready_timeout)
+                p.listening = sock is not None
+                p.tried.set()
                 if sock is not None:
                     with sock:
                         try:
@@ -434,6 +450,10 @@ class SidecarLauncher:
             os.close(p.fuse_fd)  # handed over, or given up: a mount nobody serves fails with ENOTCONN
             p.grant.close()
         with self._lock:
+            p.error = error
+            p.finished.set()
+            if not p.detached:
+                return  # the publish still waits: it tells the outcome itself
             if p.cancelled.is_set() or self._pending.get(p.target) is not p:
                 return
             del self._pending[p.target]

@@ -38,6 +38,12 @@ SETPRIV_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
 
 def objfs_command_for_nobody(path: Path) -> str | None:
     """Write a launcher for ``objfs`` at ``path`` that uid 65534 can run; None where that is impossible."""
+    return script_for_nobody(path, "from fusefs.cli import main\nsys.exit(main())\n")
+
+
+def script_for_nobody(path: Path, body: str) -> str | None:
+    """Write ``body`` as a Python script at ``path`` that uid 65534 can run with this repository and
+    the venv's packages (and pyfuse3's libfuse) importable; None where that is impossible."""
     site = sysconfig.get_paths()["purelib"]
     if not os.access(SYSTEM_PYTHON, os.X_OK):
         return None
@@ -48,14 +54,13 @@ def objfs_command_for_nobody(path: Path) -> str | None:
     preload = _readable_native_libs(path.parent / "objfs-native-lib")
     preamble = (f"#!{SYSTEM_PYTHON}\nimport ctypes, sys\nsys.path[:0] = [{str(REPO)!r}, {site!r}]\n"
                 f"for lib in {preload!r}:\n    ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)\n")
-    path.write_text(preamble + "from fusefs.cli import main\nsys.exit(main())\n")
+    path.write_text(preamble + body)
     path.chmod(0o755)
-    probe = subprocess.run([str(path), "--help"], user=65534, group=65534, extra_groups=[], capture_output=True)
-    check = path.with_name(path.name + "-probe")  # what serve needs: pyfuse3 and its libfuse
-    check.write_text(preamble + "import pyfuse3\n")
+    check = path.with_name(path.name + "-probe")  # what it needs: our packages, pyfuse3 and its libfuse
+    check.write_text(preamble + "import fusefs.cli, pyfuse3\n")
     check.chmod(0o755)
     imports = subprocess.run([str(check)], user=65534, group=65534, extra_groups=[], capture_output=True)
-    return str(path) if probe.returncode == 0 and imports.returncode == 0 else None
+    return str(path) if imports.returncode == 0 else None
 
 
 def _readable_native_libs(into: Path) -> list[str]:
@@ -155,6 +160,7 @@ class SidecarPod:
     command: str  # from objfs_command_for_nobody
     hide: list[Path] = field(default_factory=list)  # node paths the pod must not see
     log_path: Path | None = None
+    as_root: bool = False  # the tenant's own image may run its "sidecar" as root
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> SidecarPod:
@@ -163,7 +169,8 @@ class SidecarPod:
         script += [f"mount -t tmpfs -o size=1m,mode=0700 objfs-hidden {shlex.quote(str(h))}" for h in self.hide]
         # The emptyDir stays writable; everything else of the root file system becomes read-only.
         script += [f"mount --bind {d} {d}", "mount -o remount,bind,ro /"]
-        script.append("exec " + shlex.join([*SETPRIV_NOBODY, self.command, "sidecar", "--dir", str(self.directory)]))
+        drop = [] if self.as_root else SETPRIV_NOBODY
+        script.append("exec " + shlex.join([*drop, self.command, "sidecar", "--dir", str(self.directory)]))
         log_path = self.log_path or self.directory.parent / f"sidecar-{os.getpid()}-{id(self)}.log"
         self.log_path = log_path
         with open(log_path, "ab") as log:
