@@ -155,6 +155,10 @@ class InProcessPlugin:
         self.server.stop(grace=1).wait()
         if getattr(self.args, "metrics", None) is not None:
             self.args.metrics.close()
+        for part in ("data", "broker"):  # the data service exits when its link closes
+            running = getattr(self.args, part, None)
+            if running is not None:
+                running.close()
 
 
 @contextlib.contextmanager

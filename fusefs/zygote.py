@@ -1,7 +1,7 @@
 """``objfs zygote``: a process that has imported everything once and forks ``objfs serve``s.
 
-Why: a Python ``objfs serve`` started from scratch spends about 0.45 s of CPU before it serves
-(importing pyfuse3, trio, boto3 and google-cloud-storage, loading the S3 service model). When
+Why: a Python ``objfs serve`` started from scratch spends a good part of a second of CPU before it
+serves (importing pyfuse3, trio and the filesystem). When
 twenty pods land on a 2-core node at once, their mounts then take seconds to appear. A fork of a
 process that has done all that starts in milliseconds, and the servers share those pages
 copy-on-write.
@@ -45,13 +45,9 @@ MAX_MESSAGE = 4096
 
 
 def preload() -> None:
-    """Import what every server needs, and load the S3 client's model into the shared session."""
-    from . import mount  # noqa: F401  (pyfuse3, trio, the operations, the caches)
-    from .store import s3
-
-    s3.warm_up()
-    with contextlib.suppress(ImportError):
-        from .store import gcs  # noqa: F401
+    """Import what every server needs. No store SDK: servers forked here (and a pod's sidecar) get
+    their data through the node's data service, and every pod would pay boto3's memory for nothing."""
+    from . import mount  # noqa: F401  (pyfuse3, trio, the operations, the grant client)
 
 
 def run(sock_fd: int) -> int:

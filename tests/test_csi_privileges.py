@@ -51,8 +51,8 @@ def status_fields(pid: int) -> dict[str, str]:
         return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
 
 
-def data_service_pid() -> int:
-    """The plugin (this process, from any of its threads) started the node's data service."""
+def data_service_pid(dirs: PluginDirs) -> int:
+    """The node's data service the plugin (this process, from any of its threads) started for ``dirs``."""
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -62,7 +62,7 @@ def data_service_pid() -> int:
                 cmdline = f.read()
         except (OSError, KeyError, ValueError):
             continue
-        if ppid == os.getpid() and b"data-service" in cmdline:
+        if ppid == os.getpid() and b"data-service" in cmdline and dirs.cache.encode() in cmdline:
             return int(name)
     raise AssertionError("no data service running")
 
@@ -96,7 +96,7 @@ def test_servers_run_unprivileged(unprivileged: tuple[Client, PluginDirs], s3_se
         assert s3_server.client().get_object(Bucket=bucket, Key="b.txt")["Body"].read() == b"B"
         st = os.stat(dirs.cache)
         assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (65532, 0o700)
-        service = status_fields(data_service_pid())
+        service = status_fields(data_service_pid(dirs))
         assert service["Uid"].split() == ["65532"] * 4 and service["Gid"].split() == ["65532"] * 4
         assert int(service["CapEff"], 16) == 0 and int(service["CapPrm"], 16) == 0
     finally:
@@ -170,7 +170,7 @@ def test_secrets_stay_out_of_logs_files_and_errors_and_the_cache_is_private(
             assert not any(s.encode() in content for s in secret_values), path
             if stat.S_IMODE(os.stat(path).st_mode) & 0o004:  # what other users can read holds nothing secret
                 assert s3_server.access_key.encode() not in content, path
-        for pid in [rec.pid, os.getpid(), data_service_pid()]:  # the server, the plugin (this process), the service
+        for pid in [rec.pid, os.getpid(), data_service_pid(dirs)]:  # the server, the plugin (this process), the service
             for what in ("cmdline", "environ"):
                 with open(f"/proc/{pid}/{what}", "rb") as f:
                     content = f.read()
