@@ -76,7 +76,7 @@ class Client:
     name: str
     family: str
     cache: bool
-
+    extra: tuple[str, ...] = ()  # more flags of the mount command
     @property
     def is_peer(self) -> bool:
         return self.family != "objfs"
@@ -98,6 +98,7 @@ class Client:
                 cmd = [str(VENV_BIN / "objfs"), "mount", f"s3://{store.bucket}/{prefix}", str(mountpoint),
                        "--endpoint-url", endpoint]
                 cmd += ["--cache-dir", str(cache_dir)] if self.cache else ["--no-cache"]
+                cmd += self.extra
                 procs.register(mountpoint, None)
                 subprocess.run(cmd, stdout=log, stderr=log, env=store.env(), check=True, timeout=60)
                 procs.wait_mounted(mountpoint, None)
@@ -142,11 +143,14 @@ class Client:
 
 OBJFS = Client("objfs", "objfs", True)
 OBJFS_NOCACHE = Client("objfs-nocache", "objfs", False)
+#: the shape of a Kubernetes node: credentials, store client and node cache in a data service process,
+#: the FUSE server reaching them through one socket (what every pod's sidecar does)
+OBJFS_GRANT = Client("objfs-grant", "objfs", True, ("--data-service", "process"))
 S3FS = Client("s3fs", "s3fs", False)
 S3FS_CACHE = Client("s3fs-cache", "s3fs", True)
 RCLONE = Client("rclone", "rclone", False)
 RCLONE_FULL = Client("rclone-full", "rclone", True)
-ALL_MOUNTS = (OBJFS, OBJFS_NOCACHE, S3FS, S3FS_CACHE, RCLONE, RCLONE_FULL)
+ALL_MOUNTS = (OBJFS, OBJFS_GRANT, OBJFS_NOCACHE, S3FS, S3FS_CACHE, RCLONE, RCLONE_FULL)
 QUICK_MOUNTS = (OBJFS, S3FS, RCLONE_FULL)
 
 

@@ -20,6 +20,7 @@ from google.protobuf.message import Message
 
 from fusefs import errors as store_errors
 from fusefs.config import ConfigError, parse_size
+from fusefs.service.process import ServiceProcess
 
 from . import broker as passthrough_broker
 from . import dataservice, metrics, podexit, webhook
@@ -207,7 +208,7 @@ def build_server(args: argparse.Namespace) -> tuple[grpc.Server, NodeService | N
         if mirror is not None:
             args.broker = passthrough_broker.start(os.path.join(args.state_dir, "broker"), mirror, args.data_uid)
         objfs = shlex.split(args.server_command) if args.server_command else default_server_command()
-        args.data = dataservice.DataService(
+        args.data = ServiceProcess(
             dataservice.command_for(args.data_uid, args.data_gid, objfs), args.cache_dir, args.cache_size,
             backing_root=mirror if args.broker is not None else None,
             broker_socket=args.broker.path if args.broker is not None else "",

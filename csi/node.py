@@ -31,13 +31,14 @@ from collections.abc import Mapping
 import grpc
 
 from fusefs import handoff, kernel
-from fusefs.config import DEFAULT_CACHE_SIZE, Credentials, MountConfig
+from fusefs.config import DEFAULT_CACHE_SIZE, MountConfig
+from fusefs.service.process import ServiceProcess
 from fusefs.wire.control import ControlError
 
 from . import metrics
 from . import params as P
 from . import volume_id as V
-from .dataservice import DataService, GrantRecords
+from .dataservice import GrantRecords, grant_id
 from .errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument, NotFound
 from .launcher import (
     NO_SIDECAR,
@@ -76,16 +77,9 @@ def no_sidecar_message(context: Mapping[str, str], pod_uid: str) -> str:
             "or run the node plugin with --allow-process-fallback to serve such pods from the plugin")
 
 
-def for_server(config: MountConfig) -> MountConfig:
-    """What the FUSE server (the tenant's) may know of a volume: no credential, no endpoint, no
-    node path. The rest of the config stays with the data service's grant."""
-    return dataclasses.replace(config, credentials=Credentials(), endpoint_url=None, region=None, cache_dir=None,
-                               broker_socket="")
-
-
 class NodeService(csi_pb2_grpc.NodeServicer):
     def __init__(self, node_id: str, state: StateStore, launcher: Launcher | None, cache_dir: str | None,
-                 sidecars: SidecarLauncher | None = None, *, data: DataService, grants: GrantRecords,
+                 sidecars: SidecarLauncher | None = None, *, data: ServiceProcess, grants: GrantRecords,
                  inline: P.InlinePolicy | None = None, stats_timeout: float = STATFS_TIMEOUT,
                  metrics_dir: str | None = None, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
         self.node_id = node_id
@@ -161,7 +155,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             log.warning("%s: no grant record: its server's store requests fail until the pod restarts", rec.target)
             return False
         try:
-            conn = self.data.grant(rec.target, config)
+            conn = self.data.grant(grant_id(rec.target), config)
         except ControlError as exc:
             log.error("%s: the data service refused its grant again: %s", rec.target, exc)
             return False
@@ -308,7 +302,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         """Record the grant (credentials encrypted) and open its first connection."""
         self.grants.put(target, config)
         try:
-            return self.data.grant(target, config)
+            return self.data.grant(grant_id(target), config)
         except ControlError as exc:
             self.grants.delete(target)
             raise Internal(f"the node's data service cannot serve {config.source}: {exc}") from None
@@ -320,7 +314,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         try:
             grant = self._grant(target, config)
             kernel.set_readahead(target, config.tuning.readahead_kb)
-            return self.launcher.start(for_server(config), fd, _server_name(target), grant)
+            return self.launcher.start(config.server_view(), fd, _server_name(target), grant)
         except BaseException as e:
             self._undo_mount(target, created)
             self._forget_grant(target)
@@ -351,7 +345,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             # Pending until the sidecar has it: a restarted plugin mounts it again from the grant record.
             grant = self._grant(rec.target, config)
             self.state.put(dataclasses.replace(rec, phase=PENDING))
-            served = self.sidecars.publish(rec.target, rec.name, rec.pod_uid, for_server(config), fd, grant,
+            served = self.sidecars.publish(rec.target, rec.name, rec.pod_uid, config.server_view(), fd, grant,
                                            self._handed_over, config.tuning.readahead_kb)
         except BaseException as e:
             self._undo_mount(rec.target, created)
@@ -379,7 +373,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     def _forget_grant(self, target: str) -> None:
         """The volume's grant is over: its connections closed, its record (and secret) gone."""
-        self.data.revoke(target)
+        self.data.revoke(grant_id(target))
         self.grants.delete(target)
 
     # -- unpublish ---------------------------------------------------------------------------

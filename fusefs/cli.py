@@ -21,9 +21,14 @@ import subprocess
 import sys
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import errors, handoff, kernel
 from .config import ConfigError, Credentials, MountConfig, parse_size, parse_source
+
+if TYPE_CHECKING:
+    from .service.process import ServiceProcess
 
 log = logging.getLogger("objfs")
 
@@ -69,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--prefetch", action="append", default=[], help="glob of keys warmed into the node cache")
     m.add_argument("--metrics-address", default="", metavar="HOST:PORT",
                    help="serve Prometheus metrics of this mount on HOST:PORT/metrics (default: off)")
+    m.add_argument("--data-service", choices=("here", "process"), default="here",
+                   help="where the credentials, the store client and the node cache live: in the mount's own "
+                        "server (here), or in a data service process beside it that the server reaches only "
+                        "through one socket, as a pod's sidecar does on a Kubernetes node (process)")
     m.add_argument("--debug", action="store_true")
     u = sub.add_parser("unmount", help="unmount an objfs mount")
     u.add_argument("mountpoint")
@@ -79,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--ready-fd", type=int)
     s.add_argument("--grant-fd", type=int, help="a connection to the node's data service for this volume")
     s.add_argument("--regrant-fd", type=int, help="where the node plugin hands over the next grant connection")
+    s.add_argument("--service-link-fd", type=int,
+                   help="the control link of a data service that lives as long as this server (kept open)")
     s.add_argument("--debug", action="store_true")
     ds = sub.add_parser("data-service", help="internal: the node's data service (started by objfs-csi)")
     ds.add_argument("--control-fd", type=int, required=True)
@@ -86,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     ds.add_argument("--cache-size", type=int, default=0)
     ds.add_argument("--backing-root", default="", help="a read-only mount of --cache-dir")
     ds.add_argument("--broker-socket", default="")
+    ds.add_argument("--self-register", action="store_true",
+                    help="register passthrough backing files itself (root, one trust domain: objfs mount)")
     z = sub.add_parser("zygote", help="internal: fork objfs serve processes on request (used by objfs-csi)")
     z.add_argument("--socket-fd", type=int, required=True)
     sc = sub.add_parser("sidecar", help="serve the objfs volumes of this pod, handed over by objfs-csi")
@@ -210,6 +223,30 @@ def _check_store(config: MountConfig) -> None:
         raise UsageError(str(exc)) from None
 
 
+@dataclass
+class _Service:
+    """``--data-service process``: the data service beside the mount, and the server's grant."""
+
+    process: ServiceProcess
+    grant: socket.socket
+
+
+def _start_service(config: MountConfig, cmd: list[str], debug: bool) -> _Service:
+    """Start the data service (this user, this environment minus the keys it gets over its link)
+    and open the mount's grant. It runs until its link closes: the server keeps a copy."""
+    from .service.process import ServiceProcess
+
+    env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
+    # a daemon like the server: its output must not hold the caller's terminal or pipe open
+    process = ServiceProcess(cmd, config.cache_dir, config.cache_size if config.cache_dir else 0, env=env,
+                             own_session=True, self_register=os.geteuid() == 0, log_path="" if debug else os.devnull)
+    try:
+        return _Service(process, process.grant("mount", config))
+    except Exception as exc:
+        process.close()
+        raise UsageError(f"the data service did not start: {exc}") from None
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     config = build_config(args)
     target = _check_mountpoint(args.mountpoint)
@@ -219,14 +256,26 @@ def cmd_mount(args: argparse.Namespace) -> int:
             os.makedirs(config.cache_dir, mode=0o700, exist_ok=True)
         except OSError as exc:
             raise UsageError(f"cannot create cache directory {config.cache_dir}: {exc.strerror}") from None
+    service = None
+    if args.data_service == "process":
+        service = _start_service(config, [sys.executable, "-m", "fusefs.cli"], args.debug)
+    try:
+        return _mount(args, config, target, service)
+    finally:
+        if service is not None:
+            service.grant.close()
+            service.process.detach()  # the server keeps the service's link open from here on
+
+
+def _mount(args: argparse.Namespace, config: MountConfig, target: str, service: _Service | None) -> int:
     if os.geteuid() != 0:
-        return _mount_unprivileged(config, target, args.foreground)
+        return _mount_unprivileged(config, target, args.foreground, service)
     fd = kernel.mount_fuse(target, fsname=config.fs_name, read_only=config.read_only,
                            allow_other=config.allow_other)
     if args.foreground:
-        return _serve_foreground(config, target, fd)
+        return _serve_foreground(config, target, fd, service)
     try:
-        error = _spawn_serve(config, fd, target, args.debug)
+        error = _spawn_serve(config, fd, target, args.debug, service)
     finally:
         os.close(fd)
     if error is not None:
@@ -238,7 +287,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_foreground(config: MountConfig, target: str, fd: int) -> int:
+def _serve_foreground(config: MountConfig, target: str, fd: int, service: _Service | None) -> int:
     from .mount import MountError, raise_readahead, run
 
     try:
@@ -246,7 +295,10 @@ def _serve_foreground(config: MountConfig, target: str, fd: int) -> int:
             # The loop has not started yet: raise readahead from a thread once INIT is through.
             threading.Thread(target=raise_readahead, args=(target, config.tuning.readahead_kb), daemon=True).start()
 
-        run(config, f"/dev/fd/{fd}", ready, unmount_target=target)
+        if service is None:
+            run(config, f"/dev/fd/{fd}", ready, unmount_target=target)
+        else:
+            run(config.server_view(), f"/dev/fd/{fd}", ready, unmount_target=target, grant=service.grant)
     except MountError as exc:
         raise UsageError(str(exc)) from None
     finally:
@@ -254,22 +306,26 @@ def _serve_foreground(config: MountConfig, target: str, fd: int) -> int:
     return 0
 
 
-def _mount_unprivileged(config: MountConfig, target: str, foreground: bool) -> int:
+def _mount_unprivileged(config: MountConfig, target: str, foreground: bool, service: _Service | None) -> int:
     if foreground:
         from .mount import MountError, run
 
         try:
-            run(config, target)
+            if service is None:
+                run(config, target)
+            else:
+                run(config.server_view(), target, grant=service.grant)
         except MountError as exc:
             raise UsageError(str(exc)) from None
         return 0
-    error = _spawn_serve(config, None, target, False)
+    error = _spawn_serve(config, None, target, False, service)
     if error is not None:
         raise UsageError(error)
     return 0
 
 
-def _spawn_serve(config: MountConfig, fuse_fd: int | None, target: str, debug: bool) -> str | None:
+def _spawn_serve(config: MountConfig, fuse_fd: int | None, target: str, debug: bool,
+                 service: _Service | None = None) -> str | None:
     """Start a detached ``objfs serve``; None once it is ready, else the error line."""
     cfg_r, cfg_w = os.pipe()
     ready_r, ready_w = os.pipe()
@@ -280,6 +336,11 @@ def _spawn_serve(config: MountConfig, fuse_fd: int | None, target: str, debug: b
         os.set_inheritable(fuse_fd, True)
         cmd += ["--fuse-fd", str(fuse_fd)]
         fds.append(fuse_fd)
+    if service is not None:
+        link = service.process.link_fd()
+        cmd += ["--grant-fd", str(service.grant.fileno()), "--service-link-fd", str(link)]
+        fds += [service.grant.fileno(), link]
+        config = config.server_view()
     if debug:
         cmd.append("--debug")
     env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
@@ -334,6 +395,7 @@ def cmd_unmount(path: str) -> int:
 
 # -- serve ------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
+    # --service-link-fd: nothing to do but keep it open; the data service lives while it is
     return serve(args.config_fd, args.fuse_fd, args.ready_fd, args.mountpoint, args.grant_fd, args.regrant_fd)
 
 

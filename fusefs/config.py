@@ -143,6 +143,12 @@ class MountConfig:
         raw["prefetch"] = tuple(raw.get("prefetch") or ())
         return cls(**raw)
 
+    def server_view(self) -> MountConfig:
+        """What a FUSE server that reaches its data through the data service may know: no
+        credential, no endpoint, no node path (../shared/DESIGN.md, "Trust boundary")."""
+        return dataclasses.replace(self, credentials=Credentials(), endpoint_url=None, region=None, cache_dir=None,
+                                   broker_socket="")
+
     def redacted(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["credentials"] = self.credentials.redacted()

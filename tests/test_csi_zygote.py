@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from csi.dataservice import DataService
 from csi.launcher import ProcessLauncher, proc_start_time
-from csi.node import for_server
 from csi.zygote import Zygote
 from fusefs import handoff, kernel
 from fusefs.config import MountConfig
+from fusefs.service.process import ServiceProcess
 from tests.servers import RcloneS3, random_bytes
 
 pytestmark = pytest.mark.fuse
@@ -71,11 +70,11 @@ def test_forked_server_serves_a_mount_and_outlives_the_zygote(
     target.mkdir()
     launcher = ProcessLauncher(str(tmp_path / "logs"), OBJFS, uid=0, gid=0)
     launcher._zygote = zygote  # the fixture's, so that it is closed whatever happens
-    service = DataService(OBJFS, None, 0)
+    service = ServiceProcess(OBJFS, None, 0)
     fuse_fd = kernel.mount_fuse(str(target), read_only=True)
     try:
         with service.grant(str(target), s3_config) as grant:
-            handle = launcher.start(for_server(s3_config), fuse_fd, "zygote-test", grant)
+            handle = launcher.start(s3_config.server_view(), fuse_fd, "zygote-test", grant)
         os.close(fuse_fd)
         fuse_fd = -1
         assert handle.pid != zygote.pid

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ..backing import Registrar, broker_registrar
+from ..backing import Registrar, SelfRegistrar, broker_registrar
 from ..config import MountConfig
 from ..retry import RetryPolicy
 from ..store import AsyncStore, open_store
@@ -144,7 +144,11 @@ def _open_cache(directory: str, size: int) -> NodeCache | None:
 async def _main(args: argparse.Namespace) -> None:
     os.umask(0o077)  # the cache is this uid's alone (the broker, root, opens what it registers)
     cache = await trio.to_thread.run_sync(_open_cache, args.cache_dir, args.cache_size)
-    registrar = broker_registrar(args.broker_socket) if args.broker_socket else None
+    registrar: Registrar | None = None
+    if args.broker_socket:
+        registrar = broker_registrar(args.broker_socket)
+    elif args.self_register:
+        registrar = SelfRegistrar()  # objfs mount as root: one trust domain
     backing_root = (args.cache_dir, args.backing_root) if args.backing_root else None
     service = DataService(cache, registrar, backing_root)
     try:
