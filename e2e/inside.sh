@@ -22,6 +22,11 @@ for pair in kubelet:/var/lib/kubelet objfs:/var/lib/objfs pods:/var/log/pods \
   mount --bind "$src" "$dst"
 done
 mount --make-rshared /var/lib/kubelet   # Bidirectional propagation of the node plugin's mounts
+# The node plugin's hostPath /run/objfs (the grant records' key: tmpfs on a node, never on disk): a
+# tmpfs of this mount namespace, so that neither the key nor the folder lands in the machine's /run
+# (the empty mount point is made there once, like the folders above).
+mkdir -p /run/objfs
+mount -t tmpfs -o mode=0755,size=1m objfs-e2e-run /run/objfs
 
 pids=()
 start() {  # name command...: in the background, log under $root/logs, PID recorded
