@@ -40,6 +40,8 @@ teardown() {
   local rc=$?
   set +e
   echo "e2e: tearing down (logs in $root/logs)"
+  # The containers' logs as they are now (deleting the pods below deletes theirs).
+  cp -a /var/log/pods "$root/logs/pods" 2>/dev/null
   if [ -s "$root/kubeconfig" ] && [ -f "$root/pids/kubelet" ]; then
     # Pods first, through the kubelet, so CSI unpublish runs and the sidecars exit.
     timeout 120 kubectl --kubeconfig "$root/kubeconfig" delete ns e2e --wait=true --ignore-not-found >/dev/null 2>&1
@@ -175,5 +177,5 @@ k -n objfs rollout status deploy/objfs-webhook --timeout=300s
 phase "objfs installed"
 
 E2E_KUBECONFIG="$KUBECONFIG" E2E_NODE_IP="$ip" "$repo/.venv/bin/python" -m pytest -q -p no:cacheprovider \
-  -o log_cli=true "$here/tests" "$@"
+  -o log_cli=true -o log_cli_level=INFO "$here/tests" "$@"
 phase "tests"
