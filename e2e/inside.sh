@@ -177,5 +177,5 @@ k -n objfs rollout status deploy/objfs-webhook --timeout=300s
 phase "objfs installed"
 
 E2E_KUBECONFIG="$KUBECONFIG" E2E_NODE_IP="$ip" "$repo/.venv/bin/python" -m pytest -q -p no:cacheprovider \
-  -o log_cli=true -o log_cli_level=INFO "$here/tests" "$@"
+  -o log_cli=true -o log_cli_level=INFO --durations=0 "$here/tests" "$@"
 phase "tests"

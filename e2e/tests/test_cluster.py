@@ -348,7 +348,16 @@ def test_node_plugin_rollout_breaks_no_read_and_no_write(kube: Kube, store: Rclo
     log.info("rollout: reader rounds %d before, %d after; writer had written %d MiB when told to finish "
              "(after the rollout), %.1f MiB in all", before, after, written >> 20, int(size) / (1 << 20))
     for pod_name in (name, "slow-writer"):
-        log.info("%s's sidecar:\n%s", pod_name, kube.logs(pod_name, "objfs-sidecar")[-3000:])
+        sidecar_log = kube.logs(pod_name, "objfs-sidecar")
+        log.info("%s's sidecar:\n%s", pod_name, sidecar_log[-3000:])
+        # the restart did cut this sidecar's grant connection (fusefs.wire.grant says so): what went on
+        # afterwards went through the connection the new plugin handed it
+        assert "the data service went away" in sidecar_log, pod_name
+    try:  # what a restart leaves on the store besides the file (informative: the store expires these)
+        left = store.client().list_multipart_uploads(Bucket=sc_bucket).get("Uploads", [])
+        log.info("multipart uploads left in the volume's bucket: %d", len(left))
+    except Exception as exc:  # not every S3 server lists them
+        log.info("multipart uploads not listed: %s", exc)
     assert int(size) > written
     data = store.read_object(sc_bucket, f"volumes/{pv['metadata']['name']}/slow.bin")
     assert len(data) == int(size)
