@@ -22,6 +22,11 @@ for pair in kubelet:/var/lib/kubelet objfs:/var/lib/objfs pods:/var/log/pods \
   mount --bind "$src" "$dst"
 done
 mount --make-rshared /var/lib/kubelet   # Bidirectional propagation of the node plugin's mounts
+# The node plugin's hostPath /run/objfs (the grant records' key: tmpfs on a node, never on disk): a
+# tmpfs of this mount namespace, so that neither the key nor the folder lands in the machine's /run
+# (the empty mount point is made there once, like the folders above).
+mkdir -p /run/objfs
+mount -t tmpfs -o mode=0755,size=1m objfs-e2e-run /run/objfs
 
 pids=()
 start() {  # name command...: in the background, log under $root/logs, PID recorded
@@ -35,6 +40,8 @@ teardown() {
   local rc=$?
   set +e
   echo "e2e: tearing down (logs in $root/logs)"
+  # The containers' logs as they are now (deleting the pods below deletes theirs).
+  cp -a /var/log/pods "$root/logs/pods" 2>/dev/null
   if [ -s "$root/kubeconfig" ] && [ -f "$root/pids/kubelet" ]; then
     # Pods first, through the kubelet, so CSI unpublish runs and the sidecars exit.
     timeout 120 kubectl --kubeconfig "$root/kubeconfig" delete ns e2e --wait=true --ignore-not-found >/dev/null 2>&1
@@ -170,5 +177,5 @@ k -n objfs rollout status deploy/objfs-webhook --timeout=300s
 phase "objfs installed"
 
 E2E_KUBECONFIG="$KUBECONFIG" E2E_NODE_IP="$ip" "$repo/.venv/bin/python" -m pytest -q -p no:cacheprovider \
-  -o log_cli=true "$here/tests" "$@"
+  -o log_cli=true -o log_cli_level=INFO --durations=0 "$here/tests" "$@"
 phase "tests"
