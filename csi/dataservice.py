@@ -99,6 +99,20 @@ class GrantRecords:
             os.unlink(self._path(target))
 
 
+def metrics_path(state_dir: str) -> str:
+    return os.path.join(state_dir, "data", "metrics.prom")
+
+
+def prepare_own_dir(state_dir: str, uid: int, gid: int) -> str:
+    """``<state>/data``: the data service's own (its figures), 0700, read by the plugin (root)."""
+    path = os.path.join(state_dir, "data")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if os.geteuid() == 0:
+        os.chown(path, uid, gid)
+    os.chmod(path, 0o700)
+    return path
+
+
 def prepare_cache(cache_dir: str, uid: int, gid: int) -> None:
     """The node cache belongs to the data service's uid alone (0700). A cache left by a version
     whose servers owned it is handed over once (its files keep their contents)."""

@@ -147,6 +147,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--sidecar-wait", type=float, default=5.0,
                     help="seconds a publish waits for the pod's objfs-tmp emptyDir to appear (kubelet sets up a "
                          "pod's volumes side by side) before deciding the pod has no sidecar")
+    ap.add_argument("--check-sidecar-cgroup", action="store_true",
+                    help="with --launcher sidecar: hand a volume over only to a process in the pod's own cgroup "
+                         "(needs the pods' PIDs visible to the plugin: hostPID; the socket is opened without "
+                         "following links either way)")
     ap.add_argument("--handover-timeout", type=float, default=600.0,
                     help="seconds a published volume waits for its pod's sidecar to take it before giving up")
     ap.add_argument("--sidecar-exit-poll", type=float, default=10.0, metavar="SECONDS",
@@ -212,10 +216,13 @@ def build_server(args: argparse.Namespace) -> tuple[grpc.Server, NodeService | N
             dataservice.command_for(args.data_uid, args.data_gid, objfs), args.cache_dir, args.cache_size,
             backing_root=mirror if args.broker is not None else None,
             broker_socket=args.broker.path if args.broker is not None else "",
-            log_path=os.path.join(args.state_dir, "data-service.log"))
+            log_path=os.path.join(args.state_dir, "data-service.log"),
+            metrics_path=dataservice.metrics_path(args.state_dir))
+        dataservice.prepare_own_dir(args.state_dir, args.data_uid, args.data_gid)
         if args.launcher == "sidecar":
             sidecars = SidecarLauncher(args.kubelet_root, pod_wait=args.sidecar_wait,
-                                       handover_timeout=args.handover_timeout)
+                                       handover_timeout=args.handover_timeout,
+                                       check_peer_cgroup=args.check_sidecar_cgroup)
         inline = P.InlinePolicy.from_flags(args.allow_inline_node_identity, args.inline_buckets,
                                            args.inline_endpoints)
         if inline.allow_node_identity and "*" in inline.buckets:
@@ -243,6 +250,7 @@ def serve_metrics(args: argparse.Namespace, node: NodeService | None) -> metrics
     endpoint = metrics.PluginMetrics(
         args.kubelet_root, args.cache_dir if node else None, (lambda: len(node.state.all())) if node else None,
         args.cache_size, records=node.state.all if node else None,
+        service_file=dataservice.metrics_path(args.state_dir) if node else "",
     )
     try:
         endpoint.serve(args.metrics_address)

@@ -266,11 +266,15 @@ class PluginMetrics(Endpoint):
     """The plugin's ``/metrics`` endpoint."""
 
     def __init__(self, kubelet_root: str, cache_dir: str | None, mounts: Callable[[], int] | None,
-                 cache_limit: int = 0, records: Callable[[], Iterable[PublishRecord]] | None = None) -> None:
-        """``records``: the published volumes, whose servers' files are re-exported."""
+                 cache_limit: int = 0, records: Callable[[], Iterable[PublishRecord]] | None = None,
+                 service_file: str = "") -> None:
+        """``records``: the published volumes, whose servers' files are re-exported; ``service_file``:
+        the node's data service's figures (the node cache's), re-exported without volume labels."""
         super().__init__()
         self.registry.register(Forward(REGISTRY))
         if mounts is not None:
             self.registry.register(NodeCollector(mounts, cache_dir, cache_limit))
         if records is not None:
-            self.registry.register(ServersCollector(lambda: server_files(records(), kubelet_root)))
+            service = [ServerFile(os.path.dirname(service_file), (), os.path.basename(service_file), {})] \
+                if service_file else []
+            self.registry.register(ServersCollector(lambda: [*service, *server_files(records(), kubelet_root)]))

@@ -97,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     ds.add_argument("--cache-size", type=int, default=0)
     ds.add_argument("--backing-root", default="", help="a read-only mount of --cache-dir")
     ds.add_argument("--broker-socket", default="")
+    ds.add_argument("--metrics-path", default="", help="where the service writes its figures (the node cache's)")
     ds.add_argument("--self-register", action="store_true",
                     help="register passthrough backing files itself (root, one trust domain: objfs mount)")
     z = sub.add_parser("zygote", help="internal: fork objfs serve processes on request (used by objfs-csi)")

@@ -273,10 +273,13 @@ class Endpoint:
 class Exporter(Endpoint):
     """This server's figures with its labels: to a file, and over HTTP if asked."""
 
-    def __init__(self, labels: dict[str, str]) -> None:
+    def __init__(self, labels: dict[str, str], process_figures: bool = True) -> None:
+        """``process_figures``: this process's own (FUSE, store requests); without them, only what
+        is watched (the data service exports the node cache's: its servers count their requests)."""
         super().__init__()
         self._inner = CollectorRegistry(auto_describe=False)
-        self._inner.register(Forward(REGISTRY))
+        if process_figures:
+            self._inner.register(Forward(REGISTRY))
         self.registry.register(_Labelled(self._inner, labels))
 
     def watch_cache(self, cache: Any) -> None:
@@ -321,8 +324,8 @@ def cache_disabled(disabled: bool) -> None:
 class MountExporter(Exporter):
     """The figures of one running mount: written every ``WRITE_INTERVAL`` s and at exit."""
 
-    def __init__(self, labels: dict[str, str], path: str) -> None:
-        super().__init__(labels)
+    def __init__(self, labels: dict[str, str], path: str, process_figures: bool = True) -> None:
+        super().__init__(labels, process_figures)
         self.path = path
         self._failed = False
 

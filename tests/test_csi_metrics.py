@@ -85,6 +85,9 @@ def test_rpcs_mounts_and_servers_figures(s3_server: RcloneS3, bucket: str, plugi
     sized = plugin.scrape(lambda s: value(s, "objfs_csi_node_cache_size_bytes") >= len(data))
     assert value(sized, "objfs_csi_node_cache_size_bytes") >= len(data)
     assert value(sized, "objfs_csi_node_cache_limit_bytes") == 256 << 20
+    # the node cache's own figures come from the data service, which alone holds the cache
+    cached = plugin.scrape(lambda s: value(s, "objfs_node_cache_stored_bytes_total") >= len(data))
+    assert value(cached, "objfs_node_cache_stored_bytes_total") >= len(data)
 
     stats = plugin.client.node.NodeGetVolumeStats(pb.NodeGetVolumeStatsRequest(volume_id="models-a",
                                                                                volume_path=target))

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from .. import metrics
 from ..backing import Registrar, SelfRegistrar, broker_registrar
 from ..config import MountConfig
 from ..retry import RetryPolicy
@@ -144,6 +145,11 @@ def _open_cache(directory: str, size: int) -> NodeCache | None:
 async def _main(args: argparse.Namespace) -> None:
     os.umask(0o077)  # the cache is this uid's alone (the broker, root, opens what it registers)
     cache = await trio.to_thread.run_sync(_open_cache, args.cache_dir, args.cache_size)
+    # The node cache's figures, which the servers no longer have, for the node plugin to re-export
+    # (store requests are each server's own: it counts what it asked for, by volume).
+    exporter = metrics.MountExporter({}, args.metrics_path, process_figures=False)
+    if cache is not None:
+        exporter.watch_cache(cache)
     registrar: Registrar | None = None
     if args.broker_socket:
         registrar = broker_registrar(args.broker_socket)
@@ -152,8 +158,12 @@ async def _main(args: argparse.Namespace) -> None:
     backing_root = (args.cache_dir, args.backing_root) if args.backing_root else None
     service = DataService(cache, registrar, backing_root)
     try:
-        await service.run(socket.socket(fileno=args.control_fd))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(exporter.run)
+            await service.run(socket.socket(fileno=args.control_fd))
+            nursery.cancel_scope.cancel()
     finally:
+        await trio.to_thread.run_sync(exporter.close)
         if cache is not None:
             await trio.to_thread.run_sync(cache.close)
 

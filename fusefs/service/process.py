@@ -38,8 +38,8 @@ class ServiceProcess:
 
     def __init__(self, command: Sequence[str], cache_dir: str | None, cache_size: int, *,
                  backing_root: str | None = None, broker_socket: str = "", log_path: str = "",
-                 env: dict[str, str] | None = None, own_session: bool = False, self_register: bool = False
-                 ) -> None:
+                 env: dict[str, str] | None = None, own_session: bool = False, self_register: bool = False,
+                 metrics_path: str = "") -> None:
         self.command = list(command)  # privilege drop + the objfs command
         self.cache_dir = cache_dir
         self.cache_size = cache_size
@@ -49,6 +49,7 @@ class ServiceProcess:
         self.env = env if env is not None else clean_env()
         self.own_session = own_session  # outlives whoever started it (objfs mount returns at once)
         self.self_register = self_register  # registers passthrough files itself: root, one trust domain
+        self.metrics_path = metrics_path
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._link: ServiceLink | None = None
@@ -68,6 +69,8 @@ class ServiceProcess:
                 argv += ["--backing-root", self.backing_root, "--broker-socket", self.broker_socket]
             elif self.self_register:
                 argv.append("--self-register")
+        if self.metrics_path:
+            argv += ["--metrics-path", self.metrics_path]
         out: int | None = None
         if self.log_path:
             out = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
