@@ -37,7 +37,7 @@ import stat
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import trio
 
@@ -118,8 +118,11 @@ async def read_frame(sock: trio.socket.SocketType) -> tuple[dict[str, Any], byte
         raise ProtocolError(f"header is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError("header is not a JSON object")
-    payload = bytes(await _read_exactly(sock, plen)) if plen else b""
-    return header, payload
+    # not copied into bytes: a block is 8 MiB, and every reader takes any buffer
+    if not plen:
+        return header, b""
+    # Not copied into bytes (a block is 8 MiB): every reader of a payload takes any buffer.
+    return header, cast(bytes, await _read_exactly(sock, plen))
 
 
 async def _send(sock: trio.socket.SocketType, buffers: list[bytes | memoryview]) -> None:
