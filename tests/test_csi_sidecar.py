@@ -9,6 +9,7 @@ emptyDir, NodePublishVolume before the pod's containers start (so before the sid
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -25,10 +26,11 @@ import pytest
 from csi.local import Client, PluginDirs, PluginProcess, unmount_all_under
 from csi.state import PENDING, SERVED, StateStore
 from csi.v1 import csi_pb2 as pb
-from fusefs import kernel
+from fusefs import backing, kernel, metrics
 from tests.kubemock import FakeApiServer
 from tests.pods import FakeKubelet, SidecarPod, objfs_command_for_nobody, wait_for
 from tests.proxy import CountingProxy
+from tests.scrape import parse, value
 from tests.servers import RcloneS3, random_bytes
 
 pytestmark = pytest.mark.fuse
@@ -293,3 +295,39 @@ def test_a_job_with_a_regular_sidecar_completes_with_its_uploads_done(
         assert node.records() == []
         pods[native].terminate()
         assert pods[native].wait() == 0
+
+
+@pytest.mark.skipif(not backing.patched_pyfuse3(), reason="pyfuse3 without the passthrough API")
+def test_a_complete_cached_file_reaches_the_pod_through_passthrough(
+        node: Node, s3_server: RcloneS3, bucket: str) -> None:
+    """The pod's server holds no cache: the data service registers the complete file (through the
+    plugin's broker, read-only) on the pod's FUSE connection, and the kernel reads it directly."""
+    data = random_bytes(20 * MiB + 5, seed=9)
+    s3_server.client().put_object(Bucket=bucket, Key="m/w.bin", Body=data)
+    client = node.start_plugin()
+    uid = node.kubelet.new_pod()
+    target = node.kubelet.publish(client, uid, "pv-m", "m", {"bucket": bucket, "prefix": "m",
+                                  "endpoint": s3_server.endpoint}, secrets_of(s3_server), readonly=True,
+                                  mode=pb.VolumeCapability.AccessMode.MULTI_NODE_READER_ONLY)
+    node.pod(uid)
+    wait_for(lambda: node.phase(target) == SERVED, what="the hand-over")
+    assert (Path(target) / "w.bin").read_bytes() == data  # fills the node cache
+    wait_for(lambda: any(Path(node.dirs.cache).rglob("*.obj")), what="the complete file")
+    figures = node.kubelet.empty_dir(uid) / "metrics" / "pv-m.prom"
+
+    def passthrough_opens() -> float:
+        return value(parse(figures.read_text()), "objfs_fuse_passthrough_opens_total") if figures.exists() else 0
+
+    opened = passthrough_opens()
+
+    def read_through_passthrough() -> bool:
+        # a new open each time (the kernel reads the cache file itself); the figures are written
+        # every few seconds, and the service may still be checking the file at the first open
+        assert (Path(target) / "w.bin").read_bytes() == data
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: passthrough_opens() > opened, timeout=2 * metrics.WRITE_INTERVAL, what="")
+            return True
+        return False
+
+    wait_for(read_through_passthrough, what="a passthrough open counted by the pod's server")
+    node.kubelet.unpublish(client, "m", target)

@@ -41,7 +41,7 @@ from typing import Any, cast
 
 import trio
 
-from .. import errors, metrics
+from .. import buffers, errors, metrics
 from ..service.local import MAX_RANGE, LocalData
 from ..service.scope import ReadOnlyError
 from ..store.base import ListPage, MultipartUpload, ObjectInfo, StoreLimits
@@ -592,6 +592,9 @@ class GrantServer:
                 await _send(self.sock, encode(answer, out))
         except (OSError, trio.ClosedResourceError):
             pass  # the client went away; its requests die with it
+        pool = buffers.pool()
+        if pool is not None:
+            pool.give(out)  # sent: the block's buffer takes the next GET, unless someone else holds it
 
     def _upload(self, header: dict[str, Any]) -> MultipartUpload:
         upload = self._uploads.get(_int(header, "upload"))
