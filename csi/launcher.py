@@ -449,6 +449,8 @@ class SidecarLauncher:
         finally:
             os.close(p.fuse_fd)  # handed over, or given up: a mount nobody serves fails with ENOTCONN
             p.grant.close()
+        if error is None:
+            _raise_readahead_soon(p.target, p.readahead_kb)
         with self._lock:
             p.error = error
             p.finished.set()
@@ -461,9 +463,7 @@ class SidecarLauncher:
                 p.on_done(p.target, error)
             except Exception:  # the hand-over itself is done; only its record is behind
                 log.exception("recording the hand-over of %s failed", p.target)
-        if error is None:
-            _raise_readahead_soon(p.target, p.readahead_kb)
-        else:
+        if error is not None:
             log.warning("hand-over of %s to its sidecar failed: %s", p.target, error)
 
     def _connect(self, pod_uid: str, timeout: float) -> socket.socket | None:
