@@ -20,15 +20,12 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
-from collections.abc import Sequence
 
 from cryptography.fernet import Fernet, InvalidToken
 
 from fusefs import kernel
 from fusefs.config import Credentials, MountConfig
-from fusefs.wire.control import ControlError
 
 log = logging.getLogger(__name__)
 
@@ -141,14 +138,3 @@ def readonly_mirror(cache_dir: str, mirror: str) -> str | None:
         log.warning("no read-only mount of the node cache (%s): FUSE passthrough off", exc.strerror)
         return None
     return mirror
-
-
-def command_for(uid: int, gid: int, objfs: Sequence[str]) -> list[str]:
-    """``objfs`` as ``uid``: no groups, no capabilities, no way back (like the servers)."""
-    if os.geteuid() != 0 or uid == 0:
-        return list(objfs)
-    setpriv = shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
-    if setpriv is None:
-        raise ControlError("setpriv (util-linux) is needed to run the data service as an unprivileged uid")
-    return [setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--inh-caps=-all", "--no-new-privs",
-            "--", *objfs]

@@ -41,6 +41,18 @@ from .zygote import Zygote, ZygoteError
 log = logging.getLogger(__name__)
 
 
+def drop_privileges(uid: int, gid: int) -> list[str]:
+    """A setpriv prefix that becomes ``uid``/``gid`` with no groups, no capabilities and no way
+    back (no_new_privs): the servers' and the data service's. Only when we can (root); as non-root,
+    or for uid 0, the child is us. FileNotFoundError without setpriv (util-linux)."""
+    if os.geteuid() != 0 or uid == 0:
+        return []
+    setpriv = shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
+    if setpriv is None:
+        raise FileNotFoundError("setpriv (util-linux) is missing")
+    return [setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--inh-caps=-all", "--no-new-privs", "--"]
+
+
 class ServerStartError(Exception):
     """The server did not come up; the message is the server's own where it gave one."""
 
@@ -244,15 +256,10 @@ class ProcessLauncher:
             self._zygote.close()
 
     def _drop_privileges(self) -> list[str]:
-        """A setpriv prefix that becomes the server uid/gid with no groups, no capabilities and
-        no way back (no_new_privs). Only when we can (root); as non-root, the server is us."""
-        if os.geteuid() != 0 or self.uid == 0:
-            return []
-        setpriv = shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
-        if setpriv is None:
-            raise ServerStartError("setpriv (util-linux) is needed to start servers as an unprivileged uid")
-        return [setpriv, f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups", "--inh-caps=-all",
-                "--no-new-privs", "--"]
+        try:
+            return drop_privileges(self.uid, self.gid)
+        except FileNotFoundError as exc:
+            raise ServerStartError(f"{exc}: needed to start servers as an unprivileged uid") from None
 
     @staticmethod
     def _env() -> dict[str, str]:

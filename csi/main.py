@@ -28,7 +28,7 @@ from . import params as P
 from .controller import ControllerService
 from .errors import CsiError, from_store_error
 from .identity import DRIVER_NAME, IdentityService
-from .launcher import ProcessLauncher, SidecarLauncher, default_server_command
+from .launcher import ProcessLauncher, SidecarLauncher, default_server_command, drop_privileges
 from .node import NodeService
 from .state import StateStore
 from .v1 import csi_pb2_grpc
@@ -171,6 +171,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def data_uid_prefix(args: argparse.Namespace) -> list[str]:
+    """How the data service becomes ``--data-uid``: like the servers, no groups, no capabilities."""
+    try:
+        return drop_privileges(args.data_uid, args.data_gid)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"{exc}: needed to run the data service as --data-uid {args.data_uid}") from None
+
+
 def socket_path(endpoint: str) -> str:
     if not endpoint.startswith("unix://"):
         raise SystemExit(f"--endpoint {endpoint!r}: only unix:///path endpoints are supported")
@@ -213,7 +221,7 @@ def build_server(args: argparse.Namespace) -> tuple[grpc.Server, NodeService | N
             args.broker = passthrough_broker.start(os.path.join(args.state_dir, "broker"), mirror, args.data_uid)
         objfs = shlex.split(args.server_command) if args.server_command else default_server_command()
         args.data = ServiceProcess(
-            dataservice.command_for(args.data_uid, args.data_gid, objfs), args.cache_dir, args.cache_size,
+            [*data_uid_prefix(args), *objfs], args.cache_dir, args.cache_size,
             backing_root=mirror if args.broker is not None else None,
             broker_socket=args.broker.path if args.broker is not None else "",
             log_path=os.path.join(args.state_dir, "data-service.log"),

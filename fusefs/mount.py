@@ -30,7 +30,7 @@ from .config import MountConfig
 from .ops import Operations
 from .retry import RetryPolicy
 from .service.api import DataClient
-from .service.local import LocalData
+from .service.local import LocalData, open_cache
 from .store import AsyncStore, open_store
 from .store.base import ObjectInfo
 from .wire.grant import GrantClient
@@ -105,22 +105,10 @@ async def check_store(store: AsyncStore | DataClient, policy: RetryPolicy, limit
         raise MountError(str(exc)) from None
 
 
-def open_cache(config: MountConfig) -> NodeCache | None:
-    if not config.cache_dir or config.cache_size <= 0:
-        return None
-    try:
-        from .cache import NodeCache
-
-        return NodeCache(config.cache_dir, config.cache_size)
-    except Exception as exc:  # a cache that cannot open degrades to direct reads
-        log.warning("node cache at %s unusable, reading directly: %s", config.cache_dir, exc)
-        return None
-
-
 def open_local_data(config: MountConfig, store: AsyncStore) -> LocalData:
     """The data service in this process (a standalone mount: one trust domain), with the node
     cache and, where this build and privilege allow it, passthrough registration."""
-    cache = open_cache(config)
+    cache = open_cache(config.cache_dir, config.cache_size)
     registrar = None
     if cache is not None and config.tuning.passthrough and patched_pyfuse3():
         registrar, how = choose_registrar(config.broker_socket)

@@ -34,7 +34,7 @@ from ..store import AsyncStore, open_store
 from ..wire import control
 from ..wire.fds import recv_with_fds
 from ..wire.grant import GrantServer
-from .local import LocalData
+from .local import LocalData, open_cache
 
 if TYPE_CHECKING:
     from ..cache import NodeCache
@@ -132,24 +132,12 @@ def _json(obj: object) -> bytes:
     return json.dumps(obj).encode()
 
 
-def _open_cache(directory: str, size: int) -> NodeCache | None:
-    if not directory or size <= 0:
-        return None
-    try:
-        from ..cache import NodeCache
-
-        return NodeCache(directory, size)
-    except Exception as exc:  # a cache that cannot open degrades to direct reads
-        log.warning("node cache at %s unusable, reading directly: %s", directory, exc)
-        return None
-
-
 async def _main(args: argparse.Namespace) -> None:
     os.umask(0o077)  # the cache is this uid's alone (the broker, root, opens what it registers)
     # Blocks are sent and dropped: their buffers are taken again by the next GETs (fusefs.buffers),
     # instead of a fresh 8 MiB allocation each (a fifth of the service's time in a cold read here).
     buffers.configure(Tuning().block_size, keep=BUFFERS_KEPT)
-    cache = await trio.to_thread.run_sync(_open_cache, args.cache_dir, args.cache_size)
+    cache = await trio.to_thread.run_sync(open_cache, args.cache_dir, args.cache_size)
     # The node cache's figures, which the servers no longer have, for the node plugin to re-export
     # (store requests are each server's own: it counts what it asked for, by volume).
     exporter = metrics.MountExporter({}, args.metrics_path, process_figures=False)

@@ -41,6 +41,20 @@ CHECK_DEADLINE = 10.0  # seconds the access check is retried for: a wrong endpoi
 MAX_RANGE = 64 * 1024 * 1024
 
 
+def open_cache(directory: str | None, size: int) -> NodeCache | None:
+    """The node cache at ``directory``, or None: none configured, or one that cannot open (reads
+    then go to the store directly, and the volume's condition says so)."""
+    if not directory or size <= 0:
+        return None
+    try:
+        from ..cache import NodeCache
+
+        return NodeCache(directory, size)
+    except Exception as exc:  # a cache that cannot open degrades to direct reads
+        log.warning("node cache at %s unusable, reading directly: %s", directory, exc)
+        return None
+
+
 class LocalData:
     """A ``fusefs.service.api.DataClient`` served in this process."""
 
