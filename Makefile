@@ -22,7 +22,7 @@ APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc util-linux procps meson ninja-
 BENCH_APT_PACKAGES := s3fs linux-perf
 export PATH := $(CURDIR)/$(VENV)/bin:$(TOOLS):$(PATH)
 
-.PHONY: help deps apt venv native tools proto lint typecheck check chart unit sanity test demo bench bench-deps bench-smoke clean e2e e2e-build
+.PHONY: help deps apt venv native tools proto lint typecheck imports check chart unit sanity test demo bench bench-deps bench-smoke clean e2e e2e-build
 
 help:
 	@echo "make demo    the main job, end to end on a local S3 server (no cluster needed)"
@@ -81,14 +81,18 @@ csi/v1/csi_pb2.py: proto/build.sh | $(VENV)/.installed
 	bash proto/build.sh $(CSI_SPEC_VERSION) $(CURDIR)/$(PY)
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check fusefs csi tests bench sanity e2e
+	$(VENV)/bin/ruff check fusefs csi testing tests bench sanity e2e
 
 typecheck: $(VENV)/.installed proto
 	$(VENV)/bin/mypy
 
-check: lint typecheck
+# the layers of DESIGN.md's layout ([tool.importlinter] in pyproject.toml)
+imports: $(VENV)/.installed
+	$(VENV)/bin/lint-imports --no-cache
 
-# The Helm chart lints with its defaults and with each launcher, and renders; tests/test_helm.py
+check: lint typecheck imports
+
+# The Helm chart lints with its defaults and with each launcher, and renders; tests/deploy/test_helm.py
 # (in unit) compares what it renders with `kustomize build deploy/`.
 chart: tools
 	helm lint --strict deploy/helm/objfs
@@ -106,7 +110,7 @@ sanity: deps
 test: deps check chart unit sanity bench-smoke
 
 demo: deps
-	$(PY) -m tests.demo
+	$(PY) -m testing.demo
 
 bench-deps: deps
 	@missing=""; for p in $(BENCH_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

@@ -23,7 +23,7 @@ from bench import clients as C
 from bench import procs, scenarios
 from bench.data import Sizes, generate
 from bench.report import Run, Scenario, draw_chart, print_report, write_json
-from tests.proxy import CountingProxy
+from testing.proxy import CountingProxy
 
 REPO = Path(__file__).resolve().parent.parent
 BUCKET = "bench"
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         run.notes.append(f"objfs not measured: {reason}")
         log(f"objfs not available: {reason}")
 
-    from tests.servers import RcloneS3
+    from testing.servers import RcloneS3
 
     workdir: Path = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Scenarios 12 and 13: the sidecar launcher's publish latency against the process launcher's, and
 the memory of a pod's ``objfs sidecar``.
 
-The pods are the tests' (``tests.pods``): a kubelet root in the work dir, each pod an
+The pods are the tests' (``testing.pods``): a kubelet root in the work dir, each pod an
 ``objfs sidecar`` in a mount and PID namespace of its own, as uid 65534 with a read-only root.
 
 12 times NodePublishVolume until it returns, one call after another:
@@ -31,9 +31,9 @@ from bench import procs
 from bench.data import LARGE_KEY
 from bench.report import Goal, Scenario
 from bench.scenarios import READ, Ctx, check
-from csi.local import Client, PluginDirs, PluginProcess, unmount_all_under
 from csi.v1 import csi_pb2 as pb
-from tests.pods import FakeKubelet, SidecarPod, objfs_command_for_nobody
+from testing.plugin import Client, PluginDirs, PluginProcess, unmount_all_under
+from testing.pods import FakeKubelet, SidecarPod, objfs_command_for_nobody
 
 MiB = 1 << 20
 
@@ -122,7 +122,7 @@ def publish_latency(ctx: Ctx) -> Scenario:
                       value=200)]
     node = _Node(ctx)
     if node.command is None:
-        sc.notes.append("not available: no interpreter uid 65534 can run objfs with (tests.pods)")
+        sc.notes.append("not available: no interpreter uid 65534 can run objfs with (testing.pods)")
         node.close()
         return sc
     # rclone serve s3 builds its directory cache at the first LIST of a folder: not the driver's time.
@@ -169,7 +169,7 @@ def sidecar_memory(ctx: Ctx) -> Scenario:
                           False, [])
     node = _Node(ctx)
     if node.command is None:
-        sc.notes.append("not available: no interpreter uid 65534 can run objfs with (tests.pods)")
+        sc.notes.append("not available: no interpreter uid 65534 can run objfs with (testing.pods)")
         node.close()
         return sc
     size = ctx.sizes.large

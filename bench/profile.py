@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from bench import procs
-from tests.servers import RcloneS3
+from testing.servers import RcloneS3
 
 REPO = Path(__file__).resolve().parent.parent
 OBJFS = str(Path(sys.executable).parent / "objfs")

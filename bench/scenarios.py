@@ -30,7 +30,7 @@ from bench import procs
 from bench.clients import OBJFS, RCLONE, RCLONE_FULL, S3FS, S3FS_CACHE, Client, Mounted, Store
 from bench.data import LARGE_KEY, MEMORY_KEY, MODEL_KEY, Manifest, Sizes
 from bench.report import Goal, Run, Scenario
-from tests.proxy import CountingProxy
+from testing.proxy import CountingProxy
 
 MB = 1e6
 MiB = 1 << 20
@@ -436,7 +436,7 @@ def memory(ctx: Ctx) -> Scenario:
 
 
 # 15 ----------------------------------------------------------------------------------------------
-#: how long the soak reads, by data size (quick: a smoke test; make test's short soak is tests/test_soak.py);
+#: how long the soak reads, by data size (quick: a smoke test; make test's short soak is tests/fuse/test_soak.py);
 #: OBJFS_SOAK_SECONDS overrides it
 SOAK_SECONDS = {"quick": 10.0, "small": 120.0, "full": 300.0}
 SOAK_READERS = 32

@@ -1,6 +1,6 @@
 """Soak: many concurrent readers on one mount for a while, sampling the FUSE server's RSS.
 
-Used by the short soak test in ``make test`` (tests/test_soak.py: 32 readers for 20 s, RSS growth
+Used by the short soak test in ``make test`` (tests/fuse/test_soak.py: 32 readers for 20 s, RSS growth
 under a generous cap) and by the bench scenario ``soak`` (``python -m bench --only soak``: minutes,
 RSS over time reported). Each reader opens a random file, reads it whole or a random range, compares
 every byte with the truth (a callable, so the bench can read its local copy of the data) and

@@ -18,20 +18,20 @@ import grpc
 from google.protobuf import text_format
 from google.protobuf.message import Message
 
+from csi import params as P
+from csi.errors import CsiError, from_store_error
+from csi.node import broker as passthrough_broker
+from csi.node import dataservice, metrics, podexit
+from csi.node.launcher import ProcessLauncher, SidecarLauncher, default_server_command, drop_privileges
+from csi.node.state import StateStore
+from csi.services.controller import ControllerService
+from csi.services.identity import DRIVER_NAME, IdentityService
+from csi.services.node import NodeService
+from csi.v1 import csi_pb2_grpc
+from csi.webhook import server as webhook
 from fusefs import errors as store_errors
 from fusefs.config import ConfigError, parse_size
-from fusefs.service.process import ServiceProcess
-
-from . import broker as passthrough_broker
-from . import dataservice, metrics, podexit, webhook
-from . import params as P
-from .controller import ControllerService
-from .errors import CsiError, from_store_error
-from .identity import DRIVER_NAME, IdentityService
-from .launcher import ProcessLauncher, SidecarLauncher, default_server_command, drop_privileges
-from .node import NodeService
-from .state import StateStore
-from .v1 import csi_pb2_grpc
+from fusefs.proc.service_process import ServiceProcess
 
 log = logging.getLogger("objfs.csi")
 # Called every few seconds by the CO and the sidecars: logged only at debug level when OK.
@@ -107,7 +107,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--endpoint", help="unix:///path/csi.sock (required but in --mode webhook)")
     ap.add_argument("--node-id", help="required but in --mode webhook")
     ap.add_argument("--mode", choices=("all", "controller", "node", "webhook"), default="all",
-                    help="webhook: the admission webhook that adds the objfs sidecar to pods (see csi/webhook.py)")
+                    help="webhook: the admission webhook that adds the objfs sidecar to pods (csi/webhook/)")
     ap.add_argument("--state-dir", default="/var/lib/objfs/state")
     ap.add_argument("--cache-dir", default="/var/lib/objfs/cache", help="node cache shared by all servers")
     ap.add_argument("--cache-size", type=cache_size, default="10G", metavar="SIZE",

@@ -1,7 +1,8 @@
 """Volume parameters and secrets -> MountConfig.
 
 The same keys work as StorageClass ``parameters``, PV ``volumeAttributes`` and inline volume
-attributes (the contract in DESIGN.md). Keys that kubelet and external-provisioner add
+attributes (the contract that README's "Volumes: parameters, secrets, provisioning" documents). Keys
+that kubelet and external-provisioner add
 (``csi.storage.k8s.io/...``, and ``storage.kubernetes.io/csiProvisionerIdentity``, which the
 provisioner puts into every PV it makes) are ignored; anything else unknown is refused by name, because a
 typo (``readOnly``, ``metadataTtl``) silently ignored would be worse.
@@ -14,6 +15,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+from csi.errors import FailedPrecondition, InvalidArgument
+from csi.v1 import csi_pb2
 from fusefs.config import (
     BACKENDS,
     DEFAULT_CACHE_SIZE,
@@ -23,9 +26,6 @@ from fusefs.config import (
     bucket_name_problem,
     normalize_prefix,
 )
-
-from .errors import FailedPrecondition, InvalidArgument
-from .v1 import csi_pb2
 
 #: the prefixes Kubernetes reserves for the keys it adds to parameters and volume attributes
 K8S_PREFIXES = ("csi.storage.k8s.io/", "storage.kubernetes.io/")

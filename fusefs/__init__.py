@@ -1,21 +1,24 @@
 """objfs filesystem: object storage buckets as FUSE filesystems.
 
-Layers, top to bottom (each only calls the one below it):
+Layers, top to bottom; each imports only the layers below it (``make check`` runs the contract in
+pyproject.toml, ``[tool.importlinter]``):
 
-- ``cli``     the ``objfs`` command (mount, unmount, serve, sidecar, zygote, data-service)
-- ``mount``   mount(2)/umount(2), kernel tuning, running the pyfuse3 loop
-- ``ops``     pyfuse3 Operations: turns FUSE requests into calls on the layers below
-- ``meta``    inodes, attributes, directory listings, positive and negative caches
-- ``read``    per-object block fetching with prefetch windows and single-flight
-- ``write``   streamed multipart uploads and staged random writes
-- ``service`` the data service: the only holder of credentials, store clients and the node cache
-              (``api.DataClient`` is all the layers above know of their data; ``local`` serves it
-              in-process, ``daemon`` is the node's service process)
-- ``wire``    process-to-process messages, both ends of each protocol in one module (``grant``: a
-              FUSE server and the data service; ``control``: the node plugin and the data service;
-              ``regrant``: a running server's next grant connection)
-- ``cache``   the node-wide block cache on local disk (shared by every volume on a node)
-- ``store``   the object store protocol and its S3 and GCS backends
+- ``proc``        the processes: ``cli`` (the ``objfs`` command), ``serve`` (one FUSE server),
+                  ``sidecar`` (a pod's servers), ``zygote`` (pre-imported forks), ``dataservice``
+                  (the node's data service) and ``service_process`` (starting it, its control link)
+- ``fs``          the filesystem: ``ops`` (FUSE requests), ``meta`` (inodes, listings, caches),
+                  ``read`` (blocks, prefetch, single flight), ``write`` and ``parts`` (uploads)
+- ``wire``        process-to-process messages, both ends of one protocol in one module: ``grant``
+                  (a server and the data service), ``control`` (the plugin and the data service),
+                  ``regrant``, ``handoff`` (the serve pipe and the sidecar hand-over), ``fds``
+- ``service``     the data service: ``api.DataClient`` is all ``fs`` knows of its data; ``local``
+                  serves one grant in-process, checked against its ``scope``
+- ``passthrough`` FUSE passthrough: ``backing`` (negotiation, registration), ``broker`` (the client of
+                  the node plugin's registration broker)
+- ``nodecache``   the node-wide cache on local disk, written only by the data service
+- ``store``       the object store protocol and its S3, GCS and in-memory backends
+- ground floor:   ``config`` (``MountConfig``), ``errors``, ``retry``, ``metrics``, ``buffers``,
+                  ``kernel`` (mount(2), readahead), ``directio``
 
 ``fusefs`` knows nothing about CSI; ``config.MountConfig`` is the seam, and ``MountConfig.server_view``
 is what a FUSE server may know of it (no credential, no endpoint, no node path).

@@ -1,7 +1,7 @@
 """A small pool of block-sized buffers, reused instead of allocated for every block.
 
 Why: each block is a multi-MiB buffer, and glibc gives every buffer that size its own mapping
-(``fusefs.mount.limit_malloc_retention`` keeps it that way, so that RSS follows what is alive).
+(``fusefs.proc.serve.limit_malloc_retention`` keeps it that way, so that RSS follows what is alive).
 A fresh mapping costs a page fault and a zeroed page per 4 KiB, and an unmap with TLB
 shootdowns when freed: about a fifth of a cold read's CPU here. A buffer handed back when its
 block leaves the reader's memory serves the next block instead.

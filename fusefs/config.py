@@ -101,7 +101,7 @@ class MountConfig:
     prefetch: tuple[str, ...] = ()
     fs_name: str = "objfs"
     tuning: Tuning = field(default_factory=Tuning)
-    #: the node plugin's passthrough broker (csi/broker.py); "" registers backing files itself (root)
+    #: the node plugin's passthrough broker (csi/node/broker.py); "" registers backing files itself (root)
     broker_socket: str = ""
     # Prometheus figures (fusefs.metrics): written to metrics_path every few seconds, served on
     # metrics_address (HOST:PORT, a standalone mount), labelled volume (default: the source) and pod.

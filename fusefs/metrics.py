@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from . import errors
+from fusefs import errors
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -283,7 +283,7 @@ class Exporter(Endpoint):
         self.registry.register(_Labelled(self._inner, labels))
 
     def watch_cache(self, cache: Any) -> None:
-        """Export the counters of a ``fusefs.cache.NodeCache`` (its ``stats()``, ``usable``)."""
+        """Export the counters of a ``fusefs.nodecache.cache.NodeCache`` (its ``stats()``, ``usable``)."""
         self._inner.register(_NodeCacheCollector(cache))
 
     def text(self) -> bytes:

@@ -21,7 +21,7 @@ from typing import TypeVar
 
 import trio
 
-from .errors import is_temp_failure
+from fusefs.errors import is_temp_failure
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -72,7 +72,7 @@ boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1").create_buc
 
 # The servers run as an unprivileged uid (65534) where it can run our interpreter; a venv whose
 # interpreter lives under a private home (/root, 0700) cannot be run by it: then uid 0.
-server_uid="$(cd "$root" && "$py" -c 'from csi.launcher import runnable_as; print(65534 if runnable_as(65534, 65534) else 0)')"
+server_uid="$(cd "$root" && "$py" -c 'from csi.node.launcher import runnable_as; print(65534 if runnable_as(65534, 65534) else 0)')"
 [ "$server_uid" = 0 ] && echo "note: uid 65534 cannot run $py here; objfs serve runs as uid 0"
 echo "== starting objfs-csi (mode all)"
 "$root/.venv/bin/objfs-csi" --endpoint "unix://$work/csi.sock" --node-id sanity-node --mode all \
@@ -83,7 +83,7 @@ csi_pid=$!
 for _ in $(seq 300); do [ -S "$work/csi.sock" ] && break; sleep 0.1; done
 [ -S "$work/csi.sock" ] || { echo "objfs-csi did not start:"; cat "$work/objfs-csi.log"; exit 1; }
 # and until Probe says ready (its zygote has imported what servers need), as kubelet's probes would
-"$root/.venv/bin/python" -c "import sys; from csi.local import Client; Client(sys.argv[1]).wait_ready(120)" \
+"$root/.venv/bin/python" -c "import sys; from testing.plugin import Client; Client(sys.argv[1]).wait_ready(120)" \
   "$work/csi.sock" || { echo "objfs-csi did not become ready:"; cat "$work/objfs-csi.log"; exit 1; }
 
 echo "== running $("$sanity" -version 2>/dev/null || echo csi-sanity) ($mode mode)"

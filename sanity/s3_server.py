@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.servers import RcloneS3
+from testing.servers import RcloneS3
 
 
 def main() -> int:

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from fusefs.config import MountConfig
-from tests.fsmount import Mounted
-from tests.fsmount import mount as fs_mount
-from tests.proxy import CountingProxy
-from tests.servers import RcloneS3
+from testing.fsmount import Mounted
+from testing.fsmount import mount as fs_mount
+from testing.proxy import CountingProxy
+from testing.servers import RcloneS3
 
 
 @pytest.fixture(scope="session")
@@ -59,9 +59,9 @@ def mount_fs(tmp_path: Path) -> Iterator[Callable[..., Mounted]]:
         m.unmount()
 
 
-# -- figures of the fault tests (tests/figures.py) ----------------------------------------------
+# -- figures of the fault tests (testing/figures.py) ----------------------------------------------
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    from tests import figures
+    from testing import figures
 
     lines = figures.summary_lines()
     if lines:

@@ -16,8 +16,8 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).res
 
 from kube import NAMESPACE, Kube  # noqa: E402
 
-from tests.proxy import CountingProxy  # noqa: E402
-from tests.servers import RcloneS3  # noqa: E402
+from testing.proxy import CountingProxy  # noqa: E402
+from testing.servers import RcloneS3  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -17,8 +17,8 @@ import pytest
 from kube import DRIVER, NAMESPACE, Kube, Obj, pod, pod_spec
 from safetensors.numpy import save
 
-from tests.proxy import CountingProxy
-from tests.servers import RcloneS3, random_bytes
+from testing.proxy import CountingProxy
+from testing.servers import RcloneS3, random_bytes
 
 log = logging.getLogger("e2e")
 STATE = Path("/var/lib/objfs/state/targets")  # the node plugin's records (hostPath, this mount ns)

@@ -16,7 +16,7 @@ from typing import Any
 from kube import NAMESPACE, Kube, Obj, pod_spec
 from test_cluster import bound_pv, claim_volume, data_mount, pvc, storage_class
 
-from tests.servers import RcloneS3
+from testing.servers import RcloneS3
 
 NODE_DIR = Path("/var/lib/objfs")  # the node plugin's hostPaths (cache, state): this mount namespace
 SIDECAR = "objfs-sidecar"

@@ -1,4 +1,4 @@
-"""``DataClient``: everything the filesystem layer (``fusefs.ops``, ``meta``, ``read``, ``write``)
+"""``DataClient``: everything the filesystem layer (``fusefs.fs.ops``, ``meta``, ``read``, ``write``)
 needs of its volume's data, whichever side serves it.
 
 Two implementations: ``fusefs.service.local.LocalData`` (the service in this process: a
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from ..store.base import ListPage, MultipartUpload, ObjectInfo, StoreLimits
+from fusefs.store.base import ListPage, MultipartUpload, ObjectInfo, StoreLimits
 
 
 class DataClient(Protocol):

@@ -7,7 +7,7 @@ argument comes from an untrusted sidecar, so each key is checked against the gra
 before anything is sent, and a block enters the node cache only as this side fetched it.
 
 Sharing the node cache between grants: blocks are keyed by the grant's tenant (a hash of the
-endpoint and the access key id, ``fusefs.objects.tenant_of``); grants with ambient credentials
+endpoint and the access key id, ``fusefs.nodecache.objectfiles.tenant_of``); grants with ambient credentials
 share the "" tenant and prove, once per object version, that their credentials may read it (one
 pinned GET of the first byte) before cached bytes are served to them.
 """
@@ -23,16 +23,16 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .. import errors, metrics
-from ..backing import Registrar
-from ..config import MountConfig
-from ..objects import tenant_of
-from ..retry import RetryPolicy
-from ..store.base import AsyncStore, ListPage, MultipartUpload, ObjectInfo
-from .scope import Scope
+from fusefs import errors, metrics
+from fusefs.config import MountConfig
+from fusefs.nodecache.objectfiles import tenant_of
+from fusefs.passthrough.backing import Registrar
+from fusefs.retry import RetryPolicy
+from fusefs.service.scope import Scope
+from fusefs.store.base import AsyncStore, ListPage, MultipartUpload, ObjectInfo
 
 if TYPE_CHECKING:
-    from ..cache import BlockKey, NodeCache
+    from fusefs.nodecache.cache import BlockKey, NodeCache
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def open_cache(directory: str | None, size: int) -> NodeCache | None:
     if not directory or size <= 0:
         return None
     try:
-        from ..cache import NodeCache
+        from fusefs.nodecache.cache import NodeCache
 
         return NodeCache(directory, size)
     except Exception as exc:  # a cache that cannot open degrades to direct reads
@@ -77,7 +77,7 @@ class LocalData:
         self.passthrough = cache is not None and registrar is not None and fuse_fd is not None
         #: (cache dir, a read-only mount of it): complete files are opened for registration through
         #: the read-only mount, so the kernel refuses to reopen them for writing (EROFS) whatever
-        #: flags a server answers an open with (``fusefs.backing``)
+        #: flags a server answers an open with (``fusefs.passthrough.backing``)
         self.backing_root = backing_root
         self._authorised: set[tuple[str, str]] = set()  # (key, version) this grant fetched or proved
         self._proving: dict[tuple[str, str], trio.Event] = {}
@@ -167,7 +167,7 @@ class LocalData:
         return data
 
     def cache_key(self, info: ObjectInfo, index: int) -> BlockKey:
-        from ..cache import BlockKey  # the node cache module is optional until it is configured
+        from fusefs.nodecache.cache import BlockKey  # the node cache module is optional until it is configured
 
         return BlockKey(store=self.identity, key=info.key, version=info.version, index=index,
                         block_size=self.block_size, size=info.size, tenant=self.tenant)
@@ -249,7 +249,7 @@ class LocalData:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
             st = os.fstat(fd)
-            # a complete file is a regular, read-only file of the object's size (fusefs.objects)
+            # a complete file is a regular, read-only file of the object's size (fusefs.nodecache.objectfiles)
             if not (stat.S_ISREG(st.st_mode) and st.st_size == size and not st.st_mode & 0o222):
                 raise OSError(errno.EINVAL, f"{path} is not a complete cache file")
             return self.registrar.open(fuse_fd, fd)

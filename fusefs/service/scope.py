@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import errors
+from fusefs import errors
 
 
 class ReadOnlyError(errors.StoreError):

@@ -20,8 +20,8 @@ from typing import Protocol, TypeVar
 
 import trio
 
-from .. import metrics, retry
-from ..retry import RetryPolicy
+from fusefs import metrics, retry
+from fusefs.retry import RetryPolicy
 
 T = TypeVar("T")
 
@@ -43,7 +43,7 @@ class ListPage:
 
 @dataclass(frozen=True)
 class StoreLimits:
-    """What one backend accepts in a multipart upload (``fusefs.parts`` plans within it)."""
+    """What one backend accepts in a multipart upload (``fusefs.fs.parts`` plans within it)."""
 
     max_parts: int  # parts of one upload, numbered 1..max_parts
     min_part_size: int  # every part but the last is at least this big

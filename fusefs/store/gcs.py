@@ -18,7 +18,7 @@ serialised and re-synchronised with the session's persisted offset; composed par
 independent, idempotent PUTs of any size. Costs: the temporary objects live under
 ``<dir>/.objfs-uploads/`` until complete/abort (the layers above hide that name), and a composite
 object may have at most 1024 components, so an upload is limited to 1024 parts (``LIMITS``: the
-upload planner, ``fusefs.parts``, grows parts so that 1024 of them still reach the 5 TiB limit).
+upload planner, ``fusefs.fs.parts``, grows parts so that 1024 of them still reach the 5 TiB limit).
 
 One compose request takes at most 32 sources, so ``complete`` composes in a tree: groups of 32
 into temporary composites next to the parts, those again, and only the last compose writes the
@@ -48,10 +48,10 @@ from google.auth.credentials import AnonymousCredentials
 from google.auth.transport.requests import AuthorizedSession
 from google.cloud.storage import Blob, Bucket, Client
 
-from .. import errors, retry
-from ..config import Credentials, TiB
-from ..retry import RetryPolicy
-from .base import ListPage, ObjectInfo, StoreLimits
+from fusefs import errors, retry
+from fusefs.config import Credentials, TiB
+from fusefs.retry import RetryPolicy
+from fusefs.store.base import ListPage, ObjectInfo, StoreLimits
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ import botocore.exceptions
 import urllib3.exceptions
 from boto3.s3.transfer import TransferConfig
 
-from .. import buffers, errors
-from ..config import Credentials, GiB, MiB, TiB
-from .base import ListPage, ObjectInfo, StoreLimits
-from .s3_get import DirectGet
+from fusefs import buffers, errors
+from fusefs.config import Credentials, GiB, MiB, TiB
+from fusefs.store.base import ListPage, ObjectInfo, StoreLimits
+from fusefs.store.s3_get import DirectGet
 
 T = TypeVar("T")
 
@@ -41,7 +41,7 @@ COPY_PART_SIZE = 512 * 1024 * 1024
 #: Amazon S3's multipart limits (S3-compatible stores accept at least these, most the same)
 LIMITS = StoreLimits(max_parts=10_000, min_part_size=5 * MiB, max_part_size=5 * GiB, max_object_size=5 * TiB)
 # Bounds the temporary buffer of each read from a response body read in pieces. Below glibc's mmap threshold
-# (1 MiB here: fusefs.mount.limit_malloc_retention), so each chunk reuses heap memory instead of
+# (1 MiB here: fusefs.proc.serve.limit_malloc_retention), so each chunk reuses heap memory instead of
 # a fresh mapping that costs a page fault per 4 KiB (a tenth of a cold read's CPU at 1 MiB).
 READ_CHUNK = 256 * 1024
 

@@ -24,7 +24,7 @@ import socket
 import threading
 from typing import Any
 
-from ..config import MountConfig
+from fusefs.config import MountConfig
 
 MAX_MESSAGE = 1 << 20
 TIMEOUT = 30.0  # seconds the plugin waits for an answer: a hung service fails the publish, not the plugin

@@ -2,7 +2,7 @@
 both ends of one protocol in one module.
 
 The CSI node plugin connects a socket pair per published volume, gives one end to the data service
-with the volume's grant (bucket, prefix, read-only, credentials: ``fusefs.service.daemon``) and the
+with the volume's grant (bucket, prefix, read-only, credentials: ``fusefs.proc.dataservice``) and the
 other to the pod's sidecar. The sidecar holds nothing else of value: every store request and every
 node-cache read of its volume goes through this connection, and the service answers only what the
 grant covers (``fusefs.service.scope``).
@@ -41,11 +41,11 @@ from typing import Any, cast
 
 import trio
 
-from .. import buffers, errors, metrics
-from ..service.local import MAX_RANGE, LocalData
-from ..service.scope import ReadOnlyError
-from ..store.base import ListPage, MultipartUpload, ObjectInfo, StoreLimits
-from .fds import recv_with_fds
+from fusefs import buffers, errors, metrics
+from fusefs.service.local import MAX_RANGE, LocalData
+from fusefs.service.scope import ReadOnlyError
+from fusefs.store.base import ListPage, MultipartUpload, ObjectInfo, StoreLimits
+from fusefs.wire.fds import recv_with_fds
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ When the node plugin (and with it the data service) restarts, every live server'
 connection breaks; its store requests wait (``fusefs.wire.grant.RECONNECT_WAIT``). The restarted
 plugin makes a new connection per grant from its records and hands it to the server here:
 
-- a pod's server: through its sidecar (``fusefs.handoff``, op ``regrant``), which forwards it to the
+- a pod's server: through its sidecar (``fusefs.wire.handoff``, op ``regrant``), which forwards it to the
   volume's child over a socket pair made when the child was forked;
 - a server the plugin started (``objfs serve``): through a SOCK_SEQPACKET socket it listens on,
   made and bound by the plugin in its root-only state directory and inherited by the server; only
@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import trio
 
-from .fds import recv_with_fds
+from fusefs.wire.fds import recv_with_fds
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from csi.broker import Broker
-from fusefs.passthrough import BrokerClient
-from tests.pods import SYSTEM_PYTHON, wait_for
+from csi.node.broker import Broker
+from fusefs.passthrough.broker import BrokerClient
+from testing.pods import SYSTEM_PYTHON, wait_for
 
 pytestmark = pytest.mark.fuse
 IDLE = 20

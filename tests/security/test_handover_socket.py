@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from csi import podpath
-from csi.launcher import EMPTY_DIR_NAME, SidecarLauncher
-from fusefs.handoff import SIDECAR_SOCKET
+from csi.node import podpath
+from csi.node.launcher import EMPTY_DIR_NAME, SidecarLauncher
+from fusefs.wire.handoff import SIDECAR_SOCKET
 
 VICTIM, ATTACKER = "11111111-2222-3333-4444-555555555555", "66666666-7777-8888-9999-000000000000"
 

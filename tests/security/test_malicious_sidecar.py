@@ -1,10 +1,10 @@
 """A malicious sidecar: a process that takes the hand-over exactly as the real ``objfs sidecar`` does
-(``fusefs.handoff``, from the real node plugin) and then tries to get more than its own volume.
+(``fusefs.wire.handoff``, from the real node plugin) and then tries to get more than its own volume.
 
 Everything inside a pod is its tenant's: they can exec into the injected sidecar, replace it, or run
 it as root in the pod. What the plugin gives it must be worth no more than the pod's own volume
 (../shared/DESIGN.md, "Trust boundary"). The "pod" here is a mount + PID namespace of its own with
-the plugin's directories hidden (``tests.pods.SidecarPod``), as uid 65534 and as root. It reports
+the plugin's directories hidden (``testing.pods.SidecarPod``), as uid 65534 and as root. It reports
 what it found to a file in its emptyDir; each attack must have failed:
 
 - the descriptors it received are the mounted /dev/fuse and one socket: no directory fd, so no
@@ -27,16 +27,16 @@ from pathlib import Path
 
 import pytest
 
-from csi.local import PluginDirs, PluginProcess, unmount_all_under
-from tests.pods import FakeKubelet, SidecarPod, script_for_nobody, wait_for
-from tests.servers import RcloneS3
+from testing.plugin import PluginDirs, PluginProcess, unmount_all_under
+from testing.pods import FakeKubelet, SidecarPod, script_for_nobody, wait_for
+from testing.servers import RcloneS3
 
 pytestmark = pytest.mark.fuse
 
 EVIL_SIDECAR = r"""
 import json, os, socket, stat, sys
 import trio
-from fusefs import handoff
+from fusefs.wire import handoff
 from fusefs.store.base import ObjectInfo
 from fusefs.wire.grant import GrantClient
 
@@ -118,7 +118,7 @@ def test_a_sidecar_gets_nothing_but_its_own_volume(
     s3 = s3_server.client()
     s3.put_object(Bucket=bucket, Key="tenant-a/weights.bin", Body=b"a's weights")
     s3.put_object(Bucket=bucket, Key="tenant-b/data.txt", Body=b"b's data")
-    objfs = script_for_nobody(root / "objfs", "from fusefs.cli import main\nsys.exit(main())\n")
+    objfs = script_for_nobody(root / "objfs", "from fusefs.proc.cli import main\nsys.exit(main())\n")
     assert objfs is not None
     plugin = PluginProcess(dirs, node_id="node-evil", pid_namespace=True, extra_args=[
         "--launcher", "sidecar", "--kubelet-root", str(kubelet.root), "--server-uid", "65534", "--server-gid",

@@ -11,9 +11,9 @@ import prometheus_client
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from csi import metrics, podpath
-from csi.launcher import EMPTY_DIR_NAME
-from csi.state import SIDECAR, PublishRecord
+from csi.node import metrics, podpath
+from csi.node.launcher import EMPTY_DIR_NAME
+from csi.node.state import SIDECAR, PublishRecord
 from fusefs import metrics as server_metrics
 
 VICTIM, ATTACKER = "11111111-2222-3333-4444-555555555555", "66666666-7777-8888-9999-000000000000"
@@ -99,7 +99,7 @@ def test_many_and_oversized_files_are_not_read(tmp_path: Path, reads: list[str],
     (where / "big.prom").write_text(forged("mallory-big", "x/y", 4, padding=16000))
     assert os.path.getsize(where / "big.prom") > 1 << 20 > max(os.path.getsize(p) for p in where.glob("extra-*"))
     endpoint = metrics.PluginMetrics(str(tmp_path), None, None, records=lambda: records)
-    with caplog.at_level(logging.WARNING, logger="csi.metrics"):
+    with caplog.at_level(logging.WARNING, logger="csi.node.metrics"):
         first, second = scrape(endpoint), scrape(endpoint)
     for got in (first, second):
         assert volumes_in(got) == {"mallory-vol"}
@@ -115,7 +115,7 @@ def test_files_read_per_pod_are_bounded(tmp_path: Path, reads: list[str], caplog
     for i in range(count):
         (metrics_dir(tmp_path, ATTACKER) / f"v{i}.prom").write_text(forged("whatever", "x/y", i))
     endpoint = metrics.PluginMetrics(str(tmp_path), None, None, records=lambda: records)
-    with caplog.at_level(logging.WARNING, logger="csi.metrics"):
+    with caplog.at_level(logging.WARNING, logger="csi.node.metrics"):
         got = scrape(endpoint)
     assert len(reads) == metrics.MAX_FILES_PER_DIR == len(volumes_in(got))
     assert any("more than" in r.getMessage() for r in caplog.records)

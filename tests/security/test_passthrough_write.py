@@ -25,10 +25,11 @@ from pathlib import Path
 
 import pytest
 
-from csi.broker import Broker
-from csi.dataservice import readonly_mirror
-from fusefs import backing, kernel
-from tests.pods import REPO, wait_for
+from csi.node.broker import Broker
+from csi.node.dataservice import readonly_mirror
+from fusefs import kernel
+from fusefs.passthrough import backing
+from testing.pods import REPO, wait_for
 
 pytestmark = [
     pytest.mark.fuse,
@@ -41,8 +42,8 @@ import errno, os, stat, sys
 sys.path.insert(0, sys.argv[1])
 import pyfuse3, trio
 from fusefs import kernel
-from fusefs.backing import SelfRegistrar
-from fusefs.passthrough import BrokerClient
+from fusefs.passthrough.backing import SelfRegistrar
+from fusefs.passthrough.broker import BrokerClient
 
 mountpoint, path, broker = sys.argv[2], sys.argv[3], sys.argv[4]
 registrar = BrokerClient(broker) if broker else SelfRegistrar()
@@ -85,7 +86,7 @@ def cache(tmp_path: Path) -> Path:
     objects.mkdir(parents=True)
     complete = objects / "model.obj"
     complete.write_bytes(CONTENT)
-    complete.chmod(0o444)  # a complete file, as fusefs.objects leaves it
+    complete.chmod(0o444)  # a complete file, as fusefs.nodecache.objectfiles leaves it
     return complete
 
 

@@ -23,12 +23,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from csi.local import Client, PluginDirs, PluginProcess, unmount_all_under
-from csi.state import PENDING, StateStore
+from csi.node.state import PENDING, StateStore
 from csi.v1 import csi_pb2 as pb
-from fusefs import handoff
-from tests.pods import FakeKubelet
-from tests.servers import RcloneS3
+from fusefs.wire import handoff
+from testing.plugin import Client, PluginDirs, PluginProcess, unmount_all_under
+from testing.pods import FakeKubelet
+from testing.servers import RcloneS3
 
 pytestmark = pytest.mark.fuse
 DEADLINE = 30.0  # below the 60 s the plugin used to wait for one sidecar's word

@@ -1,5 +1,5 @@
 """Attacks on the admission webhook, run as ``objfs-csi --mode webhook`` processes against the fake API
-server (tests/kubemock.py), over TLS as the API server talks to it."""
+server (testing/kubemock.py), over TLS as the API server talks to it."""
 
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from csi import certs
-from csi import inject as I
-from tests import test_webhook as W
-from tests.kubemock import FakeApiServer
-from tests.test_webhook import INJECT, MWC, SECRET, WebhookProcess, fake_cluster, pod, start_webhook
+from csi.webhook import certs
+from csi.webhook import inject as I
+from testing.kubemock import FakeApiServer
+from tests.csi import test_webhook as W
+from tests.csi.test_webhook import INJECT, MWC, SECRET, WebhookProcess, fake_cluster, pod, start_webhook
 
-# The webhook of tests/test_webhook.py (native sidecars, claim lookups) in front of its fake cluster.
+# The webhook of tests/csi/test_webhook.py (native sidecars, claim lookups) in front of its fake cluster.
 cluster, hook = W.cluster, W.native
 
 

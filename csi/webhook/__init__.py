@@ -1,0 +1,1 @@
+"""The admission webhook: ``server`` (HTTPS), ``inject`` (the sidecar patch), ``certs``, ``kubeapi``."""

@@ -1,0 +1,469 @@
+"""Inodes and directory metadata, served from LIST wherever possible.
+
+The inode table maps paths (relative to the mount's prefix, '' is the root) to inode numbers and
+back, with the kernel's lookup counts so ``forget`` can drop entries. Attributes come from
+``ObjectInfo``; directories are implicit (common prefixes) or explicit (``dir/`` marker objects).
+
+Two caches, both living for the metadata TTL:
+- listings: one LIST (with delimiter, all pages) per directory. While it is fresh, lookup, getattr
+  and open of its entries, and lookups of names it does not contain, cost no request;
+- entries: positive and negative answers per path, filled by listings and by single lookups
+  (HEAD key + LIST prefix=key/ max 1, concurrently) in directories that were not listed.
+"""
+
+from __future__ import annotations
+
+import logging
+import stat
+import time
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from fusefs import errors
+from fusefs.config import MountConfig
+from fusefs.service.api import DataClient
+from fusefs.store.base import ObjectInfo
+
+log = logging.getLogger(__name__)
+
+ROOT = 1
+NAME_MAX = 255
+_PRUNE_AT = 200_000  # entries kept before expired ones are swept out
+
+
+class UnversionedError(errors.StoreError):
+    """The store names no version for an object (EIO): its bytes cannot be pinned."""
+
+
+def valid_name(name: str) -> bool:
+    """Whether a key segment can be shown as a directory entry."""
+    if name in ("", ".", "..") or "\0" in name or "/" in name:
+        return False
+    try:
+        return len(name.encode("utf-8", "surrogateescape")) <= NAME_MAX
+    except UnicodeError:
+        return False
+
+
+def join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
+def parent_of(path: str) -> str:
+    return path.rpartition("/")[0]
+
+
+def name_of(path: str) -> str:
+    return path.rpartition("/")[2]
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    is_dir: bool
+    info: ObjectInfo | None = None  # files only
+
+
+@dataclass
+class Listing:
+    """One directory's entries in listing order (sorted like the store sorts keys, names added
+    later at the end). Adding and removing a name cost O(1) amortised, so ``rm -rf`` of a big
+    listed directory stays linear: a removed name stays in ``names`` as a tombstone (``index``
+    no longer points at it) until tombstones are half the list, then the list is compacted."""
+
+    names: list[str]  # may hold tombstones: use ``live`` or ``snapshot`` to walk it
+    entries: dict[str, Entry]
+    expires: float
+    index: dict[str, int] = field(default_factory=dict)  # name -> its live position in ``names``
+    _dead: int = 0
+
+    def __post_init__(self) -> None:
+        self.index = {n: i for i, n in enumerate(self.names)}
+
+    def live(self, i: int) -> bool:
+        return self.index.get(self.names[i]) == i
+
+    def put(self, name: str, entry: Entry) -> None:
+        if name not in self.entries:
+            self.index[name] = len(self.names)
+            self.names.append(name)
+        self.entries[name] = entry
+
+    def remove(self, name: str) -> None:
+        if self.entries.pop(name, None) is None:
+            return
+        del self.index[name]
+        self._dead += 1
+        if self._dead * 2 > len(self.names):
+            self.names = [n for i, n in enumerate(self.names) if self.index.get(n) == i]
+            self.index = {n: i for i, n in enumerate(self.names)}
+            self._dead = 0
+
+    def snapshot(self) -> Listing:
+        """A copy without tombstones, for a directory handle: its offsets never move."""
+        return Listing([n for i, n in enumerate(self.names) if self.index.get(n) == i], dict(self.entries),
+                       self.expires)
+
+
+@dataclass
+class Node:
+    inode: int
+    path: str
+    is_dir: bool
+    info: ObjectInfo | None
+    expires: float = 0.0  # when ``info`` must be checked against the store again
+    lookups: int = 0
+    open_version: str | None = None  # version at the last open: decides keep_cache
+
+
+class Meta:
+    def __init__(self, store: DataClient, config: MountConfig) -> None:
+        self.store = store
+        self.config = config
+        self.prefix = config.prefix
+        self.ttl = config.metadata_ttl
+        self.nodes: dict[int, Node] = {ROOT: Node(ROOT, "", True, None, expires=float("inf"), lookups=1)}
+        self.by_path: dict[str, int] = {"": ROOT}
+        self._next_inode = ROOT + 1
+        self._entries: dict[str, tuple[Entry | None, float]] = {}
+        self._prune_at = _PRUNE_AT
+        self._listings: dict[str, Listing] = {}
+        self._listing_flights: dict[str, trio.Event] = {}
+        self._conflicts_noted: set[str] = set()
+        self._skips_noted: set[str] = set()
+        self._unversioned_noted: set[str] = set()
+        #: inode -> the version its FUSE passthrough opens read (set by ``ops``): the kernel gives
+        #: such an inode no other kind of open, so a new version of its path gets a new inode
+        self.backed: dict[int, str] = {}
+
+    # -- keys ---------------------------------------------------------------------------------
+    def key_of(self, path: str) -> str:
+        return self.prefix + path
+
+    def dir_prefix(self, path: str) -> str:
+        return self.prefix + path + "/" if path else self.prefix
+
+    def _expiry(self) -> float:
+        return time.monotonic() + self.ttl
+
+    # -- inode table --------------------------------------------------------------------------
+    def node(self, inode: int) -> Node:
+        n = self.nodes.get(inode)
+        if n is None:
+            raise errors.NotFoundError(f"inode {inode} is not known")
+        return n
+
+    def node_for(self, path: str, entry: Entry) -> Node:
+        """The node of ``path`` (created if needed), updated with ``entry``; lookups unchanged."""
+        ino = self.by_path.get(path)
+        if ino is not None and entry.info is not None and self._replaces_backed(ino, entry.info):
+            self.detach(ino)  # its passthrough opens keep the old version; the path names the new one
+            ino = None
+        if ino is not None:
+            n = self.nodes[ino]
+            if n.is_dir == entry.is_dir:
+                self._set_info(n, entry.info)
+                return n
+            # Changed kind (file replaced by a directory or back): a new inode.
+            del self.by_path[path]
+        ino = self._next_inode
+        self._next_inode += 1
+        n = Node(ino, path, entry.is_dir, entry.info, expires=self._expiry())
+        self.nodes[ino] = n
+        self.by_path[path] = ino
+        return n
+
+    def forget(self, inode: int, count: int) -> None:
+        n = self.nodes.get(inode)
+        if n is None or inode == ROOT:
+            return
+        n.lookups -= count
+        if n.lookups <= 0:
+            del self.nodes[inode]
+            if self.by_path.get(n.path) == inode:
+                del self.by_path[n.path]
+
+    def _replaces_backed(self, inode: int, info: ObjectInfo) -> bool:
+        held = self.backed.get(inode)
+        return held is not None and bool(info.version) and info.version != held
+
+    def _set_info(self, n: Node, info: ObjectInfo | None, expires: float | None = None) -> None:
+        """What the store says of ``n`` now; a new version of an inode that passthrough opens
+        hold detaches it instead (they read the old version's file, and so does its fstat)."""
+        if info is not None and self._replaces_backed(n.inode, info):
+            self.detach(n.inode)
+            return
+        if info is not None:
+            n.info = info
+        n.expires = self._expiry() if expires is None else expires
+
+    def detach(self, inode: int) -> None:
+        """Unlink ``inode`` from its path, as if the object had been replaced: the next lookup of
+        the path makes a new inode, while open files of this one keep their version (attributes
+        included: it is never refreshed again)."""
+        n = self.nodes.get(inode)
+        if n is None or n.path.startswith("\0"):
+            return
+        if self.by_path.get(n.path) == inode:
+            del self.by_path[n.path]
+        n.path = f"\0replaced:{n.path}"
+        n.expires = float("inf")
+
+    def move(self, old: str, new: str) -> None:
+        """Re-point the inode of ``old`` at ``new`` (after a rename)."""
+        ino = self.by_path.pop(old, None)
+        stale = self.by_path.pop(new, None)
+        if stale is not None and stale in self.nodes:
+            self.nodes[stale].path = f"\0deleted:{new}"  # keeps open handles working, unreachable by path
+        if ino is not None:
+            self.nodes[ino].path = new
+            self.by_path[new] = ino
+
+    # -- attributes ---------------------------------------------------------------------------
+    def attributes(self, node: Node, size: int | None = None) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.inode
+        a.generation = 0
+        a.entry_timeout = self.ttl
+        a.attr_timeout = self.ttl
+        a.st_uid = self.config.uid
+        a.st_gid = self.config.gid
+        a.st_blksize = 1 << 20  # invites large reads and writes
+        if node.is_dir:
+            a.st_mode = stat.S_IFDIR | self.config.dir_mode
+            a.st_nlink = 2
+            a.st_size = 0
+            mtime_ns = 0
+        else:
+            a.st_mode = stat.S_IFREG | self.config.file_mode
+            a.st_nlink = 1
+            a.st_size = size if size is not None else (node.info.size if node.info else 0)
+            mtime_ns = int((node.info.mtime if node.info else time.time()) * 1e9)
+        a.st_blocks = (a.st_size + 511) // 512
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = mtime_ns
+        return a
+
+    # -- caches -------------------------------------------------------------------------------
+    def cached(self, path: str) -> tuple[bool, Entry | None]:
+        """(known, entry) from the caches without a request; entry None means 'does not exist'."""
+        now = time.monotonic()
+        hit = self._entries.get(path)
+        if hit is not None and hit[1] > now:
+            return True, hit[0]
+        listing = self._listings.get(parent_of(path)) if path else None
+        if listing is not None and listing.expires > now:
+            return True, listing.entries.get(name_of(path))
+        return False, None
+
+    def remember(self, path: str, entry: Entry | None) -> None:
+        """Record what we know now (after a lookup or our own change) in both caches."""
+        exp = self._expiry()
+        self._entries[path] = (entry, exp)
+        if len(self._entries) > self._prune_at:
+            now = time.monotonic()
+            self._entries = {k: v for k, v in self._entries.items() if v[1] > now}
+            # Sweep again only after as many new entries as are left: linear, even when none expire.
+            self._prune_at = max(_PRUNE_AT, 2 * len(self._entries))
+        listing = self._listings.get(parent_of(path))
+        if listing is not None and path:
+            if entry is None:
+                listing.remove(name_of(path))
+            else:
+                listing.put(name_of(path), entry)
+        ino = self.by_path.get(path)
+        if ino is not None and entry is not None and entry.info is not None:
+            self._set_info(self.nodes[ino], entry.info, exp)
+
+    def invalidate_listing(self, path: str) -> None:
+        self._listings.pop(path, None)
+
+    def listing_if_fresh(self, path: str) -> Listing | None:
+        listing = self._listings.get(path)
+        if listing is not None and listing.expires > time.monotonic():
+            return listing
+        return None
+
+    # -- store requests -----------------------------------------------------------------------
+    async def listing(self, path: str) -> Listing:
+        """The listing of directory ``path``: from cache while fresh, else one LIST (all pages).
+        Concurrent callers share one LIST."""
+        while True:
+            fresh = self.listing_if_fresh(path)
+            if fresh is not None:
+                return fresh
+            flight = self._listing_flights.get(path)
+            if flight is None:
+                break
+            await flight.wait()
+            if path in self._listings:
+                continue
+            break  # the other caller failed: try ourselves
+        flight = trio.Event()
+        self._listing_flights[path] = flight
+        try:
+            listing = await self._list(path)
+            self._listings[path] = listing
+            return listing
+        finally:
+            del self._listing_flights[path]
+            flight.set()
+
+    async def _list(self, path: str) -> Listing:
+        prefix = self.dir_prefix(path)
+        files: dict[str, Entry] = {}
+        dirs: dict[str, Entry] = {}
+        skipped: list[str] = []
+        token: str | None = None
+        while True:
+            page = await self.store.list(prefix, "/", token)
+            for info in page.objects:
+                name = info.key[len(prefix):]
+                if name == "" and info.key == prefix:
+                    continue  # the directory's own marker
+                # a key outside the prefix asked for (a store or proxy that misbehaves) is not ours
+                if info.key.startswith(prefix) and valid_name(name):
+                    files[name] = Entry(name, False, info)
+                else:
+                    skipped.append(info.key)
+            for p in page.prefixes:
+                name = p[len(prefix):-1]
+                if p.startswith(prefix) and p.endswith("/") and valid_name(name):
+                    dirs[name] = Entry(name, True)
+                else:
+                    skipped.append(p)
+            token = page.next_token
+            if not token:
+                break
+        if skipped:
+            self._note_skipped(path, skipped)
+        for name in files.keys() & dirs.keys():
+            self._note_conflict(join(path, name))
+        entries = {**files, **dirs}  # a name that is both shows the directory
+        exp = self._expiry()
+        listing = Listing(sorted(entries), entries, exp)
+        for name, entry in entries.items():
+            self._entries[join(path, name)] = (entry, exp)
+            ino = self.by_path.get(join(path, name))
+            if ino is not None and entry.info is not None and not self.nodes[ino].is_dir:
+                self._set_info(self.nodes[ino], entry.info, exp)
+        return listing
+
+    def _note_skipped(self, path: str, keys: list[str]) -> None:
+        """One warning per directory (not per key, not per listing) for keys that cannot be shown
+        as names inside the mount: empty segments ('a//b', a leading '/'), '.', '..', names over
+        255 bytes, NUL, keys outside the prefix listed. They stay in the store, out of the tree."""
+        log.debug("skipping keys under %r: %r", self.dir_prefix(path), keys[:100])
+        if path in self._skips_noted:
+            return
+        self._skips_noted.add(path)
+        log.warning("%d key(s) under %r cannot be shown as file names (an empty segment, '.', '..', NUL or "
+                    "a name over %d bytes) and are skipped, e.g. %r", len(keys), self.dir_prefix(path),
+                    NAME_MAX, keys[0][:300])
+
+    def _note_conflict(self, path: str) -> None:
+        if path not in self._conflicts_noted:
+            self._conflicts_noted.add(path)
+            log.warning("%r is both an object and a directory prefix: showing the directory", path)
+
+    async def resolve(self, path: str) -> Entry | None:
+        """What ``path`` is, from the caches or with HEAD + LIST (max 1) in parallel."""
+        if path == "":
+            return Entry("", True)
+        known, entry = self.cached(path)
+        if known:
+            return entry
+        key = self.key_of(path)
+        head: list[ObjectInfo | None] = [None]
+        is_dir = [False]
+
+        async def do_head() -> None:
+            try:
+                head[0] = await self.store.head(key)
+            except errors.NotFoundError:
+                pass
+
+        async def do_list() -> None:
+            page = await self.store.list(key + "/", "/", None, 1)
+            is_dir[0] = bool(page.objects or page.prefixes)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(do_head)
+                nursery.start_soon(do_list)
+        except ExceptionGroup as group:
+            # A failed HEAD or LIST comes out of the nursery wrapped in a group, which the FUSE
+            # layer took for an unexpected error (EIO): a revoked key gave EIO, not EACCES.
+            raise errors.first_store_error(group) from None
+        name = name_of(path)
+        if is_dir[0]:
+            if head[0] is not None:
+                self._note_conflict(path)
+            entry = Entry(name, True)
+        elif head[0] is not None:
+            entry = Entry(name, False, head[0])
+        else:
+            entry = None
+        self.remember(path, entry)
+        return entry
+
+    async def refresh_file(self, node: Node) -> None:
+        """Make ``node.info`` no older than the TTL (HEAD when it is)."""
+        if node.is_dir or node.expires > time.monotonic():
+            return
+        known, entry = self.cached(node.path)
+        if known and entry is not None and not entry.is_dir:
+            self._set_info(node, entry.info)
+            return
+        await self.head_file(node)
+
+    async def head_file(self, node: Node) -> ObjectInfo:
+        """HEAD the file now; remember and return what the store says."""
+        try:
+            info = await self.store.head(self.key_of(node.path))
+        except errors.NotFoundError:
+            self.remember(node.path, None)
+            raise
+        self.remember(node.path, Entry(name_of(node.path), False, info))
+        self._set_info(node, info)
+        return info
+
+    async def pin(self, node: Node) -> ObjectInfo | None:
+        """The version reads of ``node`` are pinned to (None: an empty object, nothing to read).
+        A listing may carry no version (an S3 LIST without ETags): then one HEAD asks for it. A
+        store that gives none at all cannot be read safely (blocks of two versions could mix),
+        so that is an error, never bytes of an unknown version."""
+        info = node.info
+        if info is None or not info.version:
+            info = await self.head_file(node)
+        if info.version:
+            return info
+        if info.size == 0:
+            return None
+        err = UnversionedError(
+            f"{info.key}: the store gives no version (ETag or generation) for this object, so it "
+            "cannot be read consistently; check the store or the proxy in front of it", key=info.key)
+        if info.key not in self._unversioned_noted:  # once per key: an operator's problem
+            self._unversioned_noted.add(info.key)
+            log.warning("%s", err)
+        raise err
+
+    async def lookup(self, parent: int, name: str) -> Node | None:
+        """Resolve ``name`` in directory ``parent``; None if it does not exist. Does not count."""
+        pnode = self.node(parent)
+        if not pnode.is_dir:
+            raise errors.StoreError("not a directory")  # mapped to ENOTDIR by the caller
+        if name == ".":
+            return pnode
+        if name == "..":
+            up = parent_of(pnode.path)
+            ino = self.by_path.get(up)
+            return self.nodes[ino] if ino is not None else self.node_for(up, Entry(name_of(up), True))
+        if not valid_name(name):
+            return None
+        path = join(pnode.path, name)
+        entry = await self.resolve(path)
+        if entry is None:
+            return None
+        return self.node_for(path, entry)

@@ -1,0 +1,1 @@
+"""Process-to-process messages: both ends of one protocol in one module."""

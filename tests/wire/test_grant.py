@@ -1,0 +1,232 @@
+"""The grant connection (``fusefs.wire.grant``) end to end in one process: a ``GrantClient`` on one
+end of a socket pair, the data service's ``GrantServer`` with a ``LocalData`` on the other, a real
+S3 server behind it. Also the frame bytes themselves: old sidecars keep talking to new plugins."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from fusefs import errors
+from fusefs.config import MountConfig, Tuning
+from fusefs.nodecache.cache import NodeCache
+from fusefs.retry import RetryPolicy
+from fusefs.service.local import LocalData
+from fusefs.service.scope import ReadOnlyError
+from fusefs.store import AsyncStore, open_store
+from fusefs.store.base import ObjectInfo
+from fusefs.wire import grant as W
+from testing.servers import RcloneS3, random_bytes
+
+MiB = 1024 * 1024
+BLOCK = MiB
+
+
+def local_data(config: MountConfig, prefix: str = "", read_only: bool = False,
+               cache: NodeCache | None = None) -> LocalData:
+    store = AsyncStore(open_store(config), 8, RetryPolicy(deadline=5))
+    volume = dataclasses.replace(config, prefix=prefix, read_only=read_only, tuning=Tuning(block_size=BLOCK))
+    return LocalData.for_config(volume, store, cache=cache)
+
+
+@asynccontextmanager
+async def connected(data: LocalData) -> AsyncIterator[W.GrantClient]:
+    ours, theirs = socket.socketpair()
+
+    async def make(_fuse_fd: int | None) -> LocalData:
+        return data
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(W.GrantServer(theirs, make).serve)
+        async with W.GrantClient(ours, None, reconnect_wait=5) as client:
+            yield client
+        nursery.cancel_scope.cancel()
+
+
+def run(fn: Callable[[], Awaitable[None]]) -> None:
+    trio.run(fn)
+
+
+def test_frames_are_pinned_byte_for_byte() -> None:
+    """The layout old sidecars and new plugins (and the other way round) must both read."""
+    frame = b"".join(bytes(b) for b in W.encode({"id": 7, "op": "head", "key": "a"}, b"xyz"))
+    head = b'{"id":7,"op":"head","key":"a"}'
+    assert frame == struct.pack("!IQ", len(head), 3) + head + b"xyz"
+    assert W.VERSION == 1
+
+
+def test_reads_lists_and_writes_through_the_connection(s3_server: RcloneS3, bucket: str) -> None:
+    data = random_bytes(2 * BLOCK + 123, seed=1)
+    s3 = s3_server.client()
+    s3.put_object(Bucket=bucket, Key="vol/a.bin", Body=data)
+    config = MountConfig(backend="s3", bucket=bucket, endpoint_url=s3_server.endpoint,
+                         credentials=s3_server.credentials)
+
+    async def main() -> None:
+        async with connected(local_data(config, "vol/")) as client:
+            assert client.block_size == BLOCK and not client.node_cache
+            info = await client.head("vol/a.bin")
+            assert info.size == len(data)
+            blocks = [await client.read_block(info, i) for i in range(3)]
+            assert b"".join(blocks) == data
+            assert await client.get_range("vol/a.bin", 5, 10, info.version) == data[5:15]
+            page = await client.list("vol/", "/")
+            assert [o.key for o in page.objects] == ["vol/a.bin"]
+            stored = await client.put("vol/b.txt", b"hello")
+            assert stored.size == 5
+            upload = await client.create_multipart("vol/c.bin")
+            await client.upload_part(upload, 1, data[: 5 * MiB] if len(data) > 5 * MiB else data)
+            done = await client.complete(upload)
+            assert done.size == len(data)
+            await client.delete("vol/b.txt")
+            with pytest.raises(errors.NotFoundError):
+                await client.head("vol/b.txt")
+
+    run(main)
+    assert s3_server.read_object(bucket, "vol/c.bin") == data
+
+
+def test_a_grant_reaches_only_its_prefix_and_a_read_only_grant_writes_nothing(
+        s3_server: RcloneS3, bucket: str) -> None:
+    """A sidecar that names another volume's keys (or writes through a read-only volume) is refused
+    by the service: the credentials that could do it never leave the service."""
+    s3 = s3_server.client()
+    s3.put_object(Bucket=bucket, Key="tenant-a/secret.txt", Body=b"a's data")
+    s3.put_object(Bucket=bucket, Key="tenant-b/mine.txt", Body=b"b's data")
+    config = MountConfig(backend="s3", bucket=bucket, endpoint_url=s3_server.endpoint,
+                         credentials=s3_server.credentials)
+    other = ObjectInfo("tenant-a/secret.txt", 8, "x", 0.0)
+
+    async def main() -> None:
+        async with connected(local_data(config, "tenant-b/", read_only=True)) as client:
+            assert (await client.head("tenant-b/mine.txt")).size == 8
+            for attempt in (client.head("tenant-a/secret.txt"), client.list("tenant-a/", "/"),
+                            client.list("", "/"), client.list("tenant-", "/"),
+                            client.get_range("tenant-a/secret.txt", 0, 8), client.read_block(other, 0),
+                            client.copy("tenant-a/secret.txt", "tenant-b/stolen.txt")):
+                with pytest.raises(errors.AccessDeniedError):
+                    await attempt
+            for write in (client.put("tenant-b/new.txt", b"x"), client.delete("tenant-b/mine.txt"),
+                          client.create_multipart("tenant-b/big.bin")):
+                with pytest.raises(ReadOnlyError):
+                    await write
+
+    run(main)
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
+    assert keys == {"tenant-a/secret.txt", "tenant-b/mine.txt"}
+
+
+def test_malformed_requests_get_errors_and_the_connection_keeps_serving(s3_server: RcloneS3, bucket: str) -> None:
+    s3_server.client().put_object(Bucket=bucket, Key="k", Body=b"v")
+    config = MountConfig(backend="s3", bucket=bucket, endpoint_url=s3_server.endpoint,
+                         credentials=s3_server.credentials)
+
+    async def main() -> None:
+        async with connected(local_data(config)) as client:
+            for header in ({"op": "nope"}, {"op": "head", "key": 5}, {"op": "read", "info": "x", "index": 0},
+                           {"op": "read", "info": {"key": "k", "size": -1, "version": "v"}, "index": 0},
+                           {"op": "mp_part", "upload": 99, "number": 1, "key": "k"},
+                           {"op": "range", "key": "k", "start": 0, "length": 65 * MiB}):
+                with pytest.raises(errors.StoreError):
+                    await client._call(header)
+            assert (await client.head("k")).size == 1
+
+    run(main)
+
+
+def test_requests_wait_for_a_new_connection_after_the_service_went_away(s3_server: RcloneS3, bucket: str) -> None:
+    """A restarted plugin hands the server a new connection: a request in between waits for it."""
+    s3_server.client().put_object(Bucket=bucket, Key="k", Body=b"value")
+    config = MountConfig(backend="s3", bucket=bucket, endpoint_url=s3_server.endpoint,
+                         credentials=s3_server.credentials)
+
+    async def main() -> None:
+        data = local_data(config)
+
+        async def make(_fuse_fd: int | None) -> LocalData:
+            return data
+
+        async def service(sock: socket.socket, task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+            with trio.CancelScope() as scope:
+                task_status.started(scope)
+                await W.GrantServer(sock, make).serve()
+
+        first, first_service = socket.socketpair()
+        async with trio.open_nursery() as nursery:
+            first_scope = await nursery.start(service, first_service)
+            async with W.GrantClient(first, None, reconnect_wait=30) as client:
+                assert (await client.head("k")).size == 5
+                first_scope.cancel()  # the data service dies with the plugin (its end closes)
+                with trio.fail_after(10):
+                    while client.connected:  # noqa: ASYNC110 (the client's own state: no event to wait on)
+                        await trio.sleep(0.01)
+                got: list[int] = []
+                answered = trio.Event()
+
+                async def ask() -> None:
+                    got.append((await client.head("k")).size)
+                    answered.set()
+
+                nursery.start_soon(ask)
+                await trio.testing.wait_all_tasks_blocked()
+                assert got == []  # waiting for a connection, not failed
+                second, second_service = socket.socketpair()
+                await nursery.start(service, second_service)
+                client.replace(second)
+                with trio.fail_after(10):
+                    await answered.wait()
+                assert got == [5]
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_the_node_cache_stays_on_the_service_side(s3_server: RcloneS3, bucket: str, tmp_path: Path) -> None:
+    data = random_bytes(BLOCK + 10, seed=2)
+    s3_server.client().put_object(Bucket=bucket, Key="m.bin", Body=data)
+    config = MountConfig(backend="s3", bucket=bucket, endpoint_url=s3_server.endpoint,
+                         credentials=s3_server.credentials)
+    cache = NodeCache(str(tmp_path / "cache"), 64 * MiB)
+
+    async def main() -> None:
+        async with connected(local_data(config, cache=cache)) as client:
+            assert client.node_cache
+            info = await client.head("m.bin")
+            assert await client.read_block(info, 0) + await client.read_block(info, 1) == data
+            with trio.fail_after(20):
+                while not await client.on_node(info, 0):  # noqa: ASYNC110 (the cache's writer thread)
+                    await trio.sleep(0.05)
+
+    try:
+        run(main)
+    finally:
+        cache.close()
+
+
+def test_hello_must_come_first(s3_server: RcloneS3, bucket: str) -> None:
+    config = MountConfig(backend="s3", bucket=bucket, endpoint_url=s3_server.endpoint,
+                         credentials=s3_server.credentials)
+
+    async def main() -> None:
+        ours, theirs = socket.socketpair()
+
+        async def make(_fd: int | None) -> LocalData:
+            return local_data(config)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(W.GrantServer(theirs, make).serve)
+            sock = trio.socket.from_stdlib_socket(ours)
+            await sock.send(b"".join(bytes(b) for b in W.encode({"id": 1, "op": "head", "key": "k"})))
+            header, _ = await W.read_frame(sock)
+            assert "error" in header and "hello" in json.dumps(header)
+
+    run(main)
