@@ -21,7 +21,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -171,6 +171,15 @@ for _reason in PROBLEMS:
     PROBLEM.labels(_reason).set(0)
 
 
+class CacheFigures(Protocol):
+    """What the figures read of a node cache (``fusefs.nodecache.NodeCache``, a layer above this one)."""
+
+    @property
+    def usable(self) -> bool: ...
+
+    def stats(self) -> dict[str, int]: ...
+
+
 class _NodeCacheCollector(Collector):
     """The node cache's own counters (``NodeCache.stats()``), read when the figures are collected:
     nothing is added to the read path. ``stats()`` asks SQLite: collect from a worker thread."""
@@ -196,7 +205,7 @@ class _NodeCacheCollector(Collector):
                       "cache (what FUSE passthrough opens: reads of those then bypass the server)"),
     }
 
-    def __init__(self, cache: Any) -> None:
+    def __init__(self, cache: CacheFigures) -> None:
         self.cache = cache
         self._sizes: dict[str, int] = {}  # the last size seen while the cache was open
 
@@ -206,7 +215,7 @@ class _NodeCacheCollector(Collector):
         except Exception as exc:  # the figures must not fail because the cache does
             log.debug("node cache stats: %s", exc)
             return
-        if getattr(self.cache, "usable", False):
+        if self.cache.usable:
             self._sizes = {k: stats[k] for k in ("volume", "entries") if k in stats}
         else:  # closed at exit: its last figures still hold for the directory
             stats.update(self._sizes)
@@ -282,7 +291,7 @@ class Exporter(Endpoint):
             self._inner.register(Forward(REGISTRY))
         self.registry.register(_Labelled(self._inner, labels))
 
-    def watch_cache(self, cache: Any) -> None:
+    def watch_cache(self, cache: CacheFigures) -> None:
         """Export the counters of a ``fusefs.nodecache.cache.NodeCache`` (its ``stats()``, ``usable``)."""
         self._inner.register(_NodeCacheCollector(cache))
 

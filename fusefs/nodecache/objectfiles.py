@@ -10,17 +10,28 @@ a complete file is never written again, and is what FUSE passthrough serves (``f
 
 The token (random, per data file) ties markers to the file they were written into: markers left
 over from an evicted or discarded file point at a token no file has, and read as misses.
+
+Blocks arrive in any order (concurrent prefetches, refills, other servers), so the writer asks after
+each batch whether the objects it wrote into are now whole (``publish_when_whole``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
+import itertools
 import os
 import secrets
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
-from fusefs.config import MountConfig
+import diskcache
+
+from fusefs import buffers, directio
+from fusefs.nodecache import checks
+from fusefs.nodecache.counters import Counters
+from fusefs.nodecache.entries import drop_corrupt
+from fusefs.nodecache.keys import FORMAT, BlockKey, ObjectId
 
 PARTIAL = ".part"
 COMPLETE = ".obj"
@@ -28,35 +39,9 @@ SUBDIR = "objects"
 
 
 @dataclass(frozen=True)
-class ObjectId:
-    """One version of one object, as one tenant sees it, filled in blocks of ``block_size``."""
-
-    tenant: str
-    store: str
-    key: str
-    version: str
-    block_size: int
-    size: int
-
-    def encode(self, fmt: str) -> str:
-        return json.dumps([fmt, "obj", self.tenant, self.store, self.key, self.version, self.block_size],
-                          separators=(",", ":"))
-
-    def blocks(self) -> int:
-        return (self.size + self.block_size - 1) // self.block_size
-
-    def block_length(self, index: int) -> int:
-        return max(0, min(self.block_size, self.size - index * self.block_size))
-
-    def name(self, fmt: str) -> str:
-        """The file name stem: a hash, so no key, tenant or store ever appears in a path."""
-        return hashlib.sha256(self.encode(fmt).encode()).hexdigest()[:40]
-
-
-@dataclass(frozen=True)
 class DataFile:
     """An index value that is a file of ours (relative to the cache directory): diskcache counts
-    its size and unlinks it on eviction (``cache._BlockDisk``)."""
+    its size and unlinks it on eviction (``index.BlockDisk``)."""
 
     relpath: str
     size: int
@@ -74,7 +59,7 @@ class DataFile:
         return DataFile(self.relpath[: -len(PARTIAL)] + COMPLETE, self.size)
 
 
-def new_partial(directory: str, oid: ObjectId, fmt: str) -> DataFile:
+def new_partial(directory: str, oid: ObjectId, fmt: str = FORMAT) -> DataFile:
     """Create an empty (sparse) data file of the object's size; the caller indexes it."""
     name = oid.name(fmt)
     token = secrets.randbits(63) or 1
@@ -101,7 +86,7 @@ def new_partial(directory: str, oid: ObjectId, fmt: str) -> DataFile:
 def publish(directory: str, data: DataFile) -> DataFile:
     """Make a verified partial file read-only and rename it complete. Raises FileNotFoundError if
     it is gone: evicted, or published by another server meanwhile, which then also re-points the
-    index row (doing it twice would unlink the file: see ``NodeCache._publish``)."""
+    index row (doing it twice would unlink the file: see ``ObjectFiles.publish``)."""
     src = os.path.join(directory, data.relpath)
     done = data.published()
     os.chmod(src, 0o400)  # its owner only, like every file of the cache: tenants' bytes
@@ -109,19 +94,207 @@ def publish(directory: str, data: DataFile) -> DataFile:
     return done
 
 
-def tenant_of(config: MountConfig) -> str:
-    """The cache namespace of a mount's credentials: a hash of the endpoint and the access key id
-    (S3) or service account e-mail (GCS), never of a secret alone; "" for ambient credentials."""
-    creds = config.credentials
-    principal = creds.access_key_id or ""
-    if not principal and creds.service_account_json:
+#: partly filled objects whose first missing block the writer remembers (``publish_when_whole``)
+MISSING_KEPT = 1024
+
+
+class ObjectFiles:
+    """Objects larger than one block, in their data files, indexed in ``index``."""
+
+    def __init__(self, directory: str, index: diskcache.Cache, counters: Counters) -> None:
+        self.directory = directory
+        self.index = index
+        self.counters = counters
+        #: complete files this process checked whole (``complete_file``): handed out unchecked after
+        self._verified: set[str] = set()
+        #: a block each partly filled object was found missing last (writer thread only), looked at
+        #: first: an object filled in any order costs one lookup per batch, not one per block
+        self._missing: OrderedDict[ObjectId, int] = OrderedDict()
+
+    def data_file(self, oid: ObjectId) -> DataFile | None:
+        """The object's indexed data file (its access time updated), or None."""
+        handle = self.index.get(oid.encode(FORMAT), read=True)
+        if handle is None:
+            return None
+        with handle:
+            return self._as_data_file(handle.name, os.fstat(handle.fileno()).st_size)
+
+    def _as_data_file(self, path: str, size: int) -> DataFile | None:
+        rel = os.path.relpath(path, self.directory)
+        if not rel.startswith(SUBDIR + os.sep) or not rel.endswith((PARTIAL, COMPLETE)):
+            return None
+        return DataFile(rel, size)
+
+    def store(self, key: BlockKey, data: bytes) -> None:
+        """Write a block into its object's data file (created on the first block), then its
+        marker. Never into a complete file: those are never modified. Raises for cache errors."""
+        oid = key.object_id()
+        df = self.data_file(oid)
+        if df is None:
+            df = new_partial(self.directory, oid, FORMAT)
+            if not self.index.add(oid.encode(FORMAT), df):  # another server created one: use it
+                df = self.data_file(oid)  # (add() removed ours)
+        if df is None or df.complete:
+            return
         try:
-            principal = str(json.loads(creds.service_account_json).get("client_email") or "")
-        except (ValueError, AttributeError):
-            principal = ""
-        # an unparsable key file still names someone: its hash (the server rejects it anyway)
-        principal = principal or "json:" + hashlib.sha256(creds.service_account_json.encode()).hexdigest()
-    if not principal:
-        return ""
-    ident = json.dumps([config.backend, config.endpoint_url or "", principal], separators=(",", ":"))
-    return hashlib.sha256(ident.encode()).hexdigest()[:32]
+            fd = os.open(os.path.join(self.directory, df.relpath), os.O_WRONLY | os.O_CLOEXEC)
+        except FileNotFoundError:  # evicted, or published, meanwhile
+            return
+        try:
+            direct = directio.open_direct(fd) if len(data) >= directio.MIN_DIRECT else None
+            try:
+                directio.pwrite_all(fd, data, key.index * key.block_size, direct)
+            finally:
+                if direct is not None:
+                    os.close(direct)
+        finally:
+            os.close(fd)
+        self.index.set(key.encode(), df.token, tag=checks.tag(data, key))
+
+    def lookup(self, key: BlockKey) -> bytes | None:
+        """A block from its object's data file, checked against its marker; None on a miss.
+        Raises for cache errors; a corrupt block removes its marker (and a complete file)."""
+        dkey = key.encode()
+        if dkey not in self.index:
+            return None
+        token, tag = self.index.get(dkey, tag=True)
+        oid = key.object_id()
+        handle = self.index.get(oid.encode(FORMAT), read=True) if isinstance(token, int) else None
+        if handle is None:
+            # diskcache answers None both when the object's row is gone and when the row's file
+            # could not be opened: a partial file being renamed complete (the row is re-pointed just
+            # after) looks the same for a moment. Only a marker of no row at all is dropped; the
+            # other is a miss, or the block of a file about to be complete would be fetched again.
+            if not isinstance(token, int) or oid.encode(FORMAT) not in self.index:
+                self.index.delete(dkey)  # its file was evicted: a marker of nothing
+            return None
+        with handle:
+            df = self._as_data_file(handle.name, 0)
+            if df is None or df.token != token:
+                self.index.delete(dkey)  # a marker of an earlier file of this object
+                return None
+            data = checks.read_block_at(handle.fileno(), key, tag)
+        if data is None:
+            drop_corrupt(self.index, self.counters, key)
+            if df.complete:  # a complete file that fails a check must not be passed through again
+                self.index.delete(oid.encode(FORMAT))
+        return data
+
+    def complete_file(self, oid: ObjectId) -> str | None:
+        """The path of the object's complete (verified, read-only) file, publishing it first if
+        every block is there; None otherwise. Blocking. Never raises."""
+        if oid.size <= oid.block_size:
+            return None
+        try:
+            df = self.data_file(oid)
+            if df is not None and not df.complete:
+                df = self.publish(oid, df)
+            elif df is not None and df.relpath not in self._verified:
+                # The kernel reads a complete file unchecked (FUSE passthrough), so before this
+                # server hands one out for the first time every block is checked against its
+                # marker: a file damaged on disk since it was published, or an index row naming
+                # another object's file, is evicted (its blocks are fetched again), never served.
+                # Unless another server of the node checked this very file (same inode, size and
+                # change time: any write since moves the change time) within ``VERIFIED_FOR``.
+                try:
+                    seal = checks.seal(os.path.join(self.directory, df.relpath), oid)
+                    if self.sealed(df, seal):
+                        self._verified.add(df.relpath)  # (already recorded node-wide)
+                        return os.path.join(self.directory, df.relpath)
+                    verdict = self.verify(oid, df)
+                except FileNotFoundError:
+                    return None  # evicted by another server meanwhile: read through the server
+                if verdict is False:
+                    self.counters.report("corrupt-file", f"complete file of {oid.key!r} (version {oid.version}) "
+                                                         "failed its check; evicted")
+                    self.index.delete(oid.encode(FORMAT))
+                    return None
+                if verdict is None:
+                    # A marker missing (evicted, or not written yet) or naming another file: not
+                    # proven damaged, so it stays for the server path, which checks each block it
+                    # reads; only passthrough, which checks nothing, is refused for now.
+                    return None
+                self.record_check(df.relpath, seal)
+        except Exception as exc:
+            self.counters.problem("publish", exc)
+            return None
+        return os.path.join(self.directory, df.relpath) if df is not None and df.complete else None
+
+    def sealed(self, df: DataFile, seal: int) -> bool:
+        """Whether a server of this node checked ``df`` whole, as it is now, within ``VERIFIED_FOR``."""
+        value, checked = self.index.get(checks.seal_key(df.relpath), default=(None, None), tag=True)
+        return value == seal and isinstance(checked, int) and time.time() - checked < checks.VERIFIED_FOR
+
+    def verify(self, oid: ObjectId, df: DataFile) -> bool | None:
+        """Check every block of ``df`` against its marker: True if all match, None if a marker is
+        missing or names another file (not all there: not corrupt), False if a block is wrong (its
+        marker is then removed)."""
+        self.counters.count("file_checks")
+        tags = []
+        for index in range(oid.blocks()):
+            bkey = BlockKey.of(oid, index)
+            token, tag = self.index.get(bkey.encode(), default=(None, None), tag=True)
+            if token != df.token:
+                return None
+            tags.append((bkey, tag))
+        fd = os.open(os.path.join(self.directory, df.relpath), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for bkey, tag in tags:
+                block = checks.read_block_at(fd, bkey, tag)
+                if block is None:
+                    drop_corrupt(self.index, self.counters, bkey)
+                    return False
+                pool = buffers.pool()
+                if pool is not None:
+                    pool.give(block)
+                del block
+        finally:
+            os.close(fd)
+        return True
+
+    def publish(self, oid: ObjectId, df: DataFile) -> DataFile | None:
+        """Check every block of a partial file against its marker and publish it complete; None
+        if a block is missing or wrong (its marker is then removed: it is fetched again)."""
+        try:
+            if not self.verify(oid, df):
+                return None
+            done = publish(self.directory, df)
+        except FileNotFoundError:
+            # Published by another server or thread, or evicted. Only the one whose rename worked
+            # re-points the row: diskcache unlinks a row's old file when the row is set, and
+            # setting it a second time to the same complete file would unlink that very file.
+            return self.data_file(oid)
+        self.index.set(oid.encode(FORMAT), done)  # the row now names the complete file
+        self.counters.count("published")
+        with contextlib.suppress(FileNotFoundError):  # (evicted at once: nothing to record)
+            self.record_check(done.relpath, checks.seal(os.path.join(self.directory, done.relpath), oid))
+        return done
+
+    def record_check(self, relpath: str, seal: int) -> None:
+        """Remember that the complete file ``relpath``, as identified by ``seal``, was checked
+        whole: in this server, and node-wide for ``VERIFIED_FOR`` (``sealed``)."""
+        self._verified.add(relpath)
+        self.index.set(checks.seal_key(relpath), seal, tag=int(time.time()))
+
+    def publish_when_whole(self, oid: ObjectId) -> None:
+        """Publish the object's partial file if every block of it is now marked. Called by the
+        writer for each object a batch wrote into: the batch holding the last block is not always
+        the one that completes the file. The block found missing last time is looked at first, then
+        the others last block first (the one a sequential fill is still missing), so an incomplete
+        file usually costs one lookup. Never raises."""
+        if oid.size <= oid.block_size:
+            return
+        try:
+            known = self._missing.pop(oid, None)
+            order = reversed(range(oid.blocks()))  # (lazily: a big object's list per batch is waste)
+            for index in order if known is None else itertools.chain((known,), order):
+                if BlockKey.of(oid, index).encode() not in self.index:
+                    self._missing[oid] = index
+                    while len(self._missing) > MISSING_KEPT:
+                        self._missing.popitem(last=False)
+                    return
+            df = self.data_file(oid)
+            if df is not None and not df.complete:
+                self.publish(oid, df)
+        except Exception as exc:
+            self.counters.problem("publish", exc)

@@ -25,7 +25,7 @@ import trio
 
 from fusefs import errors, metrics
 from fusefs.config import MountConfig
-from fusefs.nodecache.objectfiles import tenant_of
+from fusefs.nodecache.keys import tenant_of
 from fusefs.passthrough.backing import Registrar
 from fusefs.retry import RetryPolicy
 from fusefs.service.scope import Scope

@@ -187,7 +187,7 @@ def test_corrupt_database_degrades_to_direct_reads(tmp_path: Path, caplog: pytes
         assert c.stats()["fetches"] == 3
     finally:
         c.close()
-    warnings = [r for r in caplog.records if r.name == "fusefs.nodecache.cache" and r.levelno >= logging.WARNING]
+    warnings = [r for r in caplog.records if r.name == "fusefs.nodecache" and r.levelno >= logging.WARNING]
     assert len(warnings) == 1
 
 
@@ -240,7 +240,7 @@ async def test_full_cache_still_reads(tiny_tmpfs: Path, caplog: pytest.LogCaptur
     finally:
         c.close()
     assert value_files(tiny_tmpfs) == []  # no partial block files left to eat the space
-    warnings = [r for r in caplog.records if r.name == "fusefs.nodecache.cache" and r.levelno >= logging.WARNING]
+    warnings = [r for r in caplog.records if r.name == "fusefs.nodecache" and r.levelno >= logging.WARNING]
     assert len(warnings) == 1  # logged once, not per block
 
 
@@ -252,7 +252,7 @@ async def test_readonly_cache_still_reads(readonly_cache_dir: Path, caplog: pyte
         assert not c.put(bkey(9), b"x")
     finally:
         c.close()
-    warnings = [r for r in caplog.records if r.name == "fusefs.nodecache.cache" and r.levelno >= logging.WARNING]
+    warnings = [r for r in caplog.records if r.name == "fusefs.nodecache" and r.levelno >= logging.WARNING]
     assert 1 <= len(warnings) <= 3  # once per kind of failure (open / read / write / lock), not per block
 
 
@@ -372,14 +372,15 @@ class GatedWriter:
     def __init__(self, cache: NodeCache) -> None:
         self.gate = threading.Event()
         self.entered = threading.Semaphore(0)
-        store_batch = cache._store_batch
+        assert cache._writer is not None
+        store_batch = cache._writer.store_batch
 
         def gated(items: list[tuple[BlockKey, bytes]]) -> None:
             self.entered.release()  # once per batch: the writer holds what it took
             self.gate.wait()
             store_batch(items)
 
-        cache._store_batch = gated  # type: ignore[method-assign]
+        cache._writer.store_batch = gated  # type: ignore[method-assign]
 
 
 async def test_full_write_queue_skips_caching_and_releases_lock(tmp_path: Path) -> None:
@@ -432,16 +433,17 @@ async def test_wait_for_space_caches_every_block(tmp_path: Path) -> None:
 
 async def test_small_blocks_handed_over_one_by_one_are_committed_together(tmp_path: Path) -> None:
     # A walk of small files gives the writer one file at a time; it gathers them into shared
-    # commits (fusefs.nodecache.cache.GATHER_FOR) instead of waking for each one.
+    # commits (fusefs.nodecache.writer.GATHER_FOR) instead of waking for each one.
     c = NodeCache(str(tmp_path / "cache"), 64 * MiB)
     batches: list[int] = []
-    store_batch = c._store_batch
+    assert c._writer is not None
+    store_batch = c._writer.store_batch
 
     def counting(items: list[tuple[BlockKey, bytes]]) -> None:
         batches.append(len(items))
         store_batch(items)
 
-    c._store_batch = counting  # type: ignore[method-assign]
+    c._writer.store_batch = counting  # type: ignore[method-assign]
     files = [(BlockKey("s3|http://127.0.0.1:1|bucket", f"small/f{i}", "etag-1", 0), blob(i, 3000)) for i in range(20)]
     try:
         for k, data in files:

@@ -17,7 +17,7 @@ import trio.lowlevel
 from fusefs.config import Credentials, MountConfig
 from fusefs.errors import ObjectChangedError
 from fusefs.nodecache.cache import BlockKey, NodeCache
-from fusefs.nodecache.objectfiles import tenant_of
+from fusefs.nodecache.keys import tenant_of
 from testing.servers import random_bytes
 from tests.nodecache.test_cache import GatedWriter
 
@@ -177,12 +177,13 @@ def test_two_servers_publishing_one_file_at_once_leave_it_published(tmp_path: Pa
     oid = key(0).object_id()
     other = NodeCache(cache.directory, 64 * MiB)
     try:
-        partial = other._data_file(oid)
+        assert other._files is not None
+        partial = other._files.data_file(oid)
         assert partial is not None and not partial.complete
-        monkeypatch.setattr(other, "_verify_file", lambda oid, df: True)  # its check passed, before the rename
+        monkeypatch.setattr(other._files, "verify", lambda oid, df: True)  # its check passed, before the rename
         path = cache.complete_file(oid)
         assert path is not None
-        done = other._publish(oid, partial)
+        done = other._files.publish(oid, partial)
         assert done is not None and done.complete
         assert Path(path).read_bytes() == OBJ  # still there
         assert other.complete_file(oid) == path
@@ -304,5 +305,5 @@ def test_a_complete_file_is_checked_whole_once_per_node_until_it_changes(
     os.utime(path)  # any change to the file moves its change time: checked again, then trusted
     assert new_server() == (path, 1)
     assert new_server() == (path, 0)
-    monkeypatch.setattr("fusefs.nodecache.cache.VERIFIED_FOR", 0.0)  # a check older than VERIFIED_FOR: again
+    monkeypatch.setattr("fusefs.nodecache.checks.VERIFIED_FOR", 0.0)  # a check older than VERIFIED_FOR: again
     assert new_server() == (path, 1)
