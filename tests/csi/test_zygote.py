@@ -22,7 +22,7 @@ from testing.servers import RcloneS3, random_bytes
 
 pytestmark = pytest.mark.fuse
 OBJFS = [sys.executable, "-m", "fusefs.proc.cli"]
-ENV = {"PATH": os.defpath, "LANG": "C.UTF-8", "HOME": "/", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+ENV = {"PATH": os.defpath, "LANG": "C.UTF-8", "HOME": "/", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import yaml
 from csi.main import parse_args
 from fusefs.config import GiB
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "objfs"
 Key = tuple[str, str, str, str]
 

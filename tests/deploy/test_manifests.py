@@ -13,7 +13,7 @@ from csi import params as P
 from csi.main import parse_args
 from csi.webhook import inject as I
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 
 def docs(path: Path) -> list[dict[str, Any]]:

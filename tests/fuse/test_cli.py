@@ -21,7 +21,7 @@ from testing.servers import RcloneS3, free_port
 
 pytestmark = pytest.mark.fuse
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def objfs(*args: str, env: dict[str, str] | None = None, timeout: float = 90) -> subprocess.CompletedProcess[str]:

@@ -36,7 +36,7 @@ from testing.servers import RcloneS3, free_port, random_bytes
 
 pytestmark = pytest.mark.fuse
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_credentials(path: Path, access_key: str, secret_key: str) -> None:

@@ -51,7 +51,7 @@ __all__ = ["gcs_server"]  # the session's fake-gcs-server fixture, shared with t
 
 pytestmark = pytest.mark.fuse
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 #: a few percent of requests start a burst of 1 to 4 faults; stalls last half a second
 FEW_PERCENT = FaultPlan(rate=0.04, burst=4, seed=1, stall=0.5)
 #: what a "hang" is here: far past the 1 s deadline plus request timeouts, on a loaded machine

@@ -22,7 +22,7 @@ from testing.servers import RcloneS3, free_port, random_bytes
 
 pytestmark = pytest.mark.fuse
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 def figures_at_exit(m: Mounted) -> Samples:
     """Unmount and wait for the server to leave: it writes its last figures on the way out."""
     m.unmount()
