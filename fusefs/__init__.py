@@ -10,11 +10,12 @@ pyproject.toml, ``[tool.importlinter]``):
                   ``read`` (blocks, prefetch, single flight), ``write`` and ``parts`` (uploads)
 - ``wire``        process-to-process messages, both ends of one protocol in one module: ``grant``
                   (a server and the data service), ``control`` (the plugin and the data service),
-                  ``regrant``, ``handoff`` (the serve pipe and the sidecar hand-over), ``fds``
+                  ``regrant``, ``handoff`` (the serve pipe and the sidecar hand-over), ``zygote``
+                  (the plugin asking ``objfs zygote`` for servers), ``fds``
 - ``service``     the data service: ``api.DataClient`` is all ``fs`` knows of its data; ``local``
                   serves one grant in-process, checked against its ``scope``
-- ``passthrough`` FUSE passthrough: ``backing`` (negotiation, registration), ``broker`` (the client of
-                  the node plugin's registration broker)
+- ``passthrough`` FUSE passthrough: ``backing`` (negotiation, registration), ``broker`` (the messages of
+                  the node plugin's registration broker, both ends, and its client)
 - ``nodecache``   the node-wide cache on local disk, written only by the data service
 - ``store``       the object store protocol and its S3, GCS and in-memory backends
 - ground floor:   ``config`` (``MountConfig``), ``errors``, ``retry``, ``metrics``, ``buffers``,

@@ -9,7 +9,7 @@ b"error: <message>\\n" and exits non-zero.
 
 ``ProcessLauncher`` runs it in its own session (so it survives a plugin restart, even kill -9),
 as an unprivileged uid/gid; setuid to a non-root uid drops every capability. Servers are forked
-by an ``objfs zygote`` that has imported everything once (``csi.node.zygote``: milliseconds instead
+by an ``objfs zygote`` that has imported everything once (``csi.node.zygote_client``: milliseconds instead
 of ~0.45 s of CPU each); without a working zygote, each is a fresh process.
 ``SidecarLauncher`` (``--launcher sidecar``) starts nothing: it hands the mounted fd to the
 ``objfs sidecar`` container of the consuming pod, so the server lives and dies with that pod.
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
 
 from csi.node import podpath
-from csi.node.zygote import Zygote, ZygoteError
+from csi.node.zygote_client import Zygote, ZygoteError
 from fusefs import kernel
 from fusefs.config import MountConfig
 from fusefs.wire import handoff

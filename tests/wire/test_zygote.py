@@ -1,4 +1,4 @@
-"""The zygote protocol: the datagrams between the node plugin (``csi.node.zygote.Zygote``) and
+"""The zygote protocol: the datagrams between the node plugin (``csi.node.zygote_client.Zygote``) and
 ``objfs zygote``, on one SOCK_SEQPACKET socket pair.
 
 The zygote greets with ``ready``; each request is ``start`` with six descriptors (config pipe,
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from csi.node.zygote import Zygote
+from csi.node.zygote_client import Zygote
 from tests.wire.test_serve_pipe import ENV
 
 FAKE_ZYGOTE = """
