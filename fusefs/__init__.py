@@ -3,9 +3,11 @@
 Layers, top to bottom; each imports only the layers below it (``make check`` runs the contract in
 pyproject.toml, ``[tool.importlinter]``):
 
-- ``proc``        the processes: ``cli`` (the ``objfs`` command), ``serve`` (one FUSE server),
-                  ``sidecar`` (a pod's servers), ``zygote`` (pre-imported forks), ``dataservice``
-                  (the node's data service) and ``service_process`` (starting it, its control link)
+- ``proc``        the processes: ``cli`` (the ``objfs`` command: arguments only), ``mount`` (``objfs
+                  mount``/``unmount``), ``serve`` (one FUSE server), ``spawn`` (starting one),
+                  ``sidecar`` (a pod's servers), ``zygote`` (pre-imported forks), ``fork`` (what
+                  those two share), ``dataservice`` (the node's data service) and ``service_process``
+                  (starting it, its control link)
 - ``fs``          the filesystem: ``ops`` (FUSE requests), ``meta`` (inodes, listings, caches),
                   ``read`` (blocks, prefetch, single flight), ``write`` and ``parts`` (uploads)
 - ``wire``        process-to-process messages, both ends of one protocol in one module: ``grant``

@@ -20,27 +20,18 @@ another thread at that moment would stay held in the child forever.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import random
 import signal
 import socket
-import sys
-import traceback
-from collections.abc import Callable
 from typing import NoReturn
 
+from fusefs.proc.fork import preload, run_child
 from fusefs.wire import zygote as wire
 from fusefs.wire.fds import close_all
 
 log = logging.getLogger(__name__)
-
-
-def preload() -> None:
-    """Import what every server needs. No store SDK: servers forked here (and a pod's sidecar) get
-    their data through the node's data service, and every pod would pay boto3's memory for nothing."""
-    from fusefs.proc import serve  # noqa: F401  (pyfuse3, trio, the operations, the grant client)
 
 
 def run(sock_fd: int) -> int:
@@ -69,22 +60,6 @@ def run(sock_fd: int) -> int:
         wire.answer_pid(sock, pid)
 
 
-def run_child(body: Callable[[], int]) -> NoReturn:
-    """The end of a forked child: run ``body`` and leave with its status, whatever happens (a
-    forked child must never return into its parent's loop, nor run its parent's exit handlers)."""
-    rc = 1
-    try:
-        rc = body()
-    except BaseException:
-        with contextlib.suppress(Exception):
-            traceback.print_exc()
-    finally:
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(rc)
-
-
 def _child(sock: socket.socket, fds: wire.ServerFds) -> NoReturn:
     def body() -> int:
         sock.close()
@@ -97,9 +72,9 @@ def _child(sock: socket.socket, fds: wire.ServerFds) -> NoReturn:
         os.dup2(fds.log, 1)
         os.dup2(fds.log, 2)
         os.close(fds.log)
-        from fusefs.proc.cli import serve
+        from fusefs.proc.serve import serve_fds
 
-        return serve(fds.config, fds.fuse, fds.ready, None, fds.grant, fds.regrant)
+        return serve_fds(fds.config, fds.fuse, fds.ready, None, fds.grant, fds.regrant)
 
     run_child(body)
 

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 from fusefs.config import Credentials, MountConfig, Tuning
+from fusefs.proc import cli
+from fusefs.proc.spawn import serve_command
 from fusefs.wire import handoff
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -129,3 +131,18 @@ def test_objfs_serve_takes_the_pinned_flags_and_answers_on_its_ready_fd() -> Non
     assert status.endswith(b"\n")
     rc, status = serve_process(config=CONFIG_BYTES)
     assert (rc, status) == (2, b"error: objfs serve needs --fuse-fd or --mountpoint\n")
+
+
+def test_the_serve_command_line_is_pinned_and_parsed_by_objfs() -> None:
+    """The flags a launcher passes (``fusefs.proc.spawn``) are those ``objfs serve`` takes: a
+    plugin may start a server of another build (a fresh process when the zygote is down)."""
+    argv, fds = serve_command(["objfs"], 3, 4, fuse_fd=5, grant_fd=6, regrant_fd=7)
+    assert argv == ["objfs", "serve", "--config-fd", "3", "--fuse-fd", "5", "--ready-fd", "4", "--grant-fd", "6",
+                    "--regrant-fd", "7"]
+    assert fds == [3, 5, 4, 6, 7]
+    argv, fds = serve_command(["objfs"], 3, 4, mountpoint="/mnt", service_link_fd=8, debug=True)
+    assert argv == ["objfs", "serve", "--config-fd", "3", "--ready-fd", "4", "--service-link-fd", "8",
+                    "--mountpoint", "/mnt", "--debug"]
+    assert fds == [3, 4, 8]
+    args = cli._parser().parse_args(argv[1:])
+    assert (args.config_fd, args.ready_fd, args.service_link_fd, args.mountpoint, args.debug) == (3, 4, 8, "/mnt", True)
