@@ -23,12 +23,14 @@ def test_the_sender_writes_one_grant_datagram_with_the_socket() -> None:
     a, b = seqpacket_pair()
     conn, peer = socket.socketpair()
     with a, b, conn, peer:
-        regrant.send_grant(a, conn)
-        data, fds, flags, _ = socket.recv_fds(b, 64, 4)
-        assert (data, len(fds), flags) == (b"grant", 1, 0)
-        with socket.socket(fileno=fds[0]) as received:
-            received.sendall(b"x")
-            assert peer.recv(1) == b"x"
+        # the plugin's way (a socket) and the sidecar's (forwarding a bare descriptor)
+        for send in (lambda: regrant.send_grant(a, conn), lambda: regrant.send_grant_fd(a, conn.fileno())):
+            send()
+            data, fds, flags, _ = socket.recv_fds(b, 64, 4)
+            assert (data, len(fds), flags) == (b"grant", 1, 0)
+            with socket.socket(fileno=fds[0]) as received:
+                received.sendall(b"x")
+                assert peer.recv(1) == b"x"
     assert regrant.WORD == b"grant"
 
 
