@@ -14,6 +14,7 @@ import errno
 import os
 import socket
 import stat
+import threading
 from dataclasses import dataclass
 
 MS_RDONLY = 1
@@ -150,6 +151,31 @@ def set_readahead(target: str, kb: int) -> bool:
         if e.errno in (errno.EACCES, errno.EPERM, errno.ENOENT, errno.EROFS):
             return False
         raise
+
+
+def raise_readahead(target: str, kb: int) -> bool:
+    """Raise the mount's kernel readahead to ``kb`` (root only), once FUSE INIT was answered: the
+    kernel caps readahead at the INIT reply's value (128 KiB) when that reply arrives, so a value
+    set before it is lost. A stat of the mount waits for INIT, so this blocks until the server
+    serves: call it from a thread (``raise_readahead_soon``) unless the server surely does."""
+    try:
+        os.stat(target)
+    except OSError:
+        return False
+    return set_readahead(target, kb)
+
+
+def raise_readahead_soon(target: str, kb: int) -> None:
+    """``raise_readahead`` in a thread of its own: the one way every launcher raises it (the server
+    answers the stat in milliseconds, or the thread just waits)."""
+    if kb <= 0:
+        return
+
+    def run() -> None:
+        with contextlib.suppress(OSError):
+            raise_readahead(target, kb)
+
+    threading.Thread(target=run, name=f"readahead {target}", daemon=True).start()
 
 
 # -- the process at the other end of a unix socket ---------------------------------------------

@@ -4,16 +4,14 @@
 from __future__ import annotations
 
 import os
-import select
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from fusefs import kernel
 from fusefs.config import MountConfig
-from fusefs.proc.serve import raise_readahead
+from fusefs.proc.spawn import ServePipes, serve_command
 
 READY_TIMEOUT = 30.0
 
@@ -44,36 +42,21 @@ class Mounted:
 def start_serve(config: MountConfig, fuse_fd: int | None, log: Path, mountpoint: str | None = None,
                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
     """Spawn ``objfs serve``; return the process and the line it wrote on the ready fd."""
-    cfg_r, cfg_w = os.pipe()
-    ready_r, ready_w = os.pipe()
-    cmd = [sys.executable, "-m", "fusefs.proc.cli", "serve", "--config-fd", str(cfg_r), "--ready-fd", str(ready_w)]
-    fds = [cfg_r, ready_w]
     if fuse_fd is not None:
         os.set_inheritable(fuse_fd, True)
-        cmd += ["--fuse-fd", str(fuse_fd)]
-        fds.append(fuse_fd)
-    if mountpoint is not None:
-        cmd += ["--mountpoint", mountpoint]
-    with open(log, "ab") as logf:
-        proc = subprocess.Popen(cmd, pass_fds=fds, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-                                cwd=str(Path(__file__).resolve().parent.parent), env=env)
-    os.close(cfg_r)
-    os.close(ready_w)
-    with os.fdopen(cfg_w, "wb") as f:
-        f.write(config.to_json().encode())
-    buf = b""
-    deadline = time.monotonic() + READY_TIMEOUT
+    pipes = ServePipes()
+    cmd, fds = serve_command([sys.executable, "-m", "fusefs.proc.cli"], pipes.config_r, pipes.ready_w,
+                             fuse_fd=fuse_fd, mountpoint=mountpoint)
     try:
-        while b"\n" not in buf and time.monotonic() < deadline:
-            r, _, _ = select.select([ready_r], [], [], 0.5)
-            if r:
-                chunk = os.read(ready_r, 4096)
-                if not chunk:
-                    break
-                buf += chunk
-    finally:
-        os.close(ready_r)
-    return proc, buf.decode(errors="replace").strip()
+        with open(log, "ab") as logf:
+            proc = subprocess.Popen(cmd, pass_fds=fds, stdout=logf, stderr=subprocess.STDOUT,
+                                    start_new_session=True, cwd=str(Path(__file__).resolve().parent.parent),
+                                    env=env)
+    except BaseException:
+        pipes.close()
+        raise
+    pipes.started()
+    return proc, pipes.hand_over(config, READY_TIMEOUT) or ""
 
 
 def mount(config: MountConfig, target: Path, log: Path, env: dict[str, str] | None = None) -> Mounted:
@@ -88,5 +71,5 @@ def mount(config: MountConfig, target: Path, log: Path, env: dict[str, str] | No
     if line != "ready":
         m.unmount()
         raise RuntimeError(f"objfs serve did not get ready: {line!r}\n{m.log_text()}")
-    raise_readahead(str(target), config.tuning.readahead_kb)  # after INIT, as objfs mount does
+    kernel.raise_readahead(str(target), config.tuning.readahead_kb)  # after INIT, as objfs mount does
     return m

@@ -20,9 +20,7 @@ What is checked, so that the socket lends no more than the service could read it
 Connections are served concurrently (at most ``WORKERS`` at once; more wait in the backlog), and
 one that does not send its request within ``TIMEOUT`` seconds is dropped.
 
-Wire format (``fusefs.passthrough.broker.BrokerClient``): one request per connection, ``b"O"`` with fds
-[fuse, file], or ``b"C" + i32 backing id`` with fds [fuse]; the answer is one i32, the backing id
-(open), 0 (close), or -errno.
+The messages, and the client of the data service, are in ``fusefs.passthrough.broker``.
 """
 
 from __future__ import annotations
@@ -37,6 +35,7 @@ import stat
 import struct
 import threading
 
+from fusefs.passthrough import broker as wire
 from fusefs.passthrough.backing import SelfRegistrar
 
 log = logging.getLogger(__name__)
@@ -45,7 +44,6 @@ SOCKET_NAME = "broker.sock"
 WORKERS = 8
 TIMEOUT = 5.0
 FUSE_DEVICE = os.makedev(10, 229)
-_ANSWER = struct.Struct("=i")
 
 
 class Refused(Exception):
@@ -126,25 +124,26 @@ class Broker:
                     log.warning("passthrough broker: %s", exc)
                     answer = -(exc.errno or errno.EIO)
                 with contextlib.suppress(OSError):
-                    conn.sendall(_ANSWER.pack(answer))
+                    conn.sendall(wire.encode_answer(answer))
         finally:
             self._slots.release()
 
     def _handle(self, conn: socket.socket) -> int:
-        msg, fds, _flags, _addr = socket.recv_fds(conn, 16, 2)
+        msg, fds, _flags, _addr = socket.recv_fds(conn, wire.REQUEST_SIZE, wire.MAX_FDS)
         try:
-            if msg[:1] == b"O" and len(fds) == 2:
+            request = wire.decode_request(msg, len(fds))
+            if request is None:
+                raise Refused(errno.EINVAL, "malformed request")
+            if request.op == wire.OPEN:
                 fuse_fd, file_fd = fds
                 self._check_fuse(fuse_fd)
                 self._check_file(file_fd)
                 backing_id = self.registrar.open(fuse_fd, file_fd)
                 self.registered += 1
                 return backing_id
-            if msg[:1] == b"C" and len(msg) == 1 + _ANSWER.size and len(fds) == 1:
-                self._check_fuse(fds[0])
-                self.registrar.close(fds[0], _ANSWER.unpack(msg[1:])[0])
-                return 0
-            raise Refused(errno.EINVAL, "malformed request")
+            self._check_fuse(fds[0])
+            self.registrar.close(fds[0], request.backing_id)
+            return 0
         finally:
             for fd in fds:
                 os.close(fd)

@@ -9,7 +9,7 @@ b"error: <message>\\n" and exits non-zero.
 
 ``ProcessLauncher`` runs it in its own session (so it survives a plugin restart, even kill -9),
 as an unprivileged uid/gid; setuid to a non-root uid drops every capability. Servers are forked
-by an ``objfs zygote`` that has imported everything once (``csi.node.zygote``: milliseconds instead
+by an ``objfs zygote`` that has imported everything once (``csi.node.zygote_client``: milliseconds instead
 of ~0.45 s of CPU each); without a working zygote, each is a fresh process.
 ``SidecarLauncher`` (``--launcher sidecar``) starts nothing: it hands the mounted fd to the
 ``objfs sidecar`` container of the consuming pod, so the server lives and dies with that pod.
@@ -32,11 +32,13 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
 
 from csi.node import podpath
-from csi.node.zygote import Zygote, ZygoteError
+from csi.node.zygote_client import Zygote, ZygoteError
 from fusefs import kernel
 from fusefs.config import MountConfig
+from fusefs.proc.spawn import ServePipes, serve_command
 from fusefs.wire import handoff
 from fusefs.wire import regrant as regrant_wire
+from fusefs.wire.zygote import ServerFds
 
 log = logging.getLogger(__name__)
 
@@ -176,65 +178,57 @@ class ProcessLauncher:
             return False
 
     def start(self, config: MountConfig, fuse_fd: int, name: str, grant: socket.socket) -> ServerHandle:
-        cfg_r, cfg_w = os.pipe()
-        ready_r, ready_w = os.pipe()
+        pipes = ServePipes()
         log_path = self.log_path(name)
         proc: subprocess.Popen[bytes] | None = None
         channel = self._channel(name)
         try:
             with open(log_path, "ab") as logf:
                 os.fchmod(logf.fileno(), 0o600)
-                extra = (grant.fileno(), channel.fileno())
-                pid = self._fork(cfg_r, fuse_fd, ready_w, logf.fileno(), extra)
+                fds = ServerFds(pipes.config_r, fuse_fd, pipes.ready_w, logf.fileno(), grant.fileno(),
+                                channel.fileno())
+                pid = self._fork(fds)
                 if pid is None:
-                    proc = self._spawn(cfg_r, fuse_fd, ready_w, logf, extra)
+                    proc = self._spawn(fds, logf)
                     pid = proc.pid
         except BaseException:
-            for fd in (cfg_r, cfg_w, ready_r, ready_w):
-                os.close(fd)
+            pipes.close()
             raise
         finally:
             channel.close()  # the server holds its copy
-        os.close(cfg_r)
-        os.close(ready_w)
+        pipes.started()
         with self._lock:
             if proc is not None:
                 self._children[pid] = proc
         try:
-            handoff.send_config(cfg_w, config)
-            self._wait_ready(ready_r, pid, proc, log_path)
+            self._check_ready(pipes.hand_over(config, self.ready_timeout), pid, proc, log_path)
         except BaseException:
             self._kill(pid, proc)
             raise
-        finally:
-            os.close(ready_r)
         start_time = proc_start_time(pid)
         if start_time is None:
             raise ServerStartError(f"objfs serve exited right after reporting ready; see {log_path}")
         return ServerHandle(pid, start_time, log_path)
 
-    def _fork(self, cfg_r: int, fuse_fd: int, ready_w: int, log_fd: int, extra: tuple[int, int]) -> int | None:
+    def _fork(self, fds: ServerFds) -> int | None:
         """A server forked by the zygote: its pid, or None when there is no zygote to ask."""
         if self._zygote is None:
             return None
         try:
-            return self._zygote.start((cfg_r, fuse_fd, ready_w, log_fd, *extra))
+            return self._zygote.start(fds)
         except ZygoteError as exc:
             raise ServerStartError(f"{exc}; try again") from None
 
-    def _spawn(self, cfg_r: int, fuse_fd: int, ready_w: int, logf: BinaryIO, extra: tuple[int, int]
-               ) -> subprocess.Popen[bytes]:
+    def _spawn(self, fds: ServerFds, logf: BinaryIO) -> subprocess.Popen[bytes]:
         """A fresh ``objfs serve`` (when there is no zygote to fork one)."""
-        grant_fd, regrant_fd = extra
-        argv = [*self._drop_privileges(), *self.command, "serve", "--config-fd", str(cfg_r),
-                "--fuse-fd", str(fuse_fd), "--ready-fd", str(ready_w), "--grant-fd", str(grant_fd),
-                "--regrant-fd", str(regrant_fd)]
+        argv, pass_fds = serve_command([*self._drop_privileges(), *self.command], fds.config, fds.ready,
+                                       fuse_fd=fds.fuse, grant_fd=fds.grant, regrant_fd=fds.regrant)
         try:
             # No user=/group= here: asking Popen to switch uid makes it fork() instead of
             # vfork(), and a fork() of this multi-threaded gRPC process runs gRPC's fork
             # handlers in the child (seen crashing it). setpriv switches after the exec.
             return subprocess.Popen(
-                argv, pass_fds=(cfg_r, fuse_fd, ready_w, grant_fd, regrant_fd), start_new_session=True, cwd="/",
+                argv, pass_fds=pass_fds, start_new_session=True, cwd="/",
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=self._env(),
             )
         except PermissionError:
@@ -268,8 +262,9 @@ class ProcessLauncher:
         path = os.path.dirname(sys.executable) + os.pathsep + os.defpath
         return {"PATH": path, "LANG": "C.UTF-8", "HOME": "/", "PYTHONUNBUFFERED": "1"}
 
-    def _wait_ready(self, fd: int, pid: int, proc: subprocess.Popen[bytes] | None, log_path: str) -> None:
-        status = handoff.read_status(fd, self.ready_timeout)
+    def _check_ready(self, status: str | None, pid: int, proc: subprocess.Popen[bytes] | None, log_path: str
+                     ) -> None:
+        """ServerStartError unless ``status`` (the server's line, None if none came in time) is ready."""
         if status == handoff.READY:
             return
         if status is None:
@@ -458,7 +453,7 @@ class SidecarLauncher:
             os.close(p.fuse_fd)  # handed over, or given up: a mount nobody serves fails with ENOTCONN
             p.grant.close()
         if error is None:
-            _raise_readahead_soon(p.target, p.readahead_kb)
+            kernel.raise_readahead_soon(p.target, p.readahead_kb)
         with self._lock:
             p.error = error
             p.finished.set()
@@ -535,18 +530,3 @@ class SidecarLauncher:
                 return sock.recv(4096).decode(errors="replace").strip() or NO_SIDECAR
             except (OSError, handoff.ProtocolError):
                 return NO_SIDECAR
-
-
-
-def _raise_readahead_soon(target: str, kb: int) -> None:
-    """Raise the mount's readahead once FUSE INIT is through (the kernel caps it at INIT): a stat
-    waits for that. In a thread: the server answers it in milliseconds, or the thread just waits."""
-    if kb <= 0:
-        return
-
-    def run() -> None:
-        with contextlib.suppress(OSError):
-            os.stat(target)
-            kernel.set_readahead(target, kb)
-
-    threading.Thread(target=run, name=f"readahead {target}", daemon=True).start()

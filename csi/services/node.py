@@ -313,8 +313,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         grant: socket.socket | None = None
         try:
             grant = self._grant(target, config)
-            kernel.set_readahead(target, config.tuning.readahead_kb)
-            return self.launcher.start(config.server_view(), fd, _server_name(target), grant)
+            handle = self.launcher.start(config.server_view(), fd, _server_name(target), grant)
+            # After FUSE INIT, which caps it: set before, the kernel would lower it again.
+            kernel.raise_readahead_soon(target, config.tuning.readahead_kb)
+            return handle
         except BaseException as e:
             self._undo_mount(target, created)
             self._forget_grant(target)

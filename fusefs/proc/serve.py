@@ -16,8 +16,8 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
-import threading
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
@@ -33,6 +33,7 @@ from fusefs.service.api import DataClient
 from fusefs.service.local import LocalData, open_cache
 from fusefs.store import AsyncStore, open_store
 from fusefs.store.base import ObjectInfo
+from fusefs.wire import handoff
 from fusefs.wire.grant import GrantClient
 from fusefs.wire.regrant import receive_grants
 
@@ -63,17 +64,6 @@ def limit_malloc_retention() -> None:
         libc.mallopt(-8, 2)  # M_ARENA_MAX
     except (OSError, AttributeError):
         pass
-
-
-def raise_readahead(target: str, kb: int) -> bool:
-    """Raise the mount's kernel readahead (root only). Only after FUSE INIT was answered: the
-    kernel caps readahead at the INIT reply's value (128 KiB) when that reply arrives, so one
-    request to the live mount comes first. Blocking: call it from a thread or another process."""
-    try:
-        os.stat(target)
-    except OSError:
-        return False
-    return kernel.set_readahead(target, kb)
 
 
 def fuse_options(config: MountConfig) -> set[str]:
@@ -275,8 +265,7 @@ async def _serve_with(config: MountConfig, mountpoint: str, data: DataClient, ca
             pyfuse3.init(ops, mountpoint, options)
             initialized = True
             if not mountpoint.startswith("/dev/fd/") and os.geteuid() == 0:
-                threading.Thread(target=raise_readahead, args=(mountpoint, config.tuning.readahead_kb),
-                                 daemon=True).start()
+                kernel.raise_readahead_soon(mountpoint, config.tuning.readahead_kb)
             with trio.CancelScope() as loop_scope:
                 nursery.start_soon(_signals, loop_scope, ops)
                 nursery.start_soon(_warm, ops, config)
@@ -307,3 +296,44 @@ def run(config: MountConfig, mountpoint: str, ready: Callable[[], None] | None =
         if mount_error is not None:
             raise errors.first_leaf(mount_error) from None
         raise
+
+
+def serve_reporting(status: handoff.StatusReporter, who: str, config: MountConfig, mountpoint: str,
+                    unmount_target: str | None = None, grant: socket.socket | None = None,
+                    regrant: socket.socket | None = None) -> int:
+    """Serve until unmounted, telling the launcher ``ready`` or the error on ``status``: the
+    exit status of ``objfs serve`` and of each volume's child of ``objfs sidecar``."""
+    try:
+        run(config, mountpoint, status.ready, unmount_target, grant, regrant)
+    except MountError as exc:
+        status.error(str(exc))
+        print(f"{who}: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        log.exception("%s: server failed", who)
+        status.error(str(exc))
+        return 1
+    return 0
+
+
+def serve_fds(config_fd: int, fuse_fd: int | None, ready_fd: int | None, mountpoint_arg: str | None,
+              grant_fd: int | None = None, regrant_fd: int | None = None) -> int:
+    """``objfs serve``: also what a server forked by ``objfs zygote`` runs. With ``grant_fd``
+    the volume's data comes from the node's data service; the config then holds no secret."""
+    status = handoff.StatusReporter(ready_fd)
+    try:
+        config = handoff.receive_config(config_fd)
+    except (OSError, ValueError, TypeError) as exc:
+        status.error(f"unreadable mount config: {exc}")
+        print(f"objfs serve: unreadable mount config: {exc}", file=sys.stderr)
+        return 1
+    if fuse_fd is not None:
+        mountpoint, unmount_target = f"/dev/fd/{fuse_fd}", mountpoint_arg
+    elif mountpoint_arg:
+        mountpoint, unmount_target = mountpoint_arg, None
+    else:
+        status.error("objfs serve needs --fuse-fd or --mountpoint")
+        return 2
+    grant = socket.socket(fileno=grant_fd) if grant_fd is not None else None
+    regrant = socket.socket(fileno=regrant_fd) if regrant_fd is not None else None
+    return serve_reporting(status, "objfs serve", config, mountpoint, unmount_target, grant, regrant)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from fusefs.config import MountConfig
-from fusefs.proc.zygote import run_child
+from fusefs.proc.fork import preload, run_child
 from fusefs.wire import handoff
 from fusefs.wire import regrant as regrant_wire
 
@@ -72,8 +72,6 @@ class Sidecar:
         os.makedirs(os.path.join(self.dir, "metrics"), mode=0o755, exist_ok=True)
         os.chmod(os.path.join(self.dir, "metrics"), 0o755)  # the node plugin re-exports them
         tempfile.tempdir = staging  # the root file system is read-only: upload staging lives here
-        from fusefs.proc.zygote import preload
-
         preload()
         self.listener = self._listen()
         for sock in (self._wake_r, self._wake_w):
@@ -188,7 +186,7 @@ class Sidecar:
             if vol is None or vol.status is not None:
                 return f"{handoff.ERROR_PREFIX} volume {name} is not served here"
             try:
-                socket.send_fds(vol.regrant, [regrant_wire.WORD], [grant_fd])
+                regrant_wire.send_grant_fd(vol.regrant, grant_fd)
             except OSError as exc:
                 return f"{handoff.ERROR_PREFIX} the server of volume {name} did not take it: {exc}"
             return handoff.OK
@@ -262,22 +260,12 @@ def server_config(directory: str, volume: handoff.VolumeHandOver) -> MountConfig
 
 def serve_volume(directory: str, volume: handoff.VolumeHandOver, status_fd: int, regrant: socket.socket) -> int:
     """Serve one handed-over volume until it is unmounted or told to stop; report on ``status_fd``."""
-    from fusefs.proc.serve import MountError, run
+    from fusefs.proc.serve import serve_reporting
 
-    status = handoff.StatusReporter(status_fd)
     grant = socket.socket(fileno=volume.grant_fd)
-    try:
-        run(server_config(directory, volume), f"/dev/fd/{volume.fuse_fd}", status.ready, grant=grant,
-            regrant=regrant)
-    except MountError as exc:
-        status.error(str(exc))
-        print(f"objfs sidecar: volume {volume.name}: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:
-        log.exception("volume %s: server failed", volume.name)
-        status.error(str(exc))
-        return 1
-    return 0
+    return serve_reporting(handoff.StatusReporter(status_fd), f"objfs sidecar: volume {volume.name}",
+                           server_config(directory, volume), f"/dev/fd/{volume.fuse_fd}", grant=grant,
+                           regrant=regrant)
 
 
 def _describe(status: int) -> str:

@@ -35,7 +35,12 @@ WORD = b"grant"
 
 def send_grant(channel: socket.socket, conn: socket.socket) -> None:
     """Hand ``conn`` over (blocking). The caller closes its copy afterwards."""
-    socket.send_fds(channel, [WORD], [conn.fileno()])
+    send_grant_fd(channel, conn.fileno())
+
+
+def send_grant_fd(channel: socket.socket, fd: int) -> None:
+    """``send_grant`` for a connection held as a bare descriptor (the sidecar forwarding one)."""
+    socket.send_fds(channel, [WORD], [fd])
 
 
 def _socket_of(msg: bytes, fds: list[int]) -> socket.socket | None:

@@ -11,6 +11,7 @@ import shutil
 import signal
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,8 +19,9 @@ import pytest
 
 from csi.v1 import csi_pb2 as pb
 from fusefs import kernel
+from fusefs.config import Tuning
 from testing.plugin import Client, PluginDirs, in_process_plugin, unmount_all_under
-from testing.pods import cap
+from testing.pods import cap, wait_for
 from testing.servers import RcloneS3
 
 Mode = pb.VolumeCapability.AccessMode
@@ -273,6 +275,9 @@ def test_publish_dynamic_volume_lifecycle(client: Client, s3_server: RcloneS3, p
         assert kernel.find_mount(target) is not None
         with open(os.path.join(target, "hello.txt"), "rb") as f:
             assert f.read() == b"hello objfs"
+        # raised once FUSE INIT is through (set before it, the kernel caps it at 128 KiB again)
+        bdi = f"/sys/class/bdi/{kernel.find_mount(target).major_minor}/read_ahead_kb"  # type: ignore[union-attr]
+        wait_for(lambda: Path(bdi).read_text().strip() == str(Tuning().readahead_kb), 30, "readahead raised")
         client.node.NodePublishVolume(req)  # the same again: OK
         other = pb.NodePublishVolumeRequest()
         other.CopyFrom(req)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from csi.node.launcher import ProcessLauncher, proc_start_time
-from csi.node.zygote import Zygote
+from csi.node.zygote_client import Zygote
 from fusefs import kernel
 from fusefs.config import MountConfig
 from fusefs.proc.service_process import ServiceProcess

@@ -108,7 +108,7 @@ def test_mount_keeps_working_when_credentials_rotate(
 def test_objfs_mount_hands_over_environment_keys_only(tmp_path: Path) -> None:
     """What ``objfs mount`` puts into the server's configuration: keys from its environment (the
     server does not inherit them), nothing from any source that can refresh."""
-    from fusefs.proc.cli import _aws_credentials
+    from fusefs.proc.mount import _aws_credentials
 
     creds = tmp_path / "creds.json"
     write_credentials(creds, "AKIAROTATING", "secret")

@@ -1,4 +1,5 @@
-"""The node plugin's end of ``objfs zygote`` (``fusefs.proc.zygote``): start it, ask it for servers.
+"""The node plugin's client of ``objfs zygote`` (``fusefs.proc.zygote``): start it, ask it for
+servers (the messages: ``fusefs.wire.zygote``).
 
 One zygote per plugin, started on first use (or by ``warm_up`` at start-up) with the same
 privilege drop as the servers, restarted if it dies. ``start`` returns the new server's pid, or
@@ -20,7 +21,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from fusefs.proc.zygote import FDS_PER_SERVER, MAX_MESSAGE, READY, START
+from fusefs.wire import zygote as wire
 
 log = logging.getLogger(__name__)
 
@@ -55,26 +56,25 @@ class Zygote:
             return self._ensure()
 
     def start(self, fds: tuple[int, int, int, int, int, int]) -> int | None:
-        """Fork a server with (config read end, fuse fd, ready write end, log fd, grant connection,
-        regrant socket); its pid, or None if there is no working zygote (nothing was started then)."""
-        assert len(fds) == FDS_PER_SERVER
+        """Fork a server with these descriptors (``fusefs.wire.zygote.ServerFds``); its pid, or
+        None if there is no working zygote (nothing was started then)."""
+        assert len(fds) == wire.FDS_PER_SERVER
         with self._lock:
             if not self._ensure():
                 return None
             assert self._sock is not None
             try:
-                socket.send_fds(self._sock, [START], list(fds))
-                reply = self._sock.recv(MAX_MESSAGE)
+                answer = wire.request_server(self._sock, fds)
             except OSError as exc:
                 self._stop()
                 raise ZygoteError(f"objfs zygote failed during a request: {exc}") from None
-            if reply.startswith(b"pid "):
-                return int(reply[4:])
-            if reply.startswith(b"error "):
-                log.warning("objfs zygote: %s; starting this server directly", reply[6:].decode(errors="replace"))
+            except wire.ZygoteGone as exc:
+                self._stop()  # it died: the next request starts another
+                raise ZygoteError(str(exc)) from None
+            if isinstance(answer, str):
+                log.warning("objfs zygote: %s; starting this server directly", answer)
                 return None
-            self._stop()  # it died: the next request starts another
-            raise ZygoteError("objfs zygote exited during a request (see its log)")
+            return answer
 
     def close(self) -> None:
         with self._lock:
@@ -102,11 +102,7 @@ class Zygote:
         finally:
             child.close()
         parent.settimeout(self.ready_timeout)
-        try:
-            hello = parent.recv(MAX_MESSAGE)
-        except OSError:
-            hello = b""
-        if hello != READY:
+        if not wire.wait_ready(parent):
             with contextlib.suppress(OSError):
                 proc.kill()
             proc.wait()
