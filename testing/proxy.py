@@ -245,7 +245,9 @@ def _headers(lines: list[bytes]) -> dict[str, str]:
 class CountingProxy:
     """``with CountingProxy(upstream_port) as proxy: ... proxy.endpoint ... proxy.snapshot()``:
     ``snapshot()`` is the request count by kind, ``tally()`` adds response bytes, errors and the
-    faults injected (``inject``, ``down``)."""
+    faults injected (``inject``, ``down``). A response is in the tally before its client gets any
+    of it, so counts taken after the calls returned are exact; requests still in flight (a
+    background prefetch) may or may not be in it yet: tests count only what they waited for."""
 
     def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1") -> None:
         self.upstream = (upstream_host, upstream_port)
