@@ -7,8 +7,8 @@ no server and no network. It keeps what the filesystem relies on, as Amazon S3 d
   after a multipart upload, so it is not the content MD5 there) and a version id of its own;
   ``ObjectInfo.version`` is the ETag, as ``S3Store`` reports it;
 - keys are flat: ``dir/`` is an object of its own beside ``dir/x``, and nothing is implied;
-- listings are in key order, paginated (``max_keys`` counts objects and common prefixes alike)
-  with an opaque continuation token, and group keys by the delimiter into common prefixes;
+- listings are in key order, paginated (``max_keys``, at most 1000, counts objects and common
+  prefixes alike) with an opaque continuation token, and group keys by the delimiter into common prefixes;
 - a ranged GET pinned to a version that is no longer current fails with ``ObjectChangedError``
   (S3's 412); a range starting at or past the end fails with ``InvalidRequestError`` (416), one
   running past the end is cut short;
@@ -141,6 +141,7 @@ class MemoryStore:
     ) -> ListPage:
         if max_keys < 1:
             raise errors.InvalidRequestError(f"{self._where(prefix)}: max_keys must be at least 1, got {max_keys}")
+        max_keys = min(max_keys, 1000)  # S3 answers at most 1000 per page, whatever was asked
         after, after_prefix = _decode_token(token) if token else ("", False)
         with self.server.lock:
             bucket = self._bucket(prefix)

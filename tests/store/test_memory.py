@@ -47,6 +47,9 @@ def test_common_prefixes_count_against_max_keys() -> None:
         if token is None:
             break
     assert pages == [["a", "b/"], ["c/", "d"], ["e/"]]
+    for i in range(1005):
+        store.put(f"many/{i:04d}", b"")
+    assert len(store.list("many/", "/", None, max_keys=5000).objects) == 1000  # S3's most per page
     with pytest.raises(errors.InvalidRequestError, match="continuation token"):
         store.list("", "/", "not a token")
 
