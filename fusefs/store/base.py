@@ -21,6 +21,7 @@ from typing import Protocol, TypeVar
 import trio
 
 from fusefs import metrics, retry
+from fusefs.config import GiB, MiB, TiB
 from fusefs.retry import RetryPolicy
 
 T = TypeVar("T")
@@ -49,6 +50,11 @@ class StoreLimits:
     min_part_size: int  # every part but the last is at least this big
     max_part_size: int
     max_object_size: int
+
+
+#: Amazon S3's multipart limits (S3-compatible stores accept at least these, most the same); here,
+#: not in ``s3``, so that the memory store can keep them without importing boto3
+S3_LIMITS = StoreLimits(max_parts=10_000, min_part_size=5 * MiB, max_part_size=5 * GiB, max_object_size=5 * TiB)
 
 
 class MultipartUpload(Protocol):

@@ -20,8 +20,8 @@ import urllib3.exceptions
 from boto3.s3.transfer import TransferConfig
 
 from fusefs import buffers, errors
-from fusefs.config import Credentials, GiB, MiB, TiB
-from fusefs.store.base import ListPage, ObjectInfo, StoreLimits
+from fusefs.config import Credentials
+from fusefs.store.base import S3_LIMITS, ListPage, ObjectInfo
 from fusefs.store.s3_get import DirectGet
 
 T = TypeVar("T")
@@ -38,8 +38,7 @@ MULTIPART_THRESHOLD = 64 * 1024 * 1024
 #: the largest object one CopyObject copies (Amazon S3's limit); larger ones go part by part
 COPY_OBJECT_LIMIT = 5 * 1024**3
 COPY_PART_SIZE = 512 * 1024 * 1024
-#: Amazon S3's multipart limits (S3-compatible stores accept at least these, most the same)
-LIMITS = StoreLimits(max_parts=10_000, min_part_size=5 * MiB, max_part_size=5 * GiB, max_object_size=5 * TiB)
+LIMITS = S3_LIMITS
 # Bounds the temporary buffer of each read from a response body read in pieces. Below glibc's mmap threshold
 # (1 MiB here: fusefs.proc.serve.limit_malloc_retention), so each chunk reuses heap memory instead of
 # a fresh mapping that costs a page fault per 4 KiB (a tenth of a cold read's CPU at 1 MiB).

@@ -1,8 +1,10 @@
 """One suite for every store backend, against real servers on loopback.
 
-``backend`` is parametrized over rclone's S3 server (the ``s3_server`` fixture of conftest) and
-fake-gcs-server (``gcs_server`` below); each test gets a fresh bucket. Nothing is mocked: what
-passes here is what the filesystem will see.
+``backend`` is parametrized over rclone's S3 server (the ``s3_server`` fixture of conftest),
+fake-gcs-server (``gcs_server`` below) and the in-memory store (``fusefs.store.memory``, which
+the layer tests run on: passing here is how it shows it behaves as the real ones do); each test
+gets a fresh bucket. Nothing is mocked for the real backends: what passes here is what the
+filesystem will see.
 
 fake-gcs-server 1.56.1 ignores ``ifGenerationMatch`` on media downloads (it answers 200 with the
 current generation); GCSStore therefore also checks the ``x-goog-generation`` header of every
@@ -34,7 +36,9 @@ from fusefs.config import Credentials
 from fusefs.config import MiB as MIB
 from fusefs.retry import RetryPolicy
 from fusefs.store.base import AsyncStore, BlockingStore
+from fusefs.store.faulty import FaultyStore
 from fusefs.store.gcs import UPLOAD_DIR, GCSStore
+from fusefs.store.memory import MemoryServer
 from fusefs.store.s3 import MULTIPART_THRESHOLD, S3Store
 from testing.servers import FakeGCS, RcloneS3
 
@@ -68,19 +72,46 @@ class Backend:
         return self.server.create_bucket()
 
 
+@dataclass
+class MemoryBackend:
+    """The in-memory store, opened as ``Backend`` opens a real one."""
+
+    server: MemoryServer
+    name: str = "memory"
+
+    @property
+    def endpoint(self) -> str:
+        return self.server.name
+
+    def store(self, bucket: str, endpoint: str | None = None, credentials: Credentials | None = None,
+              timeout: float = 30.0) -> BlockingStore:
+        if endpoint in (None, self.endpoint):
+            return self.server.store(bucket)
+        # Another endpoint: the memory store has no network, so a store nobody answers is the
+        # failure wrapper failing every call as an unreachable endpoint does.
+        unreachable = FaultyStore(self.server.store(bucket))
+        for op in ("head", "list", "get_range", "put", "put_file", "create_multipart", "copy", "copy_from",
+                   "delete", "bucket_exists", "create_bucket", "delete_bucket", "check_access"):
+            unreachable.fail(op, times=0, error=errors.UnreachableError)
+        return unreachable
+
+    def new_bucket(self) -> str:
+        return self.server.create_bucket()
+
+
 def make_backend(request: pytest.FixtureRequest) -> Backend:
     """The Backend for ``request.param``; only that backend's server gets started."""
     server = request.getfixturevalue("s3_server" if request.param == "s3" else "gcs_server")
     return Backend(request.param, server)
 
 
-@pytest.fixture(params=["s3", "gcs"])
-def backend(request: pytest.FixtureRequest) -> Backend:
-    return make_backend(request)
+@pytest.fixture(params=["s3", "gcs", "memory"])
+def backend(request: pytest.FixtureRequest) -> Backend | MemoryBackend:
+    return MemoryBackend(MemoryServer()) if request.param == "memory" else make_backend(request)
 
 
 @pytest.fixture
-def store(backend: Backend) -> BlockingStore:
+def store(backend: Backend | MemoryBackend) -> BlockingStore:
     return backend.store(backend.new_bucket())
 
 
@@ -139,7 +170,7 @@ def test_missing_key_is_not_found(store: BlockingStore) -> None:
     assert not isinstance(exc2.value, errors.BucketNotFoundError)
 
 
-def test_missing_bucket(backend: Backend) -> None:
+def test_missing_bucket(backend: Backend | MemoryBackend) -> None:
     store = backend.store("nobucket-" + secrets.token_hex(6))
     assert not store.bucket_exists()
     for call in (lambda: store.head("k"), lambda: store.list(""), lambda: store.get_range("k", 0, 1),
@@ -368,7 +399,7 @@ def test_delete_is_idempotent(store: BlockingStore) -> None:
     store.delete("never/existed")
 
 
-def test_bucket_lifecycle(backend: Backend) -> None:
+def test_bucket_lifecycle(backend: Backend | MemoryBackend) -> None:
     name = "fresh-" + secrets.token_hex(5)
     store = backend.store(name)
     assert not store.bucket_exists()
@@ -395,7 +426,7 @@ def test_s3_wrong_credentials_access_denied(s3_server: RcloneS3) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_unreachable_endpoint(backend: Backend) -> None:
+def test_unreachable_endpoint(backend: Backend | MemoryBackend) -> None:
     """Nobody listening: UnreachableError at once (no SDK retries hide it), which is transient."""
     store = backend.store("bucket", endpoint=f"http://127.0.0.1:{closed_port()}", timeout=5.0)
     for call in (lambda: store.head("k"), lambda: store.get_range("k", 0, 1), lambda: store.list("")):
