@@ -20,10 +20,10 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 
 from cryptography.fernet import Fernet, InvalidToken
 
+from csi.node.state import remove_temp_files, write_atomically
 from fusefs import kernel
 from fusefs.config import Credentials, MountConfig
 
@@ -66,14 +66,12 @@ class GrantRecords:
         bare = dataclasses.replace(config, credentials=Credentials())
         record = {"target": target, "config": json.loads(bare.to_json()),
                   "credentials": self.fernet.encrypt(creds).decode()}
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-")
-        try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, json.dumps(record).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, self._path(target))
+        write_atomically(self._path(target), json.dumps(record).encode())
+
+    def remove_leftovers(self) -> None:
+        """Delete temp files of records an earlier life did not finish writing (only the plugin, at
+        start): they hold credentials (encrypted) that no volume needs."""
+        remove_temp_files(self.dir)
 
     def get(self, target: str) -> MountConfig | None:
         try:

@@ -67,32 +67,13 @@ class StateStore:
 
     def remove_leftovers(self) -> None:
         """Delete temp files of writes an earlier life did not finish (only the plugin, at start)."""
-        for name in os.listdir(self.dir):
-            if name.startswith(".tmp-"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(self.dir, name))
+        remove_temp_files(self.dir)
 
     def _path(self, target: str) -> str:
         return os.path.join(self.dir, hashlib.sha256(target.encode()).hexdigest()[:32] + ".json")
 
     def put(self, rec: PublishRecord) -> None:
-        self._write(self._path(rec.target), json.dumps(dataclasses.asdict(rec), sort_keys=True).encode())
-
-    def _write(self, path: str, data: bytes) -> None:
-        directory = os.path.dirname(path)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-        try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.rename(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        self._sync_dir(directory)
+        write_atomically(self._path(rec.target), json.dumps(dataclasses.asdict(rec), sort_keys=True).encode())
 
     def get(self, target: str) -> PublishRecord | None:
         try:
@@ -105,7 +86,7 @@ class StateStore:
     def delete(self, target: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(target))
-            self._sync_dir(self.dir)
+            sync_dir(self.dir)
 
     def all(self) -> list[PublishRecord]:
         out = []
@@ -123,13 +104,43 @@ class StateStore:
             out.append(rec)
         return out
 
-    @staticmethod
-    def _sync_dir(directory: str) -> None:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+
+#: temp files of records being written: a plugin killed mid-write leaves one, removed at its next start
+TEMP_PREFIX = ".tmp-"
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` (0600): the old or the new record survives a crash, never half."""
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TEMP_PREFIX)
+    try:
         try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    sync_dir(directory)
+
+
+def remove_temp_files(directory: str) -> None:
+    for name in os.listdir(directory):
+        if name.startswith(TEMP_PREFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, name))
+
+
+def sync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _load(data: bytes) -> PublishRecord | None:

@@ -99,6 +99,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def reconcile(self) -> None:
         """Adopt what still serves, finish or undo half-done publishes, clean up the rest."""
         self.state.remove_leftovers()
+        self.grants.remove_leftovers()
         for rec in self.state.all():
             if rec.phase in (MOUNTING, FAILED):
                 # MOUNTING: kubelet never got an answer and will publish again; FAILED: dead anyway.

@@ -12,8 +12,10 @@ from csi import params as P
 from csi import volume_id as V
 from csi.errors import InvalidArgument
 from csi.main import parse_args
-from csi.node.state import PublishRecord, StateStore
+from csi.node.dataservice import GrantRecords
+from csi.node.state import TEMP_PREFIX, PublishRecord, StateStore
 from csi.services.controller import bucket_name_for
+from fusefs.config import Credentials, MountConfig
 
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
 
@@ -82,6 +84,37 @@ def test_state_records_are_atomic_private_and_survive_reload(tmp_path: str) -> N
     assert StateStore(root).all() == [rec]
     store.delete("/t/mount")
     assert store.get("/t/mount") is None
+
+
+def test_records_left_half_written_by_a_killed_plugin_are_removed_at_start(tmp_path: str) -> None:
+    # A plugin killed between creating a record's temp file and renaming it leaves the temp file:
+    # a grant's holds credentials (encrypted). The next plugin removes both kinds at start.
+    root = os.path.join(str(tmp_path), "state")
+    store = StateStore(root)
+    grants = GrantRecords(root, os.path.join(str(tmp_path), "run", "grants.key"))
+    config = MountConfig(backend="s3", bucket="b", credentials=Credentials(access_key_id="AK", secret_access_key="SK"))
+    grants.put("/t/mount", config)
+    for directory in (store.dir, grants.dir):
+        with open(os.path.join(directory, TEMP_PREFIX + "killed"), "wb") as f:
+            f.write(b"half")
+    store.remove_leftovers()
+    grants.remove_leftovers()
+    assert os.listdir(store.dir) == []
+    assert [n for n in os.listdir(grants.dir) if n.startswith(TEMP_PREFIX)] == []
+    assert grants.get("/t/mount") == config  # the finished record stays
+
+
+def test_a_failed_record_write_leaves_no_temp_file(tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = StateStore(os.path.join(str(tmp_path), "state"))
+
+    def no_rename(src: str, dst: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "rename", no_rename)
+    with pytest.raises(OSError):
+        store.put(PublishRecord(volume_id="v", target="/t/mount", pid=1, start_time=1, read_only=False,
+                                fingerprint="f", config={}))
+    assert os.listdir(store.dir) == []
 
 
 def test_cache_size_flag(capsys: pytest.CaptureFixture[str]) -> None:
