@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import boto3
 import botocore.config
@@ -76,6 +77,15 @@ class LoopbackServer:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True, cwd=cwd)
         wait_for_port(self.port, self.proc)
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -147,12 +157,6 @@ class RcloneS3(S3Server):
         )
         return self
 
-    def __enter__(self) -> RcloneS3:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
 
 @contextlib.contextmanager
 def rclone_s3(root: Path | None = None) -> Iterator[RcloneS3]:
@@ -202,12 +206,6 @@ class MotoS3(S3Server):
         if versioned:
             self.client().put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
         return name
-
-    def __enter__(self) -> MotoS3:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 @contextlib.contextmanager
@@ -269,12 +267,6 @@ class FakeGCS(LoopbackServer):
         name = name or "b-" + secrets.token_hex(6)
         self.client().create_bucket(name)
         return name
-
-    def __enter__(self) -> FakeGCS:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 @contextlib.contextmanager
