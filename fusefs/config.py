@@ -109,6 +109,9 @@ class MountConfig:
     metrics_address: str = ""
     metrics_volume: str = ""
     metrics_pod: str = ""
+    #: the key of a snapshot manifest in the bucket (``fusefs.service.manifest``): the volume is
+    #: that snapshot, read-only, its objects at the versions the manifest pins, under ``prefix``
+    snapshot: str = ""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -116,6 +119,8 @@ class MountConfig:
         if not self.bucket:
             raise ConfigError("no bucket given")
         object.__setattr__(self, "prefix", normalize_prefix(self.prefix))
+        if self.snapshot and not self.read_only:
+            raise ConfigError("a volume of a snapshot is read-only: set read_only (a snapshot never changes)")
         if self.metadata_ttl < 0:
             raise ConfigError(f"metadata TTL must be >= 0 seconds, got {self.metadata_ttl}")
         for name in ("uid", "gid"):

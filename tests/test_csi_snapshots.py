@@ -22,7 +22,7 @@ from csi.errors import AlreadyExists, InvalidArgument, NotFound, OutOfRange, Una
 from csi.v1 import csi_pb2 as pb
 from tests.pods import cap
 from tests.proxy import INTERNAL, CountingProxy, FaultPlan
-from tests.servers import FakeGCS, RcloneS3, random_bytes
+from tests.servers import FakeGCS, RcloneS3, S3Server, random_bytes
 
 
 def s3_secrets(s3: RcloneS3) -> dict[str, str]:
@@ -59,7 +59,7 @@ def listed(ctl: ControllerService, sec: dict[str, str], **kw: Any) -> list[pb.Sn
 class S3View:
     """Objects of a bucket as plain boto3 sees them."""
 
-    def __init__(self, s3: RcloneS3) -> None:
+    def __init__(self, s3: S3Server) -> None:
         self.client = s3.client()
 
     def put(self, bucket: str, key: str, data: bytes) -> None:
@@ -213,7 +213,8 @@ def test_snapshot_of_many_objects_counts_requests(s3_server: RcloneS3, bucket: s
     assert n <= counts["COPY"] <= n + tally.errors
     assert counts["LIST"] == n // 1000 + 1 and counts["PUT"] == 1  # the pages; the manifest
     assert counts["HEAD"] == 1 and counts["GET"] == 1  # the source's marker; no manifest yet
-    assert tally.total == counts["COPY"] + counts["LIST"] + 3
+    assert counts["GET-VERSIONING"] == 1  # the bucket keeps no versions: copies
+    assert tally.total == counts["COPY"] + counts["LIST"] + 4
     manifest = S.Manifest.loads(s3_server.read_object(bucket, V.parse_snapshot(s.snapshot_id).prefix + S.MANIFEST))
     assert manifest.count == n and len({e.key for e in manifest.entries}) == n
     sample = view.tree(bucket, V.parse_snapshot(s.snapshot_id).prefix + S.DATA + "d7/")
@@ -291,8 +292,8 @@ def test_object_deleted_during_the_snapshot_is_left_out(s3_server: RcloneS3, buc
     view.put(bucket, prefix + "gone", b"deleted meanwhile")
     real = S.list_volume
 
-    def list_then_delete(store: Any, pfx: str, policy: Any) -> Any:
-        listed_objects = real(store, pfx, policy)
+    def list_then_delete(store: Any, pfx: str, policy: Any, versions: bool = False) -> Any:
+        listed_objects = real(store, pfx, policy, versions)
         view.delete(bucket, prefix + "gone")
         return listed_objects
 
