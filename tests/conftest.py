@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import signal
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from csi.local import PluginDirs, unmount_all_under
+from csi.state import StateStore
 from fusefs.config import MountConfig
 from tests.fsmount import Mounted
 from tests.fsmount import mount as fs_mount
@@ -26,6 +33,21 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
     """One moto S3 server for the session (buckets that keep versions); each test its own bucket."""
     with MotoS3(tmp_path_factory.mktemp("moto")) as server:
         yield server
+
+
+@pytest.fixture
+def dirs() -> Iterator[PluginDirs]:
+    """The directories of an objfs-csi plugin process (``csi.local.PluginProcess``); what its
+    servers left mounted or running is unmounted and killed at teardown."""
+    root = tempfile.mkdtemp(prefix="objfs-csi-e2e-")
+    d = PluginDirs(root)
+    yield d
+    unmount_all_under(root)
+    for rec in StateStore(d.state).all():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(rec.pid, signal.SIGKILL)
+    if not os.environ.get("OBJFS_KEEP_TEST_DIRS"):
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

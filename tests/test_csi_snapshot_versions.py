@@ -7,16 +7,10 @@ volume changed, lost files and was deleted."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-import shutil
 import signal
-import tempfile
-import time
 import uuid
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -26,19 +20,15 @@ from csi import snapshots as S
 from csi import volume_id as V
 from csi.controller import ControllerService
 from csi.errors import FailedPrecondition, InvalidArgument
-from csi.local import Client, PluginDirs, PluginProcess, unmount_all_under
-from csi.state import StateStore
+from csi.local import Client, PluginDirs, PluginProcess
 from csi.v1 import csi_pb2 as pb
 from tests.pods import cap, kubelet_context
-from tests.proxy import CountingProxy
 from tests.servers import MotoS3, random_bytes
-from tests.test_csi_snapshots import BIG, S3View, create, from_snapshot, from_volume, snap
+from tests.test_csi_snapshots import BIG, S3View, big_snapshot, create, from_snapshot, from_volume, s3_secrets, snap
 
 Mode = pb.VolumeCapability.AccessMode
 
 
-def moto_secrets(s3: MotoS3) -> dict[str, str]:
-    return {"accessKeyID": s3.access_key, "secretAccessKey": s3.secret_key}
 
 
 def fill(view: S3View, bucket: str, prefix: str) -> dict[str, bytes]:
@@ -73,7 +63,7 @@ def manifest_of(s3: MotoS3, snapshot_id: str) -> S.Manifest:
 
 @pytest.mark.parametrize("versioned", [True, False], ids=["versioned", "unversioned"])
 def test_snapshot_on_moto_restores_snapshot_time_bytes(moto_server: MotoS3, versioned: bool) -> None:
-    ctl, sec, view = ControllerService(), moto_secrets(moto_server), S3View(moto_server)
+    ctl, sec, view = ControllerService(), s3_secrets(moto_server), S3View(moto_server)
     bucket = moto_server.create_bucket(versioned=versioned)
     params = {"endpoint": moto_server.endpoint, "region": "us-east-1", "bucket": bucket, "prefix": "vols"}
     vol = create(ctl, "pvc-src", params, sec)
@@ -135,22 +125,7 @@ def test_versioned_snapshot_of_many_objects_counts_requests(moto_server: MotoS3)
     """A versioned bucket: one versioning GET, one ListObjectVersions pass, one PUT (the
     manifest), no COPY and no HEAD per object."""
     n = BIG
-    bucket = moto_server.create_bucket(versioned=True)
-    sec = moto_secrets(moto_server)
-    with CountingProxy(moto_server.port) as proxy:
-        params = {"endpoint": proxy.endpoint, "region": "us-east-1", "bucket": bucket}
-        ctl = ControllerService()
-        vol = create(ctl, "pvc-big", params, sec)
-        prefix = V.parse(vol.volume_id).prefix
-        clients = [moto_server.client() for _ in range(4)]
-        with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda i: clients[i % 4].put_object(Bucket=bucket, Key=f"{prefix}d{i % 50}/f{i}",
-                                                                Body=b"%d" % i), range(n)))
-        proxy.reset()
-        t0 = time.monotonic()
-        s = snap(ctl, "snap-big", vol.volume_id, sec)
-        took = time.monotonic() - t0
-        tally = proxy.tally()
+    s, tally, took = big_snapshot(moto_server, moto_server.create_bucket(versioned=True), n, writers=4)
     counts = tally.requests
     print(f"\nversioned snapshot of {n} objects: {took:.1f} s, requests {dict(counts)}, errors {tally.errors}")
     assert s.ready_to_use and s.size_bytes == sum(len(b"%d" % i) for i in range(n))
@@ -162,19 +137,6 @@ def test_versioned_snapshot_of_many_objects_counts_requests(moto_server: MotoS3)
 
 
 # -- read-only volumes of a snapshot on a real mount -------------------------------------------------
-@pytest.fixture
-def dirs() -> Iterator[PluginDirs]:
-    root = tempfile.mkdtemp(prefix="objfs-csi-snap-")
-    d = PluginDirs(root)
-    yield d
-    unmount_all_under(root)
-    for rec in StateStore(d.state).all():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(rec.pid, signal.SIGKILL)
-    if not os.environ.get("OBJFS_KEEP_TEST_DIRS"):
-        shutil.rmtree(root, ignore_errors=True)
-
-
 def tree_of(root: str) -> dict[str, bytes]:
     """Every file under a mounted volume, as a reader sees it (directories implied)."""
     out: dict[str, bytes] = {}
@@ -193,7 +155,7 @@ def test_read_only_volume_of_a_snapshot_reads_through_the_manifest(
     """NodePublish of a ReadOnlyMany volume whose content source is a snapshot: the pod's server
     reads through the node's data service, which serves the manifest's versions (the source
     changed and lost files since, then was deleted); writes fail with EROFS."""
-    sec = moto_secrets(moto_server)
+    sec = s3_secrets(moto_server)
     view = S3View(moto_server)
     bucket = moto_server.create_bucket(versioned=versioned)
     params = {"endpoint": moto_server.endpoint, "region": "us-east-1", "bucket": bucket, "prefix": "vols"}
