@@ -593,7 +593,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             raise NotFound(f"volume {request.volume_id!r} does not exist") from None
         try:
             for i, cap in enumerate(request.volume_capabilities):
-                P.check_capability(cap, f"volume_capabilities[{i}]")
+                mode = P.check_capability(cap, f"volume_capabilities[{i}]")
+                if vid.kind == V.KIND_SNAPSHOT and not P.is_reader_only(mode):
+                    raise InvalidArgument(f"volume_capabilities[{i}]: a volume of a snapshot is read-only")
             P.parse(request.parameters)
         except CsiError as e:
             return csi_pb2.ValidateVolumeCapabilitiesResponse(message=e.message)

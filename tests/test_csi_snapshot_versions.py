@@ -7,6 +7,7 @@ volume changed, lost files and was deleted."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import trio
 
 from csi import snapshots as S
 from csi import volume_id as V
@@ -22,6 +24,13 @@ from csi.controller import ControllerService
 from csi.errors import FailedPrecondition, InvalidArgument
 from csi.local import Client, PluginDirs, PluginProcess
 from csi.v1 import csi_pb2 as pb
+from fusefs import errors
+from fusefs.config import ConfigError, MountConfig
+from fusefs.service.local import LocalData
+from fusefs.service.scope import ReadOnlyError
+from fusefs.service.snapshot import SnapshotData
+from fusefs.store import open_store
+from fusefs.store.base import AsyncStore
 from tests.pods import cap, kubelet_context
 from tests.servers import MotoS3, random_bytes
 from tests.test_csi_snapshots import BIG, S3View, big_snapshot, create, from_snapshot, from_volume, s3_secrets, snap
@@ -210,3 +219,67 @@ def test_read_only_volume_of_a_snapshot_reads_through_the_manifest(
     finally:
         client.close()
         plugin.kill(signal.SIGTERM)
+
+
+# -- the data service of a snapshot's volume, called as a sidecar would --------------------------
+def test_snapshot_data_service_answers_only_the_manifest(moto_server: MotoS3) -> None:
+    """Listings page through the manifest; a key, version or size it does not list is refused
+    before any request; writes are EROFS; reads are of the pinned versions."""
+    ctl, sec, view = ControllerService(), s3_secrets(moto_server), S3View(moto_server)
+    bucket = moto_server.create_bucket(versioned=True)
+    params = {"endpoint": moto_server.endpoint, "region": "us-east-1", "bucket": bucket}
+    vol = create(ctl, "pvc-svc", params, sec)
+    prefix = V.parse(vol.volume_id).prefix
+    files = {f"d/f{i}": b"%d" % i for i in range(5)} | {"top": b"top", "e/x": b"x"}
+    for k, v in files.items():
+        view.put(bucket, prefix + k, v)
+    s = snap(ctl, "snap-svc", vol.volume_id, sec)
+    for k in files:
+        view.put(bucket, prefix + k, b"later")
+    ro = pb.CreateVolumeRequest(name="pvc-svc-ro", volume_capabilities=[cap(Mode.MULTI_NODE_READER_ONLY)],
+                                parameters=params, secrets=sec, volume_content_source=from_snapshot(s.snapshot_id))
+    vvid = V.parse(ctl.CreateVolume(ro, None).volume.volume_id)  # type: ignore[arg-type]
+    validate = ctl.ValidateVolumeCapabilities(pb.ValidateVolumeCapabilitiesRequest(  # type: ignore[arg-type]
+        volume_id=str(vvid), volume_capabilities=[cap(Mode.MULTI_NODE_MULTI_WRITER)], secrets=sec), None)
+    assert not validate.HasField("confirmed") and "read-only" in validate.message
+    shown = vvid.snapshot_folder + S.DATA
+    config = MountConfig(backend="s3", bucket=bucket, prefix=shown, endpoint_url=moto_server.endpoint,
+                         region="us-east-1", credentials=moto_server.credentials, read_only=True,
+                         snapshot=vvid.snapshot_folder + S.MANIFEST)
+    with pytest.raises(ConfigError, match="read-only"):
+        dataclasses.replace(config, read_only=False)
+
+    async def main() -> None:
+        data = LocalData.for_config(config, AsyncStore(open_store(config)))
+        assert isinstance(data, SnapshotData)
+        await data.check_access()
+        top = await data.list(shown, "/", None, 1000)
+        assert [o.key for o in top.objects] == [shown + "top"] and top.prefixes == [shown + "d/", shown + "e/"]
+        keys, token = [], None
+        while True:  # pages of two
+            page = await data.list(shown, None, token, 2)
+            assert len(page.objects) <= 2
+            keys += [o.key for o in page.objects]
+            token = page.next_token
+            if not token:
+                break
+        assert keys == sorted(shown + k for k in files)
+        info = await data.head(shown + "d/f3")
+        assert info.version.startswith("vid:") and await data.read_block(info, 0) == b"3"
+        assert await data.get_range(shown + "top", 1, 2) == b"op"
+        with pytest.raises(errors.NotFoundError):
+            await data.head(shown + "later-file")
+        with pytest.raises(errors.ObjectChangedError):
+            await data.read_block(dataclasses.replace(info, version="vid:other"), 0)
+        with pytest.raises(errors.ObjectChangedError):
+            await data.read_block(dataclasses.replace(info, size=99), 0)
+        with pytest.raises(errors.AccessDeniedError):  # the source's key itself is not the volume's
+            await data.read_block(dataclasses.replace(info, key=prefix + "d/f3"), 0)
+        with pytest.raises(errors.AccessDeniedError):
+            await data.list(prefix, "/", None, 10)
+        with pytest.raises(ReadOnlyError):
+            await data.put(shown + "top", b"x")
+        with pytest.raises(ReadOnlyError):
+            await data.delete(shown + "top")
+
+    trio.run(main)
