@@ -387,11 +387,17 @@ class CountingProxy:
             resp = ureader.head()
         if resp is None:
             return False
-        client.sendall(b"".join(resp) + b"\r\n")
-        return self._relay_body(method, target, int(resp[0].split()[1]), _headers(resp), ureader, client, req)
+        return self._relay_body(method, target, int(resp[0].split()[1]), _headers(resp), ureader, client, req,
+                                b"".join(resp) + b"\r\n")
 
     def _relay_body(self, method: str, target: str, status: int, resp: dict[str, str], ureader: _Reader,
-                    client: socket.socket, req: dict[str, str]) -> bool:
+                    client: socket.socket, req: dict[str, str], head: bytes = b"") -> bool:
+        """Send the response's ``head`` (if not sent yet) and body on. The request is counted
+        before the client can have its whole answer, so a tally taken once a call returns has it."""
+        kind = classify(method, target, req)
+        self._record(kind, status, 0)
+        if head:
+            client.sendall(head)
         keep = "close" not in (resp.get("connection", "") + req.get("connection", "")).lower()
         if method == "HEAD" or status in (204, 304):
             nbytes = 0
@@ -402,7 +408,8 @@ class CountingProxy:
         else:
             nbytes = ureader.copy_to_eof(client)
             keep = False
-        self._record(classify(method, target, req), status, nbytes)
+        with self._lock:
+            self._tally.body_bytes[kind] += nbytes
         return keep
 
     # -- faults ----------------------------------------------------------------------------------
