@@ -19,7 +19,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -90,14 +90,15 @@ class LocalData:
                    backing_root: tuple[str, str] | None = None) -> LocalData:
         """The service for the volume ``config`` describes (its bucket, prefix, mode and tenant); a
         snapshot's read-only volume is served from its manifest (``fusefs.service.snapshot``)."""
-        data = cls(store, Scope(config.bucket, config.prefix, config.read_only), config.tuning.block_size,
-                   cache=cache, tenant=tenant_of(config), registrar=registrar, fuse_fd=fuse_fd,
-                   backing_root=backing_root, cache_wanted=bool(config.cache_dir) and config.cache_size > 0)
+        scope = Scope(config.bucket, config.prefix, config.read_only)
+        kw: dict[str, Any] = dict(cache=cache, tenant=tenant_of(config), registrar=registrar, fuse_fd=fuse_fd,
+                                  backing_root=backing_root,
+                                  cache_wanted=bool(config.cache_dir) and config.cache_size > 0)
         if config.snapshot:
             from .snapshot import SnapshotData
 
-            return SnapshotData(data, config.snapshot)
-        return data
+            return SnapshotData(store, scope, config.tuning.block_size, manifest_key=config.snapshot, **kw)
+        return cls(store, scope, config.tuning.block_size, **kw)
 
     @property
     def requests(self) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+from typing import Any
 
 import trio
 
@@ -30,10 +31,10 @@ MAX_MANIFEST = 256 * 1024 * 1024
 class SnapshotData(LocalData):
     """A ``DataClient`` whose namespace is a snapshot manifest (``MountConfig.snapshot``)."""
 
-    def __init__(self, base: LocalData, manifest_key: str) -> None:
-        """The service ``base`` (``LocalData.for_config``: store, read-only scope, cache) serving
-        the snapshot whose manifest is ``manifest_key`` in the grant's bucket."""
-        self.__dict__.update(base.__dict__)
+    def __init__(self, *args: Any, manifest_key: str, **kw: Any) -> None:
+        """``LocalData``'s arguments (a read-only scope), and the key of the snapshot's manifest
+        in the grant's bucket (``MountConfig.snapshot``)."""
+        super().__init__(*args, **kw)
         if not self.scope.read_only:
             raise ValueError("a snapshot's volume is served read-only")
         self.manifest_key = manifest_key
