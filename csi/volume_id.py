@@ -5,7 +5,9 @@ whether the volume owns its bucket), so the controller keeps no local state:
 
     objfs1:<kind>:<backend>:<bucket>:<prefix>:<endpoint>:<region>
 
-kind is ``b`` (the volume is a bucket of its own) or ``p`` (a prefix in a shared bucket).
+kind is ``b`` (the volume is a bucket of its own), ``p`` (a prefix in a shared bucket) or ``s``
+(a read-only view of a snapshot: bucket is the snapshot's, prefix the folder of the volume's
+marker, ``.objfs-snapshots/<snapshot>/volumes/<volume>/``; its data is the snapshot's).
 Fields are percent-encoded, so ``:`` never appears inside one. Parsing is strict: anything else
 is not one of our IDs.
 """
@@ -21,6 +23,8 @@ from fusefs.config import BACKENDS, ConfigError, normalize_prefix
 VERSION = "objfs1"
 KIND_BUCKET = "b"
 KIND_PREFIX = "p"
+KIND_SNAPSHOT = "s"
+_SNAPSHOT_VOLUME_RE = re.compile(r"^(\.objfs-snapshots/[^/]+/)volumes/[^/]+/$")
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,253}[a-z0-9]$", re.IGNORECASE)
 _FIELD_RE = re.compile(r"^[A-Za-z0-9%/._~-]*$")
 
@@ -46,13 +50,19 @@ class VolumeId:
     def owns_bucket(self) -> bool:
         return self.kind == KIND_BUCKET
 
+    @property
+    def snapshot_folder(self) -> str:
+        """The folder of the snapshot a ``s`` volume shows ("" for other volumes)."""
+        m = _SNAPSHOT_VOLUME_RE.match(self.prefix) if self.kind == KIND_SNAPSHOT else None
+        return m.group(1) if m else ""
+
 
 def parse(text: str) -> VolumeId:
     parts = text.split(":")
     if len(parts) != 7 or parts[0] != VERSION:
         raise MalformedVolumeId(f"{text!r} is not an objfs volume ID")
     _, kind, backend, *encoded = parts
-    if kind not in (KIND_BUCKET, KIND_PREFIX) or backend not in BACKENDS:
+    if kind not in (KIND_BUCKET, KIND_PREFIX, KIND_SNAPSHOT) or backend not in BACKENDS:
         raise MalformedVolumeId(f"{text!r} is not an objfs volume ID (kind or backend)")
     if not all(_FIELD_RE.match(f) for f in encoded):
         raise MalformedVolumeId(f"{text!r} is not an objfs volume ID (bad characters)")
@@ -63,7 +73,8 @@ def parse(text: str) -> VolumeId:
         norm = normalize_prefix(prefix)
     except ConfigError as e:
         raise MalformedVolumeId(f"{text!r} is not an objfs volume ID ({e})") from None
-    if norm != prefix or (kind == KIND_PREFIX and not prefix):
+    if norm != prefix or (kind == KIND_PREFIX and not prefix) or (
+            kind == KIND_SNAPSHOT and not _SNAPSHOT_VOLUME_RE.match(prefix)):
         raise MalformedVolumeId(f"{text!r} is not an objfs volume ID (prefix)")
     if endpoint and not re.match(r"^https?://[^\s/]+(/\S*)?$", endpoint):
         raise MalformedVolumeId(f"{text!r} is not an objfs volume ID (endpoint)")

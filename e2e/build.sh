@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds (once) everything `make e2e` runs, cached under $E2E_CACHE (outside the repository, keyed by
 # version) so CI on this machine reuses it: the Kubernetes binaries from k8s.io/kubernetes through a
-# wrapper module, the CSI external-provisioner, the pause program, and the objfs image.
-# Usage: e2e/build.sh [debs|k8s|provisioner|csihelper|pause|images|all]
+# wrapper module, the CSI external-provisioner, csi-snapshotter and snapshot-controller (with the
+# snapshot CRDs), the pause program, and the objfs image.
+# Usage: e2e/build.sh [debs|k8s|provisioner|snapshotter|csihelper|pause|images|all]
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 . "$here/versions.sh"
@@ -83,6 +84,31 @@ provisioner() {
   phase "go install csi-provisioner"
 }
 
+snapshotter() {
+  # external-snapshotter's go.mod replaces its client module with ./client, which the module zip
+  # leaves out (a folder with its own go.mod): build from a copy that requires the published client
+  # module of the same version instead. The snapshot CRDs come from that client module too.
+  local stamp="$E2E_CACHE/bin/.snapshotter-$SNAPSHOTTER_VERSION" crd="$E2E_CACHE/snapshot-crds-$SNAPSHOTTER_VERSION"
+  [ -f "$stamp" ] && [ -x "$E2E_CACHE/bin/csi-snapshotter" ] && [ -x "$E2E_CACHE/bin/snapshot-controller" ] \
+    && [ -d "$crd" ] && return 0
+  local dir client src="$E2E_CACHE/src/external-snapshotter-$SNAPSHOTTER_VERSION"
+  local mod=github.com/kubernetes-csi/external-snapshotter
+  dir="$(go mod download -json "$mod/v8@$SNAPSHOTTER_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')"
+  client="$(go mod download -json "$mod/client/v8@$SNAPSHOTTER_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')"
+  rm -rf "$src" && cp -r "$dir" "$src" && chmod -R u+w "$src"
+  (cd "$src" && go mod edit -dropreplace="$mod/client/v8" -require="$mod/client/v8@$SNAPSHOTTER_VERSION")
+  local c
+  for c in csi-snapshotter snapshot-controller; do
+    (cd "$src" && GOFLAGS=-mod=mod $nice_ go build -o "$E2E_CACHE/bin/$c.tmp" "./cmd/$c")
+    mv "$E2E_CACHE/bin/$c.tmp" "$E2E_CACHE/bin/$c"
+    phase "go build $c"
+  done
+  rm -rf "$crd.tmp" && mkdir -p "$crd.tmp"
+  cp "$client"/config/crd/snapshot.storage.k8s.io_*.yaml "$crd.tmp/"
+  rm -rf "$crd" && mv "$crd.tmp" "$crd"
+  rm -f "$E2E_CACHE"/bin/.snapshotter-* && touch "$stamp"
+}
+
 csihelper() {
   # The registrar/livenessprobe stand-in, built in the wrapper module (it has the kubelet's
   # registration API, the CSI spec and grpc at the versions Kubernetes uses).
@@ -108,8 +134,9 @@ images() {
 
 what="${1:-all}"
 case "$what" in
-  debs) debs ;; k8s) k8s ;; provisioner) provisioner ;; csihelper) csihelper ;; pause) pause ;;
+  debs) debs ;; k8s) k8s ;; provisioner) provisioner ;; snapshotter) snapshotter ;;
+  csihelper) csihelper ;; pause) pause ;;
   images) images ;;
-  all) debs; k8s; provisioner; csihelper; pause; images ;;
-  *) echo "usage: $0 [debs|k8s|provisioner|csihelper|pause|images|all]" >&2; exit 2 ;;
+  all) debs; k8s; provisioner; snapshotter; csihelper; pause; images ;;
+  *) echo "usage: $0 [debs|k8s|provisioner|snapshotter|csihelper|pause|images|all]" >&2; exit 2 ;;
 esac

@@ -2,7 +2,7 @@
 # The e2e cluster's images, without a registry: a Debian base made with debootstrap, local stand-ins for
 # the two bases deploy/Dockerfile names (python:3.11-slim-bookworm, golang:1.22-bookworm: Debian's own
 # python3 and golang on that base), then deploy/Dockerfile itself through buildah, plus small images for
-# the pause program, csi-provisioner and the registrar. Each is saved as an OCI archive under
+# the pause program, csi-provisioner, csi-snapshotter and the registrar. Each is saved as an OCI archive under
 # $E2E_CACHE/images/, which e2e/cluster.sh imports into its containerd.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -90,4 +90,5 @@ bin_image() {  # name binary base
 }
 bin_image pause pause scratch
 bin_image csi-provisioner csi-provisioner localhost/objfs-e2e/debian:bookworm
+bin_image csi-snapshotter csi-snapshotter localhost/objfs-e2e/debian:bookworm
 bin_image registrar objfs-e2e-registrar localhost/objfs-e2e/debian:bookworm

@@ -109,6 +109,11 @@ start kube-controller-manager kube-controller-manager --kubeconfig="$root/kubeco
   --service-account-private-key-file="$pki/sa.key" --root-ca-file="$pki/ca.crt" \
   --use-service-account-credentials=false --controllers='*,-nodeipam,-cloud-node-lifecycle'
 start kube-scheduler kube-scheduler --kubeconfig="$root/kubeconfig" --leader-elect=false
+# The cluster's snapshot support (external-snapshotter's CRDs and snapshot-controller, e2e/build.sh
+# snapshotter): a cluster administrator's part, as for every CSI driver, not objfs's.
+k apply -f "$E2E_CACHE/snapshot-crds-$SNAPSHOTTER_VERSION" >/dev/null
+k wait --for=condition=Established --timeout=60s -f "$E2E_CACHE/snapshot-crds-$SNAPSHOTTER_VERSION" >/dev/null
+start snapshot-controller snapshot-controller --kubeconfig="$root/kubeconfig" --leader-election=false
 
 # --- node: containerd (runc, cgroupfs, no oom_score_adj: see ../shared/FACTS.md) and the kubelet
 cat > "$root/cni/10-loopback.conflist" <<'CNI'

@@ -2,6 +2,8 @@
 K8S_VERSION=v1.34.0
 K8S_STAGING_VERSION=v0.34.0
 PROVISIONER_VERSION=v5.3.0
+# csi-snapshotter and snapshot-controller, and the snapshot CRDs (its client module, same version)
+SNAPSHOTTER_VERSION=v8.7.0
 K8S_COMMANDS="kube-apiserver kubelet kube-controller-manager kube-scheduler kubectl"
 E2E_APT_PACKAGES="etcd-server containerd runc containernetworking-plugins buildah debootstrap iptables conntrack"
 E2E_CACHE="${E2E_CACHE:-$HOME/.cache/objfs/e2e/$K8S_VERSION-$PROVISIONER_VERSION}"

@@ -81,6 +81,13 @@ class Tuning:
     passthrough: bool = True
 
 
+#: fields added after the first release, written only when they differ from their default: a
+#: running server of an earlier version (a pod's sidecar outlives a plugin upgrade) refuses keys it does
+#: not know, so a config that does not use a newer feature must read exactly as before
+#: (tests/wire/test_serve_pipe.py and test_handoff.py pin those bytes)
+WRITTEN_WHEN_SET: tuple[str, ...] = ("snapshot",)
+
+
 @dataclass(frozen=True)
 class MountConfig:
     backend: str
@@ -109,6 +116,9 @@ class MountConfig:
     metrics_address: str = ""
     metrics_volume: str = ""
     metrics_pod: str = ""
+    #: the key of a snapshot manifest in the bucket (``fusefs.service.manifest``): the volume is
+    #: that snapshot, read-only, its objects at the versions the manifest pins, under ``prefix``
+    snapshot: str = ""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -116,6 +126,8 @@ class MountConfig:
         if not self.bucket:
             raise ConfigError("no bucket given")
         object.__setattr__(self, "prefix", normalize_prefix(self.prefix))
+        if self.snapshot and not self.read_only:
+            raise ConfigError("a volume of a snapshot is read-only: set read_only (a snapshot never changes)")
         if self.metadata_ttl < 0:
             raise ConfigError(f"metadata TTL must be >= 0 seconds, got {self.metadata_ttl}")
         for name in ("uid", "gid"):
@@ -133,7 +145,11 @@ class MountConfig:
         return f"{scheme}://{self.bucket}/{self.prefix}".rstrip("/")
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        raw = dataclasses.asdict(self)
+        for name in WRITTEN_WHEN_SET:
+            if raw.get(name) == MountConfig.__dataclass_fields__[name].default:
+                del raw[name]
+        return json.dumps(raw, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> MountConfig:

@@ -115,6 +115,10 @@ def classify(method: str, path: str, headers: dict[str, str]) -> str:
     parts = [p for p in url.path.split("/") if p]
     bucket_level = len(parts) <= 1
     if method == "GET":
+        if bucket_level and "versioning" in query:
+            return "GET-VERSIONING"
+        if bucket_level and "versions" in query:
+            return "LIST-VERSIONS"
         if bucket_level:
             return "LIST" if parts else "LIST-BUCKETS"
         return "GET"

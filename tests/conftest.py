@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import signal
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from csi.node.state import StateStore
 from fusefs.config import MountConfig
 from testing.fsmount import Mounted
 from testing.fsmount import mount as fs_mount
+from testing.plugin import PluginDirs, unmount_all_under
 from testing.proxy import CountingProxy
-from testing.servers import RcloneS3
+from testing.servers import MotoS3, RcloneS3
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +26,28 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RcloneS3]:
     """One ``rclone serve s3`` for the whole session; each test gets its own bucket."""
     with RcloneS3(tmp_path_factory.mktemp("s3") / "data") as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
+    """One moto S3 server for the session (buckets that keep versions); each test its own bucket."""
+    with MotoS3(tmp_path_factory.mktemp("moto")) as server:
+        yield server
+
+
+@pytest.fixture
+def dirs() -> Iterator[PluginDirs]:
+    """The directories of an objfs-csi plugin process (``testing.plugin.PluginProcess``); what its
+    servers left mounted or running is unmounted and killed at teardown."""
+    root = tempfile.mkdtemp(prefix="objfs-csi-e2e-")
+    d = PluginDirs(root)
+    yield d
+    unmount_all_under(root)
+    for rec in StateStore(d.state).all():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(rec.pid, signal.SIGKILL)
+    if not os.environ.get("OBJFS_KEEP_TEST_DIRS"):
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

@@ -33,6 +33,7 @@ from csi import volume_id as V
 from csi.errors import (
     AlreadyExists,
     CsiError,
+    FailedPrecondition,
     Internal,
     InvalidArgument,
     NotFound,
@@ -95,13 +96,16 @@ def _volume_that_exists(text: str, what: str = "volume") -> V.VolumeId:
         raise NotFound(f"{what} {text!r} does not exist (not an objfs volume ID)") from None
 
 
-def _list_source(store: BlockingStore, vid: V.VolumeId, volume_id: str) -> list[ObjectInfo]:
-    """The data objects of a source volume (one LIST pass), NotFound if it is not a volume."""
+def _list_source(store: BlockingStore, vid: V.VolumeId, volume_id: str, versions: bool = False
+                 ) -> list[ObjectInfo]:
+    """The data objects of a source volume (one LIST pass), NotFound if it is not a volume;
+    ``versions``: each pinned by its version id."""
     try:
         _call("read the source volume's marker", lambda: store.head(vid.prefix + MARKER))
     except NotFound:
         raise NotFound(f"source volume {volume_id!r} does not exist") from None
-    return _call(f"list volume {vid.bucket}/{vid.prefix}", lambda: S.list_volume(store, vid.prefix, CONTROLLER_RETRY))
+    return _call(f"list volume {vid.bucket}/{vid.prefix}",
+                 lambda: S.list_volume(store, vid.prefix, CONTROLLER_RETRY, versions))
 
 
 def _source_id(text: str, kind: str) -> str:
@@ -153,6 +157,23 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         p = P.parse(request.parameters)
         vid = self._volume_id(request.name, p)
         source = self._content_source(request, vid)
+        view = isinstance(source[1], V.SnapshotId) and all(
+            P.is_reader_only(c.access_mode.mode) for c in request.volume_capabilities)
+        if view:
+            # Read-only volumes of a snapshot copy nothing: the node serves the snapshot itself.
+            assert isinstance(source[1], V.SnapshotId)
+            vid = self._create_view(request, source[0], source[1], capacity)
+        else:
+            self._create(request, vid, source, capacity)
+        context_out = {k: v for k, v in P.user_keys(request.parameters).items() if k not in P.LOCATION_KEYS}
+        log.info("volume %s is %s%s", request.name, vid, f" (from {source[0]})" if source[0] else "")
+        volume = csi_pb2.Volume(volume_id=str(vid), capacity_bytes=capacity, volume_context=context_out)
+        if request.HasField("volume_content_source"):
+            volume.content_source.CopyFrom(request.volume_content_source)
+        return csi_pb2.CreateVolumeResponse(volume=volume)
+
+    def _create(self, request: csi_pb2.CreateVolumeRequest, vid: V.VolumeId,
+                source: tuple[str, V.VolumeId | V.SnapshotId | None], capacity: int) -> None:
         with self.locks.hold(f"create/{request.name}"):
             store = _store(vid, request.secrets)
             marker = self._existing_marker(store, vid, request.name, capacity, source[0])
@@ -167,12 +188,30 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                     marker["populated"] = True
                     body = json.dumps(marker).encode()
                     _call(f"write volume marker of {request.name}", lambda: store.put(vid.prefix + MARKER, body))
-        context_out = {k: v for k, v in P.user_keys(request.parameters).items() if k not in P.LOCATION_KEYS}
-        log.info("volume %s is %s%s", request.name, vid, f" (from {source[0]})" if source[0] else "")
-        volume = csi_pb2.Volume(volume_id=str(vid), capacity_bytes=capacity, volume_context=context_out)
-        if request.HasField("volume_content_source"):
-            volume.content_source.CopyFrom(request.volume_content_source)
-        return csi_pb2.CreateVolumeResponse(volume=volume)
+
+    def _create_view(self, request: csi_pb2.CreateVolumeRequest, ref: str, sid: V.SnapshotId, capacity: int
+                     ) -> V.VolumeId:
+        """A read-only volume of the snapshot ``sid``: a marker in the snapshot's ``volumes/``
+        folder (so DeleteSnapshot knows the snapshot is in use), no data of its own."""
+        vid = V.VolumeId(V.KIND_SNAPSHOT, sid.backend, sid.bucket, f"{sid.prefix}{S.VOLUMES}{S.segment(request.name)}/",
+                         sid.endpoint, sid.region)
+        with self.locks.hold(f"snapshot/{sid}"):
+            store = _store(sid, request.secrets)
+            if self._existing_marker(store, vid, request.name, capacity, ref) is not None:
+                return vid
+            try:
+                header = self._header(store, sid)
+            except InvalidArgument:
+                header = None  # its bucket is gone
+            if header is None:
+                raise NotFound(f"snapshot {ref.split(':', 1)[1]!r} does not exist")
+            if capacity and capacity < header.size_bytes:
+                raise OutOfRange(f"the snapshot holds {header.size_bytes} bytes, more than the {capacity} bytes "
+                                 "requested: request at least its size")
+            marker = {"name": request.name, "capacity": capacity, "created": time.time(), "source": ref}
+            body = json.dumps(marker).encode()
+            _call(f"write volume marker of {request.name}", lambda: store.put(vid.prefix + MARKER, body))
+        return vid
 
     @staticmethod
     def _content_source(request: csi_pb2.CreateVolumeRequest, vid: V.VolumeId
@@ -196,6 +235,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             parsed = parse(text)
         except (V.MalformedSnapshotId, V.MalformedVolumeId):
             raise NotFound(f"{kind} {text!r} does not exist (not an objfs {kind} ID)") from None
+        if isinstance(parsed, V.VolumeId) and parsed.kind == V.KIND_SNAPSHOT:
+            # a clone of a snapshot's read-only volume is a volume of that snapshot
+            parsed = V.SnapshotId(parsed.backend, parsed.bucket, parsed.snapshot_folder, parsed.endpoint, parsed.region)
         ref = f"{kind}:{text}"
         # Server-side copies work within one store only.
         if (parsed.backend, parsed.endpoint, parsed.region) != (vid.backend, vid.endpoint, vid.region):
@@ -222,7 +264,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             except store_errors.StoreError as e:
                 raise from_store_error(e, "read the snapshot's manifest") from None
             size = manifest.size_bytes
-            data = parsed.prefix + S.DATA
+            data = manifest.data or parsed.prefix + S.DATA  # copies, or the source's pinned versions
             jobs = [S.CopyJob(parsed.bucket, data + e.key, vid.prefix + e.key, e.size, e.copy, e.key)
                     for e in manifest.entries]
         else:
@@ -349,6 +391,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         if not request.source_volume_id:
             raise InvalidArgument("source_volume_id is required")
         vid = _volume_that_exists(request.source_volume_id, "source volume")
+        if vid.kind == V.KIND_SNAPSHOT:
+            raise InvalidArgument(f"volume {request.source_volume_id!r} is a read-only volume of a snapshot, "
+                                  "which never changes: use that snapshot instead of a snapshot of it")
         bucket = P.parse_snapshot(request.parameters, vid.backend)
         if not bucket and vid.owns_bucket:
             raise InvalidArgument(
@@ -380,9 +425,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def _take(self, root: BlockingStore, sid: V.SnapshotId, vid: V.VolumeId,
               request: csi_pb2.CreateSnapshotRequest) -> S.Manifest:
         src = root if sid.bucket == vid.bucket else _store(vid, request.secrets)
+        # Pinning versions needs them kept where DeleteVolume leaves them: the source volume's
+        # bucket, when it is the snapshot root (a prefix volume), and keeps versions.
+        if src is root and _call(f"read the versioning of bucket {vid.bucket}", root.keeps_versions):
+            return self._pin(root, sid, vid, request)
         objects = _list_source(src, vid, request.source_volume_id)
         data = sid.prefix + S.DATA
-        manifest = S.Manifest(request.name, request.source_volume_id, time.time())
+        manifest = S.Manifest(request.name, request.source_volume_id, time.time(), data=data)
         try:
             manifest.entries = S.copy_all(root, S.jobs_for(objects, vid.bucket, vid.prefix, data), CONTROLLER_RETRY,
                                           follow=src)
@@ -396,6 +445,19 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         body = manifest.dumps()
         # A failed manifest PUT keeps the copies: its answer may be lost after it landed, and a
         # retry finds either the manifest (done) or the copies to overwrite.
+        _call(f"write the manifest of snapshot {request.name}", lambda: root.put(sid.prefix + S.MANIFEST, body))
+        return manifest
+
+    @staticmethod
+    def _pin(root: BlockingStore, sid: V.SnapshotId, vid: V.VolumeId, request: csi_pb2.CreateSnapshotRequest
+             ) -> S.Manifest:
+        """A snapshot of a volume whose bucket keeps versions: a manifest of the current version
+        ids (one ListObjectVersions pass), no copies."""
+        objects = _list_source(root, vid, request.source_volume_id, versions=True)
+        entries = [S.Entry(o.key[len(vid.prefix):], o.size, o.version, o.version) for o in objects]
+        manifest = S.Manifest(request.name, request.source_volume_id, time.time(), sum(o.size for o in objects),
+                              len(entries), entries, data=vid.prefix)
+        body = manifest.dumps()
         _call(f"write the manifest of snapshot {request.name}", lambda: root.put(sid.prefix + S.MANIFEST, body))
         return manifest
 
@@ -428,6 +490,17 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def _delete_snapshot(self, sid: V.SnapshotId, secrets: Mapping[str, str]) -> None:
         with self.locks.hold(f"snapshot/{sid}"):
             root = _store(sid, secrets)
+            try:
+                # the markers themselves, not common prefixes (which a versioned bucket may still
+                # show for keys that only have delete markers left)
+                users = _call(f"list the volumes of snapshot {sid}",
+                              lambda: root.list(sid.prefix + S.VOLUMES, None, None, 10)).objects
+            except NotFound:
+                return  # its bucket is gone: so is the snapshot
+            if users:
+                names = ", ".join(sorted({u.key[len(sid.prefix + S.VOLUMES):].split("/")[0] for u in users}))
+                raise FailedPrecondition(f"snapshot {sid} is in use by read-only volumes made from it ({names}): "
+                                         "delete those volumes first")
             try:
                 # The manifest first: the snapshot is gone at once, and a retry after a failure
                 # below still finds (and deletes) the copies left.
@@ -519,7 +592,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             raise NotFound(f"volume {request.volume_id!r} does not exist") from None
         try:
             for i, cap in enumerate(request.volume_capabilities):
-                P.check_capability(cap, f"volume_capabilities[{i}]")
+                mode = P.check_capability(cap, f"volume_capabilities[{i}]")
+                if vid.kind == V.KIND_SNAPSHOT and not P.is_reader_only(mode):
+                    raise InvalidArgument(f"volume_capabilities[{i}]: a volume of a snapshot is read-only")
             P.parse(request.parameters)
         except CsiError as e:
             return csi_pb2.ValidateVolumeCapabilitiesResponse(message=e.message)

@@ -47,6 +47,7 @@ from csi.node.launcher import (
 from csi.node.podexit import PodRef
 from csi.node.state import FAILED, MOUNTING, PENDING, PROCESS, SERVED, SIDECAR, KeyedLocks, PublishRecord, StateStore
 from csi.node.statfs import StatfsProbes
+from csi.services import snapshots as S
 from csi.v1 import csi_pb2, csi_pb2_grpc
 from fusefs import kernel
 from fusefs.config import DEFAULT_CACHE_SIZE, MountConfig
@@ -193,8 +194,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if group and not group.isdigit():
             raise InvalidArgument(f"volume_mount_group {group!r} must be a numeric gid")
         p = self._params(request.volume_id, request.volume_context)
+        snapshot = _snapshot_manifest(request.volume_id, p)
+        read_only = read_only or bool(snapshot)  # a snapshot's volume is read-only whatever the pod says
         config = P.mount_config(p, request.secrets, read_only=read_only, cache_dir=self.cache_dir,
                                 cache_size=self.cache_size, gid_override=int(group) if group else None)
+        if snapshot:
+            config = dataclasses.replace(config, snapshot=snapshot)
         if P.is_inline(request.volume_context):
             self.inline.check(p, config.credentials)
         fingerprint = _fingerprint(request.volume_id, mode, read_only, request.volume_context, config.redacted())
@@ -268,8 +273,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             raise NotFound(
                 f"volume {volume_id!r} is not an objfs volume ID and its attributes name no 'bucket'"
             ) from None
+        # A read-only volume of a snapshot shows the snapshot's objects under its data folder.
+        prefix = vid.snapshot_folder + S.DATA if vid.kind == V.KIND_SNAPSHOT else vid.prefix
         return P.VolumeParams(
-            backend=vid.backend, bucket=vid.bucket, prefix=vid.prefix, endpoint=vid.endpoint, region=vid.region,
+            backend=vid.backend, bucket=vid.bucket, prefix=prefix, endpoint=vid.endpoint, region=vid.region,
             cache=p.cache, metadata_ttl=p.metadata_ttl, uid=p.uid, gid=p.gid, file_mode=p.file_mode,
             dir_mode=p.dir_mode, prefetch=p.prefetch,
         )
@@ -514,6 +521,17 @@ def volume_name(target: str) -> str:
 
 def _handle(rec: PublishRecord) -> ServerHandle:
     return ServerHandle(rec.pid, rec.start_time, rec.log_path)
+
+
+def _snapshot_manifest(volume_id: str, p: P.VolumeParams) -> str:
+    """The manifest key a read-only volume of a snapshot is served from; "" for other volumes."""
+    try:
+        vid = V.parse(volume_id)
+    except V.MalformedVolumeId:
+        return ""
+    if vid.kind != V.KIND_SNAPSHOT or p.bucket != vid.bucket:
+        return ""
+    return vid.snapshot_folder + S.MANIFEST
 
 
 def _fingerprint(volume_id: str, mode: int, read_only: bool, context: Mapping[str, str], config: object) -> str:

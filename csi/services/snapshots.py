@@ -5,22 +5,30 @@ root*: the source volume's bucket for a volume that is a prefix of a shared buck
 VolumeSnapshotClass's ``bucket`` for a volume that is a bucket of its own):
 
     .objfs-snapshots/<name>/data/<key>        a server-side copy of every object of the volume
-    .objfs-snapshots/<name>/snapshot.json     the manifest, written last with a single PUT
+                                              (none where the manifest pins versions)
+    .objfs-snapshots/<name>/snapshot.json     the manifest (fusefs.service.manifest), written
+                                              last with a single PUT
+    .objfs-snapshots/<name>/volumes/<vol>/    the marker of each read-only volume of the snapshot
 
 The manifest is the snapshot: it exists whole or not at all, so a snapshot whose copies failed
 half-way does not exist (its partial copies are deleted, and whatever that cleanup could not
-delete is overwritten by the retry or removed by DeleteSnapshot). Copies, not version ids: every
-store can copy server-side, not every bucket keeps versions, and a snapshot that owns its data
-stays readable whatever later happens to the volume; a volume made from a snapshot or another
-volume is filled by copies too, so no volume or snapshot ever shares data with another, and
-deleting one never removes data another needs.
+delete is overwritten by the retry or removed by DeleteSnapshot).
+
+Where the source volume's bucket keeps versions (S3 versioning Enabled) and is also the snapshot
+root (a prefix volume), nothing is copied: the manifest pins each object's current version id,
+listed in one ListObjectVersions pass, and those versions stay readable whatever later happens
+to the volume (DeleteVolume's DELETEs only add delete markers; objfs never deletes a version).
+Elsewhere (unversioned buckets, GCS, a bucket-per-volume source whose bucket DeleteVolume
+removes) the snapshot owns server-side copies under ``data/``.
+
+A volume made from a snapshot is either writable, a prefix filled by server-side copies (of the
+copies or of the pinned versions), so no writable volume shares data with anything; or, where
+every access mode it is created with is read-only, a view of the snapshot itself: the data
+service serves it from the manifest (``fusefs.service.snapshot``), nothing is copied, and its
+marker under ``volumes/`` keeps DeleteSnapshot from removing what it reads.
 
 The folder is outside every provisioned volume's prefix (volume names may not start with
 ``.objfs-``), so no volume's mount shows it. Only a mount of a whole shared bucket would.
-
-The manifest is JSON lines: a header (name, source volume, creation time, size, count), then one
-line per object: its key relative to the volume, size, the source version (ETag or generation)
-that was copied, and the version of the copy. Listing snapshots reads only the header's bytes.
 
 Consistency: each object in a snapshot is one whole version that the volume held during the
 snapshot (copies are pinned to the version the listing saw; an object rewritten meanwhile is
@@ -31,17 +39,17 @@ snapshot runs are not a single atomic cut across objects: quiesce writers for th
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fusefs import errors as store_errors
 from fusefs.retry import RetryPolicy, call_sync
+from fusefs.service.manifest import HEADER_BYTES, Entry, Manifest
 from fusefs.store import BlockingStore, ObjectInfo
 
 log = logging.getLogger(__name__)
@@ -52,73 +60,33 @@ SNAPSHOT_DIR = ".objfs-snapshots/"
 RESERVED_NAME_PREFIX = ".objfs-"
 MANIFEST = "snapshot.json"
 DATA = "data/"
-FORMAT = 1
-#: the header line of a manifest fits in this (a volume ID is < 1 KiB)
-HEADER_BYTES = 16 * 1024
+#: volumes made read-only from a snapshot (served through its manifest) each keep a marker in
+#: ``<folder>volumes/<volume name>/``: DeleteSnapshot refuses while one is there
+VOLUMES = "volumes/"
 #: server-side copies in flight per snapshot or clone: each is one short request for the
 #: controller (the store moves the bytes), so more than the store's usual read concurrency
 COPY_WORKERS = 16
 _CLEANUP_POLICY = RetryPolicy(max_attempts=3, max_delay=1.0, deadline=10.0)
 
 
-def folder_for(name: str) -> str:
-    """The snapshot's folder under the root: its name where that is a safe key segment (CO
-    names are), else a slug of it with a hash of the whole name."""
+def segment(name: str) -> str:
+    """A key segment for a CO name: the name where it is a safe one (CO names are), else a slug
+    of it with a hash of the whole name."""
     if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}", name):
-        return f"{SNAPSHOT_DIR}{name}/"
+        return name
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:100] or "snapshot"
-    return f"{SNAPSHOT_DIR}{slug}-{hashlib.sha256(name.encode()).hexdigest()[:16]}/"
+    return f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+
+
+def folder_for(name: str) -> str:
+    """The snapshot's folder under the root."""
+    return f"{SNAPSHOT_DIR}{segment(name)}/"
 
 
 def internal(rel: str) -> bool:
     """Keys in a volume that are objfs's own, not the volume's data: its marker, snapshot
     folders (a bucket root that is also a snapshot root), and GCS upload parts in progress."""
     return rel == MARKER or rel.startswith(SNAPSHOT_DIR) or "/.objfs-uploads/" in "/" + rel
-
-
-@dataclass(frozen=True)
-class Entry:
-    key: str  # relative to the volume's prefix
-    size: int
-    version: str  # the source version copied
-    copy: str  # the version of the copy (what a restore pins)
-
-
-@dataclass
-class Manifest:
-    name: str
-    source_volume_id: str
-    created: float
-    size_bytes: int = 0
-    count: int = 0
-    entries: list[Entry] = field(default_factory=list)
-
-    def dumps(self) -> bytes:
-        header = {"objfs_snapshot": FORMAT, "name": self.name, "source_volume_id": self.source_volume_id,
-                  "created": self.created, "size_bytes": self.size_bytes, "count": self.count}
-        lines = [json.dumps(header, separators=(",", ":"))]
-        lines += [json.dumps({"k": e.key, "s": e.size, "v": e.version, "c": e.copy}, separators=(",", ":"))
-                  for e in self.entries]
-        return ("\n".join(lines) + "\n").encode()
-
-    @classmethod
-    def loads(cls, raw: bytes, header_only: bool = False) -> Manifest:
-        """Raises ValueError for anything that is not a manifest of ours."""
-        lines = bytes(raw).split(b"\n")
-        header = json.loads(lines[0])
-        if not isinstance(header, dict) or header.get("objfs_snapshot") != FORMAT:
-            raise ValueError("not an objfs snapshot manifest")
-        m = cls(str(header["name"]), str(header["source_volume_id"]), float(header["created"]),
-                int(header["size_bytes"]), int(header["count"]))
-        if header_only:
-            return m
-        for line in lines[1:]:
-            if line:
-                d = json.loads(line)
-                m.entries.append(Entry(str(d["k"]), int(d["s"]), str(d["v"]), str(d["c"])))
-        if len(m.entries) != m.count:
-            raise ValueError(f"manifest lists {len(m.entries)} objects, its header says {m.count}")
-        return m
 
 
 def read_manifest(store: BlockingStore, folder: str, policy: RetryPolicy, header_only: bool = False) -> Manifest:
@@ -136,13 +104,15 @@ def read_manifest(store: BlockingStore, folder: str, policy: RetryPolicy, header
         raise store_errors.StoreError(f"{store.bucket}/{key} is not a valid snapshot manifest: {e}") from None
 
 
-def list_volume(store: BlockingStore, prefix: str, policy: RetryPolicy) -> list[ObjectInfo]:
+def list_volume(store: BlockingStore, prefix: str, policy: RetryPolicy, versions: bool = False) -> list[ObjectInfo]:
     """Every data object of the volume at ``prefix``, in one LIST pass (no delimiter, 1,000 a
-    page): the listing has each object's size and version, so nothing is asked per object."""
+    page): the listing has each object's size and version, so nothing is asked per object.
+    ``versions``: each object's current version id (``vid:``), from ListObjectVersions."""
     out: list[ObjectInfo] = []
     token: str | None = None
+    lister = store.list_current_versions if versions else (lambda p, t, n: store.list(p, None, t, n))
     while True:
-        page = call_sync(lambda t=token: store.list(prefix, None, t, 1000), policy, f"LIST {prefix}")  # type: ignore[misc]
+        page = call_sync(lambda t=token: lister(prefix, t, 1000), policy, f"LIST {prefix}")  # type: ignore[misc]
         out.extend(o for o in page.objects if not internal(o.key[len(prefix):]))
         token = page.next_token
         if not token:

@@ -19,7 +19,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -88,10 +88,17 @@ class LocalData:
     def for_config(cls, config: MountConfig, store: AsyncStore, *, cache: NodeCache | None = None,
                    registrar: Registrar | None = None, fuse_fd: Callable[[], int | None] | None = None,
                    backing_root: tuple[str, str] | None = None) -> LocalData:
-        """The service for the volume ``config`` describes (its bucket, prefix, mode and tenant)."""
-        return cls(store, Scope(config.bucket, config.prefix, config.read_only), config.tuning.block_size,
-                   cache=cache, tenant=tenant_of(config), registrar=registrar, fuse_fd=fuse_fd,
-                   backing_root=backing_root, cache_wanted=bool(config.cache_dir) and config.cache_size > 0)
+        """The service for the volume ``config`` describes (its bucket, prefix, mode and tenant); a
+        snapshot's read-only volume is served from its manifest (``fusefs.service.snapshot``)."""
+        scope = Scope(config.bucket, config.prefix, config.read_only)
+        kw: dict[str, Any] = dict(cache=cache, tenant=tenant_of(config), registrar=registrar, fuse_fd=fuse_fd,
+                                  backing_root=backing_root,
+                                  cache_wanted=bool(config.cache_dir) and config.cache_size > 0)
+        if config.snapshot:
+            from fusefs.service.snapshot import SnapshotData
+
+            return SnapshotData(store, scope, config.tuning.block_size, manifest_key=config.snapshot, **kw)
+        return cls(store, scope, config.tuning.block_size, **kw)
 
     @property
     def requests(self) -> int:
@@ -109,10 +116,14 @@ class LocalData:
         return await self.store.list(self.scope.key(prefix), delimiter, token, max(1, min(1000, max_keys)))
 
     async def get_range(self, key: str, start: int, length: int, version: str | None = None) -> bytes:
+        return await self.get_range_of(ObjectInfo(self.scope.key(key), -1, version or "", 0.0), start, length)
+
+    async def get_range_of(self, info: ObjectInfo, start: int, length: int) -> bytes:
+        """A range of ``info.key`` at ``info.version`` (any version if ""), which the caller checked."""
         if start < 0 or length < 0 or length > MAX_RANGE:
-            raise errors.InvalidRequestError(f"range {start}+{length} of {key!r}: at most {MAX_RANGE} bytes at a time",
-                                             key=key)
-        return await self.store.get_range(self.scope.key(key), start, length, version)
+            raise errors.InvalidRequestError(f"range {start}+{length} of {info.key!r}: at most {MAX_RANGE} bytes "
+                                             "at a time", key=info.key)
+        return await self.store.get_range(info.key, start, length, info.version or None)
 
     async def put(self, key: str, data: bytes | memoryview) -> ObjectInfo:
         return await self.store.put(self.scope.write(key), data)
@@ -153,8 +164,12 @@ class LocalData:
     def _length(self, info: ObjectInfo, index: int) -> int:
         return max(0, min(self.block_size, info.size - index * self.block_size))
 
-    def _check_block(self, info: ObjectInfo, index: int) -> None:
+    def _check_object(self, info: ObjectInfo) -> None:
+        """Refuse an object this grant does not cover (before any request or cache lookup)."""
         self.scope.key(info.key)
+
+    def _check_block(self, info: ObjectInfo, index: int) -> None:
+        self._check_object(info)
         if index < 0 or info.size < 0 or index * self.block_size >= max(info.size, 1):
             raise errors.InvalidRequestError(f"block {index} of a {info.size}-byte object", key=info.key)
 
@@ -227,7 +242,7 @@ class LocalData:
         fuse_fd = self.fuse_fd() if self.fuse_fd is not None else None
         if self.cache is None or self.registrar is None or fuse_fd is None or info.size <= self.block_size:
             return 0
-        self.scope.key(info.key)
+        self._check_object(info)
         path = await trio.to_thread.run_sync(self.cache.complete_file, self.cache_key(info, 0).object_id())
         if path is None:
             return 0

@@ -9,7 +9,9 @@ our single retry policy. The CSI controller, which is threaded, calls a ``Blocki
 Keys here are full keys inside the bucket; the mount's prefix is applied by the layers above.
 ``ObjectInfo.version`` is the token that pins one version of an object: the S3 ETag, or the
 GCS generation. ``get_range`` with ``version`` set fails with ``ObjectChangedError`` instead of
-returning bytes of another version.
+returning bytes of another version. In an S3 bucket that keeps versions, a version can also be
+pinned by its version id, as the token ``vid:<VersionId>`` (``pinned_version_id``): such a
+version stays readable after the object is overwritten or deleted (snapshots pin them).
 """
 
 from __future__ import annotations
@@ -25,6 +27,17 @@ from fusefs.config import GiB, MiB, TiB
 from fusefs.retry import RetryPolicy
 
 T = TypeVar("T")
+
+
+#: a ``version`` token that names an S3 version id rather than an ETag
+VERSION_ID_TAG = "vid:"
+
+
+def pinned_version_id(version: str | None) -> str | None:
+    """The S3 version id a ``vid:`` version token names, None for an ETag or generation."""
+    if version and version.startswith(VERSION_ID_TAG):
+        return version[len(VERSION_ID_TAG):]
+    return None
 
 
 @dataclass(frozen=True)
@@ -92,6 +105,14 @@ class BlockingStore(Protocol):
         already has what it would tell), so a copy costs one request below the store's
         single-request copy limit. With ``version`` set, a source that changed since fails
         with ``ObjectChangedError`` instead of copying another version."""
+        ...
+    def keeps_versions(self) -> bool:
+        """Whether the bucket keeps every version of its objects (S3 versioning Enabled), so that
+        ``list_current_versions`` tokens stay readable. False where objfs does not pin versions."""
+        ...
+    def list_current_versions(self, prefix: str, token: str | None = None, max_keys: int = 1000) -> ListPage:
+        """Where ``keeps_versions``: a page of the current objects under ``prefix``, each ``version``
+        a token that pins that version for good (no delimiter: every object under the prefix)."""
         ...
     def delete(self, key: str) -> None: ...
     def bucket_exists(self) -> bool: ...

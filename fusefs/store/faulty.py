@@ -139,6 +139,13 @@ class FaultyStore:
     def delete(self, key: str) -> None:
         self._call("delete", lambda: self.inner.delete(key), key)
 
+    def keeps_versions(self) -> bool:
+        return self._call("keeps_versions", self.inner.keeps_versions)
+
+    def list_current_versions(self, prefix: str, token: str | None = None, max_keys: int = 1000) -> ListPage:
+        return self._call("list_current_versions", lambda: self.inner.list_current_versions(prefix, token, max_keys),
+                          prefix)
+
     def bucket_exists(self) -> bool:
         return self._call("bucket_exists", self.inner.bucket_exists)
 

@@ -342,6 +342,14 @@ class GCSStore:
                     break
         return _info(target)
 
+    def keeps_versions(self) -> bool:
+        # A generation of a bucket with object versioning stays readable too, but snapshots on GCS
+        # own copies (rewrites) of their data: pinning generations is not implemented.
+        return False
+
+    def list_current_versions(self, prefix: str, token: str | None = None, max_keys: int = 1000) -> ListPage:
+        raise errors.InvalidRequestError("objfs does not pin GCS generations (keeps_versions is False)", key=prefix)
+
     def delete(self, key: str) -> None:
         try:
             with self._errors(key):

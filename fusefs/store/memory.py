@@ -136,6 +136,15 @@ class MemoryStore:
         with self.server.lock:
             return self._object(key).version_id
 
+    def keeps_versions(self) -> bool:
+        # Every write has a version id here, but old versions are not kept readable (an unversioned
+        # bucket's behaviour): snapshots of a memory volume make copies.
+        return False
+
+    def list_current_versions(self, prefix: str, token: str | None = None, max_keys: int = 1000) -> ListPage:
+        raise errors.InvalidRequestError("the memory store keeps no old versions (keeps_versions is False)",
+                                         key=prefix)
+
     def list(
         self, prefix: str, delimiter: str | None = "/", token: str | None = None, max_keys: int = 1000
     ) -> ListPage:

@@ -7,6 +7,7 @@ status and S3 error code, never by message text.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -21,9 +22,10 @@ from boto3.s3.transfer import TransferConfig
 
 from fusefs import buffers, errors
 from fusefs.config import Credentials
-from fusefs.store.base import S3_LIMITS, ListPage, ObjectInfo
+from fusefs.store.base import S3_LIMITS, VERSION_ID_TAG, ListPage, ObjectInfo, pinned_version_id
 from fusefs.store.s3_get import DirectGet
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _NOT_FOUND = {"NoSuchKey", "NotFound", "404", "NoSuchUpload"}
@@ -217,13 +219,16 @@ class S3Store:
     def get_range(self, key: str, start: int, length: int, version: str | None = None) -> bytes:
         if length <= 0:
             return b""
+        version_id = pinned_version_id(version)
         with self._errors(key):
-            raw = self.direct.get(key, start, length, version)
+            raw = None if version_id else self.direct.get(key, start, length, version)
             if raw is not None:
                 return self._body(raw, raw.headers.get("ETag", ""), raw.headers.get("Content-Length"), length,
                                   key, version)
             kw: dict[str, Any] = {"Key": key, "Range": f"bytes={start}-{start + length - 1}"}
-            if version:
+            if version_id:
+                kw["VersionId"] = version_id  # a version id names immutable bytes: no If-Match needed
+            elif version:
                 kw["IfMatch"] = f'"{version}"'
             r = self.client.get_object(Bucket=self.bucket, **kw)
             body = r["Body"]
@@ -236,7 +241,7 @@ class S3Store:
         try:
             # A store that ignores If-Match must still never hand us bytes of another version.
             got = etag.strip('"')
-            if version and got and got != version:
+            if version and got and got != version and not pinned_version_id(version):
                 raise errors.ObjectChangedError(f"s3://{self.bucket}/{key} changed while it was open", key=key)
             data = _read_exactly(raw, int(content_length if content_length is not None else length), key)
             done = True
@@ -274,7 +279,12 @@ class S3Store:
     def copy_from(self, src_bucket: str, src_key: str, dst_key: str, size: int, version: str | None = None
                   ) -> ObjectInfo:
         source = {"Bucket": src_bucket, "Key": src_key}
-        cond = {"CopySourceIfMatch": f'"{version}"'} if version else {}
+        cond: dict[str, str] = {}
+        version_id = pinned_version_id(version)
+        if version_id:
+            source["VersionId"] = version_id
+        elif version:
+            cond["CopySourceIfMatch"] = f'"{version}"'
         if size <= COPY_OBJECT_LIMIT:
             r = self._call(dst_key, self.client.copy_object, Key=dst_key, CopySource=source, **cond)
             result = r.get("CopyObjectResult", {})
@@ -301,6 +311,34 @@ class S3Store:
         except BaseException:
             upload.abort()
             raise
+
+    def keeps_versions(self) -> bool:
+        try:
+            return self._call(None, self.client.get_bucket_versioning).get("Status") == "Enabled"
+        except (errors.TransientError, errors.NotFoundError):
+            raise
+        except errors.StoreError as exc:
+            # Not allowed to ask (no s3:GetBucketVersioning) or a store without the call: copies
+            # are right everywhere, pinning is the saving.
+            log.info("bucket %s: versioning unknown (%s): snapshots copy", self.bucket, exc)
+            return False
+
+    def list_current_versions(self, prefix: str, token: str | None = None, max_keys: int = 1000) -> ListPage:
+        """One page of ListObjectVersions: the current version of each object under ``prefix``,
+        its ``version`` a ``vid:`` token (older versions and deleted objects are left out)."""
+        kw: dict[str, Any] = {"Prefix": prefix, "MaxKeys": max_keys}
+        if token:
+            key_marker, _, version_marker = token.partition("\n")
+            kw["KeyMarker"] = key_marker
+            if version_marker:
+                kw["VersionIdMarker"] = version_marker
+        r = self._call(prefix, self.client.list_object_versions, **kw)
+        objects = [_info(v["Key"], v["Size"], VERSION_ID_TAG + v["VersionId"], v.get("LastModified"))
+                   for v in r.get("Versions", []) if v.get("IsLatest") and v.get("VersionId") not in (None, "null")]
+        next_token = None
+        if r.get("IsTruncated"):
+            next_token = r.get("NextKeyMarker", "") + "\n" + (r.get("NextVersionIdMarker") or "")
+        return ListPage(objects=objects, next_token=next_token)
 
     def delete(self, key: str) -> None:
         try:

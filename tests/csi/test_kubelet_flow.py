@@ -11,12 +11,9 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-import shutil
 import signal
 import sqlite3
-import tempfile
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,25 +23,12 @@ from csi.node.launcher import proc_start_time
 from csi.node.state import StateStore
 from csi.v1 import csi_pb2 as pb
 from fusefs import kernel
-from testing.plugin import Client, PluginDirs, PluginProcess, unmount_all_under
+from testing.plugin import Client, PluginDirs, PluginProcess
 from testing.pods import cap, kubelet_context
 from testing.servers import RcloneS3
 
 pytestmark = pytest.mark.fuse
 Mode = pb.VolumeCapability.AccessMode
-
-
-@pytest.fixture
-def dirs() -> Iterator[PluginDirs]:
-    root = tempfile.mkdtemp(prefix="objfs-csi-e2e-")
-    d = PluginDirs(root)
-    yield d
-    unmount_all_under(root)
-    for rec in StateStore(d.state).all():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(rec.pid, signal.SIGKILL)
-    if not os.environ.get("OBJFS_KEEP_TEST_DIRS"):
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def publish(client: Client, dirs: PluginDirs, pv: str, volume_id: str, mode: int, context: dict[str, str],

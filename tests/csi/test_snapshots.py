@@ -21,11 +21,11 @@ from csi.services import snapshots as S
 from csi.services.controller import ControllerService
 from csi.v1 import csi_pb2 as pb
 from testing.pods import cap
-from testing.proxy import INTERNAL, CountingProxy, FaultPlan
-from testing.servers import FakeGCS, RcloneS3, random_bytes
+from testing.proxy import INTERNAL, CountingProxy, FaultPlan, Tally
+from testing.servers import FakeGCS, RcloneS3, S3Server, random_bytes
 
 
-def s3_secrets(s3: RcloneS3) -> dict[str, str]:
+def s3_secrets(s3: S3Server) -> dict[str, str]:
     return {"accessKeyID": s3.access_key, "secretAccessKey": s3.secret_key}
 
 
@@ -59,7 +59,7 @@ def listed(ctl: ControllerService, sec: dict[str, str], **kw: Any) -> list[pb.Sn
 class S3View:
     """Objects of a bucket as plain boto3 sees them."""
 
-    def __init__(self, s3: RcloneS3) -> None:
+    def __init__(self, s3: S3Server) -> None:
         self.client = s3.client()
 
     def put(self, bucket: str, key: str, data: bytes) -> None:
@@ -186,26 +186,30 @@ def test_snapshot_of_bucket_volume_needs_a_snapshot_bucket(s3_server: RcloneS3) 
 BIG = int(os.environ.get("OBJFS_BIG_SNAPSHOT", "10000"))
 
 
+def big_snapshot(server: S3Server, bucket: str, n: int, writers: int = 8) -> tuple[pb.Snapshot, Tally, float]:
+    """A volume of ``n`` small objects in 50 folders, snapshotted through a counting proxy:
+    (the snapshot, the requests of CreateSnapshot alone, its seconds)."""
+    sec = s3_secrets(server)
+    with CountingProxy(server.port) as proxy:
+        params = {"endpoint": proxy.endpoint, "region": "us-east-1", "bucket": bucket}
+        ctl = ControllerService()
+        vol = create(ctl, "pvc-big", params, sec)
+        prefix = V.parse(vol.volume_id).prefix
+        clients = [server.client() for _ in range(writers)]
+        with ThreadPoolExecutor(4 * writers) as pool:
+            list(pool.map(lambda i: clients[i % writers].put_object(Bucket=bucket, Key=f"{prefix}d{i % 50}/f{i}",
+                                                                     Body=b"%d" % i), range(n)))
+        proxy.reset()
+        t0 = time.monotonic()
+        s = snap(ctl, "snap-big", vol.volume_id, sec)
+        return s, proxy.tally(), time.monotonic() - t0
+
+
 def test_snapshot_of_many_objects_counts_requests(s3_server: RcloneS3, bucket: str) -> None:
     """One LIST pass and one COPY per object, no HEAD per object, the manifest one PUT."""
     n = BIG
     view = S3View(s3_server)
-    params = {"region": "us-east-1", "bucket": bucket}
-    sec = s3_secrets(s3_server)
-    with CountingProxy(s3_server.port) as proxy:
-        params["endpoint"] = proxy.endpoint
-        ctl = ControllerService()
-        vol = create(ctl, "pvc-big", params, sec)
-        prefix = V.parse(vol.volume_id).prefix
-        clients = [s3_server.client() for _ in range(8)]
-        with ThreadPoolExecutor(32) as pool:
-            list(pool.map(lambda i: clients[i % 8].put_object(Bucket=bucket, Key=f"{prefix}d{i % 50}/f{i}",
-                                                                Body=b"%d" % i), range(n)))
-        proxy.reset()
-        t0 = time.monotonic()
-        s = snap(ctl, "snap-big", vol.volume_id, sec)
-        took = time.monotonic() - t0
-        tally = proxy.tally()
+    s, tally, took = big_snapshot(s3_server, bucket, n)
     counts = tally.requests
     print(f"\nsnapshot of {n} objects: {took:.1f} s, requests {dict(counts)}, errors {tally.errors}")
     assert s.ready_to_use and s.size_bytes == sum(len(b"%d" % i) for i in range(n))
@@ -213,7 +217,8 @@ def test_snapshot_of_many_objects_counts_requests(s3_server: RcloneS3, bucket: s
     assert n <= counts["COPY"] <= n + tally.errors
     assert counts["LIST"] == n // 1000 + 1 and counts["PUT"] == 1  # the pages; the manifest
     assert counts["HEAD"] == 1 and counts["GET"] == 1  # the source's marker; no manifest yet
-    assert tally.total == counts["COPY"] + counts["LIST"] + 3
+    assert counts["GET-VERSIONING"] == 1  # the bucket keeps no versions: copies
+    assert tally.total == counts["COPY"] + counts["LIST"] + 4
     manifest = S.Manifest.loads(s3_server.read_object(bucket, V.parse_snapshot(s.snapshot_id).prefix + S.MANIFEST))
     assert manifest.count == n and len({e.key for e in manifest.entries}) == n
     sample = view.tree(bucket, V.parse_snapshot(s.snapshot_id).prefix + S.DATA + "d7/")
@@ -291,8 +296,8 @@ def test_object_deleted_during_the_snapshot_is_left_out(s3_server: RcloneS3, buc
     view.put(bucket, prefix + "gone", b"deleted meanwhile")
     real = S.list_volume
 
-    def list_then_delete(store: Any, pfx: str, policy: Any) -> Any:
-        listed_objects = real(store, pfx, policy)
+    def list_then_delete(store: Any, pfx: str, policy: Any, versions: bool = False) -> Any:
+        listed_objects = real(store, pfx, policy, versions)
         view.delete(bucket, prefix + "gone")
         return listed_objects
 

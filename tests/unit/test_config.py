@@ -233,3 +233,14 @@ def test_bucket_name_errors_name_the_rule(source: str, message: str) -> None:
                                     "gs://" + ".".join(["a" * 63] * 3), "s3://my.bucket-1"])
 def test_valid_bucket_names_pass(source: str) -> None:
     assert parse_source(source)[1] == source.split("://", 1)[1]
+
+
+def test_a_config_that_uses_no_newer_field_reads_as_before() -> None:
+    # A pod's sidecar of an earlier version refuses keys it does not know: fields added later are
+    # written only when set.
+    plain = MountConfig(backend="s3", bucket="b")
+    assert "snapshot" not in json.loads(plain.to_json())
+    assert MountConfig.from_json(plain.to_json()) == plain
+    snap = MountConfig(backend="s3", bucket="b", snapshot="snapshots/s1/manifest.json", read_only=True)
+    assert json.loads(snap.to_json())["snapshot"] == "snapshots/s1/manifest.json"
+    assert MountConfig.from_json(snap.to_json()) == snap
