@@ -137,6 +137,10 @@ class Meta:
         #: inode -> the version its FUSE passthrough opens read (set by ``ops``): the kernel gives
         #: such an inode no other kind of open, so a new version of its path gets a new inode
         self.backed: dict[int, str] = {}
+        #: directories' times: their marker's, else their newest entry's, once listed; before
+        #: that the mount's start (a bucket has no time for an implicit directory)
+        self.started = time.time()
+        self._dir_times: dict[str, float] = {}
 
     # -- keys ---------------------------------------------------------------------------------
     def key_of(self, path: str) -> str:
@@ -235,7 +239,7 @@ class Meta:
             a.st_mode = stat.S_IFDIR | self.config.dir_mode
             a.st_nlink = 2
             a.st_size = 0
-            mtime_ns = 0
+            mtime_ns = int(self._dir_times.get(node.path, self.started) * 1e9)
         else:
             a.st_mode = stat.S_IFREG | self.config.file_mode
             a.st_nlink = 1
@@ -275,6 +279,10 @@ class Meta:
         ino = self.by_path.get(path)
         if ino is not None and entry is not None and entry.info is not None:
             self._set_info(self.nodes[ino], entry.info, exp)
+
+    def dir_made(self, path: str, when: float) -> None:
+        """A directory this mount made (its marker's time)."""
+        self._dir_times[path] = when
 
     def invalidate_listing(self, path: str) -> None:
         self._listings.pop(path, None)
@@ -316,12 +324,14 @@ class Meta:
         dirs: dict[str, Entry] = {}
         skipped: list[str] = []
         token: str | None = None
+        marker: float | None = None
         while True:
             page = await self.store.list(prefix, "/", token)
             for info in page.objects:
                 name = info.key[len(prefix):]
                 if name == "" and info.key == prefix:
-                    continue  # the directory's own marker
+                    marker = info.mtime  # the directory's own marker
+                    continue
                 # a key outside the prefix asked for (a store or proxy that misbehaves) is not ours
                 if info.key.startswith(prefix) and valid_name(name):
                     files[name] = Entry(name, False, info)
@@ -341,6 +351,10 @@ class Meta:
         for name in files.keys() & dirs.keys():
             self._note_conflict(join(path, name))
         entries = {**files, **dirs}  # a name that is both shows the directory
+        when = marker if marker is not None else max(
+            (e.info.mtime for e in files.values() if e.info is not None), default=None)
+        if when is not None:
+            self._dir_times[path] = when
         exp = self._expiry()
         listing = Listing(sorted(entries), entries, exp)
         for name, entry in entries.items():

@@ -12,6 +12,7 @@ import errno
 import functools
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -157,6 +158,7 @@ class Operations(pyfuse3.Operations):
         #: set by ``fusefs.mount.serve`` once INIT negotiated passthrough and a registrar exists
         self.passthrough: Passthrough | None = None
         self.stats = Stats()
+        self._said_owner_mode = False
 
     # -- helpers ------------------------------------------------------------------------------
     def _new_fh(self, handle: FileHandle | DirHandle) -> int:
@@ -266,8 +268,7 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         node = self.meta.node(inode)
         if fields.update_mode or fields.update_uid or fields.update_gid:
-            # Owner and mode are mount-wide (uid/gid/fileMode/dirMode): objects have none.
-            raise _fail(errno.EPERM)
+            self._check_owner_mode(node, attr, fields)
         if fields.update_size:
             self._writable()
             if node.is_dir:
@@ -275,6 +276,25 @@ class Operations(pyfuse3.Operations):
             await self._truncate(node, fh, attr.st_size)
         # atime/mtime: accepted and ignored (objects have only their store's mtime), so touch works.
         return self._attrs(node)
+
+    def _check_owner_mode(self, node: Node, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> None:
+        """chmod/chown that change nothing succeed (``cp -p``, ``rsync -a`` and ``mv`` set what is
+        already there); a change the volume cannot keep is EPERM, said once in the log."""
+        now = self._attrs(node)
+        changes = []
+        if fields.update_mode and stat.S_IMODE(attr.st_mode) != stat.S_IMODE(now.st_mode):
+            changes.append(f"mode {stat.S_IMODE(now.st_mode):o} -> {stat.S_IMODE(attr.st_mode):o}")
+        if fields.update_uid and attr.st_uid != now.st_uid:
+            changes.append(f"uid {now.st_uid} -> {attr.st_uid}")
+        if fields.update_gid and attr.st_gid != now.st_gid:
+            changes.append(f"gid {now.st_gid} -> {attr.st_gid}")
+        if not changes:
+            return
+        if not self._said_owner_mode:
+            self._said_owner_mode = True
+            log.warning("%s: %s refused (EPERM): owner and mode are the volume's (uid/gid/fileMode/dirMode); "
+                        "objects keep none of their own", node.path or "/", ", ".join(changes))
+        raise _fail(errno.EPERM)
 
     async def _truncate(self, node: Node, fh: int | None, size: int) -> None:
         h = self._handles.get(fh) if fh is not None else None
@@ -337,7 +357,8 @@ class Operations(pyfuse3.Operations):
         path = self._child_path(parent_inode, name)
         if await self.meta.resolve(path) is not None:
             raise _fail(errno.EEXIST)
-        await self.store.put(self.meta.dir_prefix(path), b"")  # the `dir/` marker keeps it when empty
+        marker = await self.store.put(self.meta.dir_prefix(path), b"")  # the `dir/` marker keeps it when empty
+        self.meta.dir_made(path, marker.mtime)
         entry = Entry(name_of(path), True)
         self.meta.remember(path, entry)
         node = self.meta.node_for(path, entry)
@@ -443,6 +464,39 @@ class Operations(pyfuse3.Operations):
         if writer is not None:
             await writer.rekey(dst_key, info)
         return info
+
+    @fuse_errors
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        """A regular file is an empty object (``mknod`` of S_IFREG, what some tools use instead
+        of ``creat``); device nodes, FIFOs and sockets have no object form: EPERM, as on a
+        filesystem that does not support them (ENOSYS reads as a broken system call)."""
+        self._writable()
+        if not stat.S_ISREG(mode):
+            raise _fail(errno.EPERM)
+        path = self._child_path(parent_inode, name)
+        if await self.meta.resolve(path) is not None:
+            raise _fail(errno.EEXIST)
+        info = await self.store.put(self.meta.key_of(path), b"")
+        entry = Entry(name_of(path), False, info)
+        self.meta.remember(path, entry)
+        node = self.meta.node_for(path, entry)
+        node.lookups += 1
+        return self._attrs(node)
+
+    @fuse_errors
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        # An object has one key: a second name would be a copy that drifts apart from the first.
+        raise _fail(errno.EPERM)
+
+    @fuse_errors
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        raise _fail(errno.EPERM)
 
     # -- files: data --------------------------------------------------------------------------
     @fuse_errors
