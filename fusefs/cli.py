@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--file-mode", type=_octal, default=0o644)
     m.add_argument("--dir-mode", type=_octal, default=0o755)
     m.add_argument("--allow-other", action="store_true")
+    m.add_argument("--file-metadata", action="store_true",
+                   help="keep each file's mtime, mode, owner and symlinks in its object's metadata (s3fs's "
+                        "names); on S3 a listed directory then costs a HEAD per file")
     m.add_argument("--prefetch", action="append", default=[], help="glob of keys warmed into the node cache")
     m.add_argument("--metrics-address", default="", metavar="HOST:PORT",
                    help="serve Prometheus metrics of this mount on HOST:PORT/metrics (default: off)")
@@ -181,6 +184,7 @@ def build_config(args: argparse.Namespace) -> MountConfig:
         cache_size=parse_size(args.cache_size), metadata_ttl=args.metadata_ttl,
         uid=os.getuid() if args.uid is None else args.uid, gid=os.getgid() if args.gid is None else args.gid,
         file_mode=args.file_mode, dir_mode=args.dir_mode, allow_other=args.allow_other,
+        file_metadata=args.file_metadata,
         prefetch=tuple(args.prefetch), fs_name=f"objfs:{args.source}"[:200],
         metrics_address=_metrics_address(args.metrics_address),
     )

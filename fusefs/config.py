@@ -97,6 +97,9 @@ class MountConfig:
     gid: int = 0
     file_mode: int = 0o644
     dir_mode: int = 0o755
+    #: each file's own mtime, mode and owner kept in its object's metadata (``fusefs.filemeta``);
+    #: off: every file shows the mount-wide uid/gid/file_mode and its store time
+    file_metadata: bool = False
     allow_other: bool = False
     prefetch: tuple[str, ...] = ()
     fs_name: str = "objfs"

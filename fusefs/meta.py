@@ -13,6 +13,7 @@ Two caches, both living for the metadata TTL:
 
 from __future__ import annotations
 
+import functools
 import logging
 import stat
 import time
@@ -23,6 +24,7 @@ import trio
 
 from . import errors
 from .config import MountConfig
+from .filemeta import FileMeta
 from .service.api import DataClient
 from .store.base import ObjectInfo
 
@@ -31,6 +33,16 @@ log = logging.getLogger(__name__)
 ROOT = 1
 NAME_MAX = 255
 _PRUNE_AT = 200_000  # entries kept before expired ones are swept out
+
+
+_NO_META = FileMeta()
+#: parallel HEADs for the metadata of one listed directory's files (S3 lists none)
+META_HEADS = 16
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed(pairs: tuple[tuple[str, str], ...]) -> FileMeta:
+    return FileMeta.from_store(pairs)
 
 
 class UnversionedError(errors.StoreError):
@@ -226,7 +238,18 @@ class Meta:
             self.by_path[new] = ino
 
     # -- attributes ---------------------------------------------------------------------------
-    def attributes(self, node: Node, size: int | None = None) -> pyfuse3.EntryAttributes:
+    def file_meta(self, info: ObjectInfo | None) -> FileMeta:
+        """The file's own attributes where the volume keeps them (``config.file_metadata``)."""
+        if not self.config.file_metadata or info is None or not info.meta:
+            return _NO_META
+        return _parsed(info.meta)
+
+    def is_symlink(self, node: Node) -> bool:
+        return not node.is_dir and self.file_meta(node.info).is_symlink
+
+    def attributes(self, node: Node, size: int | None = None, pending: FileMeta | None = None
+                   ) -> pyfuse3.EntryAttributes:
+        """``pending``: the attributes an open writer will store with the file (they win)."""
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.inode
         a.generation = 0
@@ -241,10 +264,18 @@ class Meta:
             a.st_size = 0
             mtime_ns = int(self._dir_times.get(node.path, self.started) * 1e9)
         else:
+            own = pending if pending is not None else self.file_meta(node.info)
             a.st_mode = stat.S_IFREG | self.config.file_mode
+            if own.mode is not None:
+                a.st_mode = (stat.S_IFLNK | 0o777) if own.is_symlink else stat.S_IFREG | stat.S_IMODE(own.mode)
+            if own.uid is not None:
+                a.st_uid = own.uid
+            if own.gid is not None:
+                a.st_gid = own.gid
             a.st_nlink = 1
             a.st_size = size if size is not None else (node.info.size if node.info else 0)
-            mtime_ns = int((node.info.mtime if node.info else time.time()) * 1e9)
+            mtime_ns = own.mtime_ns if own.mtime_ns is not None else int(
+                (node.info.mtime if node.info else time.time()) * 1e9)
         a.st_blocks = (a.st_size + 511) // 512
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = mtime_ns
         return a
@@ -350,6 +381,8 @@ class Meta:
             self._note_skipped(path, skipped)
         for name in files.keys() & dirs.keys():
             self._note_conflict(join(path, name))
+        if self.config.file_metadata:
+            await self._add_file_meta(files)
         entries = {**files, **dirs}  # a name that is both shows the directory
         when = marker if marker is not None else max(
             (e.info.mtime for e in files.values() if e.info is not None), default=None)
@@ -363,6 +396,32 @@ class Meta:
             if ino is not None and entry.info is not None and not self.nodes[ino].is_dir:
                 self._set_info(self.nodes[ino], entry.info, exp)
         return listing
+
+    async def _add_file_meta(self, files: dict[str, Entry]) -> None:
+        """Each file's own metadata, for a store whose listing leaves it out (S3): one HEAD per
+        file, ``META_HEADS`` at a time (GCS listings carry it: no request). Only volumes that
+        keep per-file metadata pay this (``fileMetadata``)."""
+        missing = [e for e in files.values() if e.info is not None and e.info.meta is None]
+        if not missing:
+            return
+        limit = trio.CapacityLimiter(META_HEADS)
+
+        async def head(entry: Entry) -> None:
+            assert entry.info is not None
+            async with limit:
+                try:
+                    info = await self.store.head(entry.info.key)
+                except errors.NotFoundError:
+                    del files[entry.name]  # deleted since the listing
+                    return
+            files[entry.name] = Entry(entry.name, False, info)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for entry in missing:
+                    nursery.start_soon(head, entry)
+        except ExceptionGroup as group:
+            raise errors.first_store_error(group) from None
 
     def _note_skipped(self, path: str, keys: list[str]) -> None:
         """One warning per directory (not per key, not per listing) for keys that cannot be shown

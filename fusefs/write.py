@@ -41,7 +41,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 import trio
@@ -87,6 +87,7 @@ class _Multipart:
         self._in_flight = 0
         self._idle = trio.Event()
         self._idle.set()
+        self.meta: Mapping[str, str] | None = None  # the object's user metadata, sent at start
 
     def next_size(self) -> int:
         return self.plan.size(self.parts + 1)
@@ -96,7 +97,7 @@ class _Multipart:
         return self.plan.full(self.parts)
 
     async def start(self) -> None:
-        self._upload = await self.store.create_multipart(self.key)
+        self._upload = await self.store.create_multipart(self.key, self.meta)
 
     async def reserve(self) -> None:
         """Wait for a free slot. Callers reserve before producing the part's bytes, so memory
@@ -192,6 +193,9 @@ class WriteHandle:
         self._info = existing
         self._released = False
         self._detached = False  # unlinked: nothing is uploaded any more
+        #: user metadata stored with the object (``fusefs.filemeta``), as the caller sets it: sent
+        #: with the upload (a multipart upload takes what it is when the upload starts)
+        self.meta: Mapping[str, str] | None = None
         if existing is not None and not truncate:
             self._mode, self._size, self._dirty = LAZY, existing.size, False
         else:
@@ -350,6 +354,7 @@ class WriteHandle:
         Falls back to staging if the multipart upload cannot start or has failed."""
         if self._stream is None:
             up = _Multipart(self._store, self.key, self._nursery, self._plan, self._max_in_flight)
+            up.meta = self.meta
             try:
                 await up.start()
             except errors.StoreError as exc:
@@ -380,7 +385,7 @@ class WriteHandle:
         up, self._stream = self._stream, None
         self._mode = STAGED
         if up is None:
-            return await self._store.put(self.key, tail)
+            return await self._store.put(self.key, tail, self.meta)
         if up.error is not None or up.full:
             log.warning("streamed upload of %s failed (%s); uploading the staged file", self.key, up.error)
             self._abandon(up)
@@ -423,9 +428,10 @@ class WriteHandle:
     async def _flush_staged(self) -> ObjectInfo:
         size = self._size
         if size <= self._plan.base:
-            return await self._store.put(self.key, await self._pread(0, size))
+            return await self._store.put(self.key, await self._pread(0, size), self.meta)
         plan = parts.sized(self._store.limits, self._plan.base, size, self.key)
         up = _Multipart(self._store, self.key, self._nursery, plan, self._max_in_flight)
+        up.meta = self.meta
         await up.start()
         try:
             offset = 0

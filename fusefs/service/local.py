@@ -18,12 +18,12 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import trio
 
-from .. import errors, metrics
+from .. import errors, filemeta, metrics
 from ..backing import Registrar
 from ..config import MountConfig
 from ..objects import tenant_of
@@ -53,6 +53,16 @@ def open_cache(directory: str | None, size: int) -> NodeCache | None:
     except Exception as exc:  # a cache that cannot open degrades to direct reads
         log.warning("node cache at %s unusable, reading directly: %s", directory, exc)
         return None
+
+
+def _checked(meta: Mapping[str, str] | None, key: str) -> dict[str, str] | None:
+    """Metadata a client wants stored, bounded (names, 2 KiB): InvalidRequestError otherwise."""
+    if meta is None:
+        return None
+    try:
+        return filemeta.check(dict(meta) if isinstance(meta, Mapping) else meta)
+    except ValueError as exc:
+        raise errors.InvalidRequestError(f"{key!r}: {exc}", key=key) from None
 
 
 class LocalData:
@@ -114,11 +124,11 @@ class LocalData:
                                              key=key)
         return await self.store.get_range(self.scope.key(key), start, length, version)
 
-    async def put(self, key: str, data: bytes | memoryview) -> ObjectInfo:
-        return await self.store.put(self.scope.write(key), data)
+    async def put(self, key: str, data: bytes | memoryview, meta: Mapping[str, str] | None = None) -> ObjectInfo:
+        return await self.store.put(self.scope.write(key), data, _checked(meta, key))
 
-    async def create_multipart(self, key: str) -> MultipartUpload:
-        upload = await self.store.create_multipart(self.scope.write(key))
+    async def create_multipart(self, key: str, meta: Mapping[str, str] | None = None) -> MultipartUpload:
+        upload = await self.store.create_multipart(self.scope.write(key), _checked(meta, key))
         self._uploads.add(id(upload))
         return upload
 
@@ -145,6 +155,10 @@ class LocalData:
 
     async def copy(self, src: str, dst: str) -> ObjectInfo:
         return await self.store.copy(self.scope.key(src), self.scope.write(dst))
+
+    async def set_meta(self, info: ObjectInfo, meta: Mapping[str, str]) -> ObjectInfo:
+        key = self.scope.write(info.key)
+        return await self.store.set_meta(key, _checked(meta, key) or {}, info.size, info.version)
 
     async def delete(self, key: str) -> None:
         await self.store.delete(self.scope.write(key))

@@ -34,7 +34,7 @@ import json
 import logging
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import quote
@@ -50,6 +50,7 @@ from google.cloud.storage import Blob, Bucket, Client
 
 from .. import errors, retry
 from ..config import Credentials, TiB
+from ..filemeta import pairs_of
 from ..retry import RetryPolicy
 from .base import ListPage, ObjectInfo, StoreLimits
 
@@ -132,7 +133,7 @@ def _info(blob: Blob) -> ObjectInfo:
     updated = blob.updated
     return ObjectInfo(
         key=str(blob.name), size=int(blob.size or 0), version=str(blob.generation or ""),
-        mtime=updated.timestamp() if updated is not None else 0.0,
+        mtime=updated.timestamp() if updated is not None else 0.0, meta=pairs_of(blob.metadata or {}),
     )
 
 
@@ -301,8 +302,10 @@ class GCSStore:
         return bytes(buf)
 
     # -- writes ------------------------------------------------------------------------------
-    def put(self, key: str, data: bytes | memoryview) -> ObjectInfo:
+    def put(self, key: str, data: bytes | memoryview, meta: Mapping[str, str] | None = None) -> ObjectInfo:
         blob = self._bucket.blob(key)
+        if meta:
+            blob.metadata = dict(meta)  # sent with the upload: no second request
         with self._errors(key):
             blob.upload_from_string(bytes(data), retry=None, timeout=self.timeout, checksum=None)
         return _info(blob)
@@ -315,8 +318,17 @@ class GCSStore:
             blob.upload_from_filename(path, retry=None, timeout=self.timeout, checksum=None)
         return _info(blob)
 
-    def create_multipart(self, key: str) -> GCSMultipartUpload:
-        return GCSMultipartUpload(self, key)
+    def create_multipart(self, key: str, meta: Mapping[str, str] | None = None) -> GCSMultipartUpload:
+        return GCSMultipartUpload(self, key, meta)
+
+    def set_meta(self, key: str, meta: Mapping[str, str], size: int, version: str) -> ObjectInfo:
+        # A patch merges into the metadata the object has (names not named stay): one request,
+        # and the generation (the version reads pin, and the node cache's key) does not change.
+        blob = self._bucket.blob(key)
+        blob.metadata = dict(meta)
+        with self._errors(key):
+            blob.patch(if_generation_match=int(version) if version else None, retry=None, timeout=self.timeout)
+        return _info(blob)
 
     def copy(self, src: str, dst: str) -> ObjectInfo:
         source = self._bucket.blob(src)
@@ -389,9 +401,10 @@ class GCSStore:
 class GCSMultipartUpload:
     """Parts as temporary objects, composed into the key on ``complete`` (see the module doc)."""
 
-    def __init__(self, store: GCSStore, key: str) -> None:
+    def __init__(self, store: GCSStore, key: str, meta: Mapping[str, str] | None = None) -> None:
         self.store = store
         self.key = key
+        self.meta = dict(meta or {})
         directory = key.rsplit("/", 1)[0] + "/" if "/" in key else ""
         self.part_prefix = f"{directory}{UPLOAD_DIR}/{secrets.token_hex(8)}/"
         self._parts: dict[int, str] = {}
@@ -418,7 +431,7 @@ class GCSMultipartUpload:
         with self._lock:
             names = [n for _, n in sorted(self._parts.items())]
         if not names:
-            return self.store.put(self.key, b"")
+            return self.store.put(self.key, b"", self.meta)
         temporaries: list[str] = []
         try:
             with self.store._errors(self.key):
@@ -447,6 +460,8 @@ class GCSMultipartUpload:
                 merged.append(name)
             names, level = merged, level + 1
         target = bucket.blob(self.key)
+        if self.meta:
+            target.metadata = dict(self.meta)  # the composed object's (a compose request carries them)
         target.compose([bucket.blob(n) for n in names], retry=None, timeout=timeout)
         return target
 

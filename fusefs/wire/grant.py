@@ -35,13 +35,13 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
 import trio
 
-from .. import buffers, errors, metrics
+from .. import buffers, errors, filemeta, metrics
 from ..service.local import MAX_RANGE, LocalData
 from ..service.scope import ReadOnlyError
 from ..store.base import ListPage, MultipartUpload, ObjectInfo, StoreLimits
@@ -76,7 +76,7 @@ ERRORS: dict[str, type[errors.StoreError]] = {
 #: the store request each grant request stands for, in this server's figures (``fusefs.metrics``)
 STORE_KINDS = {"head": "HEAD", "list": "LIST", "range": "GET", "read": "GET", "put": "PUT",
                "mp_create": "CREATE-MULTIPART", "mp_part": "PART", "mp_complete": "COMPLETE", "mp_abort": "ABORT",
-               "copy": "COPY", "delete": "DELETE", "check": "CHECK"}
+               "copy": "COPY", "delete": "DELETE", "check": "CHECK", "set_meta": "SET-META"}
 
 
 class ProtocolError(Exception):
@@ -137,7 +137,10 @@ async def _send(sock: trio.socket.SocketType, buffers: list[bytes | memoryview])
 
 
 def _info_to(info: ObjectInfo) -> dict[str, Any]:
-    return {"key": info.key, "size": info.size, "version": info.version, "mtime": info.mtime}
+    d: dict[str, Any] = {"key": info.key, "size": info.size, "version": info.version, "mtime": info.mtime}
+    if info.meta is not None:  # absent: not known (an S3 listing), as before metadata was sent
+        d["meta"] = dict(info.meta)
+    return d
 
 
 def _info_from(d: Any) -> ObjectInfo:
@@ -147,7 +150,13 @@ def _info_from(d: Any) -> ObjectInfo:
     if (not isinstance(key, str) or not isinstance(size, int) or isinstance(size, bool) or size < 0
             or not isinstance(version, str) or not isinstance(mtime, int | float)):
         raise ProtocolError("malformed object description")
-    return ObjectInfo(key=key, size=size, version=version, mtime=float(mtime))
+    meta = d.get("meta")
+    if meta is not None:
+        try:
+            meta = filemeta.pairs_of(filemeta.check(meta))
+        except ValueError as exc:
+            raise ProtocolError(f"malformed object metadata: {exc}") from None
+    return ObjectInfo(key=key, size=size, version=version, mtime=float(mtime), meta=meta)
 
 
 def _error_to(exc: BaseException) -> dict[str, Any]:
@@ -402,12 +411,12 @@ class GrantClient:
         answer, _ = await self._call({"op": "on_node", "key": info.key, "info": _info_to(info), "index": index})
         return bool(answer.get("yes"))
 
-    async def put(self, key: str, data: bytes | memoryview) -> ObjectInfo:
-        answer, _ = await self._call({"op": "put", "key": key}, data)
+    async def put(self, key: str, data: bytes | memoryview, meta: Mapping[str, str] | None = None) -> ObjectInfo:
+        answer, _ = await self._call(_with_meta({"op": "put", "key": key}, meta), data)
         return _info_from(answer.get("info"))
 
-    async def create_multipart(self, key: str) -> MultipartUpload:
-        answer, _ = await self._call({"op": "mp_create", "key": key})
+    async def create_multipart(self, key: str, meta: Mapping[str, str] | None = None) -> MultipartUpload:
+        answer, _ = await self._call(_with_meta({"op": "mp_create", "key": key}, meta))
         return RemoteUpload(key, int(answer["upload"]), self._connection)
 
     def _remote(self, upload: MultipartUpload) -> RemoteUpload:
@@ -434,6 +443,10 @@ class GrantClient:
 
     async def copy(self, src: str, dst: str) -> ObjectInfo:
         answer, _ = await self._call({"op": "copy", "key": src, "dst": dst})
+        return _info_from(answer.get("info"))
+
+    async def set_meta(self, info: ObjectInfo, meta: Mapping[str, str]) -> ObjectInfo:
+        answer, _ = await self._call({"op": "set_meta", "key": info.key, "info": _info_to(info), "meta": dict(meta)})
         return _info_from(answer.get("info"))
 
     async def delete(self, key: str) -> None:
@@ -466,6 +479,24 @@ def received_fuse_fd(fds: list[int]) -> int | None:
             pass
         os.close(fd)  # not a FUSE connection: never kept, never used
     return fuse_fd
+
+
+def _with_meta(header: dict[str, Any], meta: Mapping[str, str] | None) -> dict[str, Any]:
+    """A request with its object's metadata, if any (absent: none, the bytes of a version-1
+    request without metadata, which old services read as before)."""
+    if meta is not None:
+        header["meta"] = dict(meta)
+    return header
+
+
+def _meta(header: dict[str, Any]) -> dict[str, str] | None:
+    meta = header.get("meta")
+    if meta is None:
+        return None
+    try:
+        return filemeta.check(meta)
+    except ValueError as exc:
+        raise errors.InvalidRequestError(str(exc)) from None
 
 
 def _str(header: dict[str, Any], name: str) -> str:
@@ -633,9 +664,9 @@ class GrantServer:
             await data.check_access()
             return {}, b""
         if op == "put":
-            return {"info": _info_to(await data.put(_str(header, "key"), payload))}, b""
+            return {"info": _info_to(await data.put(_str(header, "key"), payload, _meta(header)))}, b""
         if op == "mp_create":
-            upload = await data.create_multipart(_str(header, "key"))
+            upload = await data.create_multipart(_str(header, "key"), _meta(header))
             handle = self._next_upload
             self._next_upload += 1
             self._uploads[handle] = upload
@@ -655,6 +686,11 @@ class GrantServer:
             return {}, b""
         if op == "copy":
             return {"info": _info_to(await data.copy(_str(header, "key"), _str(header, "dst")))}, b""
+        if op == "set_meta":
+            info = _info_from(header.get("info"))
+            if info.key != _str(header, "key"):
+                raise errors.InvalidRequestError("'key' and 'info' name different objects")
+            return {"info": _info_to(await data.set_meta(info, _meta(header) or {}))}, b""
         if op == "delete":
             await data.delete(_str(header, "key"))
             return {}, b""
