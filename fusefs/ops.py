@@ -530,11 +530,14 @@ class Operations(pyfuse3.Operations):
         self._writable()
         if not stat.S_ISREG(mode):
             raise _fail(errno.EPERM)
-        path = self._child_path(parent_inode, name)
+        own = self._new_meta(mode, ctx) if self.config.file_metadata else None
+        return await self._put_new(self._child_path(parent_inode, name), b"", own)
+
+    async def _put_new(self, path: str, data: bytes, own: FileMeta | None) -> pyfuse3.EntryAttributes:
+        """A new object at ``path`` (EEXIST if the name is taken), stored at once."""
         if await self.meta.resolve(path) is not None:
             raise _fail(errno.EEXIST)
-        own = self._new_meta(mode, ctx).to_store() if self.config.file_metadata else None
-        info = await self.store.put(self.meta.key_of(path), b"", own)
+        info = await self.store.put(self.meta.key_of(path), data, own.to_store() if own is not None else None)
         entry = Entry(name_of(path), False, info)
         self.meta.remember(path, entry)
         node = self.meta.node_for(path, entry)
@@ -570,15 +573,7 @@ class Operations(pyfuse3.Operations):
         path = self._child_path(parent_inode, name)
         if len(target) > SYMLINK_MAX:
             raise _fail(errno.ENAMETOOLONG)
-        if await self.meta.resolve(path) is not None:
-            raise _fail(errno.EEXIST)
-        own = self._new_meta(stat.S_IFLNK | 0o777, ctx)
-        info = await self.store.put(self.meta.key_of(path), target, own.to_store())
-        entry = Entry(name_of(path), False, info)
-        self.meta.remember(path, entry)
-        node = self.meta.node_for(path, entry)
-        node.lookups += 1
-        return self._attrs(node)
+        return await self._put_new(path, target, self._new_meta(stat.S_IFLNK | 0o777, ctx))
 
     @fuse_errors
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
