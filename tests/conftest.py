@@ -11,13 +11,20 @@ from fusefs.config import MountConfig
 from tests.fsmount import Mounted
 from tests.fsmount import mount as fs_mount
 from tests.proxy import CountingProxy
-from tests.servers import RcloneS3
+from tests.servers import MotoS3, RcloneS3
 
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RcloneS3]:
     """One ``rclone serve s3`` for the whole session; each test gets its own bucket."""
     with RcloneS3(tmp_path_factory.mktemp("s3") / "data") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
+    """One moto S3 server for the session (buckets that keep versions); each test its own bucket."""
+    with MotoS3(tmp_path_factory.mktemp("moto")) as server:
         yield server
 
 

