@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from . import errors
+from . import errors, metrics
 from .config import MountConfig
 from .filemeta import FileMeta
 from .service.api import DataClient
@@ -38,6 +38,18 @@ _PRUNE_AT = 200_000  # entries kept before expired ones are swept out
 _NO_META = FileMeta()
 #: parallel HEADs for the metadata of one listed directory's files (S3 lists none)
 META_HEADS = 16
+
+
+def _hidden_reason(prefix: str, key: str) -> str:
+    if not key.startswith(prefix):
+        return "outside"
+    name = key[len(prefix):]
+    name = name[:-1] if name.endswith("/") else name
+    try:
+        too_long = len(name.encode("utf-8", "surrogateescape")) > NAME_MAX
+    except UnicodeError:
+        too_long = False
+    return "too_long" if too_long and "/" not in name and name not in (".", "..") and "\0" not in name else "invalid"
 
 
 @functools.lru_cache(maxsize=4096)
@@ -431,6 +443,9 @@ class Meta:
         if path in self._skips_noted:
             return
         self._skips_noted.add(path)
+        prefix = self.dir_prefix(path)
+        for key in keys:
+            metrics.HIDDEN_KEYS.labels(_hidden_reason(prefix, key)).inc()
         log.warning("%d key(s) under %r cannot be shown as file names (an empty segment, '.', '..', NUL or "
                     "a name over %d bytes) and are skipped, e.g. %r", len(keys), self.dir_prefix(path),
                     NAME_MAX, keys[0][:300])
