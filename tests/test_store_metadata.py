@@ -68,8 +68,9 @@ def test_gcs_metadata_listed_and_patched_without_a_new_generation(gcs_server: Fa
     # (fake-gcs-server ignores ifGenerationMatch on a patch, so a stale generation is not refused here)
     upload = store.create_multipart("d/g", {"mtime": "3"})
     upload.upload_part(1, b"x" * 10)
-    assert store.head("d/g").meta is not None and dict(store.head("d/g").meta or ())["mtime"] == "3"
-    assert upload.complete().size == 10
+    done = upload.complete()
+    assert done.size == 10
+    assert dict(done.meta or ())["mtime"] == dict(store.head("d/g").meta or ())["mtime"] == "3"
 
 
 def test_metadata_from_a_store_is_untrusted_text() -> None:
