@@ -290,3 +290,21 @@ def test_a_walk_costs_a_head_per_file_only_where_the_volume_keeps_file_metadata(
             m.unmount()
     assert per_file[False] <= 1.05
     assert per_file[True] <= 2.05
+
+
+# -- what a mount wrote is in the node cache ---------------------------------------------------------
+def test_read_after_write_costs_no_get(
+    s3_config: MountConfig, counting_proxy: CountingProxy, mount_fs: Callable[..., Mounted]
+) -> None:
+    """The data service puts the bytes it stored into the node cache under the new version: the
+    next read, through this mount or another on the node, is served from there."""
+    config = dataclasses.replace(s3_config, endpoint_url=counting_proxy.endpoint)
+    m = mount_fs(config)
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    (m.path / "w.bin").write_bytes(data)
+    counting_proxy.reset()
+    assert (m.path / "w.bin").read_bytes() == data
+    other = mount_fs(config, "other")  # a second mount on the node, the same cache
+    assert (other.path / "w.bin").read_bytes() == data
+    counts = counting_proxy.snapshot()
+    assert counts["GET"] == 0, dict(counts)

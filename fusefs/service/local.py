@@ -125,7 +125,22 @@ class LocalData:
         return await self.store.get_range(self.scope.key(key), start, length, version)
 
     async def put(self, key: str, data: bytes | memoryview, meta: Mapping[str, str] | None = None) -> ObjectInfo:
-        return await self.store.put(self.scope.write(key), data, _checked(meta, key))
+        info = await self.store.put(self.scope.write(key), data, _checked(meta, key))
+        await self._write_through(info, data)
+        return info
+
+    async def _write_through(self, info: ObjectInfo, data: bytes | memoryview) -> None:
+        """The bytes of an object this service just stored go into the node cache under the
+        version the store answered, so the next read of it costs no GET: they are this side's
+        own, as sent and acknowledged. Best effort: a cache that refuses them changes nothing."""
+        if self.cache is None or not info.version or info.size != len(data) or not data:
+            return
+        view = memoryview(data)
+        for index in range(-(-len(data) // self.block_size)):
+            block = bytes(view[index * self.block_size:(index + 1) * self.block_size])
+            if not await trio.to_thread.run_sync(self.cache.put, self.cache_key(info, index), block):
+                return
+        self._authorised.add((info.key, info.version))  # its own bytes: no proof GET before reading them
 
     async def create_multipart(self, key: str, meta: Mapping[str, str] | None = None) -> MultipartUpload:
         upload = await self.store.create_multipart(self.scope.write(key), _checked(meta, key))
