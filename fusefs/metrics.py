@@ -36,7 +36,7 @@ T = TypeVar("T")
 WRITE_INTERVAL = 5.0
 #: store request kinds, as ``AsyncStore`` names them (the first word of its description)
 STORE_KINDS = ("HEAD", "LIST", "GET", "PUT", "CREATE-MULTIPART", "PART", "COMPLETE", "ABORT", "COPY", "DELETE",
-               "SET-META")
+               "SET-META", "PART-COPY")
 #: what a user must act on, by reason label, with the sentence the volume condition shows
 PROBLEMS = {
     "store_access_denied": "the store denied access (check the volume's credentials and the bucket policy)",

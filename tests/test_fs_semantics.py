@@ -308,3 +308,91 @@ def test_read_after_write_costs_no_get(
     assert (other.path / "w.bin").read_bytes() == data
     counts = counting_proxy.snapshot()
     assert counts["GET"] == 0, dict(counts)
+
+
+# -- partial overwrites send what changed -------------------------------------------------------------
+MiB = 1024 * 1024
+
+
+def mount_looked_up(mount_fs: Callable[..., Mounted], config: MountConfig, name: str,
+                    proxy: CountingProxy) -> Mounted:
+    """A mount whose file ``name`` is looked up already; the proxy's counts start after that."""
+    m = mount_fs(config)
+    os.stat(m.path / name)
+    proxy.reset()
+    return m
+
+
+def test_overwriting_1_mib_of_a_25_mib_file_copies_the_rest_in_the_store(
+    moto_server: MotoS3, tmp_path: Path, mount_fs: Callable[..., Mounted]
+) -> None:
+    bucket = moto_server.create_bucket()
+    data = bytearray(os.urandom(25 * MiB))
+    moto_server.client().put_object(Bucket=bucket, Key="big.bin", Body=bytes(data))
+    patch = os.urandom(MiB)
+    with CountingProxy(moto_server.port) as proxy:
+        m = mount_looked_up(mount_fs, MountConfig(
+            backend="s3", bucket=bucket, endpoint_url=proxy.endpoint, credentials=moto_server.credentials,
+            cache_dir=str(tmp_path / "cache")), "big.bin", proxy)
+        with open(m.path / "big.bin", "r+b") as f:
+            f.seek(12 * MiB)
+            f.write(patch)
+            f.seek(12 * MiB - 10)
+            assert f.read(20) == bytes(data[12 * MiB - 10:12 * MiB]) + patch[:10]  # the old bytes and the new
+        tally = proxy.tally()
+        data[12 * MiB:13 * MiB] = patch
+        assert (m.path / "big.bin").read_bytes() == bytes(data)
+    assert moto_server.read_object(bucket, "big.bin") == bytes(data)
+    print(f"\npartial overwrite: {dict(tally.requests)}, sent {dict(tally.sent_bytes)}, "
+          f"received {dict(tally.body_bytes)}")
+    # parts [0, 12 MiB) and [17, 25 MiB) copied in the store; [12, 17 MiB) uploaded (S3's 5 MiB
+    # least part), its 4 MiB of old bytes fetched first
+    assert tally.requests["PART-COPY"] == 2 and tally.requests["PART"] == 1
+    assert sum(tally.sent_bytes.values()) <= 5 * MiB + 64 * 1024
+    assert tally.body_bytes["GET"] <= 5 * MiB
+
+
+def test_appending_to_a_gcs_object_composes_the_old_one(
+    gcs_server: FakeGCS, tmp_path: Path, mount_fs: Callable[..., Mounted]
+) -> None:
+    """GCS copies no byte ranges, but an append keeps the whole old object as the first piece
+    of a compose: the old bytes are neither downloaded nor sent again."""
+    bucket = gcs_server.create_bucket()
+    old = os.urandom(6 * MiB)
+    gcs_server.client().bucket(bucket).blob("log.bin").upload_from_string(old)
+    tail = os.urandom(MiB // 2)
+    with CountingProxy(gcs_server.port) as proxy:
+        m = mount_looked_up(mount_fs, MountConfig(
+            backend="gcs", bucket=bucket, endpoint_url=proxy.endpoint, credentials=gcs_server.credentials,
+            cache_dir=str(tmp_path / "cache")), "log.bin", proxy)
+        with open(m.path / "log.bin", "ab") as f:
+            f.write(tail)
+        tally = proxy.tally()
+        assert (m.path / "log.bin").read_bytes() == old + tail
+    assert gcs_server.client().bucket(bucket).blob("log.bin").download_as_bytes() == old + tail
+    print(f"\nappend: {dict(tally.requests)}, sent {dict(tally.sent_bytes)}, received {dict(tally.body_bytes)}")
+    assert tally.requests["COMPOSE"] == 1
+    assert sum(tally.sent_bytes.values()) <= MiB
+    assert tally.body_bytes["GET"] == 0
+
+
+def test_a_store_without_part_copies_gets_the_whole_file(
+    s3_server: RcloneS3, s3_config: MountConfig, mount_fs: Callable[..., Mounted]
+) -> None:
+    """rclone's S3 server answers UploadPartCopy with nothing: the write falls back to
+    uploading the whole file, and the bytes are right."""
+    data = bytearray(os.urandom(12 * MiB + 3))
+    s3_server.client().put_object(Bucket=s3_config.bucket, Key="f.bin", Body=bytes(data))
+    m = mount_fs(s3_config)
+    with open(m.path / "f.bin", "r+b") as f:
+        f.seek(6 * MiB)
+        f.write(b"changed")
+        f.flush()
+        os.fsync(f.fileno())
+        f.seek(11 * MiB)
+        f.write(b"again")  # the second flush goes straight to the whole-file upload
+    data[6 * MiB:6 * MiB + 7] = b"changed"
+    data[11 * MiB:11 * MiB + 5] = b"again"
+    assert s3_server.read_object(s3_config.bucket, "f.bin") == bytes(data)
+    assert (m.path / "f.bin").read_bytes() == bytes(data)
+    assert "does not support UploadPartCopy" in m.log_text()

@@ -140,6 +140,14 @@ def test_a_grant_reaches_only_its_prefix_and_a_read_only_grant_writes_nothing(
             with pytest.raises(errors.AccessDeniedError):
                 await client._call({"op": "set_meta", "key": other.key, "info": W._info_to(other),
                                     "meta": {"mode": "33279"}})
+            # a part copied from another tenant's object into an upload of this volume: refused
+            upload = await client.create_multipart("tenant-b/copy.bin")
+            with pytest.raises(errors.AccessDeniedError):
+                await client.upload_part_copy(upload, 1, other, 0, 8)
+            mine = await client.head("tenant-b/mine.txt")
+            with pytest.raises(errors.InvalidRequestError):
+                await client.upload_part_copy(upload, 1, mine, 4, 8)  # past its end
+            await client.abort(upload)
 
     run(main)
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}

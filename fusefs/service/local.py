@@ -157,6 +157,15 @@ class LocalData:
             raise errors.InvalidRequestError(f"part number {number} is out of range", key=upload.key)
         await self.store.upload_part(self._own(upload), number, data)
 
+    async def upload_part_copy(self, upload: MultipartUpload, number: int, src: ObjectInfo, start: int,
+                               length: int) -> None:
+        if not 1 <= number <= self.limits.max_parts:
+            raise errors.InvalidRequestError(f"part number {number} is out of range", key=upload.key)
+        self.scope.key(src.key)  # a copy reads its source: only from this volume
+        if start < 0 or length <= 0 or start + length > src.size or length > self.limits.max_part_size:
+            raise errors.InvalidRequestError(f"bytes {start}+{length} of a {src.size}-byte object", key=src.key)
+        await self.store.upload_part_copy(self._own(upload), number, src, start, length)
+
     async def complete(self, upload: MultipartUpload) -> ObjectInfo:
         info = await self.store.complete(self._own(upload))
         self._uploads.discard(id(upload))

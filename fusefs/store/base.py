@@ -52,6 +52,9 @@ class StoreLimits:
     min_part_size: int  # every part but the last is at least this big
     max_part_size: int
     max_object_size: int
+    #: server-side part copies of an existing object (``MultipartUpload.upload_part_copy``):
+    #: "ranges" (S3 UploadPartCopy), "whole" (only a whole object: a GCS compose), "" (none)
+    part_copy: str = ""
 
 
 class MultipartUpload(Protocol):
@@ -61,6 +64,11 @@ class MultipartUpload(Protocol):
     key: str
 
     def upload_part(self, number: int, data: bytes | memoryview) -> None: ...
+    def upload_part_copy(self, number: int, src: ObjectInfo, start: int, length: int) -> None:
+        """Part ``number`` is bytes [start, start + length) of the object ``src`` (that version:
+        ObjectChangedError if it changed), copied by the store; UnsupportedError where it cannot
+        (``StoreLimits.part_copy``)."""
+        ...
     def complete(self) -> ObjectInfo: ...
     def abort(self) -> None: ...
 
@@ -163,6 +171,11 @@ class AsyncStore:
 
     async def upload_part(self, upload: MultipartUpload, number: int, data: bytes | memoryview) -> None:
         await self._run(f"PART {upload.key}#{number}", lambda: upload.upload_part(number, data), len(data))
+
+    async def upload_part_copy(self, upload: MultipartUpload, number: int, src: ObjectInfo, start: int,
+                               length: int) -> None:
+        await self._run(f"PART-COPY {upload.key}#{number}",
+                        lambda: upload.upload_part_copy(number, src, start, length))
 
     async def complete(self, upload: MultipartUpload) -> ObjectInfo:
         return await self._run(f"COMPLETE {upload.key}", upload.complete)

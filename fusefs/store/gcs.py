@@ -34,7 +34,7 @@ import json
 import logging
 import secrets
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import quote
@@ -61,7 +61,8 @@ UPLOAD_DIR = ".objfs-uploads"
 UPLOAD_CHUNK = 16 * 1024 * 1024
 #: a composite object has at most 1,024 components; objects are at most 5 TiB; compose takes
 #: components of any size
-LIMITS = StoreLimits(max_parts=1024, min_part_size=1, max_part_size=5 * TiB, max_object_size=5 * TiB)
+LIMITS = StoreLimits(max_parts=1024, min_part_size=1, max_part_size=5 * TiB, max_object_size=5 * TiB,
+                     part_copy="whole")
 COMPOSE_FAN_IN = 32  # sources of one compose request
 #: deleting temporary objects after the upload's outcome is known: brief, best effort
 _CLEANUP_POLICY = RetryPolicy(deadline=5.0)
@@ -415,16 +416,28 @@ class GCSMultipartUpload:
         return f"{self.part_prefix}{number:05d}"
 
     def upload_part(self, number: int, data: bytes | memoryview) -> None:
+        self._add_part(number, len(data), lambda name: self.store.put(name, data))
+
+    def upload_part_copy(self, number: int, src: ObjectInfo, start: int, length: int) -> None:
+        """GCS copies no byte ranges: a part can be a whole object (an append keeps the old object
+        as the first piece of the compose), copied server-side to a part name, bytes untouched."""
+        if start != 0 or length != src.size:
+            raise errors.UnsupportedError(f"{self.store._where(self.key)}: GCS copies whole objects only, "
+                                          f"not bytes {start}+{length} of {src.size}", key=self.key)
+        self._add_part(number, length,
+                       lambda name: self.store.copy_from(self.store.bucket, src.key, name, length, src.version or None))
+
+    def _add_part(self, number: int, length: int, make: Callable[[str], object]) -> None:
         if not 1 <= number <= LIMITS.max_parts:
             raise errors.InvalidRequestError(
                 f"part number {number} of gs://{self.store.bucket}/{self.key} is outside 1..{LIMITS.max_parts}: "
                 "use a larger part size", key=self.key,
             )
         name = self._part_name(number)
-        self.store.put(name, data)
+        make(name)
         with self._lock:
             if number not in self._parts:
-                self.size += len(data)
+                self.size += length
             self._parts[number] = name
 
     def complete(self) -> ObjectInfo:

@@ -41,7 +41,8 @@ MULTIPART_THRESHOLD = 64 * 1024 * 1024
 COPY_OBJECT_LIMIT = 5 * 1024**3
 COPY_PART_SIZE = 512 * 1024 * 1024
 #: Amazon S3's multipart limits (S3-compatible stores accept at least these, most the same)
-LIMITS = StoreLimits(max_parts=10_000, min_part_size=5 * MiB, max_part_size=5 * GiB, max_object_size=5 * TiB)
+LIMITS = StoreLimits(max_parts=10_000, min_part_size=5 * MiB, max_part_size=5 * GiB, max_object_size=5 * TiB,
+                     part_copy="ranges")
 # Bounds the temporary buffer of each read from a response body read in pieces. Below glibc's mmap threshold
 # (1 MiB here: fusefs.mount.limit_malloc_retention), so each chunk reuses heap memory instead of
 # a fresh mapping that costs a page fault per 4 KiB (a tenth of a cold read's CPU at 1 MiB).
@@ -368,6 +369,21 @@ class S3MultipartUpload:
         with self._lock:
             self._parts[number] = r["ETag"]
             self.size += len(data)
+
+    def upload_part_copy(self, number: int, src: ObjectInfo, start: int, length: int) -> None:
+        cond = {"CopySourceIfMatch": f'"{src.version}"'} if src.version else {}
+        r = self.store._call(
+            self.key, self.store.client.upload_part_copy, Key=self.key, UploadId=self.upload_id, PartNumber=number,
+            CopySource={"Bucket": self.store.bucket, "Key": src.key},
+            CopySourceRange=f"bytes={start}-{start + length - 1}", **cond,
+        )
+        etag = r.get("CopyPartResult", {}).get("ETag")
+        if not etag:  # rclone's S3 server answers UploadPartCopy with an empty result
+            raise errors.UnsupportedError(f"s3://{self.store.bucket}/{self.key}: the store does not support "
+                                          "UploadPartCopy", key=self.key)
+        with self._lock:
+            self._parts[number] = etag
+            self.size += length
 
     def complete(self) -> ObjectInfo:
         """Complete the upload; safe to call again after a failure (the retry policy does).

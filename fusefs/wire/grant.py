@@ -68,7 +68,7 @@ ERRORS: dict[str, type[errors.StoreError]] = {
         errors.StoreError, errors.NotFoundError, errors.BucketNotFoundError, errors.AccessDeniedError,
         errors.ObjectChangedError, errors.AlreadyExistsError, errors.InvalidRequestError,
         errors.FileTooLargeError, errors.TransientError, errors.ThrottledError, errors.UnreachableError,
-        ReadOnlyError,
+        errors.UnsupportedError, ReadOnlyError,
     )
 }
 
@@ -76,7 +76,8 @@ ERRORS: dict[str, type[errors.StoreError]] = {
 #: the store request each grant request stands for, in this server's figures (``fusefs.metrics``)
 STORE_KINDS = {"head": "HEAD", "list": "LIST", "range": "GET", "read": "GET", "put": "PUT",
                "mp_create": "CREATE-MULTIPART", "mp_part": "PART", "mp_complete": "COMPLETE", "mp_abort": "ABORT",
-               "copy": "COPY", "delete": "DELETE", "check": "CHECK", "set_meta": "SET-META"}
+               "copy": "COPY", "delete": "DELETE", "check": "CHECK", "set_meta": "SET-META",
+               "mp_copy": "PART-COPY"}
 
 
 class ProtocolError(Exception):
@@ -189,6 +190,9 @@ class RemoteUpload:
     def upload_part(self, number: int, data: bytes | memoryview) -> None:
         raise RuntimeError("remote uploads are driven through GrantClient")
 
+    def upload_part_copy(self, number: int, src: ObjectInfo, start: int, length: int) -> None:
+        raise RuntimeError("remote uploads are driven through GrantClient")
+
     def complete(self) -> ObjectInfo:
         raise RuntimeError("remote uploads are driven through GrantClient")
 
@@ -275,7 +279,7 @@ class GrantClient:
         self.identity = str(header.get("identity", ""))
         lim = header.get("limits") or {}
         self.limits = StoreLimits(int(lim["max_parts"]), int(lim["min_part_size"]), int(lim["max_part_size"]),
-                                  int(lim["max_object_size"]))
+                                  int(lim["max_object_size"]), str(lim.get("part_copy") or ""))
         self.block_size = int(header["block_size"])
         self.node_cache = bool(header.get("node_cache"))
         self.cache_disabled = bool(header.get("cache_disabled"))
@@ -428,6 +432,12 @@ class GrantClient:
         up = self._remote(upload)
         await self._call({"op": "mp_part", "key": up.key, "upload": up.handle, "number": number}, data,
                          connection=up.connection)
+
+    async def upload_part_copy(self, upload: MultipartUpload, number: int, src: ObjectInfo, start: int,
+                               length: int) -> None:
+        up = self._remote(upload)
+        await self._call({"op": "mp_copy", "key": up.key, "upload": up.handle, "number": number,
+                          "src": _info_to(src), "start": start, "length": length}, connection=up.connection)
 
     async def complete(self, upload: MultipartUpload) -> ObjectInfo:
         up = self._remote(upload)
@@ -582,7 +592,8 @@ class GrantServer:
                 "limits": {"max_parts": data_client.limits.max_parts,
                            "min_part_size": data_client.limits.min_part_size,
                            "max_part_size": data_client.limits.max_part_size,
-                           "max_object_size": data_client.limits.max_object_size},
+                           "max_object_size": data_client.limits.max_object_size,
+                           "part_copy": data_client.limits.part_copy},
             }))
             return data_client
         log.warning("a grant connection did not say hello within %.0fs", HELLO_TIMEOUT)
@@ -673,6 +684,10 @@ class GrantServer:
             return {"upload": handle}, b""
         if op == "mp_part":
             await data.upload_part(self._upload(header), _int(header, "number"), payload)
+            return {}, b""
+        if op == "mp_copy":
+            await data.upload_part_copy(self._upload(header), _int(header, "number"), _info_from(header.get("src")),
+                                        _int(header, "start"), _int(header, "length"))
             return {}, b""
         if op == "mp_complete":
             upload = self._upload(header)
