@@ -715,7 +715,8 @@ class Operations(pyfuse3.Operations):
             raise _fail(errno.EISDIR)
         # Visible in this mount at once; in the store at the first flush (close).
         own = self._new_meta(stat.S_IFREG | mode, ctx) if self.config.file_metadata else None
-        entry = Entry(name_of(path), False, ObjectInfo(self.meta.key_of(path), 0, "", time.time()))
+        # whole seconds, as stores keep them (S3): the time does not jump back once stored
+        entry = Entry(name_of(path), False, ObjectInfo(self.meta.key_of(path), 0, "", float(int(time.time()))))
         self.meta.remember(path, entry)
         node = self.meta.node_for(path, entry)
         node.open_version = None

@@ -250,7 +250,11 @@ def test_without_file_metadata_symlinks_are_eperm_and_times_are_the_stores(
     s3_config: MountConfig, mount_fs: Callable[..., Mounted]
 ) -> None:
     m = mount_fs(s3_config)
-    (m.path / "f").write_bytes(b"f")
+    with open(m.path / "f", "wb") as f:
+        f.write(b"f")
+        while_open = os.fstat(f.fileno()).st_mtime_ns
+    # whole seconds before and after the upload, as S3 keeps them: no jump back later
+    assert while_open % 1_000_000_000 == 0 and os.stat(m.path / "f").st_mtime_ns % 1_000_000_000 == 0
     with pytest.raises(PermissionError):
         os.symlink("f", m.path / "l")
     os.utime(m.path / "f", ns=(PAST_NS, PAST_NS))  # accepted, not kept: the store's time shows

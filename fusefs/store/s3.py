@@ -426,9 +426,11 @@ class S3MultipartUpload:
 
 
 def _now() -> float:
+    """The time a PUT answers for its object, in whole seconds as S3 keeps LastModified: a
+    file's mtime does not jump back by the fraction once a HEAD or LIST describes it."""
     import time
 
-    return time.time()
+    return float(int(time.time()))
 
 
 def _read_exactly(raw: Any, n: int, key: str) -> bytes:
