@@ -137,9 +137,11 @@ async def _send(sock: trio.socket.SocketType, buffers: list[bytes | memoryview])
             view = view[sent:]
 
 
-def _info_to(info: ObjectInfo) -> dict[str, Any]:
+def _info_to(info: ObjectInfo, meta: bool = True) -> dict[str, Any]:
+    """``meta``: with the object's metadata (not for reads: a block is the version's, whatever
+    the metadata says, and a read request stays as small as before)."""
     d: dict[str, Any] = {"key": info.key, "size": info.size, "version": info.version, "mtime": info.mtime}
-    if info.meta is not None:  # absent: not known (an S3 listing), as before metadata was sent
+    if meta and info.meta is not None:  # absent: not known (an S3 listing), as before metadata was sent
         d["meta"] = dict(info.meta)
     return d
 
@@ -407,12 +409,13 @@ class GrantClient:
         return payload
 
     async def read_block(self, info: ObjectInfo, index: int, warming: bool = False) -> bytes:
-        _, payload = await self._call({"op": "read", "key": info.key, "info": _info_to(info), "index": index,
+        _, payload = await self._call({"op": "read", "key": info.key, "info": _info_to(info, False), "index": index,
                                        "warming": warming})
         return payload
 
     async def on_node(self, info: ObjectInfo, index: int) -> bool:
-        answer, _ = await self._call({"op": "on_node", "key": info.key, "info": _info_to(info), "index": index})
+        answer, _ = await self._call({"op": "on_node", "key": info.key, "info": _info_to(info, False),
+                                      "index": index})
         return bool(answer.get("yes"))
 
     async def put(self, key: str, data: bytes | memoryview, meta: Mapping[str, str] | None = None) -> ObjectInfo:
@@ -463,7 +466,7 @@ class GrantClient:
         await self._call({"op": "delete", "key": key})
 
     async def backing_open(self, info: ObjectInfo) -> int:
-        answer, _ = await self._call({"op": "backing_open", "key": info.key, "info": _info_to(info)})
+        answer, _ = await self._call({"op": "backing_open", "key": info.key, "info": _info_to(info, False)})
         backing_id = answer.get("backing_id", 0)
         return backing_id if isinstance(backing_id, int) and backing_id > 0 else 0
 
