@@ -14,6 +14,7 @@ from csi.controller import bucket_name_for
 from csi.errors import InvalidArgument
 from csi.main import parse_args
 from csi.state import PublishRecord, StateStore
+from fusefs.cli import _parser, build_config
 
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
 
@@ -56,6 +57,9 @@ def test_parameters_parse_and_reject_unknown_keys() -> None:
     kept = P.parse({"bucket": "models", "fileMetadata": "True"})
     assert kept.file_metadata
     assert P.mount_config(kept, {}, read_only=False, cache_dir=None).file_metadata
+    mount_args = ["mount", "s3://models/llama", "/mnt", "--no-cache"]
+    assert not build_config(_parser().parse_args(mount_args)).file_metadata  # objfs mount: off unless asked
+    assert build_config(_parser().parse_args([*mount_args, "--file-metadata"])).file_metadata
     with pytest.raises(InvalidArgument, match="readOnly"):
         P.parse({"readOnly": "true"})
     for bad in ({"prefix": "a/../b"}, {"uid": "-1"}, {"fileMode": "999"}, {"cache": "ram"},
