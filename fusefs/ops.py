@@ -361,6 +361,8 @@ class Operations(pyfuse3.Operations):
         await self.meta.refresh_file(node)
         existing = node.info if node.info is not None and node.info.version else None
         temp = self._new_writer(node, existing, truncate=size == 0)
+        if self.config.file_metadata:  # the new version keeps the file's own attributes, mtime now
+            temp.meta = replace(self._current_meta(node), mtime_ns=time.time_ns()).to_store()
         try:
             await temp.truncate(size)
             self._written(node, await temp.flush())

@@ -210,6 +210,7 @@ def test_symlinks_survive_a_remount_and_chmod_chown_are_kept(
     assert (m.path / "rel").read_bytes() == b"pointed at"
     os.chmod(m.path / "target.txt", 0o600)
     os.chown(m.path / "target.txt", 1234, 5678)
+    os.truncate(m.path / "target.txt", 7)  # a new version, the same owner and mode
     with pytest.raises(FileExistsError):
         os.symlink("x", m.path / "rel")
     m.unmount()
@@ -219,7 +220,8 @@ def test_symlinks_survive_a_remount_and_chmod_chown_are_kept(
     assert os.readlink(again.path / "rel") == "target.txt"
     assert os.readlink(again.path / "abs") == "/etc/hostname"
     st = os.stat(again.path / "target.txt")
-    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o600, 1234, 5678)
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size) == (0o600, 1234, 5678, 7)
+    assert (again.path / "rel").read_bytes() == b"pointed"
     with pytest.raises(OSError) as caught:
         os.readlink(again.path / "target.txt")
     assert caught.value.errno == errno.EINVAL
