@@ -492,14 +492,15 @@ class Operations(pyfuse3.Operations):
         replaced = self.meta.by_path.get(dst)
         if replaced != moving and (victim := self._writer_of(replaced)) is not None:
             await victim.detach()  # the file renamed over loses its name, as on unlink
-        info = await self._move_object(src, dst, writer)
+        info = await self._move_object(src, dst, writer, moving)
         self.meta.remember(src, None)
         self.meta.move(src, dst)
         self.meta.remember(dst, Entry(name_of(dst), False, info))
         if moving is not None and moving in self.meta.nodes:
             self.meta.nodes[moving].open_version = None
 
-    async def _move_object(self, src: str, dst: str, writer: WriteHandle | None) -> ObjectInfo:
+    async def _move_object(self, src: str, dst: str, writer: WriteHandle | None, inode: int | None = None
+                           ) -> ObjectInfo:
         """Store ``src`` under ``dst``, and point an open file's write state at ``dst``: later
         writes and closes store under the new name (log rotation: open, write, rename, write)."""
         src_key, dst_key = self.meta.key_of(src), self.meta.key_of(dst)
@@ -507,7 +508,7 @@ class Operations(pyfuse3.Operations):
             # Its bytes go straight to the new name: no copy of the old one.
             await writer.rekey(dst_key)
             try:
-                info = await writer.flush()
+                info = await (self._upload(inode, writer) if inode is not None else writer.flush())
             except BaseException:
                 await writer.rekey(src_key)
                 raise
@@ -773,18 +774,22 @@ class Operations(pyfuse3.Operations):
         if h.writer is not None and h.writer.dirty:
             self._flushing += 1
             try:
-                shared = self._writers.get(h.node.inode)
-                own = shared.own if shared is not None else None
-                if own is not None:
-                    h.writer.meta = own.to_store()
-                info = await h.writer.flush()
-                if own is not None and info.meta != pairs_of(own.to_store()):
-                    # a multipart upload started before its attributes were final (cp -p sets
-                    # them after the last write): one metadata replace
-                    info = await self.store.set_meta(info, own.to_store())
-                self._written(h.node, info)
+                self._written(h.node, await self._upload(h.node.inode, h.writer))
             finally:
                 self._flushing -= 1
+
+    async def _upload(self, inode: int, writer: WriteHandle) -> ObjectInfo:
+        """Store what ``writer`` holds, with the file's own attributes where the volume keeps them."""
+        shared = self._writers.get(inode)
+        own = shared.own if shared is not None else None
+        if own is not None:
+            writer.meta = own.to_store()
+        info = await writer.flush()
+        if own is not None and info.meta != pairs_of(own.to_store()):
+            # a multipart upload started before its attributes were final (cp -p sets them after
+            # the last write): one metadata replace
+            info = await self.store.set_meta(info, own.to_store())
+        return info
 
     @property
     def writes_pending(self) -> bool:

@@ -402,3 +402,19 @@ def test_a_store_without_part_copies_gets_the_whole_file(
     assert s3_server.read_object(s3_config.bucket, "f.bin") == bytes(data)
     assert (m.path / "f.bin").read_bytes() == bytes(data)
     assert "does not support UploadPartCopy" in m.log_text()
+
+
+def test_renaming_a_file_being_written_keeps_its_attributes(store: Store, mount_fs: Callable[..., Mounted]) -> None:
+    """Open, write, chmod, rename, close: the rename stores the bytes under the new name (the
+    close has nothing left to send), with the mode; the old name is gone."""
+    m = mount_fs(store.config)
+    with open(m.path / "app.log", "wb", buffering=0) as f:
+        f.write(b"one\n")
+        os.fchmod(f.fileno(), 0o640)
+        f.write(b"two\n")
+        os.rename(m.path / "app.log", m.path / "app.log.1")
+    assert sorted(os.listdir(m.path)) == ["app.log.1"]
+    m.unmount()
+    again = mount_fs(store.config, "again")
+    assert (again.path / "app.log.1").read_bytes() == b"one\ntwo\n"
+    assert stat.S_IMODE(os.stat(again.path / "app.log.1").st_mode) == 0o640
