@@ -18,7 +18,7 @@ KUSTOMIZE_VERSION := v5.8.2
 TOOL_CACHE := $(HOME)/.cache/objfs/go-tools
 # libfuse >= 3.17.3 and pyfuse3 with FUSE passthrough, built once per version (native/build.sh)
 NATIVE_CACHE ?= $(HOME)/.cache/objfs/native
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc util-linux procps meson ninja-build curl patch
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc util-linux procps meson ninja-build curl patch rsync
 BENCH_APT_PACKAGES := s3fs linux-perf
 export PATH := $(CURDIR)/$(VENV)/bin:$(TOOLS):$(PATH)
 

@@ -31,7 +31,7 @@ from fusefs.config import (
 K8S_PREFIXES = ("csi.storage.k8s.io/", "storage.kubernetes.io/")
 EPHEMERAL_KEY = "csi.storage.k8s.io/ephemeral"
 KNOWN = ("backend", "bucket", "prefix", "endpoint", "region", "cache", "metadataTTL", "uid", "gid",
-         "fileMode", "dirMode", "prefetch")
+         "fileMode", "dirMode", "prefetch", "fileMetadata")
 LOCATION_KEYS = ("backend", "bucket", "prefix", "endpoint", "region")
 SECRET_KEYS = ("accessKeyID", "secretAccessKey", "sessionToken", "serviceAccountJSON")
 
@@ -50,6 +50,7 @@ class VolumeParams:
     file_mode: int = 0o644
     dir_mode: int = 0o755
     prefetch: tuple[str, ...] = ()
+    file_metadata: bool = False
 
 
 def user_keys(parameters: Mapping[str, str]) -> dict[str, str]:
@@ -83,8 +84,13 @@ def parse(parameters: Mapping[str, str]) -> VolumeParams:
     cache = given.get("cache", "node")
     if cache not in ("node", "none"):
         raise InvalidArgument(f"cache {cache!r} must be 'node' or 'none'")
+    file_metadata = given.get("fileMetadata", "false").lower()
+    if file_metadata not in ("true", "false"):
+        raise InvalidArgument(f"fileMetadata {given['fileMetadata']!r} must be 'true' (each file keeps its own "
+                              "mtime, mode and owner in the store) or 'false' (the volume's uid/gid/fileMode)")
     p = replace(
-        p, backend=backend, bucket=bucket, prefix=prefix, endpoint=endpoint, region=given.get("region", ""),
+        p, file_metadata=file_metadata == "true",
+        backend=backend, bucket=bucket, prefix=prefix, endpoint=endpoint, region=given.get("region", ""),
         cache=cache == "node",
         metadata_ttl=_number(given, "metadataTTL", p.metadata_ttl),
         uid=_int(given, "uid", p.uid, 10), gid=_int(given, "gid", p.gid, 10),
@@ -223,6 +229,7 @@ def mount_config(
             region=p.region or None, credentials=credentials(secrets, p.backend), read_only=read_only,
             cache_dir=cache_dir if p.cache else None, cache_size=cache_size, metadata_ttl=p.metadata_ttl, uid=p.uid,
             gid=p.gid if gid_override is None else gid_override, file_mode=p.file_mode, dir_mode=p.dir_mode,
+            file_metadata=p.file_metadata,
             allow_other=True, prefetch=p.prefetch, fs_name="objfs",
         )
     except ConfigError as e:

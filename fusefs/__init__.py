@@ -20,7 +20,7 @@ pyproject.toml, ``[tool.importlinter]``):
                   the node plugin's registration broker, both ends, and its client)
 - ``nodecache``   the node-wide cache on local disk, written only by the data service
 - ``store``       the object store protocol and its S3, GCS and in-memory backends
-- ground floor:   ``config`` (``MountConfig``), ``errors``, ``retry``, ``metrics``, ``buffers``,
+- ground floor:   ``config`` (``MountConfig``), ``errors``, ``retry``, ``metrics``, ``buffers``, ``filemeta``,
                   ``kernel`` (mount(2), readahead), ``directio``
 
 ``fusefs`` knows nothing about CSI; ``config.MountConfig`` is the seam, and ``MountConfig.server_view``

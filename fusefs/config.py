@@ -85,7 +85,7 @@ class Tuning:
 #: running server of an earlier version (a pod's sidecar outlives a plugin upgrade) refuses keys it does
 #: not know, so a config that does not use a newer feature must read exactly as before
 #: (tests/wire/test_serve_pipe.py and test_handoff.py pin those bytes)
-WRITTEN_WHEN_SET: tuple[str, ...] = ("snapshot",)
+WRITTEN_WHEN_SET: tuple[str, ...] = ("file_metadata", "snapshot")
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,9 @@ class MountConfig:
     gid: int = 0
     file_mode: int = 0o644
     dir_mode: int = 0o755
+    #: each file's own mtime, mode and owner kept in its object's metadata (``fusefs.filemeta``);
+    #: off: every file shows the mount-wide uid/gid/file_mode and its store time
+    file_metadata: bool = False
     allow_other: bool = False
     prefetch: tuple[str, ...] = ()
     fs_name: str = "objfs"

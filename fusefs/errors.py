@@ -59,6 +59,11 @@ class InvalidRequestError(StoreError):
     default_errno = errno.EINVAL
 
 
+class UnsupportedError(InvalidRequestError):
+    """The store does not do what was asked (a ranged part copy on rclone's S3 server): the
+    caller falls back to a way every store supports."""
+
+
 class FileTooLargeError(StoreError):
     """More bytes than one object of the backend can hold."""
 

@@ -35,7 +35,8 @@ T = TypeVar("T")
 
 WRITE_INTERVAL = 5.0
 #: store request kinds, as ``AsyncStore`` names them (the first word of its description)
-STORE_KINDS = ("HEAD", "LIST", "GET", "PUT", "CREATE-MULTIPART", "PART", "COMPLETE", "ABORT", "COPY", "DELETE")
+STORE_KINDS = ("HEAD", "LIST", "GET", "PUT", "CREATE-MULTIPART", "PART", "COMPLETE", "ABORT", "COPY", "DELETE",
+               "SET-META", "PART-COPY")
 #: what a user must act on, by reason label, with the sentence the volume condition shows
 PROBLEMS = {
     "store_access_denied": "the store denied access (check the volume's credentials and the bucket policy)",
@@ -68,6 +69,10 @@ PASSTHROUGH_OPENS = Counter("objfs_fuse_passthrough_opens", "Opens answered with
                             "node-cache file: the kernel reads it, no READ reaches this server", registry=REGISTRY)
 PASSTHROUGH_REFUSED = Counter("objfs_fuse_passthrough_refused", "Complete node-cache files whose registration as a "
                               "backing file failed (the open then went through the server)", registry=REGISTRY)
+HIDDEN_KEYS = Counter("objfs_hidden_keys", "Keys in the store that cannot be shown as file names, by reason "
+                      "(too_long: a name over 255 bytes; invalid: an empty segment, '.', '..', NUL; outside: not "
+                      "under the prefix listed), counted once per directory, when it is first listed",
+                      ["reason"], registry=REGISTRY)
 OPEN_HANDLES = Gauge("objfs_open_handles", "Open file and directory handles of this mount", registry=REGISTRY)
 CACHE_REMOVED = Counter("objfs_node_cache_removed_blocks", "Block files this server removed from the node "
                         "cache: LRU evictions, and the few replaced or deleted as corrupt", registry=REGISTRY)

@@ -94,6 +94,7 @@ class Tally:
     errors: int = 0  # responses with a status >= 400
     faults: Counter[str] = field(default_factory=Counter)  # fault kind -> requests it was injected into
     faulted: Counter[tuple[str, str]] = field(default_factory=Counter)  # (request kind, fault kind) -> count
+    sent_bytes: Counter[str] = field(default_factory=Counter)  # kind -> request body bytes (uploads)
 
     @property
     def total(self) -> int:
@@ -128,7 +129,7 @@ def classify(method: str, path: str, headers: dict[str, str]) -> str:
         if bucket_level:
             return "CREATE-BUCKET"
         if "uploadId" in query:
-            return "PART"
+            return "PART-COPY" if headers.get("x-amz-copy-source") else "PART"
         if headers.get("x-amz-copy-source"):
             return "COPY"
         return "PUT"
@@ -300,7 +301,7 @@ class CountingProxy:
     def tally(self) -> Tally:
         with self._lock:
             return Tally(Counter(self._tally.requests), Counter(self._tally.body_bytes), self._tally.errors,
-                         Counter(self._tally.faults), Counter(self._tally.faulted))
+                         Counter(self._tally.faults), Counter(self._tally.faulted), Counter(self._tally.sent_bytes))
 
     def snapshot(self) -> Counter[str]:
         """Requests by kind since the last reset (LIST, GET, HEAD, PUT, PART, DELETE, ...)."""
@@ -393,6 +394,10 @@ class CountingProxy:
             creader.copy_chunked(upstream)
         elif int(req.get("content-length", "0") or 0):
             creader.copy(int(req["content-length"]), upstream)
+        sent = int(req.get("x-amz-decoded-content-length") or req.get("content-length") or 0)
+        if sent:
+            with self._lock:
+                self._tally.sent_bytes[classify(method, target, req)] += sent
         resp = ureader.head()
         while resp is not None and resp[0].split()[1].startswith(b"1"):  # skip late interim responses
             client.sendall(b"".join(resp) + b"\r\n")

@@ -278,7 +278,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         return P.VolumeParams(
             backend=vid.backend, bucket=vid.bucket, prefix=prefix, endpoint=vid.endpoint, region=vid.region,
             cache=p.cache, metadata_ttl=p.metadata_ttl, uid=p.uid, gid=p.gid, file_mode=p.file_mode,
-            dir_mode=p.dir_mode, prefetch=p.prefetch,
+            dir_mode=p.dir_mode, prefetch=p.prefetch, file_metadata=p.file_metadata,
         )
 
     def _mount_target(self, target: str, read_only: bool) -> tuple[int, bool]:

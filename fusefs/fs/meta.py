@@ -13,6 +13,7 @@ Two caches, both living for the metadata TTL:
 
 from __future__ import annotations
 
+import functools
 import logging
 import stat
 import time
@@ -21,8 +22,9 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from fusefs import errors
+from fusefs import errors, metrics
 from fusefs.config import MountConfig
+from fusefs.filemeta import FileMeta
 from fusefs.service.api import DataClient
 from fusefs.store.base import ObjectInfo
 
@@ -31,6 +33,28 @@ log = logging.getLogger(__name__)
 ROOT = 1
 NAME_MAX = 255
 _PRUNE_AT = 200_000  # entries kept before expired ones are swept out
+
+
+_NO_META = FileMeta()
+#: parallel HEADs for the metadata of one listed directory's files (S3 lists none)
+META_HEADS = 16
+
+
+def _hidden_reason(prefix: str, key: str) -> str:
+    if not key.startswith(prefix):
+        return "outside"
+    name = key[len(prefix):]
+    name = name[:-1] if name.endswith("/") else name
+    try:
+        too_long = len(name.encode("utf-8", "surrogateescape")) > NAME_MAX
+    except UnicodeError:
+        too_long = False
+    return "too_long" if too_long and "/" not in name and name not in (".", "..") and "\0" not in name else "invalid"
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed(pairs: tuple[tuple[str, str], ...]) -> FileMeta:
+    return FileMeta.from_store(pairs)
 
 
 class UnversionedError(errors.StoreError):
@@ -137,6 +161,10 @@ class Meta:
         #: inode -> the version its FUSE passthrough opens read (set by ``ops``): the kernel gives
         #: such an inode no other kind of open, so a new version of its path gets a new inode
         self.backed: dict[int, str] = {}
+        #: directories' times: their marker's, else their newest entry's, once listed; before
+        #: that the mount's start (a bucket has no time for an implicit directory)
+        self.started = time.time()
+        self._dir_times: dict[str, float] = {}
 
     # -- keys ---------------------------------------------------------------------------------
     def key_of(self, path: str) -> str:
@@ -222,7 +250,18 @@ class Meta:
             self.by_path[new] = ino
 
     # -- attributes ---------------------------------------------------------------------------
-    def attributes(self, node: Node, size: int | None = None) -> pyfuse3.EntryAttributes:
+    def file_meta(self, info: ObjectInfo | None) -> FileMeta:
+        """The file's own attributes where the volume keeps them (``config.file_metadata``)."""
+        if not self.config.file_metadata or info is None or not info.meta:
+            return _NO_META
+        return _parsed(info.meta)
+
+    def is_symlink(self, node: Node) -> bool:
+        return not node.is_dir and self.file_meta(node.info).is_symlink
+
+    def attributes(self, node: Node, size: int | None = None, pending: FileMeta | None = None
+                   ) -> pyfuse3.EntryAttributes:
+        """``pending``: the attributes an open writer will store with the file (they win)."""
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.inode
         a.generation = 0
@@ -235,12 +274,20 @@ class Meta:
             a.st_mode = stat.S_IFDIR | self.config.dir_mode
             a.st_nlink = 2
             a.st_size = 0
-            mtime_ns = 0
+            mtime_ns = int(self._dir_times.get(node.path, self.started) * 1e9)
         else:
+            own = pending if pending is not None else self.file_meta(node.info)
             a.st_mode = stat.S_IFREG | self.config.file_mode
+            if own.mode is not None:
+                a.st_mode = (stat.S_IFLNK | 0o777) if own.is_symlink else stat.S_IFREG | stat.S_IMODE(own.mode)
+            if own.uid is not None:
+                a.st_uid = own.uid
+            if own.gid is not None:
+                a.st_gid = own.gid
             a.st_nlink = 1
             a.st_size = size if size is not None else (node.info.size if node.info else 0)
-            mtime_ns = int((node.info.mtime if node.info else time.time()) * 1e9)
+            mtime_ns = own.mtime_ns if own.mtime_ns is not None else int(
+                (node.info.mtime if node.info else time.time()) * 1e9)
         a.st_blocks = (a.st_size + 511) // 512
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = mtime_ns
         return a
@@ -275,6 +322,10 @@ class Meta:
         ino = self.by_path.get(path)
         if ino is not None and entry is not None and entry.info is not None:
             self._set_info(self.nodes[ino], entry.info, exp)
+
+    def dir_made(self, path: str, when: float) -> None:
+        """A directory this mount made (its marker's time)."""
+        self._dir_times[path] = when
 
     def invalidate_listing(self, path: str) -> None:
         self._listings.pop(path, None)
@@ -316,12 +367,14 @@ class Meta:
         dirs: dict[str, Entry] = {}
         skipped: list[str] = []
         token: str | None = None
+        marker: float | None = None
         while True:
             page = await self.store.list(prefix, "/", token)
             for info in page.objects:
                 name = info.key[len(prefix):]
                 if name == "" and info.key == prefix:
-                    continue  # the directory's own marker
+                    marker = info.mtime  # the directory's own marker
+                    continue
                 # a key outside the prefix asked for (a store or proxy that misbehaves) is not ours
                 if info.key.startswith(prefix) and valid_name(name):
                     files[name] = Entry(name, False, info)
@@ -340,7 +393,13 @@ class Meta:
             self._note_skipped(path, skipped)
         for name in files.keys() & dirs.keys():
             self._note_conflict(join(path, name))
+        if self.config.file_metadata:
+            await self._add_file_meta(files)
         entries = {**files, **dirs}  # a name that is both shows the directory
+        when = marker if marker is not None else max(
+            (e.info.mtime for e in files.values() if e.info is not None), default=None)
+        if when is not None:
+            self._dir_times[path] = when
         exp = self._expiry()
         listing = Listing(sorted(entries), entries, exp)
         for name, entry in entries.items():
@@ -350,6 +409,32 @@ class Meta:
                 self._set_info(self.nodes[ino], entry.info, exp)
         return listing
 
+    async def _add_file_meta(self, files: dict[str, Entry]) -> None:
+        """Each file's own metadata, for a store whose listing leaves it out (S3): one HEAD per
+        file, ``META_HEADS`` at a time (GCS listings carry it: no request). Only volumes that
+        keep per-file metadata pay this (``fileMetadata``)."""
+        missing = [e for e in files.values() if e.info is not None and e.info.meta is None]
+        if not missing:
+            return
+        limit = trio.CapacityLimiter(META_HEADS)
+
+        async def head(entry: Entry) -> None:
+            assert entry.info is not None
+            async with limit:
+                try:
+                    info = await self.store.head(entry.info.key)
+                except errors.NotFoundError:
+                    del files[entry.name]  # deleted since the listing
+                    return
+            files[entry.name] = Entry(entry.name, False, info)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for entry in missing:
+                    nursery.start_soon(head, entry)
+        except ExceptionGroup as group:
+            raise errors.first_store_error(group) from None
+
     def _note_skipped(self, path: str, keys: list[str]) -> None:
         """One warning per directory (not per key, not per listing) for keys that cannot be shown
         as names inside the mount: empty segments ('a//b', a leading '/'), '.', '..', names over
@@ -358,6 +443,9 @@ class Meta:
         if path in self._skips_noted:
             return
         self._skips_noted.add(path)
+        prefix = self.dir_prefix(path)
+        for key in keys:
+            metrics.HIDDEN_KEYS.labels(_hidden_reason(prefix, key)).inc()
         log.warning("%d key(s) under %r cannot be shown as file names (an empty segment, '.', '..', NUL or "
                     "a name over %d bytes) and are skipped, e.g. %r", len(keys), self.dir_prefix(path),
                     NAME_MAX, keys[0][:300])

@@ -12,9 +12,10 @@ import errno
 import functools
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ParamSpec, TypeVar, cast
 
 import pyfuse3
@@ -22,6 +23,7 @@ import trio
 
 from fusefs import errors, metrics
 from fusefs.config import MiB, MountConfig
+from fusefs.filemeta import FileMeta, pairs_of
 from fusefs.fs.meta import Entry, Listing, Meta, Node, join, name_of, parent_of, valid_name
 from fusefs.fs.read import BlockReader, Sequential
 from fusefs.fs.write import WriteHandle
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
+SYMLINK_MAX = 4095  # PATH_MAX less its NUL
 SMALL_FILE = 1 * MiB  # files up to this size are fetched ahead of a directory walk
 CACHED, DIRECT, PASSTHROUGH = "cached", "direct", "passthrough"  # FileHandle.mode
 
@@ -105,6 +108,9 @@ class SharedWrite:
 
     writer: WriteHandle
     fhs: set[int] = field(default_factory=set)
+    #: what the file's own attributes will be once stored (``MountConfig.file_metadata``):
+    #: a write makes its mtime now, a utimens sets it, a chmod/chown its mode/owner
+    own: FileMeta | None = None
 
 
 @dataclass
@@ -148,6 +154,8 @@ class Operations(pyfuse3.Operations):
         self._io: dict[int, _InodeIO] = {}
         #: set by ``fusefs.proc.serve.serve`` once INIT negotiated passthrough and a registrar exists
         self.passthrough: Passthrough | None = None
+        self._said_owner_mode = False
+        self._said_symlink = False
 
     # -- helpers ------------------------------------------------------------------------------
     def _new_fh(self, handle: FileHandle | DirHandle) -> int:
@@ -166,12 +174,16 @@ class Operations(pyfuse3.Operations):
         shared = self._writers.get(inode) if inode is not None else None
         return shared.writer if shared is not None else None
 
-    async def _join_writer(self, node: Node, fh: int, existing: ObjectInfo | None, truncate: bool) -> WriteHandle:
-        """The write state of ``node`` for a new fd ``fh``: the one other fds share, else a new one."""
+    async def _join_writer(self, node: Node, fh: int, existing: ObjectInfo | None, truncate: bool,
+                           own: FileMeta | None = None) -> WriteHandle:
+        """The write state of ``node`` for a new fd ``fh``: the one other fds share, else a new one.
+        ``own``: a new file's attributes (else the file's current ones)."""
         shared = self._writers.get(node.inode)
         if shared is None:
             writer = self._new_writer(node, existing, truncate)
-            self._writers[node.inode] = SharedWrite(writer, {fh})
+            if self.config.file_metadata and own is None:
+                own = self._current_meta(node)
+            self._writers[node.inode] = SharedWrite(writer, {fh}, own)
             return writer
         shared.fhs.add(fh)  # before any await: a concurrent last release must not free it
         if truncate:
@@ -192,8 +204,15 @@ class Operations(pyfuse3.Operations):
             await shared.writer.release()
 
     def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
-        w = self._writer_of(node.inode)
-        return self.meta.attributes(node, size=w.size if w is not None else None)
+        shared = self._writers.get(node.inode)
+        if shared is None:
+            return self.meta.attributes(node)
+        return self.meta.attributes(node, size=shared.writer.size, pending=shared.own)
+
+    def _current_meta(self, node: Node) -> FileMeta:
+        """The file's attributes as shown now, all of them: what is stored when one changes."""
+        a = self.meta.attributes(node)
+        return FileMeta(a.st_mtime_ns, a.st_mode, a.st_uid, a.st_gid)
 
     def _writable(self) -> None:
         if self.config.read_only:
@@ -256,16 +275,72 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         node = self.meta.node(inode)
-        if fields.update_mode or fields.update_uid or fields.update_gid:
-            # Owner and mode are mount-wide (uid/gid/fileMode/dirMode): objects have none.
-            raise _fail(errno.EPERM)
+        own = self.config.file_metadata and not node.is_dir
+        if (fields.update_mode or fields.update_uid or fields.update_gid) and not own:
+            self._check_owner_mode(node, attr, fields)
         if fields.update_size:
             self._writable()
             if node.is_dir:
                 raise _fail(errno.EISDIR)
             await self._truncate(node, fh, attr.st_size)
-        # atime/mtime: accepted and ignored (objects have only their store's mtime), so touch works.
+        if own and (fields.update_mode or fields.update_uid or fields.update_gid or fields.update_mtime):
+            await self._set_own(node, attr, fields)
+        # Without per-file metadata (or on a directory), atime/mtime are accepted and ignored:
+        # objects have only their store's time, and touch works.
         return self._attrs(node)
+
+    async def _set_own(self, node: Node, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> None:
+        """chmod, chown, utimens of a file whose volume keeps per-file metadata: an open writer
+        stores it with the bytes; else the object's metadata is replaced (no new bytes sent)."""
+        shared = self._writers.get(node.inode)
+        now = shared.own if shared is not None and shared.own is not None else self._current_meta(node)
+        kind = stat.S_IFMT(now.mode) if now.mode is not None else stat.S_IFREG
+        new = now.merged(
+            mode=kind | stat.S_IMODE(attr.st_mode) if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None, gid=attr.st_gid if fields.update_gid else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None)
+        if new == now:
+            return
+        self._writable()
+        if shared is not None and (shared.writer.dirty or node.info is None or not node.info.version):
+            shared.own = new  # stored at the next flush, with the bytes
+            return
+        await self.meta.refresh_file(node)
+        info = node.info
+        if info is None or not info.version:
+            raise _fail(errno.ENOENT)
+        stored = await self.store.set_meta(info, new.to_store())
+        self._remember_meta(node, stored)
+        if shared is not None:
+            shared.own = new
+
+    def _remember_meta(self, node: Node, info: ObjectInfo) -> None:
+        """A new description of the same bytes (their version may still change: an S3 copy
+        onto itself above the single-copy limit gets a new ETag)."""
+        same = node.info is not None and node.info.version == info.version
+        self.meta.remember(node.path, Entry(name_of(node.path), False, info))
+        node.info = info
+        if not same:
+            node.open_version = None
+
+    def _check_owner_mode(self, node: Node, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> None:
+        """chmod/chown that change nothing succeed (``cp -p``, ``rsync -a`` and ``mv`` set what is
+        already there); a change the volume cannot keep is EPERM, said once in the log."""
+        now = self._attrs(node)
+        changes = []
+        if fields.update_mode and stat.S_IMODE(attr.st_mode) != stat.S_IMODE(now.st_mode):
+            changes.append(f"mode {stat.S_IMODE(now.st_mode):o} -> {stat.S_IMODE(attr.st_mode):o}")
+        if fields.update_uid and attr.st_uid != now.st_uid:
+            changes.append(f"uid {now.st_uid} -> {attr.st_uid}")
+        if fields.update_gid and attr.st_gid != now.st_gid:
+            changes.append(f"gid {now.st_gid} -> {attr.st_gid}")
+        if not changes:
+            return
+        if not self._said_owner_mode:
+            self._said_owner_mode = True
+            log.warning("%s: %s refused (EPERM): owner and mode are the volume's (uid/gid/fileMode/dirMode); "
+                        "objects keep none of their own", node.path or "/", ", ".join(changes))
+        raise _fail(errno.EPERM)
 
     async def _truncate(self, node: Node, fh: int | None, size: int) -> None:
         h = self._handles.get(fh) if fh is not None else None
@@ -277,6 +352,8 @@ class Operations(pyfuse3.Operations):
         await self.meta.refresh_file(node)
         existing = node.info if node.info is not None and node.info.version else None
         temp = self._new_writer(node, existing, truncate=size == 0)
+        if self.config.file_metadata:  # the new version keeps the file's own attributes, mtime now
+            temp.meta = replace(self._current_meta(node), mtime_ns=time.time_ns()).to_store()
         try:
             await temp.truncate(size)
             self._written(node, await temp.flush())
@@ -328,7 +405,8 @@ class Operations(pyfuse3.Operations):
         path = self._child_path(parent_inode, name)
         if await self.meta.resolve(path) is not None:
             raise _fail(errno.EEXIST)
-        await self.store.put(self.meta.dir_prefix(path), b"")  # the `dir/` marker keeps it when empty
+        marker = await self.store.put(self.meta.dir_prefix(path), b"")  # the `dir/` marker keeps it when empty
+        self.meta.dir_made(path, marker.mtime)
         entry = Entry(name_of(path), True)
         self.meta.remember(path, entry)
         node = self.meta.node_for(path, entry)
@@ -405,14 +483,15 @@ class Operations(pyfuse3.Operations):
         replaced = self.meta.by_path.get(dst)
         if replaced != moving and (victim := self._writer_of(replaced)) is not None:
             await victim.detach()  # the file renamed over loses its name, as on unlink
-        info = await self._move_object(src, dst, writer)
+        info = await self._move_object(src, dst, writer, moving)
         self.meta.remember(src, None)
         self.meta.move(src, dst)
         self.meta.remember(dst, Entry(name_of(dst), False, info))
         if moving is not None and moving in self.meta.nodes:
             self.meta.nodes[moving].open_version = None
 
-    async def _move_object(self, src: str, dst: str, writer: WriteHandle | None) -> ObjectInfo:
+    async def _move_object(self, src: str, dst: str, writer: WriteHandle | None, inode: int | None = None
+                           ) -> ObjectInfo:
         """Store ``src`` under ``dst``, and point an open file's write state at ``dst``: later
         writes and closes store under the new name (log rotation: open, write, rename, write)."""
         src_key, dst_key = self.meta.key_of(src), self.meta.key_of(dst)
@@ -420,7 +499,7 @@ class Operations(pyfuse3.Operations):
             # Its bytes go straight to the new name: no copy of the old one.
             await writer.rekey(dst_key)
             try:
-                info = await writer.flush()
+                info = await (self._upload(inode, writer) if inode is not None else writer.flush())
             except BaseException:
                 await writer.rekey(src_key)
                 raise
@@ -434,6 +513,73 @@ class Operations(pyfuse3.Operations):
         if writer is not None:
             await writer.rekey(dst_key, info)
         return info
+
+    @fuse_errors
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        """A regular file is an empty object (``mknod`` of S_IFREG, what some tools use instead
+        of ``creat``); device nodes, FIFOs and sockets have no object form: EPERM, as on a
+        filesystem that does not support them (ENOSYS reads as a broken system call)."""
+        self._writable()
+        if not stat.S_ISREG(mode):
+            raise _fail(errno.EPERM)
+        own = self._new_meta(mode, ctx) if self.config.file_metadata else None
+        return await self._put_new(self._child_path(parent_inode, name), b"", own)
+
+    async def _put_new(self, path: str, data: bytes, own: FileMeta | None) -> pyfuse3.EntryAttributes:
+        """A new object at ``path`` (EEXIST if the name is taken), stored at once."""
+        if await self.meta.resolve(path) is not None:
+            raise _fail(errno.EEXIST)
+        info = await self.store.put(self.meta.key_of(path), data, own.to_store() if own is not None else None)
+        entry = Entry(name_of(path), False, info)
+        self.meta.remember(path, entry)
+        node = self.meta.node_for(path, entry)
+        node.lookups += 1
+        return self._attrs(node)
+
+    @fuse_errors
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        # An object has one key: a second name would be a copy that drifts apart from the first.
+        raise _fail(errno.EPERM)
+
+    def _new_meta(self, mode: int, ctx: pyfuse3.RequestContext) -> FileMeta:
+        """A new file's attributes: its creator's, the mode as asked less the umask."""
+        kind = stat.S_IFMT(mode) or stat.S_IFREG
+        perms = stat.S_IMODE(mode) if kind == stat.S_IFLNK else stat.S_IMODE(mode) & ~ctx.umask
+        return FileMeta(time.time_ns(), kind | perms, ctx.uid, ctx.gid)
+
+    @fuse_errors
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        """A symlink is a small object holding its target as text, marked by S_IFLNK in its
+        ``mode`` metadata (as s3fs does): only where the volume keeps per-file metadata."""
+        self._writable()
+        if not self.config.file_metadata:
+            if not self._said_symlink:
+                self._said_symlink = True
+                log.warning("symlink refused (EPERM): this volume keeps no per-file metadata, where a symlink's "
+                            "mark is stored (volume option fileMetadata / --file-metadata)")
+            raise _fail(errno.EPERM)
+        path = self._child_path(parent_inode, name)
+        if len(target) > SYMLINK_MAX:
+            raise _fail(errno.ENAMETOOLONG)
+        return await self._put_new(path, target, self._new_meta(stat.S_IFLNK | 0o777, ctx))
+
+    @fuse_errors
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self.meta.node(inode)
+        await self.meta.refresh_file(node)
+        if not self.meta.is_symlink(node) or node.info is None:
+            raise _fail(errno.EINVAL)
+        if node.info.size > SYMLINK_MAX:
+            raise _fail(errno.EIO)  # not a target any system accepts: someone else's object
+        if not node.info.size:
+            return b""
+        return bytes(await self.store.get_range(node.info.key, 0, node.info.size, node.info.version or None))
 
     # -- files: data --------------------------------------------------------------------------
     @fuse_errors
@@ -560,14 +706,16 @@ class Operations(pyfuse3.Operations):
         if existing is not None and existing.is_dir:
             raise _fail(errno.EISDIR)
         # Visible in this mount at once; in the store at the first flush (close).
-        entry = Entry(name_of(path), False, ObjectInfo(self.meta.key_of(path), 0, "", time.time()))
+        own = self._new_meta(stat.S_IFREG | mode, ctx) if self.config.file_metadata else None
+        # whole seconds, as stores keep them (S3): the time does not jump back once stored
+        entry = Entry(name_of(path), False, ObjectInfo(self.meta.key_of(path), 0, "", float(int(time.time()))))
         self.meta.remember(path, entry)
         node = self.meta.node_for(path, entry)
         node.open_version = None
         handle = FileHandle(node, None, Sequential(self.tuning.block_size, 0))
         fh = self._new_fh(handle)
         try:
-            handle.writer = await self._join_writer(node, fh, None, truncate=True)
+            handle.writer = await self._join_writer(node, fh, None, truncate=True, own=own)
         except BaseException:
             del self._handles[fh]
             raise
@@ -605,15 +753,31 @@ class Operations(pyfuse3.Operations):
         h = self._file(fh)
         if h.writer is None:
             raise _fail(errno.EBADF)
+        shared = self._writers.get(h.node.inode)
+        if shared is not None and shared.own is not None:
+            shared.own = replace(shared.own, mtime_ns=time.time_ns())
         return await h.writer.write(off, buf)
 
     async def _flush(self, h: FileHandle) -> None:
         if h.writer is not None and h.writer.dirty:
             self._flushing += 1
             try:
-                self._written(h.node, await h.writer.flush())
+                self._written(h.node, await self._upload(h.node.inode, h.writer))
             finally:
                 self._flushing -= 1
+
+    async def _upload(self, inode: int, writer: WriteHandle) -> ObjectInfo:
+        """Store what ``writer`` holds, with the file's own attributes where the volume keeps them."""
+        shared = self._writers.get(inode)
+        own = shared.own if shared is not None else None
+        if own is not None:
+            writer.meta = own.to_store()
+        info = await writer.flush()
+        if own is not None and info.meta != pairs_of(own.to_store()):
+            # a multipart upload started before its attributes were final (cp -p sets them after
+            # the last write): one metadata replace
+            info = await self.store.set_meta(info, own.to_store())
+        return info
 
     @property
     def writes_pending(self) -> bool:

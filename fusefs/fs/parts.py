@@ -81,3 +81,79 @@ def sized(limits: StoreLimits, part_size: int, total: int, key: str) -> PartPlan
         )
     base = max(part_size, limits.min_part_size, -(-total // limits.max_parts))
     return _plan(limits, min(base, limits.max_part_size))
+
+
+# -- partial overwrites: parts copied by the store from the old object ----------------------------
+@dataclass(frozen=True)
+class Piece:
+    """One part of a patched object: bytes [start, start + length), copied by the store from the
+    old object (``copy``) or uploaded from the local copy."""
+
+    start: int
+    length: int
+    copy: bool
+
+
+def add_range(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    """``ranges`` (sorted, disjoint, half-open) with [start, end) added, merged."""
+    out: list[tuple[int, int]] = []
+    for a, b in ranges:
+        if b < start or a > end:
+            out.append((a, b))
+        else:
+            start, end = min(start, a), max(end, b)
+    out.append((start, end))
+    return sorted(out)
+
+
+def gaps(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    """The parts of [start, end) that ``ranges`` do not cover."""
+    out, pos = [], start
+    for a, b in ranges:
+        if b <= pos or a >= end:
+            continue
+        if a > pos:
+            out.append((pos, a))
+        pos = max(pos, b)
+    if pos < end:
+        out.append((pos, end))
+    return out
+
+
+def patch(limits: StoreLimits, part_size: int, size: int, base_size: int,
+          local: list[tuple[int, int]]) -> list[Piece] | None:
+    """The parts of an object of ``size`` bytes whose bytes ``local`` were written here and the
+    rest of [0, base_size) is the old object's: untouched runs the store can copy (``limits.part_copy``)
+    are copied, the rest uploaded, every part but the last at least ``min_part_size``. None when
+    nothing would be copied (then the whole file is uploaded as usual)."""
+    untouched = [(a, b) for a, b in gaps(local, 0, min(base_size, size)) if b > a]
+    if limits.part_copy == "whole":
+        # GCS: only the whole old object, as the first piece (an append)
+        if untouched != [(0, base_size)] or base_size == 0 or size <= base_size:
+            return None
+        whole = [Piece(0, base_size, True)]
+        whole += [Piece(p, min(part_size, size - p), False) for p in range(base_size, size, part_size)]
+        return whole if len(whole) <= limits.max_parts else None
+    if limits.part_copy != "ranges":
+        return None
+    least = limits.min_part_size
+    part = max(part_size, least, -(-size // max(1, limits.max_parts // 2)))
+    copyable = [(a, b) for a, b in untouched if b - a >= least]
+    pieces: list[Piece] = []
+    p = 0
+    while p < size:
+        run = next(((a, b) for a, b in copyable if a <= p < b and b - p >= least), None)
+        if run is not None:
+            n = min(run[1] - p, limits.max_part_size)
+            pieces.append(Piece(p, n, True))
+            p += n
+            continue
+        # upload at least `least` bytes (the last part excepted), up to the next copyable run
+        floor = min(size, p + least)
+        nxt = min((max(a, floor) for a, b in copyable if b - max(a, floor) >= least), default=size)
+        end = min(size, p + part, max(nxt, floor))
+        pieces.append(Piece(p, end - p, False))
+        p = end
+    if not any(piece.copy for piece in pieces) or len(pieces) > limits.max_parts:
+        return None
+    return pieces

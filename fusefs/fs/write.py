@@ -15,6 +15,13 @@ A handle is in one of three modes:
 - ``lazy``: an existing object opened without O_TRUNC and not modified yet. Reads go to the
   store, pinned to the version seen at open; the first write or truncate downloads the needed
   prefix into the staging file (ranged GETs pinned to that version) and switches to staged.
+- ``patch``: a write into an existing object on a store that copies parts server-side
+  (``StoreLimits.part_copy``). Only the written ranges live in the (sparse) staging file; reads of
+  the rest go to the old version. ``flush`` makes one multipart upload whose untouched runs are
+  copied by the store (S3 UploadPartCopy; on GCS only the whole old object: an append) and whose
+  other parts are uploaded, each filled from the old version first (``fusefs.fs.parts.patch``): a
+  1 MiB change in a 25 MiB file sends ~5 MiB, not 25. A truncate, an unlink or a store that refuses
+  the copy fills in the rest and goes staged.
 
 The handle belongs to the inode, not to a name (``ops`` shares one between every fd that writes
 the file): ``rekey`` points it at a new key after a rename (an upload under way to the old key is
@@ -41,7 +48,8 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TypeVar
 
 import trio
@@ -55,7 +63,7 @@ from fusefs.store.base import MultipartUpload, ObjectInfo
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-LAZY, STREAM, STAGED = "lazy", "stream", "staged"
+LAZY, STREAM, STAGED, PATCH = "lazy", "stream", "staged", "patch"
 
 
 class StagingError(errors.StoreError):
@@ -70,6 +78,15 @@ def _as_store_error(exc: Exception, key: str) -> errors.StoreError:
     if isinstance(exc, errors.StoreError):
         return exc
     return errors.StoreError(f"upload of {key} failed: {exc!r}", key=key)
+
+
+@dataclass(frozen=True)
+class PartCopy:
+    """A part the store copies from bytes [start, start + length) of ``src``."""
+
+    src: ObjectInfo
+    start: int
+    length: int
 
 
 class _Multipart:
@@ -88,6 +105,7 @@ class _Multipart:
         self._in_flight = 0
         self._idle = trio.Event()
         self._idle.set()
+        self.meta: Mapping[str, str] | None = None  # the object's user metadata, sent at start
 
     def next_size(self) -> int:
         return self.plan.size(self.parts + 1)
@@ -97,7 +115,7 @@ class _Multipart:
         return self.plan.full(self.parts)
 
     async def start(self) -> None:
-        self._upload = await self.store.create_multipart(self.key)
+        self._upload = await self.store.create_multipart(self.key, self.meta)
 
     async def reserve(self) -> None:
         """Wait for a free slot. Callers reserve before producing the part's bytes, so memory
@@ -107,7 +125,7 @@ class _Multipart:
     def unreserve(self) -> None:
         self._slots.release()
 
-    def launch(self, data: bytes) -> None:
+    def launch(self, data: bytes | PartCopy) -> None:
         """Upload the next part in the background, in a slot taken by ``reserve``."""
         assert self._upload is not None and not self.full
         if self._in_flight == 0:
@@ -128,10 +146,13 @@ class _Multipart:
         await self.reserve()
         self.launch(data)
 
-    async def _send_part(self, upload: MultipartUpload, number: int, data: bytes) -> None:
+    async def _send_part(self, upload: MultipartUpload, number: int, data: bytes | PartCopy) -> None:
         # Runs in the filesystem's nursery: it must never raise, or it would take the server down.
         try:
-            await self.store.upload_part(upload, number, data)
+            if isinstance(data, PartCopy):
+                await self.store.upload_part_copy(upload, number, data.src, data.start, data.length)
+            else:
+                await self.store.upload_part(upload, number, data)
         except Exception as exc:
             if self.error is None:
                 self.error = _as_store_error(exc, self.key)
@@ -193,6 +214,12 @@ class WriteHandle:
         self._info = existing
         self._released = False
         self._detached = False  # unlinked: nothing is uploaded any more
+        self._no_part_copy = False  # the store refused a part copy: never try again for this file
+        self._base: ObjectInfo | None = None  # patch mode: the version untouched bytes come from
+        self._local: list[tuple[int, int]] = []  # patch mode: byte ranges the staging file holds
+        #: user metadata stored with the object (``fusefs.filemeta``), as the caller sets it: sent
+        #: with the upload (a multipart upload takes what it is when the upload starts)
+        self.meta: Mapping[str, str] | None = None
         if existing is not None and not truncate:
             self._mode, self._size, self._dirty = LAZY, existing.size, False
         else:
@@ -225,6 +252,8 @@ class WriteHandle:
             if not data:
                 return 0
             if self._mode == LAZY:
+                await self._start_patch()
+            if self._mode == LAZY:
                 await self._materialize(self._size)
             if self._mode == STREAM and offset != self._size:
                 await self._to_staged()
@@ -232,6 +261,8 @@ class WriteHandle:
                 await self._append(bytes(data))
             else:
                 await self._pwrite(offset, data)
+                if self._mode == PATCH:
+                    self._local = parts.add_range(self._local, offset, offset + len(data))
                 self._size = max(self._size, offset + len(data))
             self._dirty = True
             return len(data)
@@ -247,6 +278,8 @@ class WriteHandle:
                 return await self._store.get_range(self.key, offset, end - offset, self._existing.version)
             if self._mode == STAGED:
                 return await self._pread(offset, end - offset)
+            if self._mode == PATCH:
+                return await self._read_patched(offset, end)
             head = await self._pread(offset, min(end, self._disk_len) - offset) if offset < self._disk_len else b""
             lo = max(offset, self._disk_len) - self._disk_len
             return head + bytes(self._buf[lo : min(end - self._disk_len, self._fill)])
@@ -264,6 +297,8 @@ class WriteHandle:
             else:
                 if self._mode == LAZY:
                     await self._materialize(min(size, self._size))
+                if self._mode == PATCH:
+                    await self._fill_in(min(size, self._size))
                 await self._to_staged()
                 await self._disk(os.ftruncate, self._require_fd(), size)
                 self._size = size
@@ -279,6 +314,8 @@ class WriteHandle:
             if info is not None:
                 if self._mode == LAZY:
                     self._existing = info
+                if self._mode == PATCH and not self._dirty:
+                    self._base = info  # (a dirty patch still copies from the old key: deleted after)
                 self._info = info
 
     async def detach(self) -> None:
@@ -289,6 +326,8 @@ class WriteHandle:
             self._check_open()
             if self._mode == LAZY:
                 await self._materialize(self._size)
+            if self._mode == PATCH:
+                await self._fill_in(self._size)
             await self._to_staged()
             self._detached = True
 
@@ -300,7 +339,10 @@ class WriteHandle:
             if not self._dirty:
                 assert self._info is not None  # a clean handle is an unmodified existing object
                 return self._info
-            info = await (self._flush_stream() if self._mode == STREAM else self._flush_staged())
+            if self._mode == PATCH:
+                info = await self._flush_patch()
+            else:
+                info = await (self._flush_stream() if self._mode == STREAM else self._flush_staged())
             self._info, self._dirty = info, False
             return info
 
@@ -351,6 +393,7 @@ class WriteHandle:
         Falls back to staging if the multipart upload cannot start or has failed."""
         if self._stream is None:
             up = _Multipart(self._store, self.key, self._nursery, self._plan, self._max_in_flight)
+            up.meta = self.meta
             try:
                 await up.start()
             except errors.StoreError as exc:
@@ -381,7 +424,7 @@ class WriteHandle:
         up, self._stream = self._stream, None
         self._mode = STAGED
         if up is None:
-            return await self._store.put(self.key, tail)
+            return await self._store.put(self.key, tail, self.meta)
         if up.error is not None or up.full:
             log.warning("streamed upload of %s failed (%s); uploading the staged file", self.key, up.error)
             self._abandon(up)
@@ -424,9 +467,10 @@ class WriteHandle:
     async def _flush_staged(self) -> ObjectInfo:
         size = self._size
         if size <= self._plan.base:
-            return await self._store.put(self.key, await self._pread(0, size))
+            return await self._store.put(self.key, await self._pread(0, size), self.meta)
         plan = parts.sized(self._store.limits, self._plan.base, size, self.key)
         up = _Multipart(self._store, self.key, self._nursery, plan, self._max_in_flight)
+        up.meta = self.meta
         await up.start()
         try:
             offset = 0
@@ -447,19 +491,97 @@ class WriteHandle:
             self._abandon(up)
             raise
 
-    async def _materialize(self, length: int) -> None:
-        """Download bytes [0, length) of the existing object into the staging file; go staged."""
-        assert self._existing is not None
+    # -- patch mode ----------------------------------------------------------------------------
+    async def _start_patch(self) -> None:
+        """LAZY -> PATCH where the store copies parts and the object is big enough to gain."""
+        existing = self._existing
+        limits = self._store.limits
+        least = {"ranges": 2 * limits.min_part_size, "whole": MiB}.get(limits.part_copy)
+        if (least is None or existing is None or not existing.version or existing.size < least
+                or self._no_part_copy):
+            return
         await self._ensure_fd()
-        fd, version = self._require_fd(), self._existing.version
-        await self._disk(os.ftruncate, fd, 0)  # a previous failed attempt may have left bytes
+        fd = self._require_fd()
+        await self._disk(os.ftruncate, fd, 0)
+        await self._disk(os.ftruncate, fd, existing.size)  # sparse: nothing is read yet
+        self._base, self._local, self._mode = existing, [], PATCH
+
+    def _missing(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Ranges of [start, end) the staging file does not hold (they are the base version's)."""
+        assert self._base is not None
+        return parts.gaps(self._local, start, min(end, self._base.size))
+
+    async def _read_patched(self, offset: int, end: int) -> bytes:
+        assert self._base is not None
+        out, pos = [], offset
+        for a, b in self._missing(offset, end):
+            out.append(await self._pread(pos, a - pos))
+            out.append(await self._store.get_range(self._base.key, a, b - a, self._base.version))
+            pos = b
+        out.append(await self._pread(pos, end - pos))
+        return b"".join(out)
+
+    async def _fill_in(self, length: int) -> None:
+        """PATCH -> STAGED: the base version's bytes the staging file lacks in [0, length)."""
+        assert self._base is not None
+        await self._fetch(self._missing(0, length), self._base)
+        self._disk_len = self._size
+        self._mode, self._base, self._local = STAGED, None, []
+
+    async def _flush_patch(self) -> ObjectInfo:
+        base = self._base
+        assert base is not None
+        pieces = parts.patch(self._store.limits, self._plan.base, self._size, base.size, self._local)
+        if pieces is None:
+            await self._fill_in(self._size)
+            return await self._flush_staged()
+        plan = parts.sized(self._store.limits, self._plan.base, self._size, self.key)
+        up = _Multipart(self._store, self.key, self._nursery, plan, self._max_in_flight)
+        up.meta = self.meta
+        try:
+            await up.start()
+            for piece in pieces:
+                if up.error is not None:
+                    raise up.error
+                await up.reserve()
+                try:
+                    if piece.copy:
+                        part: bytes | PartCopy = PartCopy(base, piece.start, piece.length)
+                    else:
+                        gaps = self._missing(piece.start, piece.start + piece.length)
+                        await self._fetch(gaps, base)
+                        for a, b in gaps:
+                            self._local = parts.add_range(self._local, a, b)
+                        part = await self._pread(piece.start, piece.length)
+                except BaseException:
+                    up.unreserve()
+                    raise
+                up.launch(part)
+            info = await up.complete()
+        except errors.UnsupportedError as exc:
+            self._abandon(up)
+            self._no_part_copy = True
+            log.info("%s: %s; uploading the whole file", self.key, exc)
+            await self._fill_in(self._size)
+            return await self._flush_staged()
+        except BaseException:
+            self._abandon(up)
+            raise
+        # the new version holds every byte: later writes patch it, reads go to it
+        self._base, self._local = info, []
+        return info
+
+    async def _fetch(self, ranges: list[tuple[int, int]], base: ObjectInfo) -> None:
+        """Download ``ranges`` of ``base`` into the same offsets of the staging file, in chunks,
+        several at a time (ranged GETs pinned to its version)."""
+        await self._ensure_fd()
         chunk = max(self._tuning.block_size, 1 * MiB)
         slots = trio.Semaphore(self._max_in_flight)  # bounds the chunks held in memory
         failures: list[Exception] = []
 
         async def fetch(offset: int, n: int) -> None:
             try:
-                data = await self._store.get_range(self.key, offset, n, version)
+                data = await self._store.get_range(base.key, offset, n, base.version)
                 if len(data) != n:
                     raise errors.ObjectChangedError(f"{self.key} is shorter than when it was opened", key=self.key)
                 await self._pwrite(offset, data)
@@ -470,14 +592,22 @@ class WriteHandle:
                 slots.release()
 
         async with trio.open_nursery() as nursery:
-            for offset in range(0, length, chunk):
-                await slots.acquire()
-                if failures:
-                    slots.release()
-                    break
-                nursery.start_soon(fetch, offset, min(chunk, length - offset))
+            for start, end in ranges:
+                for offset in range(start, end, chunk):
+                    await slots.acquire()
+                    if failures:
+                        slots.release()
+                        break
+                    nursery.start_soon(fetch, offset, min(chunk, end - offset))
         if failures:
             raise _as_store_error(failures[0], self.key)
+
+    async def _materialize(self, length: int) -> None:
+        """Download bytes [0, length) of the existing object into the staging file; go staged."""
+        assert self._existing is not None
+        await self._ensure_fd()
+        await self._disk(os.ftruncate, self._require_fd(), 0)  # a previous failed attempt may have left bytes
+        await self._fetch([(0, length)], self._existing)
         self._disk_len = length
         self._mode = STAGED
 

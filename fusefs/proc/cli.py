@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--file-mode", type=_octal, default=0o644)
     m.add_argument("--dir-mode", type=_octal, default=0o755)
     m.add_argument("--allow-other", action="store_true")
+    m.add_argument("--file-metadata", action="store_true",
+                   help="keep each file's mtime, mode, owner and symlinks in its object's metadata (s3fs's "
+                        "names); on S3 a listed directory then costs a HEAD per file")
     m.add_argument("--prefetch", action="append", default=[], help="glob of keys warmed into the node cache")
     m.add_argument("--metrics-address", default="", metavar="HOST:PORT",
                    help="serve Prometheus metrics of this mount on HOST:PORT/metrics (default: off)")

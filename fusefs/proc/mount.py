@@ -75,6 +75,7 @@ def build_config(args: argparse.Namespace) -> MountConfig:
         cache_size=parse_size(args.cache_size), metadata_ttl=args.metadata_ttl,
         uid=os.getuid() if args.uid is None else args.uid, gid=os.getgid() if args.gid is None else args.gid,
         file_mode=args.file_mode, dir_mode=args.dir_mode, allow_other=args.allow_other,
+        file_metadata=args.file_metadata,
         prefetch=tuple(args.prefetch), fs_name=f"objfs:{args.source}"[:200],
         metrics_address=_metrics_address(args.metrics_address),
     )

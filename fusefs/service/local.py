@@ -7,7 +7,7 @@ argument comes from an untrusted sidecar, so each key is checked against the gra
 before anything is sent, and a block enters the node cache only as this side fetched it.
 
 Sharing the node cache between grants: blocks are keyed by the grant's tenant (a hash of the
-endpoint and the access key id, ``fusefs.nodecache.objectfiles.tenant_of``); grants with ambient credentials
+endpoint and the access key id, ``fusefs.nodecache.keys.tenant_of``); grants with ambient credentials
 share the "" tenant and prove, once per object version, that their credentials may read it (one
 pinned GET of the first byte) before cached bytes are served to them.
 """
@@ -18,12 +18,12 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from fusefs import errors, metrics
+from fusefs import errors, filemeta, metrics
 from fusefs.config import MountConfig
 from fusefs.nodecache.keys import tenant_of
 from fusefs.passthrough.backing import Registrar
@@ -53,6 +53,16 @@ def open_cache(directory: str | None, size: int) -> NodeCache | None:
     except Exception as exc:  # a cache that cannot open degrades to direct reads
         log.warning("node cache at %s unusable, reading directly: %s", directory, exc)
         return None
+
+
+def _checked(meta: Mapping[str, str] | None, key: str) -> dict[str, str] | None:
+    """Metadata a client wants stored, bounded (names, 2 KiB): InvalidRequestError otherwise."""
+    if meta is None:
+        return None
+    try:
+        return filemeta.check(dict(meta) if isinstance(meta, Mapping) else meta)
+    except ValueError as exc:
+        raise errors.InvalidRequestError(f"{key!r}: {exc}", key=key) from None
 
 
 class LocalData:
@@ -125,11 +135,26 @@ class LocalData:
                                              "at a time", key=info.key)
         return await self.store.get_range(info.key, start, length, info.version or None)
 
-    async def put(self, key: str, data: bytes | memoryview) -> ObjectInfo:
-        return await self.store.put(self.scope.write(key), data)
+    async def put(self, key: str, data: bytes | memoryview, meta: Mapping[str, str] | None = None) -> ObjectInfo:
+        info = await self.store.put(self.scope.write(key), data, _checked(meta, key))
+        await self._write_through(info, data)
+        return info
 
-    async def create_multipart(self, key: str) -> MultipartUpload:
-        upload = await self.store.create_multipart(self.scope.write(key))
+    async def _write_through(self, info: ObjectInfo, data: bytes | memoryview) -> None:
+        """The bytes of an object this service just stored go into the node cache under the
+        version the store answered, so the next read of it costs no GET: they are this side's
+        own, as sent and acknowledged. Best effort: a cache that refuses them changes nothing."""
+        if self.cache is None or not info.version or info.size != len(data) or not data:
+            return
+        view = memoryview(data)
+        for index in range(-(-len(data) // self.block_size)):
+            block = bytes(view[index * self.block_size:(index + 1) * self.block_size])
+            if not await trio.to_thread.run_sync(self.cache.put, self.cache_key(info, index), block):
+                return
+        self._authorised.add((info.key, info.version))  # its own bytes: no proof GET before reading them
+
+    async def create_multipart(self, key: str, meta: Mapping[str, str] | None = None) -> MultipartUpload:
+        upload = await self.store.create_multipart(self.scope.write(key), _checked(meta, key))
         self._uploads.add(id(upload))
         return upload
 
@@ -142,6 +167,15 @@ class LocalData:
         if not 1 <= number <= self.limits.max_parts:
             raise errors.InvalidRequestError(f"part number {number} is out of range", key=upload.key)
         await self.store.upload_part(self._own(upload), number, data)
+
+    async def upload_part_copy(self, upload: MultipartUpload, number: int, src: ObjectInfo, start: int,
+                               length: int) -> None:
+        if not 1 <= number <= self.limits.max_parts:
+            raise errors.InvalidRequestError(f"part number {number} is out of range", key=upload.key)
+        self.scope.key(src.key)  # a copy reads its source: only from this volume
+        if start < 0 or length <= 0 or start + length > src.size or length > self.limits.max_part_size:
+            raise errors.InvalidRequestError(f"bytes {start}+{length} of a {src.size}-byte object", key=src.key)
+        await self.store.upload_part_copy(self._own(upload), number, src, start, length)
 
     async def complete(self, upload: MultipartUpload) -> ObjectInfo:
         info = await self.store.complete(self._own(upload))
@@ -156,6 +190,10 @@ class LocalData:
 
     async def copy(self, src: str, dst: str) -> ObjectInfo:
         return await self.store.copy(self.scope.key(src), self.scope.write(dst))
+
+    async def set_meta(self, info: ObjectInfo, meta: Mapping[str, str]) -> ObjectInfo:
+        key = self.scope.write(info.key)
+        return await self.store.set_meta(key, _checked(meta, key) or {}, info.size, info.version)
 
     async def delete(self, key: str) -> None:
         await self.store.delete(self.scope.write(key))

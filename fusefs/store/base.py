@@ -16,7 +16,7 @@ version stays readable after the object is overwritten or deleted (snapshots pin
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -46,6 +46,9 @@ class ObjectInfo:
     size: int
     version: str  # S3 ETag (quotes stripped) or GCS generation
     mtime: float  # seconds since the epoch
+    #: the object's user metadata (names lower-case), sorted; None where the answer did not say
+    #: (an S3 listing carries none: a HEAD does)
+    meta: tuple[tuple[str, str], ...] | None = None
 
 
 @dataclass
@@ -63,11 +66,15 @@ class StoreLimits:
     min_part_size: int  # every part but the last is at least this big
     max_part_size: int
     max_object_size: int
+    #: server-side part copies of an existing object (``MultipartUpload.upload_part_copy``):
+    #: "ranges" (S3 UploadPartCopy), "whole" (only a whole object: a GCS compose), "" (none)
+    part_copy: str = ""
 
 
 #: Amazon S3's multipart limits (S3-compatible stores accept at least these, most the same); here,
 #: not in ``s3``, so that the memory store can keep them without importing boto3
-S3_LIMITS = StoreLimits(max_parts=10_000, min_part_size=5 * MiB, max_part_size=5 * GiB, max_object_size=5 * TiB)
+S3_LIMITS = StoreLimits(max_parts=10_000, min_part_size=5 * MiB, max_part_size=5 * GiB, max_object_size=5 * TiB,
+                        part_copy="ranges")
 
 
 class MultipartUpload(Protocol):
@@ -77,6 +84,11 @@ class MultipartUpload(Protocol):
     key: str
 
     def upload_part(self, number: int, data: bytes | memoryview) -> None: ...
+    def upload_part_copy(self, number: int, src: ObjectInfo, start: int, length: int) -> None:
+        """Part ``number`` is bytes [start, start + length) of the object ``src`` (that version:
+        ObjectChangedError if it changed), copied by the store; UnsupportedError where it cannot
+        (``StoreLimits.part_copy``)."""
+        ...
     def complete(self) -> ObjectInfo: ...
     def abort(self) -> None: ...
 
@@ -94,10 +106,16 @@ class BlockingStore(Protocol):
         self, prefix: str, delimiter: str | None = "/", token: str | None = None, max_keys: int = 1000
     ) -> ListPage: ...
     def get_range(self, key: str, start: int, length: int, version: str | None = None) -> bytes: ...
-    def put(self, key: str, data: bytes | memoryview) -> ObjectInfo: ...
+    def put(self, key: str, data: bytes | memoryview, meta: Mapping[str, str] | None = None) -> ObjectInfo: ...
     def put_file(self, key: str, path: str) -> ObjectInfo: ...
-    def create_multipart(self, key: str) -> MultipartUpload: ...
+    def create_multipart(self, key: str, meta: Mapping[str, str] | None = None) -> MultipartUpload: ...
     def copy(self, src: str, dst: str) -> ObjectInfo: ...
+    def set_meta(self, key: str, meta: Mapping[str, str], size: int, version: str) -> ObjectInfo:
+        """Replace the user metadata of ``key`` (``size`` bytes, version ``version``: a key
+        changed since fails with ``ObjectChangedError``), keeping its bytes: S3 copies the object
+        onto itself with the new metadata (UploadPartCopy above the single-copy limit), GCS
+        patches it (the generation, so the node cache's copy, stays valid)."""
+        ...
     def copy_from(self, src_bucket: str, src_key: str, dst_key: str, size: int, version: str | None = None
                   ) -> ObjectInfo:
         """Server-side copy of ``src_bucket/src_key`` (``size`` bytes, as a listing gave it) to
@@ -170,17 +188,22 @@ class AsyncStore:
             f"GET {key}[{start}:+{length}]", lambda: self.blocking.get_range(key, start, length, version)
         )
 
-    async def put(self, key: str, data: bytes | memoryview) -> ObjectInfo:
-        return await self._run(f"PUT {key}", lambda: self.blocking.put(key, data))
+    async def put(self, key: str, data: bytes | memoryview, meta: Mapping[str, str] | None = None) -> ObjectInfo:
+        return await self._run(f"PUT {key}", lambda: self.blocking.put(key, data, meta))
 
     async def put_file(self, key: str, path: str) -> ObjectInfo:
         return await self._run(f"PUT {key}", lambda: self.blocking.put_file(key, path))
 
-    async def create_multipart(self, key: str) -> MultipartUpload:
-        return await self._run(f"CREATE-MULTIPART {key}", lambda: self.blocking.create_multipart(key))
+    async def create_multipart(self, key: str, meta: Mapping[str, str] | None = None) -> MultipartUpload:
+        return await self._run(f"CREATE-MULTIPART {key}", lambda: self.blocking.create_multipart(key, meta))
 
     async def upload_part(self, upload: MultipartUpload, number: int, data: bytes | memoryview) -> None:
         await self._run(f"PART {upload.key}#{number}", lambda: upload.upload_part(number, data), len(data))
+
+    async def upload_part_copy(self, upload: MultipartUpload, number: int, src: ObjectInfo, start: int,
+                               length: int) -> None:
+        await self._run(f"PART-COPY {upload.key}#{number}",
+                        lambda: upload.upload_part_copy(number, src, start, length))
 
     async def complete(self, upload: MultipartUpload) -> ObjectInfo:
         return await self._run(f"COMPLETE {upload.key}", upload.complete)
@@ -190,6 +213,9 @@ class AsyncStore:
 
     async def copy(self, src: str, dst: str) -> ObjectInfo:
         return await self._run(f"COPY {src} {dst}", lambda: self.blocking.copy(src, dst))
+
+    async def set_meta(self, key: str, meta: Mapping[str, str], size: int, version: str) -> ObjectInfo:
+        return await self._run(f"SET-META {key}", lambda: self.blocking.set_meta(key, meta, size, version))
 
     async def delete(self, key: str) -> None:
         await self._run(f"DELETE {key}", lambda: self.blocking.delete(key))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -118,14 +118,14 @@ class FaultyStore:
     def get_range(self, key: str, start: int, length: int, version: str | None = None) -> bytes:
         return self._call("get_range", lambda: self.inner.get_range(key, start, length, version), key)
 
-    def put(self, key: str, data: bytes | memoryview) -> ObjectInfo:
-        return self._call("put", lambda: self.inner.put(key, data), key)
+    def put(self, key: str, data: bytes | memoryview, meta: Mapping[str, str] | None = None) -> ObjectInfo:
+        return self._call("put", lambda: self.inner.put(key, data, meta), key)
 
     def put_file(self, key: str, path: str) -> ObjectInfo:
         return self._call("put_file", lambda: self.inner.put_file(key, path), key)
 
-    def create_multipart(self, key: str) -> MultipartUpload:
-        upload = self._call("create_multipart", lambda: self.inner.create_multipart(key), key)
+    def create_multipart(self, key: str, meta: Mapping[str, str] | None = None) -> MultipartUpload:
+        upload = self._call("create_multipart", lambda: self.inner.create_multipart(key, meta), key)
         return FaultyUpload(self, upload)
 
     def copy(self, src: str, dst: str) -> ObjectInfo:
@@ -138,6 +138,9 @@ class FaultyStore:
 
     def delete(self, key: str) -> None:
         self._call("delete", lambda: self.inner.delete(key), key)
+
+    def set_meta(self, key: str, meta: Mapping[str, str], size: int, version: str) -> ObjectInfo:
+        return self._call("set_meta", lambda: self.inner.set_meta(key, meta, size, version), key)
 
     def keeps_versions(self) -> bool:
         return self._call("keeps_versions", self.inner.keeps_versions)
@@ -169,6 +172,10 @@ class FaultyUpload:
 
     def upload_part(self, number: int, data: bytes | memoryview) -> None:
         self.store._call("upload_part", lambda: self.inner.upload_part(number, data), self.key)
+
+    def upload_part_copy(self, number: int, src: ObjectInfo, start: int, length: int) -> None:
+        self.store._call("upload_part_copy", lambda: self.inner.upload_part_copy(number, src, start, length),
+                         self.key)
 
     def complete(self) -> ObjectInfo:
         return self.store._call("complete", self.inner.complete, self.key)

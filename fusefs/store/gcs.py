@@ -34,7 +34,7 @@ import json
 import logging
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import quote
@@ -50,6 +50,7 @@ from google.cloud.storage import Blob, Bucket, Client
 
 from fusefs import errors, retry
 from fusefs.config import Credentials, TiB
+from fusefs.filemeta import pairs_of
 from fusefs.retry import RetryPolicy
 from fusefs.store.base import ListPage, ObjectInfo, StoreLimits
 
@@ -60,7 +61,8 @@ UPLOAD_DIR = ".objfs-uploads"
 UPLOAD_CHUNK = 16 * 1024 * 1024
 #: a composite object has at most 1,024 components; objects are at most 5 TiB; compose takes
 #: components of any size
-LIMITS = StoreLimits(max_parts=1024, min_part_size=1, max_part_size=5 * TiB, max_object_size=5 * TiB)
+LIMITS = StoreLimits(max_parts=1024, min_part_size=1, max_part_size=5 * TiB, max_object_size=5 * TiB,
+                     part_copy="whole")
 COMPOSE_FAN_IN = 32  # sources of one compose request
 #: deleting temporary objects after the upload's outcome is known: brief, best effort
 _CLEANUP_POLICY = RetryPolicy(deadline=5.0)
@@ -132,7 +134,7 @@ def _info(blob: Blob) -> ObjectInfo:
     updated = blob.updated
     return ObjectInfo(
         key=str(blob.name), size=int(blob.size or 0), version=str(blob.generation or ""),
-        mtime=updated.timestamp() if updated is not None else 0.0,
+        mtime=updated.timestamp() if updated is not None else 0.0, meta=pairs_of(blob.metadata or {}),
     )
 
 
@@ -301,8 +303,10 @@ class GCSStore:
         return bytes(buf)
 
     # -- writes ------------------------------------------------------------------------------
-    def put(self, key: str, data: bytes | memoryview) -> ObjectInfo:
+    def put(self, key: str, data: bytes | memoryview, meta: Mapping[str, str] | None = None) -> ObjectInfo:
         blob = self._bucket.blob(key)
+        if meta:
+            blob.metadata = dict(meta)  # sent with the upload: no second request
         with self._errors(key):
             blob.upload_from_string(bytes(data), retry=None, timeout=self.timeout, checksum=None)
         return _info(blob)
@@ -315,8 +319,17 @@ class GCSStore:
             blob.upload_from_filename(path, retry=None, timeout=self.timeout, checksum=None)
         return _info(blob)
 
-    def create_multipart(self, key: str) -> GCSMultipartUpload:
-        return GCSMultipartUpload(self, key)
+    def create_multipart(self, key: str, meta: Mapping[str, str] | None = None) -> GCSMultipartUpload:
+        return GCSMultipartUpload(self, key, meta)
+
+    def set_meta(self, key: str, meta: Mapping[str, str], size: int, version: str) -> ObjectInfo:
+        # A patch merges into the metadata the object has (names not named stay): one request,
+        # and the generation (the version reads pin, and the node cache's key) does not change.
+        blob = self._bucket.blob(key)
+        blob.metadata = dict(meta)
+        with self._errors(key):
+            blob.patch(if_generation_match=int(version) if version else None, retry=None, timeout=self.timeout)
+        return _info(blob)
 
     def copy(self, src: str, dst: str) -> ObjectInfo:
         source = self._bucket.blob(src)
@@ -397,9 +410,10 @@ class GCSStore:
 class GCSMultipartUpload:
     """Parts as temporary objects, composed into the key on ``complete`` (see the module doc)."""
 
-    def __init__(self, store: GCSStore, key: str) -> None:
+    def __init__(self, store: GCSStore, key: str, meta: Mapping[str, str] | None = None) -> None:
         self.store = store
         self.key = key
+        self.meta = dict(meta or {})
         directory = key.rsplit("/", 1)[0] + "/" if "/" in key else ""
         self.part_prefix = f"{directory}{UPLOAD_DIR}/{secrets.token_hex(8)}/"
         self._parts: dict[int, str] = {}
@@ -410,23 +424,35 @@ class GCSMultipartUpload:
         return f"{self.part_prefix}{number:05d}"
 
     def upload_part(self, number: int, data: bytes | memoryview) -> None:
+        self._add_part(number, len(data), lambda name: self.store.put(name, data))
+
+    def upload_part_copy(self, number: int, src: ObjectInfo, start: int, length: int) -> None:
+        """GCS copies no byte ranges: a part can be a whole object (an append keeps the old object
+        as the first piece of the compose), copied server-side to a part name, bytes untouched."""
+        if start != 0 or length != src.size:
+            raise errors.UnsupportedError(f"{self.store._where(self.key)}: GCS copies whole objects only, "
+                                          f"not bytes {start}+{length} of {src.size}", key=self.key)
+        self._add_part(number, length,
+                       lambda name: self.store.copy_from(self.store.bucket, src.key, name, length, src.version or None))
+
+    def _add_part(self, number: int, length: int, make: Callable[[str], object]) -> None:
         if not 1 <= number <= LIMITS.max_parts:
             raise errors.InvalidRequestError(
                 f"part number {number} of gs://{self.store.bucket}/{self.key} is outside 1..{LIMITS.max_parts}: "
                 "use a larger part size", key=self.key,
             )
         name = self._part_name(number)
-        self.store.put(name, data)
+        make(name)
         with self._lock:
             if number not in self._parts:
-                self.size += len(data)
+                self.size += length
             self._parts[number] = name
 
     def complete(self) -> ObjectInfo:
         with self._lock:
             names = [n for _, n in sorted(self._parts.items())]
         if not names:
-            return self.store.put(self.key, b"")
+            return self.store.put(self.key, b"", self.meta)
         temporaries: list[str] = []
         try:
             with self.store._errors(self.key):
@@ -455,6 +481,8 @@ class GCSMultipartUpload:
                 merged.append(name)
             names, level = merged, level + 1
         target = bucket.blob(self.key)
+        if self.meta:
+            target.metadata = dict(self.meta)  # the composed object's (a compose request carries them)
         target.compose([bucket.blob(n) for n in names], retry=None, timeout=timeout)
         return target
 

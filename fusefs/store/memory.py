@@ -32,10 +32,11 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from fusefs import errors
+from fusefs.filemeta import pairs_of
 from fusefs.store.base import S3_LIMITS, ListPage, ObjectInfo, StoreLimits
 
 
@@ -49,8 +50,11 @@ class Stored:
     mtime: float
     metadata: dict[str, str] = field(default_factory=dict)  # user metadata (x-amz-meta-*)
 
-    def info(self, key: str) -> ObjectInfo:
-        return ObjectInfo(key=key, size=len(self.data), version=self.etag, mtime=self.mtime)
+    def info(self, key: str, with_meta: bool = True) -> ObjectInfo:
+        """As a HEAD answers it (with the user metadata), or as a listing does (``with_meta`` False:
+        an S3 listing carries none)."""
+        return ObjectInfo(key=key, size=len(self.data), version=self.etag, mtime=self.mtime,
+                          meta=pairs_of(self.metadata) if with_meta else None)
 
 
 @dataclass
@@ -175,7 +179,7 @@ class MemoryStore:
                 if entry[1]:
                     page.prefixes.append(entry[0])
                 else:
-                    page.objects.append(bucket.objects[key].info(key))
+                    page.objects.append(bucket.objects[key].info(key, with_meta=False))
                 last = entry
             return page
 
@@ -193,18 +197,18 @@ class MemoryStore:
         return stored.data[start:start + length]
 
     # -- writes ------------------------------------------------------------------------------
-    def put(self, key: str, data: bytes | memoryview) -> ObjectInfo:
+    def put(self, key: str, data: bytes | memoryview, meta: Mapping[str, str] | None = None) -> ObjectInfo:
         with self.server.lock:
-            return self._write(key, bytes(data))
+            return self._write(key, bytes(data), metadata=dict(meta or {}))
 
     def put_file(self, key: str, path: str) -> ObjectInfo:
         with open(path, "rb") as f:
             data = f.read()
         return self.put(key, data)
 
-    def create_multipart(self, key: str) -> MemoryMultipartUpload:
+    def create_multipart(self, key: str, meta: Mapping[str, str] | None = None) -> MemoryMultipartUpload:
         with self.server.lock:
-            upload = MemoryMultipartUpload(self, key, secrets.token_hex(8))
+            upload = MemoryMultipartUpload(self, key, secrets.token_hex(8), dict(meta or {}))
             self._bucket(key).uploads[upload.upload_id] = upload
             return upload
 
@@ -225,6 +229,14 @@ class MemoryStore:
                     f"memory://{src_bucket}/{src_key} changed since it was listed", key=src_key)
             # S3 keeps the ETag of a single-request copy (and the user metadata: COPY directive)
             return self._write(dst_key, source.data, source.etag, source.metadata)
+
+    def set_meta(self, key: str, meta: Mapping[str, str], size: int, version: str) -> ObjectInfo:
+        with self.server.lock:
+            stored = self._object(key)
+            if (version and stored.etag != version) or len(stored.data) != size:
+                raise errors.ObjectChangedError(f"{self._where(key)} changed since it was read", key=key)
+            # S3 copies the object onto itself (the ETag of a single-request copy stays); GCS patches it
+            return self._write(key, stored.data, stored.etag, dict(meta))
 
     def delete(self, key: str) -> None:
         with self.server.lock:
@@ -254,8 +266,9 @@ class MemoryStore:
 class MemoryMultipartUpload:
     """A multipart upload of a ``MemoryStore``: parts kept until complete or abort."""
 
-    def __init__(self, store: MemoryStore, key: str, upload_id: str) -> None:
+    def __init__(self, store: MemoryStore, key: str, upload_id: str, metadata: dict[str, str] | None = None) -> None:
         self.parts: dict[int, bytes] = {}  # number -> bytes; a part sent again replaces the first
+        self.metadata = metadata or {}
         self.key = key
         self.upload_id = upload_id
         self.store = store
@@ -279,6 +292,19 @@ class MemoryMultipartUpload:
         with self.store.server.lock:
             self._live()
             self.parts[number] = bytes(data)
+
+    def upload_part_copy(self, number: int, src: ObjectInfo, start: int, length: int) -> None:
+        if not self.store.limits.part_copy:
+            raise errors.UnsupportedError(f"{self.store._where(self.key)}: this store copies no parts", key=self.key)
+        with self.store.server.lock:
+            source = self.store._object(src.key)
+            if source.etag != src.version:
+                raise errors.ObjectChangedError(f"{self.store._where(src.key)} changed since it was read", key=src.key)
+            if start < 0 or length <= 0 or start + length > len(source.data):
+                raise errors.InvalidRequestError(
+                    f"{self.store._where(src.key)}: bytes {start}-{start + length - 1} are not in its "
+                    f"{len(source.data)}", key=src.key)
+        self.upload_part(number, source.data[start:start + length])
 
     def complete(self) -> ObjectInfo:
         limits = self.store.limits
@@ -304,7 +330,7 @@ class MemoryMultipartUpload:
                         f"{limits.min_part_size} (only the last part may be smaller)", key=self.key)
             digests = b"".join(hashlib.md5(self.parts[n]).digest() for n in numbers)
             etag = f"{hashlib.md5(digests).hexdigest()}-{len(numbers)}"
-            info = self.store._write(self.key, b"".join(self.parts[n] for n in numbers), etag)
+            info = self.store._write(self.key, b"".join(self.parts[n] for n in numbers), etag, self.metadata)
             del self.store._bucket(self.key).uploads[self.upload_id]
             self.parts.clear()
             self.completed_size = info.size

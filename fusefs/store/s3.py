@@ -7,10 +7,11 @@ status and S3 error code, never by message text.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -22,6 +23,7 @@ from boto3.s3.transfer import TransferConfig
 
 from fusefs import buffers, errors
 from fusefs.config import Credentials
+from fusefs.filemeta import pairs_of
 from fusefs.store.base import S3_LIMITS, VERSION_ID_TAG, ListPage, ObjectInfo, pinned_version_id
 from fusefs.store.s3_get import DirectGet
 
@@ -102,9 +104,9 @@ def _check_body_length(response_dict: dict[str, Any], operation_model: Any, **_:
         raise botocore.exceptions.IncompleteReadError(actual_bytes=len(body), expected_bytes=int(expected))
 
 
-def _info(key: str, size: int, etag: str, mtime: Any) -> ObjectInfo:
+def _info(key: str, size: int, etag: str, mtime: Any, meta: Mapping[str, str] | None = None) -> ObjectInfo:
     ts = mtime.timestamp() if hasattr(mtime, "timestamp") else 0.0
-    return ObjectInfo(key=key, size=int(size), version=etag.strip('"'), mtime=ts)
+    return ObjectInfo(key=key, size=int(size), version=etag.strip('"'), mtime=ts, meta=pairs_of(meta))
 
 
 _SESSION: boto3.session.Session | None = None
@@ -196,7 +198,7 @@ class S3Store:
             if not self._bucket_seen and not self.bucket_exists():
                 raise errors.BucketNotFoundError(f"bucket {self.bucket!r} does not exist", key=key) from None
             raise
-        return _info(key, r["ContentLength"], r.get("ETag", ""), r["LastModified"])
+        return _info(key, r["ContentLength"], r.get("ETag", ""), r["LastModified"], r.get("Metadata") or {})
 
     def list(
         self, prefix: str, delimiter: str | None = "/", token: str | None = None, max_keys: int = 1000
@@ -253,9 +255,10 @@ class S3Store:
                 raw.close()
 
     # -- writes ------------------------------------------------------------------------------
-    def put(self, key: str, data: bytes | memoryview) -> ObjectInfo:
-        r = self._call(key, self.client.put_object, Key=key, Body=bytes(data))
-        return ObjectInfo(key=key, size=len(data), version=r["ETag"].strip('"'), mtime=_now())
+    def put(self, key: str, data: bytes | memoryview, meta: Mapping[str, str] | None = None) -> ObjectInfo:
+        r = self._call(key, self.client.put_object, Key=key, Body=bytes(data), Metadata=dict(meta or {}))
+        return ObjectInfo(key=key, size=len(data), version=r["ETag"].strip('"'), mtime=_now(),
+                          meta=pairs_of(meta or {}))
 
     def put_file(self, key: str, path: str) -> ObjectInfo:
         size = os.path.getsize(path)
@@ -267,17 +270,25 @@ class S3Store:
             self.client.upload_file(path, self.bucket, key, Config=self.transfer)
         return self.head(key)
 
-    def create_multipart(self, key: str) -> S3MultipartUpload:
-        r = self._call(key, self.client.create_multipart_upload, Key=key)
+    def create_multipart(self, key: str, meta: Mapping[str, str] | None = None) -> S3MultipartUpload:
+        r = self._call(key, self.client.create_multipart_upload, Key=key, Metadata=dict(meta or {}))
         return S3MultipartUpload(self, key, r["UploadId"])
+
+    def set_meta(self, key: str, meta: Mapping[str, str], size: int, version: str) -> ObjectInfo:
+        info = self.copy_from(self.bucket, key, key, size, version or None, meta=meta)
+        if not info.version:  # rclone answers a copy with an empty result: ask what it made
+            return self.head(key)
+        return dataclasses.replace(info, meta=pairs_of(meta))
 
     def copy(self, src: str, dst: str) -> ObjectInfo:
         with self._errors(src):
             self.client.copy({"Bucket": self.bucket, "Key": src}, self.bucket, dst, Config=self.transfer)
         return self.head(dst)
 
-    def copy_from(self, src_bucket: str, src_key: str, dst_key: str, size: int, version: str | None = None
-                  ) -> ObjectInfo:
+    def copy_from(self, src_bucket: str, src_key: str, dst_key: str, size: int, version: str | None = None,
+                  meta: Mapping[str, str] | None = None) -> ObjectInfo:
+        """``meta``: the copy's user metadata instead of the source's (REPLACE: a copy onto the
+        same key changes only that)."""
         source = {"Bucket": src_bucket, "Key": src_key}
         cond: dict[str, str] = {}
         version_id = pinned_version_id(version)
@@ -286,13 +297,14 @@ class S3Store:
         elif version:
             cond["CopySourceIfMatch"] = f'"{version}"'
         if size <= COPY_OBJECT_LIMIT:
-            r = self._call(dst_key, self.client.copy_object, Key=dst_key, CopySource=source, **cond)
+            replace = {"MetadataDirective": "REPLACE", "Metadata": dict(meta)} if meta is not None else {}
+            r = self._call(dst_key, self.client.copy_object, Key=dst_key, CopySource=source, **cond, **replace)
             result = r.get("CopyObjectResult", {})
             return _info(dst_key, size, result.get("ETag", ""), result.get("LastModified"))
         # CopyObject takes at most 5 GiB: larger objects are copied as ranges (UploadPartCopy)
         # of one multipart upload, each pinned to the same source version.
         part = max(COPY_PART_SIZE, -(-size // LIMITS.max_parts))
-        upload = self.create_multipart(dst_key)
+        upload = self.create_multipart(dst_key, meta)
         try:
             for number, start in enumerate(range(0, size, part), 1):
                 end = min(size, start + part) - 1
@@ -394,6 +406,21 @@ class S3MultipartUpload:
             self._parts[number] = r["ETag"]
             self.size += len(data)
 
+    def upload_part_copy(self, number: int, src: ObjectInfo, start: int, length: int) -> None:
+        cond = {"CopySourceIfMatch": f'"{src.version}"'} if src.version else {}
+        r = self.store._call(
+            self.key, self.store.client.upload_part_copy, Key=self.key, UploadId=self.upload_id, PartNumber=number,
+            CopySource={"Bucket": self.store.bucket, "Key": src.key},
+            CopySourceRange=f"bytes={start}-{start + length - 1}", **cond,
+        )
+        etag = r.get("CopyPartResult", {}).get("ETag")
+        if not etag:  # rclone's S3 server answers UploadPartCopy with an empty result
+            raise errors.UnsupportedError(f"s3://{self.store.bucket}/{self.key}: the store does not support "
+                                          "UploadPartCopy", key=self.key)
+        with self._lock:
+            self._parts[number] = etag
+            self.size += length
+
     def complete(self) -> ObjectInfo:
         """Complete the upload; safe to call again after a failure (the retry policy does).
 
@@ -435,9 +462,11 @@ class S3MultipartUpload:
 
 
 def _now() -> float:
+    """The time a PUT answers for its object, in whole seconds as S3 keeps LastModified: a
+    file's mtime does not jump back by the fraction once a HEAD or LIST describes it."""
     import time
 
-    return time.time()
+    return float(int(time.time()))
 
 
 def _read_exactly(raw: Any, n: int, key: str) -> bytes:

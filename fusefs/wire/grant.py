@@ -35,13 +35,13 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
 import trio
 
-from fusefs import buffers, errors, metrics
+from fusefs import buffers, errors, filemeta, metrics
 from fusefs.service.local import MAX_RANGE, LocalData
 from fusefs.service.scope import ReadOnlyError
 from fusefs.store.base import ListPage, MultipartUpload, ObjectInfo, StoreLimits
@@ -68,7 +68,7 @@ ERRORS: dict[str, type[errors.StoreError]] = {
         errors.StoreError, errors.NotFoundError, errors.BucketNotFoundError, errors.AccessDeniedError,
         errors.ObjectChangedError, errors.AlreadyExistsError, errors.InvalidRequestError,
         errors.FileTooLargeError, errors.TransientError, errors.ThrottledError, errors.UnreachableError,
-        ReadOnlyError,
+        errors.UnsupportedError, ReadOnlyError,
     )
 }
 
@@ -76,7 +76,8 @@ ERRORS: dict[str, type[errors.StoreError]] = {
 #: the store request each grant request stands for, in this server's figures (``fusefs.metrics``)
 STORE_KINDS = {"head": "HEAD", "list": "LIST", "range": "GET", "read": "GET", "put": "PUT",
                "mp_create": "CREATE-MULTIPART", "mp_part": "PART", "mp_complete": "COMPLETE", "mp_abort": "ABORT",
-               "copy": "COPY", "delete": "DELETE", "check": "CHECK"}
+               "copy": "COPY", "delete": "DELETE", "check": "CHECK", "set_meta": "SET-META",
+               "mp_copy": "PART-COPY"}
 
 
 class ProtocolError(Exception):
@@ -136,8 +137,13 @@ async def _send(sock: trio.socket.SocketType, buffers: list[bytes | memoryview])
             view = view[sent:]
 
 
-def _info_to(info: ObjectInfo) -> dict[str, Any]:
-    return {"key": info.key, "size": info.size, "version": info.version, "mtime": info.mtime}
+def _info_to(info: ObjectInfo, meta: bool = True) -> dict[str, Any]:
+    """``meta``: with the object's metadata (not for reads: a block is the version's, whatever
+    the metadata says, and a read request stays as small as before)."""
+    d: dict[str, Any] = {"key": info.key, "size": info.size, "version": info.version, "mtime": info.mtime}
+    if meta and info.meta is not None:  # absent: not known (an S3 listing), as before metadata was sent
+        d["meta"] = dict(info.meta)
+    return d
 
 
 def _info_from(d: Any) -> ObjectInfo:
@@ -147,7 +153,13 @@ def _info_from(d: Any) -> ObjectInfo:
     if (not isinstance(key, str) or not isinstance(size, int) or isinstance(size, bool) or size < 0
             or not isinstance(version, str) or not isinstance(mtime, int | float)):
         raise ProtocolError("malformed object description")
-    return ObjectInfo(key=key, size=size, version=version, mtime=float(mtime))
+    meta = d.get("meta")
+    if meta is not None:
+        try:
+            meta = filemeta.pairs_of(filemeta.check(meta))
+        except ValueError as exc:
+            raise ProtocolError(f"malformed object metadata: {exc}") from None
+    return ObjectInfo(key=key, size=size, version=version, mtime=float(mtime), meta=meta)
 
 
 def _error_to(exc: BaseException) -> dict[str, Any]:
@@ -178,6 +190,9 @@ class RemoteUpload:
     connection: int  # which connection started it: after a reconnect the service has forgotten it
 
     def upload_part(self, number: int, data: bytes | memoryview) -> None:
+        raise RuntimeError("remote uploads are driven through GrantClient")
+
+    def upload_part_copy(self, number: int, src: ObjectInfo, start: int, length: int) -> None:
         raise RuntimeError("remote uploads are driven through GrantClient")
 
     def complete(self) -> ObjectInfo:
@@ -266,7 +281,7 @@ class GrantClient:
         self.identity = str(header.get("identity", ""))
         lim = header.get("limits") or {}
         self.limits = StoreLimits(int(lim["max_parts"]), int(lim["min_part_size"]), int(lim["max_part_size"]),
-                                  int(lim["max_object_size"]))
+                                  int(lim["max_object_size"]), str(lim.get("part_copy") or ""))
         self.block_size = int(header["block_size"])
         self.node_cache = bool(header.get("node_cache"))
         self.cache_disabled = bool(header.get("cache_disabled"))
@@ -394,20 +409,21 @@ class GrantClient:
         return payload
 
     async def read_block(self, info: ObjectInfo, index: int, warming: bool = False) -> bytes:
-        _, payload = await self._call({"op": "read", "key": info.key, "info": _info_to(info), "index": index,
+        _, payload = await self._call({"op": "read", "key": info.key, "info": _info_to(info, False), "index": index,
                                        "warming": warming})
         return payload
 
     async def on_node(self, info: ObjectInfo, index: int) -> bool:
-        answer, _ = await self._call({"op": "on_node", "key": info.key, "info": _info_to(info), "index": index})
+        answer, _ = await self._call({"op": "on_node", "key": info.key, "info": _info_to(info, False),
+                                      "index": index})
         return bool(answer.get("yes"))
 
-    async def put(self, key: str, data: bytes | memoryview) -> ObjectInfo:
-        answer, _ = await self._call({"op": "put", "key": key}, data)
+    async def put(self, key: str, data: bytes | memoryview, meta: Mapping[str, str] | None = None) -> ObjectInfo:
+        answer, _ = await self._call(_with_meta({"op": "put", "key": key}, meta), data)
         return _info_from(answer.get("info"))
 
-    async def create_multipart(self, key: str) -> MultipartUpload:
-        answer, _ = await self._call({"op": "mp_create", "key": key})
+    async def create_multipart(self, key: str, meta: Mapping[str, str] | None = None) -> MultipartUpload:
+        answer, _ = await self._call(_with_meta({"op": "mp_create", "key": key}, meta))
         return RemoteUpload(key, int(answer["upload"]), self._connection)
 
     def _remote(self, upload: MultipartUpload) -> RemoteUpload:
@@ -419,6 +435,12 @@ class GrantClient:
         up = self._remote(upload)
         await self._call({"op": "mp_part", "key": up.key, "upload": up.handle, "number": number}, data,
                          connection=up.connection)
+
+    async def upload_part_copy(self, upload: MultipartUpload, number: int, src: ObjectInfo, start: int,
+                               length: int) -> None:
+        up = self._remote(upload)
+        await self._call({"op": "mp_copy", "key": up.key, "upload": up.handle, "number": number,
+                          "src": _info_to(src), "start": start, "length": length}, connection=up.connection)
 
     async def complete(self, upload: MultipartUpload) -> ObjectInfo:
         up = self._remote(upload)
@@ -436,11 +458,15 @@ class GrantClient:
         answer, _ = await self._call({"op": "copy", "key": src, "dst": dst})
         return _info_from(answer.get("info"))
 
+    async def set_meta(self, info: ObjectInfo, meta: Mapping[str, str]) -> ObjectInfo:
+        answer, _ = await self._call({"op": "set_meta", "key": info.key, "info": _info_to(info), "meta": dict(meta)})
+        return _info_from(answer.get("info"))
+
     async def delete(self, key: str) -> None:
         await self._call({"op": "delete", "key": key})
 
     async def backing_open(self, info: ObjectInfo) -> int:
-        answer, _ = await self._call({"op": "backing_open", "key": info.key, "info": _info_to(info)})
+        answer, _ = await self._call({"op": "backing_open", "key": info.key, "info": _info_to(info, False)})
         backing_id = answer.get("backing_id", 0)
         return backing_id if isinstance(backing_id, int) and backing_id > 0 else 0
 
@@ -466,6 +492,24 @@ def received_fuse_fd(fds: list[int]) -> int | None:
             pass
         os.close(fd)  # not a FUSE connection: never kept, never used
     return fuse_fd
+
+
+def _with_meta(header: dict[str, Any], meta: Mapping[str, str] | None) -> dict[str, Any]:
+    """A request with its object's metadata, if any (absent: none, the bytes of a version-1
+    request without metadata, which old services read as before)."""
+    if meta is not None:
+        header["meta"] = dict(meta)
+    return header
+
+
+def _meta(header: dict[str, Any]) -> dict[str, str] | None:
+    meta = header.get("meta")
+    if meta is None:
+        return None
+    try:
+        return filemeta.check(meta)
+    except ValueError as exc:
+        raise errors.InvalidRequestError(str(exc)) from None
 
 
 def _str(header: dict[str, Any], name: str) -> str:
@@ -551,7 +595,8 @@ class GrantServer:
                 "limits": {"max_parts": data_client.limits.max_parts,
                            "min_part_size": data_client.limits.min_part_size,
                            "max_part_size": data_client.limits.max_part_size,
-                           "max_object_size": data_client.limits.max_object_size},
+                           "max_object_size": data_client.limits.max_object_size,
+                           "part_copy": data_client.limits.part_copy},
             }))
             return data_client
         log.warning("a grant connection did not say hello within %.0fs", HELLO_TIMEOUT)
@@ -633,15 +678,19 @@ class GrantServer:
             await data.check_access()
             return {}, b""
         if op == "put":
-            return {"info": _info_to(await data.put(_str(header, "key"), payload))}, b""
+            return {"info": _info_to(await data.put(_str(header, "key"), payload, _meta(header)))}, b""
         if op == "mp_create":
-            upload = await data.create_multipart(_str(header, "key"))
+            upload = await data.create_multipart(_str(header, "key"), _meta(header))
             handle = self._next_upload
             self._next_upload += 1
             self._uploads[handle] = upload
             return {"upload": handle}, b""
         if op == "mp_part":
             await data.upload_part(self._upload(header), _int(header, "number"), payload)
+            return {}, b""
+        if op == "mp_copy":
+            await data.upload_part_copy(self._upload(header), _int(header, "number"), _info_from(header.get("src")),
+                                        _int(header, "start"), _int(header, "length"))
             return {}, b""
         if op == "mp_complete":
             upload = self._upload(header)
@@ -655,6 +704,11 @@ class GrantServer:
             return {}, b""
         if op == "copy":
             return {"info": _info_to(await data.copy(_str(header, "key"), _str(header, "dst")))}, b""
+        if op == "set_meta":
+            info = _info_from(header.get("info"))
+            if info.key != _str(header, "key"):
+                raise errors.InvalidRequestError("'key' and 'info' name different objects")
+            return {"info": _info_to(await data.set_meta(info, _meta(header) or {}))}, b""
         if op == "delete":
             await data.delete(_str(header, "key"))
             return {}, b""

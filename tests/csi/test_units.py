@@ -16,6 +16,8 @@ from csi.node.dataservice import GrantRecords
 from csi.node.state import TEMP_PREFIX, PublishRecord, StateStore
 from csi.services.controller import bucket_name_for
 from fusefs.config import Credentials, MountConfig
+from fusefs.proc.cli import _parser
+from fusefs.proc.mount import build_config
 
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
 
@@ -54,11 +56,18 @@ def test_parameters_parse_and_reject_unknown_keys() -> None:
                  "storage.kubernetes.io/csiProvisionerIdentity": "1764745432123-8081-objfs.csi.dev"})
     assert (p.bucket, p.prefix, p.metadata_ttl, p.uid, p.gid) == ("models", "llama/", 30.0, 1000, 2000)
     assert (p.file_mode, p.dir_mode, p.prefetch, p.cache) == (0o640, 0o750, ("*.json", "config/*"), False)
+    assert not p.file_metadata
+    kept = P.parse({"bucket": "models", "fileMetadata": "True"})
+    assert kept.file_metadata
+    assert P.mount_config(kept, {}, read_only=False, cache_dir=None).file_metadata
+    mount_args = ["mount", "s3://models/llama", "/mnt", "--no-cache"]
+    assert not build_config(_parser().parse_args(mount_args)).file_metadata  # objfs mount: off unless asked
+    assert build_config(_parser().parse_args([*mount_args, "--file-metadata"])).file_metadata
     with pytest.raises(InvalidArgument, match="readOnly"):
         P.parse({"readOnly": "true"})
     for bad in ({"prefix": "a/../b"}, {"uid": "-1"}, {"fileMode": "999"}, {"cache": "ram"},
                 {"backend": "azure"}, {"endpoint": "ftp://x"}, {"bucket": "Bad_Bucket"}, {"metadataTTL": "x"},
-                {"prefetch": "../secret"}):
+                {"prefetch": "../secret"}, {"fileMetadata": "yes"}):
         with pytest.raises(InvalidArgument):
             P.parse(bad)
 

@@ -24,6 +24,7 @@ import pytest
 from fusefs.config import MountConfig
 from testing.fsmount import Mounted
 from testing.rewrite_proxy import Headers, RewritingProxy
+from testing.scrape import parse, value
 from testing.servers import RcloneS3
 
 pytestmark = pytest.mark.fuse
@@ -49,6 +50,8 @@ INJECTED: dict[str, tuple[list[str], list[str]]] = {
     "a//": (["a//b"], []),
     "../": (["../escape"], []),
 }
+#: what the hidden-keys metric counts of them, by reason (root and a/ listed)
+HIDDEN = {"too_long": 3.0, "invalid": 13.0, "outside": 3.0}
 #: what the mount shows
 EXPECTED_ROOT = sorted(["plain.txt", "a", "d", "sp ace", "back\\slash", "nl\nx", "tab\tx",
                         "unicode-\u00e9\u4e2d", "x" * 255])
@@ -89,8 +92,10 @@ def odd_bucket(s3_server: RcloneS3, s3_config: MountConfig) -> Iterator[MountCon
         yield dataclasses.replace(s3_config, endpoint_url=proxy.endpoint, metadata_ttl=0.0)
 
 
-def test_only_names_inside_the_mount_are_shown(odd_bucket: MountConfig, mount_fs: Callable[..., Mounted]) -> None:
-    m = mount_fs(odd_bucket)
+def test_only_names_inside_the_mount_are_shown(
+    odd_bucket: MountConfig, mount_fs: Callable[..., Mounted], tmp_path: Path
+) -> None:
+    m = mount_fs(dataclasses.replace(odd_bucket, metrics_path=str(tmp_path / "figures.prom")))
     root = m.path
     for _ in range(3):  # listed again each time: the same names, the same single warnings
         assert sorted(os.listdir(root)) == EXPECTED_ROOT
@@ -122,6 +127,12 @@ def test_only_names_inside_the_mount_are_shown(odd_bucket: MountConfig, mount_fs
     assert len(skipped) == 2, skipped
     assert sum("both an object and a directory prefix" in line for line in log.splitlines()) == 1
     assert "Traceback" not in log
+    # and counted, by reason, once per directory (the server writes its last figures as it leaves)
+    m.unmount()
+    figures = parse((tmp_path / "figures.prom").read_text())
+    hidden = {reason: value(figures, "objfs_hidden_keys_total", reason=reason)
+              for reason in ("too_long", "invalid", "outside")}
+    assert hidden == HIDDEN, hidden
 
 
 def test_a_prefix_mount_never_reaches_outside_its_prefix(

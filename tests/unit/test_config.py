@@ -239,8 +239,10 @@ def test_a_config_that_uses_no_newer_field_reads_as_before() -> None:
     # A pod's sidecar of an earlier version refuses keys it does not know: fields added later are
     # written only when set.
     plain = MountConfig(backend="s3", bucket="b")
-    assert "snapshot" not in json.loads(plain.to_json())
+    assert not {"snapshot", "file_metadata"} & set(json.loads(plain.to_json()))
     assert MountConfig.from_json(plain.to_json()) == plain
     snap = MountConfig(backend="s3", bucket="b", snapshot="snapshots/s1/manifest.json", read_only=True)
     assert json.loads(snap.to_json())["snapshot"] == "snapshots/s1/manifest.json"
     assert MountConfig.from_json(snap.to_json()) == snap
+    kept = MountConfig(backend="s3", bucket="b", file_metadata=True)
+    assert json.loads(kept.to_json())["file_metadata"] is True and MountConfig.from_json(kept.to_json()) == kept

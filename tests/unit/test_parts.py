@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -290,3 +291,46 @@ async def test_gcs_upload_through_faults_is_whole(gcs_server: FakeGCS, gcs_proxy
     assert store.get_range("d/faulty", 0, info.size, info.version) == data
     assert all_keys(GCSStore(bucket, gcs_server.endpoint)) == ["d/faulty"]
     figures.report("test_parts::gcs_upload_through_faults", dict(faults), len(data))
+
+
+# -- partial overwrites (parts.patch) ----------------------------------------------------------------
+@settings(max_examples=300, deadline=None)
+@given(base=st.integers(0, 200), grow=st.integers(0, 40),
+       writes=st.lists(st.tuples(st.integers(0, 240), st.integers(1, 30)), max_size=8))
+def test_patch_plans_cover_the_file_copy_only_untouched_bytes_and_keep_part_sizes(
+    base: int, grow: int, writes: list[tuple[int, int]]
+) -> None:
+    """In MiB units: S3's least part is 5 of them. Every byte is in exactly one piece, copies
+    come only from old bytes nobody wrote, every part but the last is at least the least part."""
+    size = base + grow
+    local: list[tuple[int, int]] = []
+    for start, n in writes:
+        start = min(start, size)
+        local = parts.add_range(local, start * MiB, min(size, start + n) * MiB)
+    local = [(a, b) for a, b in local if b > a]
+    if local:
+        size = max(size, local[-1][1] // MiB)
+    pieces = parts.patch(S3_LIMITS, 8 * MiB, size * MiB, base * MiB, local)
+    if pieces is None:
+        return
+    assert pieces[0].start == 0 and sum(p.length for p in pieces) == size * MiB
+    for a, b in itertools.pairwise(pieces):
+        assert a.start + a.length == b.start
+        assert a.length >= S3_LIMITS.min_part_size
+    for p in pieces:
+        if p.copy:
+            assert p.start + p.length <= base * MiB
+            assert parts.gaps(local, p.start, p.start + p.length) == [(p.start, p.start + p.length)]
+
+
+def test_patch_plans_of_the_usual_cases() -> None:
+    one = parts.patch(S3_LIMITS, 8 * MiB, 25 * MiB, 25 * MiB, [(12 * MiB, 13 * MiB)])
+    assert one == [parts.Piece(0, 12 * MiB, True), parts.Piece(12 * MiB, 5 * MiB, False),
+                   parts.Piece(17 * MiB, 8 * MiB, True)]
+    assert parts.patch(S3_LIMITS, 8 * MiB, 8 * MiB, 8 * MiB, [(MiB, 2 * MiB)]) is None  # nothing to copy
+    append = parts.patch(GCS_LIMITS, 8 * MiB, 30 * MiB, 20 * MiB, [(20 * MiB, 30 * MiB)])
+    assert append == [parts.Piece(0, 20 * MiB, True), parts.Piece(20 * MiB, 8 * MiB, False),
+                      parts.Piece(28 * MiB, 2 * MiB, False)]
+    assert parts.patch(GCS_LIMITS, 8 * MiB, 20 * MiB, 20 * MiB, [(MiB, 2 * MiB)]) is None  # no ranges on GCS
+    assert parts.gaps([(2, 4), (6, 8)], 0, 10) == [(0, 2), (4, 6), (8, 10)]
+    assert parts.add_range([(2, 4), (6, 8)], 4, 6) == [(2, 8)]

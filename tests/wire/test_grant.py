@@ -62,6 +62,18 @@ def test_frames_are_pinned_byte_for_byte() -> None:
     head = b'{"id":7,"op":"head","key":"a"}'
     assert frame == struct.pack("!IQ", len(head), 3) + head + b"xyz"
     assert W.VERSION == 1
+    # metadata rides in the header, only when there is some: a request without it is unchanged
+    assert W._with_meta({"id": 8, "op": "put", "key": "a"}, None) == {"id": 8, "op": "put", "key": "a"}
+    put = b"".join(bytes(b) for b in W.encode(W._with_meta({"id": 8, "op": "put", "key": "a"}, {"mtime": "5"}), b"x"))
+    head = b'{"id":8,"op":"put","key":"a","meta":{"mtime":"5"}}'
+    assert put == struct.pack("!IQ", len(head), 1) + head + b"x"
+    info = ObjectInfo("a", 1, "e", 2.0, (("mode", "33188"),))
+    set_meta = json.dumps({"id": 9, "op": "set_meta", "key": "a", "info": W._info_to(info), "meta": {"uid": "7"}},
+                          separators=(",", ":"))
+    assert set_meta == ('{"id":9,"op":"set_meta","key":"a","info":{"key":"a","size":1,"version":"e","mtime":2.0,'
+                        '"meta":{"mode":"33188"}},"meta":{"uid":"7"}}')
+    assert W._info_from(json.loads(set_meta)["info"]) == info
+    assert W._info_to(ObjectInfo("a", 1, "e", 2.0)) == {"key": "a", "size": 1, "version": "e", "mtime": 2.0}
 
 
 def test_reads_lists_and_writes_through_the_connection(s3_server: RcloneS3, bucket: str) -> None:
@@ -115,14 +127,33 @@ def test_a_grant_reaches_only_its_prefix_and_a_read_only_grant_writes_nothing(
                             client.copy("tenant-a/secret.txt", "tenant-b/stolen.txt")):
                 with pytest.raises(errors.AccessDeniedError):
                     await attempt
+            mine = await client.head("tenant-b/mine.txt")
             for write in (client.put("tenant-b/new.txt", b"x"), client.delete("tenant-b/mine.txt"),
-                          client.create_multipart("tenant-b/big.bin")):
+                          client.create_multipart("tenant-b/big.bin"), client.set_meta(mine, {"mode": "33279"}),
+                          client.put("tenant-b/link", b"mine.txt", {"mode": "41471"})):
                 with pytest.raises(ReadOnlyError):
                     await write
+        async with connected(local_data(config, "tenant-b/")) as client:
+            # writable, but still only its own prefix: metadata onto another tenant's object is refused
+            with pytest.raises(errors.AccessDeniedError):
+                await client.set_meta(other, {"mode": "33279"})
+            with pytest.raises(errors.AccessDeniedError):
+                await client._call({"op": "set_meta", "key": other.key, "info": W._info_to(other),
+                                    "meta": {"mode": "33279"}})
+            # a part copied from another tenant's object into an upload of this volume: refused
+            upload = await client.create_multipart("tenant-b/copy.bin")
+            with pytest.raises(errors.AccessDeniedError):
+                await client.upload_part_copy(upload, 1, other, 0, 8)
+            mine = await client.head("tenant-b/mine.txt")
+            with pytest.raises(errors.InvalidRequestError):
+                await client.upload_part_copy(upload, 1, mine, 4, 8)  # past its end
+            await client.abort(upload)
 
     run(main)
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
     assert keys == {"tenant-a/secret.txt", "tenant-b/mine.txt"}
+    assert s3.head_object(Bucket=bucket, Key="tenant-a/secret.txt")["Metadata"] == {}
+    assert s3.head_object(Bucket=bucket, Key="tenant-b/mine.txt")["Metadata"] == {}
 
 
 def test_malformed_requests_get_errors_and_the_connection_keeps_serving(s3_server: RcloneS3, bucket: str) -> None:
@@ -135,7 +166,11 @@ def test_malformed_requests_get_errors_and_the_connection_keeps_serving(s3_serve
             for header in ({"op": "nope"}, {"op": "head", "key": 5}, {"op": "read", "info": "x", "index": 0},
                            {"op": "read", "info": {"key": "k", "size": -1, "version": "v"}, "index": 0},
                            {"op": "mp_part", "upload": 99, "number": 1, "key": "k"},
-                           {"op": "range", "key": "k", "start": 0, "length": 65 * MiB}):
+                           {"op": "range", "key": "k", "start": 0, "length": 65 * MiB},
+                           {"op": "put", "key": "k", "meta": {"Bad Name": "x"}},
+                           {"op": "put", "key": "k", "meta": {"big": "x" * 3000}},
+                           {"op": "set_meta", "key": "k", "info": {"key": "k", "size": 1, "version": "v"},
+                            "meta": ["mode"]}):
                 with pytest.raises(errors.StoreError):
                     await client._call(header)
             assert (await client.head("k")).size == 1
