@@ -175,3 +175,34 @@ def fuse_server_pids(mountpoint: Path) -> set[int]:
         except OSError:
             continue
     return found
+
+
+def _cpu_of(pid: int) -> float:
+    """User + system CPU seconds of one live process (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pids: set[int]) -> float:
+    """CPU seconds used so far by ``pids`` and every live descendant of theirs (a data service
+    started beside an objfs server, rclone's and s3fs's threads are in their process already)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    seen: set[int] = set()
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid not in seen:
+            seen.add(pid)
+            todo.extend(children.get(pid, ()))
+    return sum(_cpu_of(p) for p in seen)

@@ -53,6 +53,7 @@ class Ctx:
     boto: Any
     mount_clients: list[Client]  # the FUSE clients available in this run
     log: Callable[[str], None]
+    latency_ms: float = 10.0  # one way, of the latency proxy behind store.latency_endpoint
     _counter: Iterator[int] = field(default_factory=itertools.count)
 
     def mountpoint(self, name: str) -> Path:
