@@ -70,6 +70,12 @@ class Mounted:
     path: Path
     proc: subprocess.Popen[bytes] | None  # the FUSE server when we started it in the foreground
     server_pids: set[int]  # processes serving the mount (for RSS)
+    helper_pids: set[int] = field(default_factory=set)  # objfs's data service of the mount, when it has one
+
+    @property
+    def cpu_pids(self) -> set[int]:
+        """Whose CPU time the mount costs (with their descendants: ``procs.tree_cpu_seconds``)."""
+        return self.server_pids | self.helper_pids
 
 
 @dataclass(frozen=True)
@@ -107,13 +113,15 @@ class Client:
                 subprocess.run(cmd, stdout=log, stderr=log, env=store.env(), check=True, timeout=60)
                 procs.wait_mounted(mountpoint, None)
                 pids = procs.fuse_server_pids(mountpoint)
+                helpers = procs.data_service_pids(cache_dir) if "--data-service" in self.extra else set()
             else:
                 proc = subprocess.Popen(self._peer_cmd(store, prefix, mountpoint, endpoint, cache_dir),
                                         stdout=log, stderr=log, env=self._peer_env(), start_new_session=True)
                 procs.register(mountpoint, proc)
                 procs.wait_mounted(mountpoint, proc)
                 pids = {proc.pid}
-            yield Mounted(mountpoint, proc, pids)
+                helpers = set()
+            yield Mounted(mountpoint, proc, pids, helpers)
         finally:
             if self.family == "objfs" and procs.is_mounted(mountpoint):
                 subprocess.run([str(VENV_BIN / "objfs"), "unmount", str(mountpoint)], stdout=log, stderr=log,

@@ -177,6 +177,22 @@ def fuse_server_pids(mountpoint: Path) -> set[int]:
     return found
 
 
+def data_service_pids(cache_dir: Path) -> set[int]:
+    """``objfs data-service`` processes of the node cache ``cache_dir`` (their command line names it):
+    ``objfs mount --data-service process`` starts one that is not a child of the server."""
+    found: set[int] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            args = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"data-service" in args and os.fsencode(cache_dir) in args:
+            found.add(int(entry))
+    return found
+
+
 def _cpu_of(pid: int) -> float:
     """User + system CPU seconds of one live process (0 if it is gone)."""
     try:

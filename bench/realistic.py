@@ -94,11 +94,11 @@ def _small(ctx: Ctx, sid: str, title: str, how: Callable[[Path, list[str]], dict
             with c.mount(ctx.store, "small", ctx.mountpoint(c.name), slow=True) as m:
                 procs.drop_caches()
                 ctx.proxy.reset()
-                cpu0 = procs.tree_cpu_seconds(m.server_pids)
+                cpu0 = procs.tree_cpu_seconds(m.cpu_pids)
                 t0 = time.perf_counter()
                 got = how(m.path, order)
                 secs = time.perf_counter() - t0
-                cpu = procs.tree_cpu_seconds(m.server_pids) - cpu0
+                cpu = procs.tree_cpu_seconds(m.cpu_pids) - cpu0
                 tally = ctx.proxy.tally()
             if got.keys() != expected.keys():
                 raise WrongBytes(f"{c.name}: read {len(got)} files, expected {len(expected)}")
@@ -180,10 +180,10 @@ def latency_model(ctx: Ctx) -> Scenario:
             assert isinstance(c, Client)
             with c.mount(ctx.store, "model", ctx.mountpoint(c.name), slow=True) as m:
                 procs.drop_caches()
-                cpu0 = procs.tree_cpu_seconds(m.server_pids)
+                cpu0 = procs.tree_cpu_seconds(m.cpu_pids)
                 out = subprocess.run([sys.executable, "-m", "bench.model_load", str(m.path / "model.safetensors")],
                                      check=True, capture_output=True, timeout=900)
-                cpu = procs.tree_cpu_seconds(m.server_pids) - cpu0
+                cpu = procs.tree_cpu_seconds(m.cpu_pids) - cpu0
             result = json.loads(out.stdout.decode().strip().splitlines()[-1])
             if result["tensors"] != ctx.manifest.tensors:
                 raise WrongBytes(f"{c.name}: tensor bytes differ from the generated model")
