@@ -13,7 +13,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -159,19 +159,25 @@ def vm_hwm_kib(pid: int) -> int | None:
     return None
 
 
+def _command_lines() -> Iterator[tuple[int, list[bytes]]]:
+    """(pid, argv) of every process still there."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                yield int(entry), Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+
+
 def fuse_server_pids(mountpoint: Path) -> set[int]:
     """objfs serve processes of ``mountpoint`` (their command line names it) that hold /dev/fuse open."""
     found: set[int] = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+    for pid, args in _command_lines():
+        if b"serve" not in args or os.fsencode(mountpoint) not in args:
             continue
         try:
-            args = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            if b"serve" not in args or os.fsencode(mountpoint) not in args:
-                continue
-            fds = os.listdir(f"/proc/{entry}/fd")
-            if any(os.readlink(f"/proc/{entry}/fd/{fd}") == "/dev/fuse" for fd in fds):
-                found.add(int(entry))
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/fuse" for fd in os.listdir(f"/proc/{pid}/fd")):
+                found.add(pid)
         except OSError:
             continue
     return found
@@ -180,17 +186,7 @@ def fuse_server_pids(mountpoint: Path) -> set[int]:
 def data_service_pids(cache_dir: Path) -> set[int]:
     """``objfs data-service`` processes of the node cache ``cache_dir`` (their command line names it):
     ``objfs mount --data-service process`` starts one that is not a child of the server."""
-    found: set[int] = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            args = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"data-service" in args and os.fsencode(cache_dir) in args:
-            found.add(int(entry))
-    return found
+    return {pid for pid, args in _command_lines() if b"data-service" in args and os.fsencode(cache_dir) in args}
 
 
 def _cpu_of(pid: int) -> float:
