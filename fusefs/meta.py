@@ -9,7 +9,8 @@ Two caches, both living for the metadata TTL:
   and open of its entries, and lookups of names it does not contain, cost no request;
 - entries: positive and negative answers per path, filled by listings and by single lookups.
 A lookup in a directory not listed asks HEAD key + LIST prefix=key/ max 1, concurrently; from
-its second miss in that directory on, it lists the directory's first page instead: a directory
+its second miss in that directory on (from the first, when the directory's parent was listed
+that way: a data set read by path), it lists the directory's first page instead: a directory
 that fits in one page (1,000 keys) gets its listing from it, so readers opening files by path
 pay one LIST per directory instead of HEAD + LIST per file. Bigger directories stay with
 HEAD + LIST.
@@ -142,6 +143,7 @@ class Meta:
         #: directories whose first LIST page did not hold them whole: lookups there ask HEAD + LIST
         self._big_dirs: set[str] = set()
         self._misses: dict[str, int] = {}  # directory -> lookups that were not in the caches
+        self._listed_for_lookups: set[str] = set()  # directories listed (first page) because of them
         self.page_keys = 1000  # keys per LIST page (the stores' maximum)
         self._conflicts_noted: set[str] = set()
         self._skips_noted: set[str] = set()
@@ -387,8 +389,10 @@ class Meta:
                     self._big_dirs.add(path)
                 else:
                     self._listings[path] = listing
+                self._listed_for_lookups.add(path)
                 if len(self._misses) >= _PRUNE_AT:
                     self._misses.clear()
+                    self._listed_for_lookups.clear()
             finally:
                 del self._listing_flights[path]
                 flight.set()
@@ -421,8 +425,10 @@ class Meta:
             return entry
         parent = parent_of(path)
         misses = self._misses[parent] = self._misses.get(parent, 0) + 1
-        # (with no caching a listing would answer nothing after it)
-        if self.ttl > 0 and (misses >= LIST_AFTER_MISSES or parent in self._listing_flights):
+        # A directory whose parent was listed for its lookups is one more of a data set read by
+        # path: listed at its first miss. (With no caching a listing would answer nothing after it.)
+        if self.ttl > 0 and (misses >= LIST_AFTER_MISSES or parent in self._listing_flights
+                             or (parent != "" and parent_of(parent) in self._listed_for_lookups)):
             await self._list_if_small(parent)
             known, entry = self.cached(path)
             if known:

@@ -141,6 +141,26 @@ async def test_lookups_answer_from_the_listing(
     assert counts == {"HEAD": 1, "LIST": 1}
 
 
+async def test_lookups_of_a_data_set_read_by_path(
+    s3_server: RcloneS3, config: MountConfig, counting_proxy: CountingProxy
+) -> None:
+    """Files opened by path, directory after directory: once a directory was listed for its
+    lookups, each of its subdirectories is listed at its first miss, one LIST per directory."""
+    client = s3_server.client()
+    for key in ("ds/a/1", "ds/a/2", "ds/b/1", "ds/c/1", "ds/c/2"):
+        client.put_object(Bucket=config.bucket, Key=key, Body=b"1")
+    meta = Meta(LocalData.for_config(config, AsyncStore(open_store(config))), config)
+    assert (await meta.resolve("ds/a")) is not None  # first miss in ds: HEAD + LIST
+    assert (await meta.resolve("ds/b")) is not None  # second: ds listed
+    assert meta.listing_if_fresh("ds") is not None
+    counting_proxy.reset()
+    assert (await meta.resolve("ds/c")) is not None  # from that listing
+    assert (await meta.resolve("ds/c/1")) is not None  # a first miss in ds/c: its listing at once
+    assert (await meta.resolve("ds/c/2")) is not None
+    assert (await meta.resolve("ds/c/3")) is None
+    assert counting_proxy.snapshot() == {"LIST": 1}
+
+
 async def test_lookups_in_a_directory_bigger_than_a_page(
     s3_server: RcloneS3, config: MountConfig, counting_proxy: CountingProxy
 ) -> None:
