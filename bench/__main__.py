@@ -20,8 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import clients as C
-from bench import procs, scenarios
+from bench import procs, realistic, scenarios
 from bench.data import Sizes, generate
+from bench.latency import LatencyProcess
 from bench.report import Run, Scenario, draw_chart, print_report, write_json
 from testing.proxy import CountingProxy
 
@@ -44,10 +45,20 @@ SCENARIOS: dict[str, Callable[[scenarios.Ctx], Scenario]] = {
     "13": lambda ctx: _csi(ctx, "sidecar_memory"),
     "14": scenarios.second_pod,
     "15": scenarios.soak_scenario,
+    "16": realistic.latency_walk,
+    "17": realistic.latency_by_path_1,
+    "18": realistic.latency_by_path_8,
+    "19": realistic.latency_first_byte,
+    "20": realistic.latency_model,
+    "21": realistic.reread_at_once,
 }
 ALIASES = {"cold": "1", "warm": "2", "hot": "3", "small": "4", "ls": "5", "shared": "6", "ttfb": "7",
            "write": "8", "memory": "9", "csi": "10", "model": "11",
-           "sidecar": "12", "sidecar-memory": "13", "second-pod": "14", "soak": "15"}
+           "sidecar": "12", "sidecar-memory": "13", "second-pod": "14", "soak": "15",
+           "lat-walk": "16", "lat-path1": "17", "lat-path8": "18", "lat-ttfb": "19", "lat-model": "20",
+           "reread": "21"}
+#: names for several scenarios at once
+GROUPS = {"latency": ("16", "17", "18", "19", "20")}
 
 
 def _csi(ctx: scenarios.Ctx, which: str = "node_publish") -> Scenario:
@@ -74,13 +85,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--size", choices=("small", "full"), default="full", help="data sizes (full: 1 GiB objects)")
     ap.add_argument("--quick", action="store_true", help="tiny data, one repetition: a smoke test (< 2 minutes)")
     ap.add_argument("--only", default="",
-                    help=f"comma-separated scenarios: numbers 1-{len(SCENARIOS)} or " + ",".join(ALIASES))
+                    help=f"comma-separated scenarios: numbers 1-{len(SCENARIOS)} or " + ",".join([*ALIASES, *GROUPS]))
     ap.add_argument("--skip", default="", help="comma-separated scenarios to leave out")
     ap.add_argument("--reps", type=int, default=0, help="repetitions of each measurement (default: by size)")
     ap.add_argument("--clients", default="", help="comma-separated FUSE clients (default: all of "
                     + ",".join(c.name for c in C.ALL_MOUNTS) + ")")
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/objfs-bench"),
                     help="data, mounts and caches (data is reused between runs of the same size)")
+    ap.add_argument("--latency-ms", type=float, default=10.0,
+                    help="delay added each way by the latency proxy of scenarios 16-20 (round trip: twice this)")
     ap.add_argument("--scenario-timeout", type=float, default=0,
                     help="seconds before a scenario is stopped and its mounts unmounted (default: by size)")
     ap.add_argument("--results", type=Path, default=REPO / "bench" / "results")
@@ -88,7 +101,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def select(spec: str) -> list[str]:
-    chosen = [ALIASES.get(s.strip(), s.strip()) for s in spec.split(",") if s.strip()]
+    chosen = [sid for s in spec.split(",") if s.strip()
+              for sid in GROUPS.get(s.strip(), (ALIASES.get(s.strip(), s.strip()),))]
     unknown = [s for s in chosen if s not in SCENARIOS]
     if unknown:
         raise SystemExit(f"unknown scenario(s): {', '.join(unknown)}")
@@ -172,10 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     try:
         server.start()
-        with CountingProxy(server.port) as proxy:
-            store = C.Store(server.endpoint, proxy.endpoint, BUCKET, server.access_key, server.secret_key, workdir)
+        with CountingProxy(server.port) as proxy, LatencyProcess(proxy.port, args.latency_ms / 1000) as slow:
+            store = C.Store(server.endpoint, proxy.endpoint, BUCKET, server.access_key, server.secret_key, workdir,
+                            slow.endpoint)
             ctx = scenarios.Ctx(store, manifest, sizes, run, bucket_dir, workdir, proxy, server.client(),
-                                mount_clients, log)
+                                mount_clients, log, args.latency_ms)
             for sid in wanted:
                 log(f"scenario {sid} ({next(k for k, v in ALIASES.items() if v == sid)})")
                 try:

@@ -32,6 +32,8 @@ class Store:
     access_key: str
     secret_key: str
     workdir: Path
+    #: a latency-adding proxy in front of the counting proxy (bench/latency.py): a real network's round trip
+    latency_endpoint: str = ""
     _files: dict[str, Path] = field(default_factory=dict)
 
     def env(self) -> dict[str, str]:
@@ -55,7 +57,8 @@ class Store:
 
     def rclone_config(self) -> Path:
         remotes = []
-        for name, url in (("direct", self.endpoint), ("proxy", self.proxy_endpoint)):
+        for name, url in (("direct", self.endpoint), ("proxy", self.proxy_endpoint),
+                          ("slow", self.latency_endpoint or self.proxy_endpoint)):
             remotes.append(f"[{name}]\ntype = s3\nprovider = Other\nendpoint = {url}\n"
                            f"access_key_id = {self.access_key}\nsecret_access_key = {self.secret_key}\n"
                            "region = us-east-1\n")
@@ -67,6 +70,12 @@ class Mounted:
     path: Path
     proc: subprocess.Popen[bytes] | None  # the FUSE server when we started it in the foreground
     server_pids: set[int]  # processes serving the mount (for RSS)
+    helper_pids: set[int] = field(default_factory=set)  # objfs's data service of the mount, when it has one
+
+    @property
+    def cpu_pids(self) -> set[int]:
+        """Whose CPU time the mount costs (with their descendants: ``procs.tree_cpu_seconds``)."""
+        return self.server_pids | self.helper_pids
 
 
 @dataclass(frozen=True)
@@ -83,14 +92,15 @@ class Client:
 
     @contextmanager
     def mount(self, store: Store, prefix: str, mountpoint: Path, *, via_proxy: bool = False,
-              cache_dir: Path | None = None) -> Iterator[Mounted]:
-        """Mount ``bucket/prefix`` at ``mountpoint``; unmount on exit, whatever happened."""
+              cache_dir: Path | None = None, slow: bool = False) -> Iterator[Mounted]:
+        """Mount ``bucket/prefix`` at ``mountpoint``; unmount on exit, whatever happened. ``via_proxy``:
+        through the counting proxy; ``slow``: through the latency proxy (and the counting one behind it)."""
         mountpoint.mkdir(parents=True, exist_ok=True)
         own_cache = cache_dir is None
         if own_cache:
             cache_dir = Path(tempfile.mkdtemp(prefix=f"cache-{self.name}-", dir=store.workdir))
         assert cache_dir is not None
-        endpoint = store.proxy_endpoint if via_proxy else store.endpoint
+        endpoint = store.latency_endpoint if slow else store.proxy_endpoint if via_proxy else store.endpoint
         log = open(store.workdir / f"{self.name}.log", "ab")
         proc: subprocess.Popen[bytes] | None = None
         try:
@@ -103,13 +113,15 @@ class Client:
                 subprocess.run(cmd, stdout=log, stderr=log, env=store.env(), check=True, timeout=60)
                 procs.wait_mounted(mountpoint, None)
                 pids = procs.fuse_server_pids(mountpoint)
+                helpers = procs.data_service_pids(cache_dir) if "--data-service" in self.extra else set()
             else:
-                proc = subprocess.Popen(self._peer_cmd(store, prefix, mountpoint, via_proxy, cache_dir),
+                proc = subprocess.Popen(self._peer_cmd(store, prefix, mountpoint, endpoint, cache_dir),
                                         stdout=log, stderr=log, env=self._peer_env(), start_new_session=True)
                 procs.register(mountpoint, proc)
                 procs.wait_mounted(mountpoint, proc)
                 pids = {proc.pid}
-            yield Mounted(mountpoint, proc, pids)
+                helpers = set()
+            yield Mounted(mountpoint, proc, pids, helpers)
         finally:
             if self.family == "objfs" and procs.is_mounted(mountpoint):
                 subprocess.run([str(VENV_BIN / "objfs"), "unmount", str(mountpoint)], stdout=log, stderr=log,
@@ -125,8 +137,7 @@ class Client:
         # The peers must not pick up credentials from the environment: they get them from files.
         return {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
 
-    def _peer_cmd(self, store: Store, prefix: str, mountpoint: Path, via_proxy: bool, cache_dir: Path) -> list[str]:
-        endpoint = store.proxy_endpoint if via_proxy else store.endpoint
+    def _peer_cmd(self, store: Store, prefix: str, mountpoint: Path, endpoint: str, cache_dir: Path) -> list[str]:
         if self.family == "s3fs":
             opts = f"url={endpoint},use_path_request_style,passwd_file={store.s3fs_passwd()}"
             if self.cache:
@@ -134,7 +145,7 @@ class Client:
             source = f"{store.bucket}:/{prefix}" if prefix else store.bucket
             return ["s3fs", source, str(mountpoint), "-f", "-o", opts]
         if self.family == "rclone":
-            remote = "proxy" if via_proxy else "direct"
+            remote = {store.endpoint: "direct", store.proxy_endpoint: "proxy"}.get(endpoint, "slow")
             return [str(VENV_BIN / "rclone"), "mount", f"{remote}:{store.bucket}/{prefix}", str(mountpoint),
                     "--config", str(store.rclone_config()), "--cache-dir", str(cache_dir),
                     "--vfs-cache-mode", "full" if self.cache else "off"]

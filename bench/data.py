@@ -30,13 +30,14 @@ class Sizes:
     reps: int  # repetitions of each measurement
     ttfb_reps: int
     publishes: int  # scenario 10
+    latency_files: int  # scenarios 16-18: the first this many of the small files, through the latency proxy
 
     @staticmethod
     def named(name: str) -> Sizes:
         return {
-            "full": Sizes(GiB, 2 * GiB, GiB, 4000, 100_000, 3, 5, 20),
-            "small": Sizes(256 * MiB, 512 * MiB, 256 * MiB, 1000, 10_000, 2, 3, 20),
-            "quick": Sizes(16 * MiB, 32 * MiB, 16 * MiB, 60, 300, 1, 1, 4),
+            "full": Sizes(GiB, 2 * GiB, GiB, 4000, 100_000, 3, 5, 20, 2000),
+            "small": Sizes(256 * MiB, 512 * MiB, 256 * MiB, 1000, 10_000, 2, 3, 20, 1000),
+            "quick": Sizes(16 * MiB, 32 * MiB, 16 * MiB, 60, 300, 1, 1, 4, 60),
         }[name]
 
 

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -159,19 +159,62 @@ def vm_hwm_kib(pid: int) -> int | None:
     return None
 
 
+def _command_lines() -> Iterator[tuple[int, list[bytes]]]:
+    """(pid, argv) of every process still there."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                yield int(entry), Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+
+
 def fuse_server_pids(mountpoint: Path) -> set[int]:
     """objfs serve processes of ``mountpoint`` (their command line names it) that hold /dev/fuse open."""
     found: set[int] = set()
+    for pid, args in _command_lines():
+        if b"serve" not in args or os.fsencode(mountpoint) not in args:
+            continue
+        try:
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/fuse" for fd in os.listdir(f"/proc/{pid}/fd")):
+                found.add(pid)
+        except OSError:
+            continue
+    return found
+
+
+def data_service_pids(cache_dir: Path) -> set[int]:
+    """``objfs data-service`` processes of the node cache ``cache_dir`` (their command line names it):
+    ``objfs mount --data-service process`` starts one that is not a child of the server."""
+    return {pid for pid, args in _command_lines() if b"data-service" in args and os.fsencode(cache_dir) in args}
+
+
+def _cpu_of(pid: int) -> float:
+    """User + system CPU seconds of one live process (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pids: set[int]) -> float:
+    """CPU seconds used so far by ``pids`` and every live descendant of theirs (a data service
+    started beside an objfs server, rclone's and s3fs's threads are in their process already)."""
+    children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            args = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            if b"serve" not in args or os.fsencode(mountpoint) not in args:
-                continue
-            fds = os.listdir(f"/proc/{entry}/fd")
-            if any(os.readlink(f"/proc/{entry}/fd/{fd}") == "/dev/fuse" for fd in fds):
-                found.add(int(entry))
-        except OSError:
+            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
             continue
-    return found
+        children.setdefault(ppid, []).append(int(entry))
+    seen: set[int] = set()
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid not in seen:
+            seen.add(pid)
+            todo.extend(children.get(pid, ()))
+    return sum(_cpu_of(p) for p in seen)

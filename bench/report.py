@@ -18,6 +18,8 @@ class Goal:
     ref: "peers" (the best peer of this scenario), a client name, or None (absolute).
     For ratios, ``factor`` is the speed-up wanted (direction-aware); for absolutes, ``value``
     of ``metric`` (the primary metric or an extra) must satisfy ``op`` (">=" or "<=").
+    An extra ``metric`` with a client as ``ref``: the ratio of the two clients' extras must
+    satisfy ``op`` ``value``.
     """
 
     text: str
@@ -80,6 +82,15 @@ class Scenario:
                 return
             ok = value >= goal.value if goal.op == ">=" else value <= goal.value
             goal.outcome, goal.detail = ("PASS" if ok else "MISS"), f"{value:.3g} {goal.op} {goal.value:g}"
+            return
+        if goal.metric is not None:  # an extra of two clients: their ratio against ``value``
+            a, b = self.extra_median(goal.client, goal.metric), self.extra_median(goal.ref, goal.metric)
+            if a is None or not b:
+                goal.outcome, goal.detail = "n/a", "not measured"
+                return
+            ok = a / b >= goal.value if goal.op == ">=" else a / b <= goal.value
+            goal.outcome = "PASS" if ok else "MISS"
+            goal.detail = f"{goal.metric} {a:.3g} vs {goal.ref} {b:.3g}: {a / b:.2f}x (want {goal.op} {goal.value:g}x)"
             return
         mine = self.median(goal.client)
         if goal.ref == "peers":

@@ -53,6 +53,7 @@ class Ctx:
     boto: Any
     mount_clients: list[Client]  # the FUSE clients available in this run
     log: Callable[[str], None]
+    latency_ms: float = 10.0  # one way, of the latency proxy behind store.latency_endpoint
     _counter: Iterator[int] = field(default_factory=itertools.count)
 
     def mountpoint(self, name: str) -> Path:
@@ -151,7 +152,10 @@ def cold_sequential(ctx: Ctx) -> Scenario:
     sc = ctx.run.scenario("1", f"Cold sequential read, {ctx.sizes.large // MiB} MiB", "MB/s", True,
                           ctx.peers(clients))
     sc.goals += [Goal("objfs >= 1.5x the faster peer", "objfs", factor=1.5),
-                 Goal("objfs >= 0.8x boto3 (8 parallel 8 MiB ranges)", "objfs", ref="boto3", factor=0.8)]
+                 Goal("objfs >= 0.8x boto3 (8 parallel 8 MiB ranges)", "objfs", ref="boto3", factor=0.8),
+                 Goal("objfs with the node cache >= 0.95x without it", "objfs", ref="objfs-nocache", factor=0.95),
+                 Goal("objfs CPU per GB with the node cache <= 1.2x without it", "objfs", ref="objfs-nocache",
+                      metric="cpu s/GB", op="<=", value=1.2)]
     size, sha = ctx.sizes.large, ctx.manifest.objects[LARGE_KEY]
     buf = buffer(size)
     names: list[Client | str] = [*clients, "boto3"]
@@ -166,9 +170,11 @@ def cold_sequential(ctx: Ctx) -> Scenario:
             assert isinstance(c, Client)
             with c.mount(ctx.store, "large", ctx.mountpoint(c.name)) as m:
                 procs.drop_caches()
+                cpu0 = procs.tree_cpu_seconds(m.cpu_pids)
                 secs = timed_read(m.path / "object.bin", buf)
+                cpu = procs.tree_cpu_seconds(m.cpu_pids) - cpu0
             check(buf, sha, f"{c.name} cold read")
-            sc.add(c.name, size / MB / secs)
+            sc.add(c.name, size / MB / secs, **{"cpu s/GB": cpu * 1e9 / size})
             ctx.log(f"  1 {c.name}: {size / MB / secs:.0f} MB/s")
     return sc
 
@@ -235,22 +241,27 @@ def small_files(ctx: Ctx) -> Scenario:
                           ctx.peers(clients))
     sc.goals += [Goal("objfs >= 2x the faster peer", "objfs", factor=2.0),
                  Goal("objfs <= 1.05 requests per file", "objfs", ref=None, metric="req/file", op="<=",
-                      value=1.05)]
+                      value=1.05),
+                 Goal("objfs CPU per 1,000 files with the node cache <= 1.2x without it", "objfs",
+                      ref="objfs-nocache", metric="cpu s/1000 files", op="<=", value=1.2)]
     expected = {k.removeprefix("small/"): ctx.manifest.objects[k] for k in ctx.manifest.small}
     for rep in range(ctx.sizes.reps):
         for c in rotated(clients, rep):
             with c.mount(ctx.store, "small", ctx.mountpoint(c.name), via_proxy=True) as m:
                 procs.drop_caches()
                 ctx.proxy.reset()
+                cpu0 = procs.tree_cpu_seconds(m.cpu_pids)
                 t0 = time.perf_counter()
                 got = _walk_and_read(m.path)
                 secs = time.perf_counter() - t0
+                cpu = procs.tree_cpu_seconds(m.cpu_pids) - cpu0
                 tally = ctx.proxy.tally()
             if got.keys() != expected.keys():
                 raise WrongBytes(f"{c.name}: walk found {len(got)} files, expected {len(expected)}")
             for rel, data in got.items():
                 check(data, expected[rel], f"{c.name} {rel}")
-            sc.add(c.name, n / secs, **{"req/file": tally.total / n, "seconds": secs},
+            sc.add(c.name, n / secs, **{"req/file": tally.total / n, "seconds": secs,
+                                        "cpu s/1000 files": cpu * 1000 / n},
                    **{f"{k}/file": v / n for k, v in tally.requests.items()})
             ctx.log(f"  4 {c.name}: {n / secs:.0f} files/s, {tally.total / n:.2f} req/file {dict(tally.requests)}")
     return sc

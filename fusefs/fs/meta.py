@@ -7,8 +7,13 @@ back, with the kernel's lookup counts so ``forget`` can drop entries. Attributes
 Two caches, both living for the metadata TTL:
 - listings: one LIST (with delimiter, all pages) per directory. While it is fresh, lookup, getattr
   and open of its entries, and lookups of names it does not contain, cost no request;
-- entries: positive and negative answers per path, filled by listings and by single lookups
-  (HEAD key + LIST prefix=key/ max 1, concurrently) in directories that were not listed.
+- entries: positive and negative answers per path, filled by listings and by single lookups.
+A lookup in a directory not listed asks HEAD key + LIST prefix=key/ max 1, concurrently; from
+its second miss in that directory on (from the first, when the directory's parent was listed
+that way: a data set read by path), it lists the directory's first page instead: a directory
+that fits in one page (1,000 keys) gets its listing from it, so readers opening files by path
+pay one LIST per directory instead of HEAD + LIST per file. Bigger directories stay with
+HEAD + LIST.
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ log = logging.getLogger(__name__)
 ROOT = 1
 NAME_MAX = 255
 _PRUNE_AT = 200_000  # entries kept before expired ones are swept out
+#: a directory's lookups that missed the caches before it is listed (its first page) instead: one
+#: name looked up costs HEAD + LIST of that name, files opened by path one after another cost
+#: one LIST for the directory
+LIST_AFTER_MISSES = 2
 
 
 _NO_META = FileMeta()
@@ -155,6 +164,11 @@ class Meta:
         self._prune_at = _PRUNE_AT
         self._listings: dict[str, Listing] = {}
         self._listing_flights: dict[str, trio.Event] = {}
+        #: directories whose first LIST page did not hold them whole: lookups there ask HEAD + LIST
+        self._big_dirs: set[str] = set()
+        self._misses: dict[str, int] = {}  # directory -> lookups that were not in the caches
+        self._listed_for_lookups: set[str] = set()  # directories listed (first page) because of them
+        self.page_keys = 1000  # keys per LIST page (the stores' maximum)
         self._conflicts_noted: set[str] = set()
         self._skips_noted: set[str] = set()
         self._unversioned_noted: set[str] = set()
@@ -355,21 +369,26 @@ class Meta:
         self._listing_flights[path] = flight
         try:
             listing = await self._list(path)
+            assert listing is not None  # every page was read
             self._listings[path] = listing
             return listing
         finally:
             del self._listing_flights[path]
             flight.set()
 
-    async def _list(self, path: str) -> Listing:
+    async def _list(self, path: str, max_pages: int = 0) -> Listing | None:
+        """One directory's listing (all pages; None when ``max_pages`` were read and more are
+        left: the entries read are remembered one by one, not as the directory's listing)."""
         prefix = self.dir_prefix(path)
         files: dict[str, Entry] = {}
         dirs: dict[str, Entry] = {}
         skipped: list[str] = []
         token: str | None = None
         marker: float | None = None
+        pages = 0
         while True:
-            page = await self.store.list(prefix, "/", token)
+            pages += 1
+            page = await self.store.list(prefix, "/", token, self.page_keys)
             for info in page.objects:
                 name = info.key[len(prefix):]
                 if name == "" and info.key == prefix:
@@ -387,7 +406,7 @@ class Meta:
                 else:
                     skipped.append(p)
             token = page.next_token
-            if not token:
+            if not token or pages == max_pages:
                 break
         if skipped:
             self._note_skipped(path, skipped)
@@ -401,13 +420,42 @@ class Meta:
         if when is not None:
             self._dir_times[path] = when
         exp = self._expiry()
-        listing = Listing(sorted(entries), entries, exp)
         for name, entry in entries.items():
             self._entries[join(path, name)] = (entry, exp)
             ino = self.by_path.get(join(path, name))
             if ino is not None and entry.info is not None and not self.nodes[ino].is_dir:
                 self._set_info(self.nodes[ino], entry.info, exp)
-        return listing
+        if token:
+            return None
+        return Listing(sorted(entries), entries, exp)
+
+    async def _list_if_small(self, path: str) -> None:
+        """A lookup's miss in directory ``path``: one LIST page. When it holds the whole directory
+        (most directories of a data set) it becomes the directory's listing, and this lookup and
+        every later one there (other readers' too) cost nothing more; a bigger directory is noted
+        and its lookups ask HEAD + LIST for one name from then on. Shares a listing in flight."""
+        while self.listing_if_fresh(path) is None and path not in self._big_dirs:
+            flight = self._listing_flights.get(path)
+            if flight is not None:
+                await flight.wait()
+                continue
+            flight = self._listing_flights[path] = trio.Event()
+            try:
+                listing = await self._list(path, max_pages=1)
+                if listing is None:
+                    if len(self._big_dirs) >= _PRUNE_AT:
+                        self._big_dirs.clear()
+                    self._big_dirs.add(path)
+                else:
+                    self._listings[path] = listing
+                self._listed_for_lookups.add(path)
+                if len(self._misses) >= _PRUNE_AT:
+                    self._misses.clear()
+                    self._listed_for_lookups.clear()
+            finally:
+                del self._listing_flights[path]
+                flight.set()
+            return
 
     async def _add_file_meta(self, files: dict[str, Entry]) -> None:
         """Each file's own metadata, for a store whose listing leaves it out (S3): one HEAD per
@@ -456,12 +504,23 @@ class Meta:
             log.warning("%r is both an object and a directory prefix: showing the directory", path)
 
     async def resolve(self, path: str) -> Entry | None:
-        """What ``path`` is, from the caches or with HEAD + LIST (max 1) in parallel."""
+        """What ``path`` is: from the caches, else from one LIST page of its directory (a whole small
+        directory), else with HEAD + LIST (max 1) in parallel."""
         if path == "":
             return Entry("", True)
         known, entry = self.cached(path)
         if known:
             return entry
+        parent = parent_of(path)
+        misses = self._misses[parent] = self._misses.get(parent, 0) + 1
+        # A directory whose parent was listed for its lookups is one more of a data set read by
+        # path: listed at its first miss. (With no caching a listing would answer nothing after it.)
+        if self.ttl > 0 and (misses >= LIST_AFTER_MISSES or parent in self._listing_flights
+                             or (parent != "" and parent_of(parent) in self._listed_for_lookups)):
+            await self._list_if_small(parent)
+            known, entry = self.cached(path)
+            if known:
+                return entry
         key = self.key_of(path)
         head: list[ObjectInfo | None] = [None]
         is_dir = [False]

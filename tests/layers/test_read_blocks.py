@@ -128,7 +128,58 @@ async def test_lookups_answer_from_the_listing(
     assert counting_proxy.snapshot() == {"HEAD": 1, "LIST": 1}
     counting_proxy.reset()
     assert await meta.resolve("other/x") == entry  # now cached
-    assert (await meta.resolve("other")) is not None
+    # the second miss in "other": one LIST page, which holds all of it and becomes its listing
+    assert (await meta.resolve("other/missing")) is None
+    assert meta.listing_if_fresh("other") is not None
+    assert counting_proxy.snapshot() == {"LIST": 1}
+    counting_proxy.reset()
+    assert (await meta.resolve("other/more")) is None  # negative answers from that listing: free
+    assert (await meta.resolve("other")) is not None  # the root's first miss
     counts = counting_proxy.snapshot()
     # The store already saw the bucket answer, so the 404 of HEAD other/ needs no HEAD bucket.
     assert counts == {"HEAD": 1, "LIST": 1}
+
+
+async def test_lookups_of_a_data_set_read_by_path(
+    s3_server: RcloneS3, config: MountConfig, counting_proxy: CountingProxy
+) -> None:
+    """Files opened by path, directory after directory: once a directory was listed for its
+    lookups, each of its subdirectories is listed at its first miss, one LIST per directory."""
+    client = s3_server.client()
+    for key in ("ds/a/1", "ds/a/2", "ds/b/1", "ds/c/1", "ds/c/2"):
+        client.put_object(Bucket=config.bucket, Key=key, Body=b"1")
+    meta = Meta(LocalData.for_config(config, AsyncStore(open_store(config))), config)
+    assert (await meta.resolve("ds/a")) is not None  # first miss in ds: HEAD + LIST
+    assert (await meta.resolve("ds/b")) is not None  # second: ds listed
+    assert meta.listing_if_fresh("ds") is not None
+    counting_proxy.reset()
+    assert (await meta.resolve("ds/c")) is not None  # from that listing
+    assert (await meta.resolve("ds/c/1")) is not None  # a first miss in ds/c: its listing at once
+    assert (await meta.resolve("ds/c/2")) is not None
+    assert (await meta.resolve("ds/c/3")) is None
+    assert counting_proxy.snapshot() == {"LIST": 1}
+
+
+async def test_lookups_in_a_directory_bigger_than_a_page(
+    s3_server: RcloneS3, config: MountConfig, counting_proxy: CountingProxy
+) -> None:
+    """A directory that does not fit in one LIST page is not listed for a lookup (that could be
+    thousands of pages): its lookups ask HEAD + LIST(max 1) for the one name, after the first page."""
+    client = s3_server.client()
+    for key in ("big/a", "big/b", "big/c", "big/d"):
+        client.put_object(Bucket=config.bucket, Key=key, Body=b"1")
+    meta = Meta(LocalData.for_config(config, AsyncStore(open_store(config))), config)
+    meta.page_keys = 2
+    assert (await meta.resolve("big/zz")) is None  # a first miss: HEAD + LIST
+    counting_proxy.reset()
+    assert (await meta.resolve("big/a")) is not None  # the second: on the first page, answered by it
+    assert counting_proxy.snapshot() == {"LIST": 1}
+    assert meta.listing_if_fresh("big") is None
+    counting_proxy.reset()
+    entry = await meta.resolve("big/d")  # past the first page: HEAD + LIST(max 1), in parallel
+    assert entry is not None and not entry.is_dir
+    assert counting_proxy.snapshot() == {"HEAD": 1, "LIST": 1}
+    counting_proxy.reset()
+    assert (await meta.resolve("big/yy")) is None
+    # The store already saw the bucket answer, so the 404 of HEAD big/yy needs no HEAD bucket.
+    assert counting_proxy.snapshot() == {"HEAD": 1, "LIST": 1}
