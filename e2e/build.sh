@@ -157,6 +157,6 @@ case "$what" in
   debs) debs ;; k8s) k8s ;; provisioner) provisioner ;; csihelper) csihelper ;; pause) pause ;;
   images) images ;; e2etest) e2etest ;; moto) moto ;;
   all) debs; k8s; provisioner; csihelper; pause; images ;;
-  suite) e2etest; moto; images ;;   # make conformance: after all
+  suite) e2etest; moto ;;   # make conformance, before all (its images step adds agnhost's)
   *) echo "usage: $0 [debs|k8s|provisioner|csihelper|pause|images|e2etest|moto|all|suite]" >&2; exit 2 ;;
 esac

@@ -118,8 +118,18 @@ add_node() {  # index (1, 2, ...): node objfs-e2e-<index+1>
   ip route add "$cidr" via "$nip" dev "e2e-n$i" onlink
   nsenter --net="/proc/$holder/ns/net" sh -ec "ip link set lo up; ip link set eth0 up
     ip addr add $nip/32 dev eth0; ip route add $ip/32 dev eth0; ip route add default via $ip dev eth0 onlink"
-  nsenter --net="/proc/$holder/ns/net" unshare --mount --propagation slave \
-    bash "$here/node.sh" "$root" "$name" "$nip" "$cidr" "$ip"
+  # Its own mount and PID namespaces (node.sh stays as their PID 1: see run.sh); its processes go
+  # with that PID 1 at the teardown.
+  rm -f "$root/nodes/$name/started"
+  nsenter --net="/proc/$holder/ns/net" unshare --mount --propagation slave --pid --fork --mount-proc \
+    bash "$here/node.sh" "$root" "$name" "$nip" "$cidr" "$ip" &
+  local launcher=$!
+  for _ in $(seq 600); do
+    [ -e "$root/nodes/$name/started" ] && break
+    kill -0 "$launcher" 2>/dev/null || { echo "e2e: node $name did not start (logs: $root/logs/$name-*)" >&2; exit 1; }
+    sleep 0.5
+  done
+  echo "$name-init $(pgrep -P "$launcher")" >> "$root/pids.list"
 }
 nodes=(objfs-e2e)
 for ((i = 1; i < ${E2E_NODES:-2}; i++)); do add_node "$i"; nodes+=("objfs-e2e-$((i + 1))"); done

@@ -3,7 +3,7 @@
 # network and mount namespace this script runs in (inside.sh runs it in the cluster's own for the first
 # node, and under a network + mount namespace of the node's own for the second). It returns once the
 # kubelet is started; its processes keep running and are listed in $root/pids.list for the teardown.
-# Usage: node.sh ROOT NAME NODE_IP POD_CIDR API_IP
+# Usage: node.sh ROOT NAME NODE_IP POD_CIDR API_IP   (as PID 1 of a PID namespace: stays until SIGTERM)
 #   ROOT     the run's folder ($ROOT/nodes/NAME holds this node's folders, logs in $ROOT/logs/NAME-*)
 #   POD_CIDR this node's pod subnet (bridge cni0, the first address its gateway)
 #   API_IP   the API server's address (the kubernetes Service 10.0.0.1:443 is sent there)
@@ -37,10 +37,11 @@ mkdir -p /run/objfs
 while mountpoint -q /run/objfs; do umount -l /run/objfs; done
 mount -t tmpfs -o mode=0755,size=1m "objfs-e2e-run-$name" /run/objfs
 
-start() {  # what command...: in the background, logged, its PID listed for the teardown
+start() {  # what command...: in the background, logged, its PID listed for the teardown (a node with
+  # a PID namespace of its own is torn down by its PID 1, this script: its PIDs mean nothing outside)
   local what=$1; shift
   "$@" >"$root/logs/$name-$what.log" 2>&1 &
-  echo "$name-$what $!" >> "$root/pids.list"
+  [ $$ = 1 ] || echo "$name-$what $!" >> "$root/pids.list"
 }
 
 # --- network: pods on a bridge (cni0) with host-local addresses; the node routes (the other nodes'
@@ -101,3 +102,11 @@ resolvConf: /etc/resolv.conf
 KY
 start kubelet kubelet --config="$node/kubelet.yaml" --kubeconfig="$root/kubeconfig" \
   --root-dir=/var/lib/kubelet --node-ip="$ip" --hostname-override="$name" --v=2
+
+if [ $$ = 1 ]; then
+  # PID 1 of the node's own PID namespace: it stays, and on SIGTERM stops the kubelet and containerd
+  # and leaves, which ends every process left in the namespace (shims, containers).
+  trap 'kill $(jobs -p) 2>/dev/null; wait; exit 0' TERM
+  touch "$node/started"
+  wait
+fi

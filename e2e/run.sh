@@ -39,4 +39,8 @@ ip -n "$ns" addr add 10.213.0.1/32 dev lo
 ip -n "$ns" route add 10.0.0.0/24 dev lo
 # Private mounts (slave: the machine's mounts still come in, ours never go out), then the cluster.
 # nsenter, not `ip netns exec`: that mounts a fresh /sys, which hides the cgroup mounts runc needs.
-nsenter --net="/run/netns/$ns" unshare --mount --propagation slave bash "$here/inside.sh" "$root" "$@"
+# A PID namespace of its own too, with inside.sh its PID 1: the kernel ends whatever is left in it when
+# inside.sh exits, and a pod with hostPID (the storage suite's node checks: nsenter into /proc/1's
+# mount namespace) lands in this node's mount namespace, not the machine's.
+nsenter --net="/run/netns/$ns" unshare --mount --propagation slave --pid --fork --mount-proc \
+  bash "$here/inside.sh" "$root" "$@"
