@@ -4,7 +4,8 @@
 # marker beside `dir/x`, which rclone's local backend cannot; the suite makes directories), a bucket,
 # the StorageClass e2e/conformance/driver.yaml names, then e2e.test with the External.Storage tests,
 # serially; the junit report goes to build/conformance/ of the repository.
-# Usage: conformance.sh ROOT   (KUBECONFIG set; E2E_CONFORMANCE_SKIP adds to the skipped tags)
+# Usage: conformance.sh ROOT   (KUBECONFIG set; E2E_CONFORMANCE_SKIP adds to the skipped tags,
+# E2E_CONFORMANCE_REPORT is another folder for the report)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/.." && pwd)"
@@ -13,7 +14,7 @@ root=$1
 ip=${E2E_NODE_IP:-10.213.0.1}
 port=19100
 bucket=objfs-conformance
-report="$repo/build/conformance"
+report="${E2E_CONFORMANCE_REPORT:-$repo/build/conformance}"
 t0=$SECONDS
 phase() { echo "conformance: $1 took $((SECONDS - t0)) s"; t0=$SECONDS; }
 
