@@ -111,6 +111,13 @@ if [ -x "$E2E_CACHE/bin/agnhost" ] && ! { [ -s "$img/agnhost.tar" ] && [ "$img/a
   "${bud[@]}" config --entrypoint '["/agnhost"]' --cmd pause "$c"
   suite_image agnhost:2.56 "$c"
 fi
+# jessie-dnsutils:1.7, the image of the suite's multiVolume [Slow] tests (their pods run sh, dd and
+# sha256sum on the volumes): the Debian base stands in for it (labelled as such).
+if ! [ -s "$img/jessie-dnsutils.tar" ]; then
+  c=$("${bud[@]}" from --pull-never localhost/objfs-e2e/debian:bookworm)
+  "${bud[@]}" config --label objfs.e2e.stand-in="Debian bookworm base for e2e-test-images/jessie-dnsutils:1.7" "$c"
+  suite_image jessie-dnsutils:1.7 "$c"
+fi
 if [ -x /bin/busybox ] && ! { [ -s "$img/busybox.tar" ] && [ "$img/busybox.tar" -nt /bin/busybox ]; }; then
   rootfs="$(mktemp -d)"
   mkdir -p "$rootfs"/{bin,tmp,etc}
