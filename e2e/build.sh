@@ -2,8 +2,9 @@
 # Builds (once) everything `make e2e` runs, cached under $E2E_CACHE (outside the repository, keyed by
 # version) so CI on this machine reuses it: the Kubernetes binaries from k8s.io/kubernetes through a
 # wrapper module, the CSI external-provisioner, csi-snapshotter and snapshot-controller (with the
-# snapshot CRDs), the pause program, and the objfs image.
-# Usage: e2e/build.sh [debs|k8s|provisioner|snapshotter|csihelper|pause|images|all]
+# snapshot CRDs), the pause program, and the objfs image; for `make
+# conformance` also Kubernetes' storage e2e suite (e2e.test) and agnhost, one of its images.
+# Usage: e2e/build.sh [debs|k8s|provisioner|snapshotter|csihelper|pause|images|e2etest|moto|all|suite]
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 . "$here/versions.sh"
@@ -28,21 +29,29 @@ debs() {
   phase "Debian packages"
 }
 
+k8s_version_flags() {
+  local ver="-X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1"
+  ver="$ver -X k8s.io/component-base/version.gitMinor=$(echo "$K8S_VERSION" | cut -d. -f2)"
+  echo "$ver -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION"
+}
+
 k8s() {
   # k8s.io/kubernetes cannot be `go install`ed (its go.mod replaces the staging modules with
   # ./staging/...): a wrapper module requires it and points each staging module at its published
   # v0.x twin, the list read from kubernetes' own go.mod so it follows the pinned version.
   # The version is stamped in (the webhook picks native sidecars from the API server's version; an
   # unstamped build says v0.0.0); a binary without it is rebuilt (only a relink: the build cache).
-  local ver="-X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1"
-  ver="$ver -X k8s.io/component-base/version.gitMinor=$(echo "$K8S_VERSION" | cut -d. -f2)"
-  ver="$ver -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION"
-  local all=1 c
+  local ver all=1 c
+  ver="$(k8s_version_flags)"
   stamped() {
     local flag=--version
     [ "$1" = kubectl ] && flag="version --client"
+    # Read whole, not piped to grep -q: grep leaving at the first line kills kubectl's second with
+    # SIGPIPE, which pipefail turns into "not stamped" (and a needless relink).
+    local out
     # shellcheck disable=SC2086
-    "$E2E_CACHE/bin/$1" $flag 2>/dev/null | grep -q "$K8S_VERSION"
+    out="$("$E2E_CACHE/bin/$1" $flag 2>/dev/null)" || return 1
+    [[ "$out" == *"$K8S_VERSION"* ]]
   }
   for c in $K8S_COMMANDS; do stamped "$c" || all=0; done
   [ $all = 1 ] && return 0
@@ -120,6 +129,43 @@ csihelper() {
   phase "go build csihelper"
 }
 
+e2etest() {
+  # Kubernetes' e2e suite as upstream builds it for out-of-tree drivers (`go test -c` of test/e2e), and
+  # agnhost (test/images/agnhost, same module), through a module of its own that starts as a copy of
+  # the wrapper's go.mod: the test's dependencies (ginkgo, gomega, ...) are added there, so the
+  # cluster's binaries never see them. Cold: tens of minutes on 2 cores.
+  local src="$E2E_CACHE/src/k8s-e2e" out="$E2E_CACHE/bin"
+  [ -x "$out/e2e.test" ] && [ -x "$out/agnhost" ] && return 0
+  k8s   # the wrapper's go.mod (a no-op when the cluster's binaries are built)
+  mkdir -p "$src"
+  [ -s "$src/go.mod" ] || cp "$E2E_CACHE/src/k8s-wrapper/go.mod" "$E2E_CACHE/src/k8s-wrapper/go.sum" "$src/"
+  printf 'package main\n\nimport _ "k8s.io/kubernetes/test/e2e/framework"\n\nfunc main() {}\n' > "$src/tools.go"
+  if [ ! -x "$out/e2e.test" ]; then
+    (cd "$src" && GOFLAGS=-mod=mod $nice_ go test -c -ldflags "$(k8s_version_flags)" -o "$out/e2e.test.tmp" \
+      k8s.io/kubernetes/test/e2e)
+    mv "$out/e2e.test.tmp" "$out/e2e.test"
+    phase "go test -c e2e.test"
+  fi
+  if [ ! -x "$out/agnhost" ]; then
+    # Static: it runs on the Debian base image, and in tests that give it only its own binary.
+    (cd "$src" && CGO_ENABLED=0 GOFLAGS=-mod=mod $nice_ go build -o "$out/agnhost.tmp" \
+      k8s.io/kubernetes/test/images/agnhost)
+    mv "$out/agnhost.tmp" "$out/agnhost"
+    phase "go build agnhost"
+  fi
+}
+
+moto() {
+  # moto's S3 server for the suite's store, from PyPI, in a venv of its own (python -m moto.server: the
+  # venv's scripts name the folder it was made in, the interpreter link does not).
+  [ -x "$MOTO_VENV/bin/python" ] && return 0
+  rm -rf "$MOTO_VENV.tmp"
+  python3 -m venv "$MOTO_VENV.tmp"
+  "$MOTO_VENV.tmp/bin/pip" install -q "moto[server]==$MOTO_VERSION"
+  mv "$MOTO_VENV.tmp" "$MOTO_VENV"
+  phase "moto $MOTO_VERSION"
+}
+
 pause() {
   # The sandbox image: a static program that sleeps until SIGTERM/SIGINT (no registry here).
   [ -x "$E2E_CACHE/bin/pause" ] && return 0
@@ -136,7 +182,8 @@ what="${1:-all}"
 case "$what" in
   debs) debs ;; k8s) k8s ;; provisioner) provisioner ;; snapshotter) snapshotter ;;
   csihelper) csihelper ;; pause) pause ;;
-  images) images ;;
+  images) images ;; e2etest) e2etest ;; moto) moto ;;
   all) debs; k8s; provisioner; snapshotter; csihelper; pause; images ;;
-  *) echo "usage: $0 [debs|k8s|provisioner|snapshotter|csihelper|pause|images|all]" >&2; exit 2 ;;
+  suite) e2etest; moto ;;   # make conformance, before all (its images step adds agnhost's)
+  *) echo "usage: $0 [debs|k8s|provisioner|snapshotter|csihelper|pause|images|e2etest|moto|all|suite]" >&2; exit 2 ;;
 esac

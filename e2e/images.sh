@@ -92,3 +92,44 @@ bin_image pause pause scratch
 bin_image csi-provisioner csi-provisioner localhost/objfs-e2e/debian:bookworm
 bin_image csi-snapshotter csi-snapshotter localhost/objfs-e2e/debian:bookworm
 bin_image registrar objfs-e2e-registrar localhost/objfs-e2e/debian:bookworm
+
+# The two images Kubernetes' storage e2e suite runs (`make conformance`), under the names its
+# KUBE_TEST_REPO_LIST (e2e/conformance/repo-list.yaml) gives them; the tags are the suite's own (it asks
+# for exactly these). busybox: Debian's busybox-static (1.35, which the tag does not say) with a link
+# per applet in /bin, as the upstream image has; agnhost: built from the suite's own module
+# (e2e/build.sh e2etest) on the Debian base, which has the shell its tests call.
+suite_image() {  # name:tag container-id: commit and save as localhost/e2e-test-images/<name:tag>
+  local ref="localhost/e2e-test-images/$1" c=$2
+  "${bud[@]}" commit -q "$c" "$ref" >/dev/null
+  "${bud[@]}" rm "$c" >/dev/null
+  rm -f "$img/${1%%:*}.tar"
+  "${bud[@]}" push -q "$ref" "oci-archive:$img/${1%%:*}.tar:$ref"
+  phase "$1"
+}
+if [ -x "$E2E_CACHE/bin/agnhost" ] && ! { [ -s "$img/agnhost.tar" ] && [ "$img/agnhost.tar" -nt "$E2E_CACHE/bin/agnhost" ]; }; then
+  c=$("${bud[@]}" from --pull-never localhost/objfs-e2e/debian:bookworm)
+  "${bud[@]}" copy "$c" "$E2E_CACHE/bin/agnhost" /agnhost >/dev/null
+  "${bud[@]}" config --entrypoint '["/agnhost"]' --cmd pause "$c"
+  suite_image agnhost:2.56 "$c"
+fi
+# jessie-dnsutils:1.7, the image of the suite's multiVolume [Slow] tests (their pods run sh, dd and
+# sha256sum on the volumes): the Debian base stands in for it (labelled as such).
+if ! [ -s "$img/jessie-dnsutils.tar" ]; then
+  c=$("${bud[@]}" from --pull-never localhost/objfs-e2e/debian:bookworm)
+  "${bud[@]}" config --label objfs.e2e.stand-in="Debian bookworm base for e2e-test-images/jessie-dnsutils:1.7" "$c"
+  suite_image jessie-dnsutils:1.7 "$c"
+fi
+if [ -x /bin/busybox ] && ! { [ -s "$img/busybox.tar" ] && [ "$img/busybox.tar" -nt /bin/busybox ]; }; then
+  rootfs="$(mktemp -d)"
+  mkdir -p "$rootfs"/{bin,tmp,etc}
+  cp /bin/busybox "$rootfs/bin/busybox"
+  for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -s busybox "$rootfs/bin/$a"; done
+  printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' > "$rootfs/etc/passwd"
+  printf 'root:x:0:\nnogroup:x:65534:\n' > "$rootfs/etc/group"
+  chmod 1777 "$rootfs/tmp"
+  c=$("${bud[@]}" from scratch)
+  "${bud[@]}" copy "$c" "$rootfs" / >/dev/null
+  "${bud[@]}" config --env PATH=/bin:/usr/bin:/sbin:/usr/sbin --cmd sh "$c"
+  rm -rf "$rootfs"
+  suite_image busybox:1.37.0-1 "$c"
+fi

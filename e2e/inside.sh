@@ -11,29 +11,13 @@ export PATH="$bin:$PATH"
 ip=10.213.0.1
 t0=$SECONDS
 phase() { echo "e2e: $1 took $((SECONDS - t0)) s"; t0=$SECONDS; }
-mkdir -p "$root"/{pki,etcd,logs,kubelet,objfs,pods,containerd-root,containerd-state,cni,pids}
+mkdir -p "$root"/{pki,etcd,logs,nodes}
+: > "$root/pids.list"
 
-# The paths the manifests name (hostPaths under /var/lib/kubelet and /var/lib/objfs, containerd's and
-# the kubelet's own) are bind mounts of this run's folders, visible only in this mount namespace.
-for pair in kubelet:/var/lib/kubelet objfs:/var/lib/objfs pods:/var/log/pods \
-            containerd-root:/var/lib/containerd containerd-state:/run/containerd cni:/etc/cni/net.d; do
-  src="$root/${pair%%:*}" dst="${pair#*:}"
-  mkdir -p "$dst"
-  mount --bind "$src" "$dst"
-done
-mount --make-rshared /var/lib/kubelet   # Bidirectional propagation of the node plugin's mounts
-# The node plugin's hostPath /run/objfs (the grant records' key: tmpfs on a node, never on disk): a
-# tmpfs of this mount namespace, so that neither the key nor the folder lands in the machine's /run
-# (the empty mount point is made there once, like the folders above).
-mkdir -p /run/objfs
-mount -t tmpfs -o mode=0755,size=1m objfs-e2e-run /run/objfs
-
-pids=()
-start() {  # name command...: in the background, log under $root/logs, PID recorded
+start() {  # name command...: in the background, log under $root/logs, PID listed for the teardown
   local name=$1; shift
   "$@" >"$root/logs/$name.log" 2>&1 &
-  pids+=($!)
-  echo $! > "$root/pids/$name"
+  echo "$name $!" >> "$root/pids.list"
 }
 
 teardown() {
@@ -41,24 +25,31 @@ teardown() {
   set +e
   echo "e2e: tearing down (logs in $root/logs)"
   # The containers' logs as they are now (deleting the pods below deletes theirs).
-  cp -a /var/log/pods "$root/logs/pods" 2>/dev/null
-  if [ -s "$root/kubeconfig" ] && [ -f "$root/pids/kubelet" ]; then
-    # Pods first, through the kubelet, so CSI unpublish runs and the sidecars exit.
+  for n in "$root"/nodes/*/; do cp -a "$n/pods" "$root/logs/pods-$(basename "$n")" 2>/dev/null; done
+  if [ -s "$root/kubeconfig" ] && grep -q kubelet "$root/pids.list"; then
+    # Pods first, through the kubelets, so CSI unpublish runs and the sidecars exit.
     timeout 120 kubectl --kubeconfig "$root/kubeconfig" delete ns e2e --wait=true --ignore-not-found >/dev/null 2>&1
     timeout 120 kubectl --kubeconfig "$root/kubeconfig" delete -k "$here/overlay" --wait=true --ignore-not-found >/dev/null 2>&1
   fi
-  for ((i=${#pids[@]}-1; i>=0; i--)); do kill "${pids[i]}" 2>/dev/null; done
-  for p in "${pids[@]}"; do
+  # The nodes' network namespaces (containerd's shims run there) before their holders go.
+  local netns=("$(readlink /proc/self/ns/net)") p
+  for p in $(awk '/-netns /{print $2}' "$root/pids.list"); do netns+=("$(readlink "/proc/$p/ns/net")"); done
+  local listed
+  listed="$(tac "$root/pids.list" | awk '{print $2}')"
+  for p in $listed; do kill "$p" 2>/dev/null; done
+  for p in $listed; do
     for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.2; done
     kill -9 "$p" 2>/dev/null
   done
-  # containerd's shims outlive it: they are ours if their parent is gone and they run our shim binary
-  # with our containerd's address.
+  # containerd's shims outlive it: they are ours if they run our shim binary with a containerd address
+  # and live in one of the cluster's network namespaces; the containers under them (in their pods'
+  # network namespaces) go with them.
+  kill_tree() { local c; for c in $(pgrep -P "$1"); do kill_tree "$c"; done; kill -9 "$1" 2>/dev/null; }
   for p in $(pgrep -f "containerd-shim-runc-v2 -namespace k8s.io -id .* -address /run/containerd/containerd.sock" || true); do
-    [ "$(readlink /proc/$p/ns/net)" = "$(readlink /proc/self/ns/net)" ] && kill -9 "$p" 2>/dev/null
+    printf '%s\n' "${netns[@]}" | grep -qxF "$(readlink "/proc/$p/ns/net")" && kill_tree "$p"
   done
   # Whatever is still mounted under this run's folders (FUSE mounts of killed pods, emptyDirs).
-  mount | awk '{print $3}' | grep -E "^(/var/lib/kubelet|/var/lib/objfs|/run/containerd|/var/lib/containerd)/" \
+  mount | awk '{print $3}' | grep -E "^(/var/lib/kubelet|/var/lib/objfs|/run/containerd|/var/lib/containerd|/run/netns)/" \
     | sort -r | while read -r m; do umount -l "$m" 2>/dev/null; done
   exit $rc
 }
@@ -89,9 +80,6 @@ umask 022
 export KUBECONFIG="$root/kubeconfig"
 k() { kubectl "$@"; }
 
-# In-cluster clients dial the kubernetes Service (10.0.0.1:443); with no kube-proxy, one DNAT rule.
-iptables -t nat -A OUTPUT -d 10.0.0.1/32 -p tcp --dport 443 -j DNAT --to-destination "$ip:6443"
-
 # --- control plane
 start etcd etcd --data-dir "$root/etcd" --listen-client-urls http://127.0.0.1:2379 \
   --advertise-client-urls http://127.0.0.1:2379 --listen-peer-urls http://127.0.0.1:2380
@@ -115,58 +103,50 @@ k apply -f "$E2E_CACHE/snapshot-crds-$SNAPSHOTTER_VERSION" >/dev/null
 k wait --for=condition=Established --timeout=60s -f "$E2E_CACHE/snapshot-crds-$SNAPSHOTTER_VERSION" >/dev/null
 start snapshot-controller snapshot-controller --kubeconfig="$root/kubeconfig" --leader-election=false
 
-# --- node: containerd (runc, cgroupfs, no oom_score_adj: see ../shared/FACTS.md) and the kubelet
-cat > "$root/cni/10-loopback.conflist" <<'CNI'
-{"cniVersion": "1.0.0", "name": "e2e", "plugins": [{"type": "loopback"}]}
-CNI
-cat > "$root/containerd.toml" <<TOML
-version = 2
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "localhost/objfs-e2e/pause:e2e"
-  restrict_oom_score_adj = true
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = "/etc/cni/net.d"
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-        SystemdCgroup = false
-        BinaryName = "/usr/sbin/runc"
-TOML
-start containerd containerd --config "$root/containerd.toml"
-for _ in $(seq 60); do ctr version >/dev/null 2>&1 && break; sleep 0.5; done
-for t in "$E2E_CACHE"/images/*.tar; do ctr -n k8s.io images import --no-unpack=false "$t" >/dev/null; done
-phase "containerd + image import"
-
-cat > "$root/kubelet.yaml" <<KY
-apiVersion: kubelet.config.k8s.io/v1beta1
-kind: KubeletConfiguration
-cgroupDriver: cgroupfs
-failCgroupV1: false
-failSwapOn: false
-cgroupsPerQOS: false
-enforceNodeAllocatable: []
-containerRuntimeEndpoint: unix:///run/containerd/containerd.sock
-address: $ip
-readOnlyPort: 0
-authentication: {anonymous: {enabled: true}, webhook: {enabled: false}}
-authorization: {mode: AlwaysAllow}
-evictionHard: {memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%"}
-imageGCHighThresholdPercent: 100
-serializeImagePulls: false
-clusterDomain: cluster.local
-resolvConf: /etc/resolv.conf
-KY
-start kubelet kubelet --config="$root/kubelet.yaml" --kubeconfig="$root/kubeconfig" \
-  --root-dir=/var/lib/kubelet --node-ip="$ip" --hostname-override=objfs-e2e --v=2
-for _ in $(seq 120); do
-  [ "$(k get node objfs-e2e -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" = True ] && break
-  sleep 1
+# --- nodes: the first in the cluster's own namespaces (the API server's address is its node IP), the
+# others each in a network + mount namespace of its own, joined to the first by a veth pair (their
+# node IPs 10.213.0.2, ...; pod subnets 10.244.N.0/24, routed through their node).
+bash "$here/node.sh" "$root" objfs-e2e "$ip" 10.244.0.0/24 "$ip"
+add_node() {  # index (1, 2, ...): node objfs-e2e-<index+1>
+  local i=$1 name="objfs-e2e-$(($1 + 1))" nip="10.213.0.$(($1 + 1))" cidr="10.244.$1.0/24" holder
+  # An empty network namespace, held by a sleeping process (no name in /run/netns: nothing is left
+  # on the machine if the run is killed).
+  unshare --net sleep infinity &
+  holder=$!
+  echo "$name-netns $holder" >> "$root/pids.list"
+  for _ in $(seq 50); do
+    [ "$(readlink "/proc/$holder/ns/net")" != "$(readlink /proc/self/ns/net)" ] && break; sleep 0.1
+  done
+  ip link add "e2e-n$i" type veth peer name eth0 netns "$holder"
+  ip link set "e2e-n$i" up
+  ip route add "$nip/32" dev "e2e-n$i"
+  ip route add "$cidr" via "$nip" dev "e2e-n$i" onlink
+  nsenter --net="/proc/$holder/ns/net" sh -ec "ip link set lo up; ip link set eth0 up
+    ip addr add $nip/32 dev eth0; ip route add $ip/32 dev eth0; ip route add default via $ip dev eth0 onlink"
+  # Its own mount and PID namespaces (node.sh stays as their PID 1: see run.sh); its processes go
+  # with that PID 1 at the teardown.
+  rm -f "$root/nodes/$name/started"
+  nsenter --net="/proc/$holder/ns/net" unshare --mount --propagation slave --pid --fork --mount-proc \
+    bash "$here/node.sh" "$root" "$name" "$nip" "$cidr" "$ip" &
+  local launcher=$!
+  for _ in $(seq 600); do
+    [ -e "$root/nodes/$name/started" ] && break
+    kill -0 "$launcher" 2>/dev/null || { echo "e2e: node $name did not start (logs: $root/logs/$name-*)" >&2; exit 1; }
+    sleep 0.5
+  done
+  echo "$name-init $(pgrep -P "$launcher")" >> "$root/pids.list"
+}
+nodes=(objfs-e2e)
+for ((i = 1; i < ${E2E_NODES:-2}; i++)); do add_node "$i"; nodes+=("objfs-e2e-$((i + 1))"); done
+phase "containerd + image import, kubelets started (${#nodes[@]} nodes)"
+for n in "${nodes[@]}"; do
+  for _ in $(seq 120); do
+    [ "$(k get node "$n" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" = True ] && break
+    sleep 1
+  done
+  k wait --for=condition=Ready "node/$n" --timeout=5s >/dev/null
 done
-k wait --for=condition=Ready node/objfs-e2e --timeout=5s >/dev/null
-phase "kubelet + node Ready"
+phase "nodes Ready"
 
 if [ "${E2E_SHELL:-0}" = 1 ]; then
   echo "e2e: cluster up; KUBECONFIG=$KUBECONFIG; exit the shell to tear down"
@@ -181,6 +161,17 @@ k -n objfs rollout status deploy/objfs-csi-controller --timeout=300s
 k -n objfs rollout status deploy/objfs-webhook --timeout=300s
 phase "objfs installed"
 
-E2E_KUBECONFIG="$KUBECONFIG" E2E_NODE_IP="$ip" "$repo/.venv/bin/python" -m pytest -q -p no:cacheprovider \
-  -o log_cli=true -o log_cli_level=INFO --durations=0 "$here/tests" "$@"
-phase "tests"
+# What runs on the cluster: E2E_RUN, a list of "tests" (pytest of e2e/tests: `make e2e`) and
+# "conformance" (Kubernetes' storage e2e suite: `make conformance`).
+for what in ${E2E_RUN:-tests}; do
+  case "$what" in
+    tests)
+      E2E_KUBECONFIG="$KUBECONFIG" E2E_NODE_IP="$ip" E2E_NODES="${nodes[*]}" "$repo/.venv/bin/python" -m pytest -q \
+        -p no:cacheprovider -o log_cli=true -o log_cli_level=INFO --durations=0 "$here/tests" "$@"
+      phase "tests" ;;
+    conformance)
+      E2E_NODE_IP="$ip" bash "$here/conformance.sh" "$root"
+      phase "conformance" ;;
+    *) echo "e2e: E2E_RUN: unknown $what (tests, conformance)" >&2; exit 2 ;;
+  esac
+done

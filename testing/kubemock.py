@@ -94,6 +94,12 @@ class FakeApiServer:
                 body = json.loads(self.rfile.read(length)) if length else None
                 with api.lock:
                     current = api.objects.get(self.path)
+                    if current is None and method == "GET" and any(
+                            p.rsplit("/", 1)[0] == self.path for p in api.objects):
+                        # a collection: the objects right under it, as a list (no paging, no selectors)
+                        items = [copy.deepcopy(o) for p, o in api.objects.items() if p.rsplit("/", 1)[0] == self.path]
+                        self._answer(200, {"kind": "List", "items": items})
+                        return
                     if current is None:
                         self._status(404, f"{self.path} not found")
                         return

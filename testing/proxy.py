@@ -254,9 +254,10 @@ class CountingProxy:
     of it, so counts taken after the calls returned are exact; requests still in flight (a
     background prefetch) may or may not be in it yet: tests count only what they waited for."""
 
-    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1") -> None:
+    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1", host: str = "127.0.0.1") -> None:
         self.upstream = (upstream_host, upstream_port)
-        self.listener = socket.create_server(("127.0.0.1", 0), backlog=256)
+        self.host = host  # where it listens (the e2e cluster's: the node's address, for pods)
+        self.listener = socket.create_server((host, 0), backlog=256)
         self.port = int(self.listener.getsockname()[1])
         self._lock = threading.Lock()
         self._tally = Tally()
@@ -292,7 +293,7 @@ class CountingProxy:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def reset(self) -> None:
         with self._lock:

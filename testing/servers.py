@@ -40,15 +40,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30.0) -> None:
+def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30.0,
+                  host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode} before listening on {port}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
             return
         time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
 
 
 def rclone_binary() -> str:
@@ -65,10 +66,12 @@ class LoopbackServer:
     port: int
     proc: subprocess.Popen[bytes] | None
     log_path: Path | None
+    #: the address it listens on (the e2e cluster's store listens on the node's address, for pods)
+    host: str = "127.0.0.1"
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def _launch(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None,
                 cwd: Path | None = None) -> None:
@@ -76,7 +79,7 @@ class LoopbackServer:
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True, cwd=cwd)
-        wait_for_port(self.port, self.proc)
+        wait_for_port(self.port, self.proc, host=self.host)
 
     def start(self) -> Self:
         raise NotImplementedError
@@ -143,6 +146,7 @@ class RcloneS3(S3Server):
     log_path: Path | None = None
     #: more key pairs the server accepts (rclone gives every key the same access)
     extra_keys: tuple[tuple[str, str], ...] = ()
+    host: str = "127.0.0.1"
 
     def start(self) -> RcloneS3:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -151,7 +155,7 @@ class RcloneS3(S3Server):
         pairs = ((self.access_key, self.secret_key), *self.extra_keys)
         env = dict(os.environ, RCLONE_AUTH_KEY=",".join(f'"{k},{s}"' for k, s in pairs))
         self._launch(
-            [rclone_binary(), "serve", "s3", "--addr", f"127.0.0.1:{self.port}", "--config", "/dev/null",
+            [rclone_binary(), "serve", "s3", "--addr", f"{self.host}:{self.port}", "--config", "/dev/null",
              str(self.root)],
             self.root.parent / f"rclone-s3-{self.port}.log", env=env,
         )

@@ -115,6 +115,10 @@ class KubeClient:
     def volume(self, name: str, timeout: float | None = None) -> dict[str, Any]:
         return self.get(f"/api/v1/persistentvolumes/{_q(name)}", timeout)  # type: ignore[no-any-return]
 
+    def volumes(self, timeout: float | None = None) -> list[dict[str, Any]]:
+        """Every PersistentVolume (one page: the webhook asks only for claims nothing else tells)."""
+        return list(self.get("/api/v1/persistentvolumes", timeout).get("items") or [])
+
     def storage_class(self, name: str, timeout: float | None = None) -> dict[str, Any]:
         return self.get(f"/apis/storage.k8s.io/v1/storageclasses/{_q(name)}", timeout)  # type: ignore[no-any-return]
 

@@ -189,16 +189,32 @@ class Webhook:
             timeout = deadline - time.monotonic()
             if timeout <= 0:
                 return None
+            def ours(pv: dict[str, Any]) -> bool:
+                return bool(((pv.get("spec") or {}).get("csi") or {}).get("driver") == self.settings.driver_name)
+
             try:
                 pvc = kube.claim(namespace, claim, timeout)
                 spec = pvc.get("spec") or {}
                 if spec.get("volumeName"):
-                    pv = kube.volume(spec["volumeName"], max(deadline - time.monotonic(), 0.1))
-                    return bool(((pv.get("spec") or {}).get("csi") or {}).get("driver") == self.settings.driver_name)
+                    return ours(kube.volume(spec["volumeName"], max(deadline - time.monotonic(), 0.1)))
             except ApiError as e:
                 log.warning("looking up claim %s/%s: %s", namespace, claim, e)
                 return None
-            return self._class_check(deadline)(spec["storageClassName"]) if spec.get("storageClassName") else False
+            by_class = self._class_check(deadline)(spec["storageClassName"]) if spec.get("storageClassName") else None
+            if by_class is not None:
+                return by_class
+            # Not bound yet, and no class that says (none, or one that does not exist: a claim made for
+            # a PV created for it, whose binding may come after the pod): a PV bound to this claim in
+            # advance (its claimRef) does. Listed only here, where nothing else can tell.
+            try:
+                for pv in kube.volumes(max(deadline - time.monotonic(), 0.1)):
+                    ref = (pv.get("spec") or {}).get("claimRef") or {}
+                    if (ref.get("namespace"), ref.get("name")) == (namespace, claim):
+                        return ours(pv)
+            except ApiError as e:
+                log.warning("looking for a volume bound to claim %s/%s: %s", namespace, claim, e)
+                return None
+            return None if spec.get("storageClassName") else False
 
         return check
 

@@ -1,5 +1,5 @@
 """Fixtures of the e2e tests: the cluster e2e/run.sh started (its kubeconfig in E2E_KUBECONFIG), an
-rclone S3 server on the node's loopback, the namespace the workloads run in and the store's Secret."""
+rclone S3 server on the first node's address, the namespace the workloads run in and the store's Secret."""
 
 from __future__ import annotations
 
@@ -33,16 +33,22 @@ def kube() -> Kube:
     return k
 
 
-#: the S3 server's port on the node's loopback: fixed, because the node plugin allows inline volumes
-#: only this endpoint (--inline-endpoints in e2e/overlay/kustomization.yaml); the cluster has a
-#: network namespace of its own, so nothing else holds it
+#: the S3 server's port: fixed, because the node plugin allows inline volumes only this endpoint
+#: (--inline-endpoints in e2e/overlay/kustomization.yaml); the cluster has a network namespace of its
+#: own, so nothing else holds it
 S3_PORT = 19000
+
+
+def node_ip() -> str:
+    """The first node's address, where the store listens: the node plugins (on their nodes' networks)
+    and the pods (on the pod network) of every node reach it; 127.0.0.1 would be their own."""
+    return os.environ.get("E2E_NODE_IP", "10.213.0.1")
 
 
 @pytest.fixture(scope="session")
 def s3() -> Iterator[RcloneS3]:
     with (tempfile.TemporaryDirectory(prefix="objfs-e2e-s3-") as d,
-          RcloneS3(Path(d) / "data", port=S3_PORT) as server):
+          RcloneS3(Path(d) / "data", port=S3_PORT, host=node_ip()) as server):
         yield server
 
 
@@ -62,6 +68,6 @@ def store(kube: Kube, s3: RcloneS3) -> RcloneS3:
 @pytest.fixture()
 def counted(s3: RcloneS3) -> Iterator[CountingProxy]:
     """A counting proxy in front of the store, for volumes whose requests a test counts (its
-    endpoint, on the node's loopback, goes into their volume attributes)."""
-    with CountingProxy(s3.port) as proxy:
+    endpoint, on the node's address, goes into their volume attributes)."""
+    with CountingProxy(s3.port, upstream_host=s3.host, host=s3.host) as proxy:
         yield proxy

@@ -18,6 +18,10 @@ Obj = dict[str, Any]
 IMAGE = "localhost/objfs-csi:e2e"
 NAMESPACE = "e2e"
 DRIVER = "objfs.csi.dev"
+#: the cluster's nodes (e2e/inside.sh: E2E_NODES); the tests run in the first one's network and mount
+#: namespaces, so they can look at its mounts and the node plugin's state, and at no other node's
+NODES = os.environ.get("E2E_NODES", "objfs-e2e").split()
+FIRST_NODE = NODES[0]
 
 
 class Kube:
@@ -91,18 +95,22 @@ class Kube:
 
 
 def pod(name: str, script: str, volumes: Iterable[Obj], mounts: Iterable[Obj],
-        restart: str = "Never", labels: Mapping[str, str] | None = None) -> Obj:
-    """A pod on the node's network (the S3 server is on its loopback) running ``script`` in Python."""
+        restart: str = "Never", labels: Mapping[str, str] | None = None, node: str | None = FIRST_NODE) -> Obj:
+    """A pod on the pod network running ``script`` in Python, on ``node`` (None: where the scheduler
+    puts it)."""
     return {"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": NAMESPACE, "labels": dict(labels or {})},
-            "spec": pod_spec(script, volumes, mounts, restart)}
+            "spec": pod_spec(script, volumes, mounts, restart, node=node)}
 
 
 def pod_spec(script: str, volumes: Iterable[Obj], mounts: Iterable[Obj], restart: str = "Never",
-             readiness: str | None = None) -> Obj:
+             readiness: str | None = None, node: str | None = FIRST_NODE) -> Obj:
     container: Obj = {"name": "app", "image": IMAGE, "imagePullPolicy": "Never",
                       "command": ["python3", "-c", script], "volumeMounts": list(mounts)}
     if readiness:
         container["readinessProbe"] = {"exec": {"command": ["test", "-e", readiness]}, "periodSeconds": 2}
-    return {"hostNetwork": True, "restartPolicy": restart, "terminationGracePeriodSeconds": 10,
-            "containers": [container], "volumes": list(volumes)}
+    spec: Obj = {"restartPolicy": restart, "terminationGracePeriodSeconds": 10,
+                 "containers": [container], "volumes": list(volumes)}
+    if node:
+        spec["nodeSelector"] = {"kubernetes.io/hostname": node}
+    return spec

@@ -1,13 +1,13 @@
-"""objfs on a real single-node Kubernetes (e2e/run.sh): the real kubelet publishes the volumes, the real
+"""objfs on a real Kubernetes (e2e/run.sh): the real kubelet publishes the volumes, the real
 external-provisioner creates them, the webhook adds the sidecars, and the pods read and write through
-their FUSE mounts to an rclone S3 server on the node's loopback."""
+their FUSE mounts to an rclone S3 server on the first node's address. These tests look at the node's
+mounts and the node plugin's records, so their pods run on the first node (kube.FIRST_NODE)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
 import secrets
 from pathlib import Path
 from typing import Any
@@ -59,16 +59,15 @@ def objfs_mounts() -> list[str]:
 
 
 def sidecars_of(pod_uid: str) -> list[int]:
-    """`objfs sidecar` processes of one pod: in this network namespace (all pods here use the node's
-    network), with that pod's volumes (their kubelet paths name the pod UID) in their mount table."""
-    mine = os.readlink("/proc/self/ns/net")
+    """`objfs sidecar` processes of one pod: those with that pod's volumes (their kubelet paths name the
+    pod UID) in their mount table (the pod has a network namespace of its own: the UID is the key)."""
     pids = []
     for p in Path("/proc").iterdir():
         if not p.name.isdigit():
             continue
         try:
             cmd = (p / "cmdline").read_bytes().split(b"\0")
-            if (b"sidecar" in cmd and any(b"objfs" in c for c in cmd) and os.readlink(p / "ns/net") == mine
+            if (b"sidecar" in cmd and any(b"objfs" in c for c in cmd)
                     and pod_uid in (p / "mountinfo").read_text()):
                 pids.append(int(p.name))
         except OSError:
@@ -225,13 +224,30 @@ def ready_replicas(kube: Kube, name: str) -> int:
     return int(kube.get("deployment", name).get("status", {}).get("readyReplicas") or 0)
 
 
+def serve_model(kube: Kube, store: RcloneS3, name: str, replicas: int, endpoint: str = "", loop: bool = False,
+                spread: bool = False) -> tuple[list[Obj], int]:
+    """A model uploaded to a new bucket, a ReadOnlyMany PV of it (``model-<name>``, through ``endpoint``)
+    and a Deployment ``name`` whose replicas check it (``check_model``), on the first node or, with
+    ``spread``, spread evenly over the nodes; returns its pods once all are ready, and the model's size."""
+    bucket = store.create_bucket(name + "-" + secrets.token_hex(4))
+    manifest, size = upload_model(store, bucket, "m/")
+    kube.apply(*static_pv(f"model-{name}", store, bucket, "m", endpoint=endpoint))
+    d = deployment(name, replicas, check_model(manifest, "/tmp/ready", loop=loop), f"model-{name}")
+    if spread:
+        spec = d["spec"]["template"]["spec"]
+        spec.pop("nodeSelector", None)
+        spec["topologySpreadConstraints"] = [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                                              "whenUnsatisfiable": "DoNotSchedule",
+                                              # a cordoned node is no place to spread to
+                                              "nodeTaintsPolicy": "Honor",
+                                              "labelSelector": {"matchLabels": {"app": name}}}]
+    kube.apply(d)
+    kube.wait_for(f"{replicas} replicas of {name} ready", lambda: ready_replicas(kube, name) == replicas)
+    return kube.get("pod", selector=f"app={name}")["items"], size
+
+
 def test_read_only_many_volume_serves_three_replicas(kube: Kube, store: RcloneS3, counted: CountingProxy) -> None:
-    bucket = store.create_bucket("models-" + secrets.token_hex(4))
-    manifest, size = upload_model(store, bucket, "tiny-model/")
-    kube.apply(*static_pv("model-rox", store, bucket, "tiny-model", endpoint=counted.endpoint))
-    kube.apply(deployment("inference", 3, check_model(manifest, "/tmp/ready"), "model-rox"))
-    kube.wait_for("3 replicas ready", lambda: ready_replicas(kube, "inference") == 3)
-    pods = kube.get("pod", selector="app=inference")["items"]
+    pods, size = serve_model(kube, store, "inference", 3, endpoint=counted.endpoint)
     assert len(pods) == 3
     assert all(s["restartCount"] == 0 for p in pods for s in p["status"]["containerStatuses"])
     # Three sidecars, one node cache: the model's bytes came from the store about once (each block
@@ -239,6 +255,7 @@ def test_read_only_many_volume_serves_three_replicas(kube: Kube, store: RcloneS3
     # three servers fetching for themselves would have read 3x.
     tally = counted.tally()
     assert size <= tally.body_bytes["GET"] < 1.5 * size, tally.as_dict()
+    assert all(sidecars_of(p["metadata"]["uid"]) for p in pods)  # found while they run, gone after
     kube.delete("deployment", "inference")
     kube.wait_for("inference pods gone", lambda: not kube.get("pod", selector="app=inference")["items"])
     for p in pods:

@@ -433,6 +433,14 @@ class WriteHandle:
             if tail:
                 await up.send(tail)
             return await up.complete()
+        except errors.StoreError as exc:
+            self._abandon(up)
+            if up.error is None:  # the completion itself failed: nothing more to try here
+                raise
+            # A part in flight failed while the upload was finishing (a data service restarting fails
+            # every part it holds): the staging file has every byte, as when the failure came earlier.
+            log.warning("streamed upload of %s failed at its end (%s); uploading the staged file", self.key, exc)
+            return await self._flush_staged()
         except BaseException:
             self._abandon(up)
             raise

@@ -56,6 +56,15 @@ def fake_cluster(workdir: Path, minor: str) -> FakeApiServer:
     api.put(f"{claims}/pending", {"spec": {"storageClassName": "objfs-prefix"}})
     api.put(f"{claims}/disk", {"spec": {"volumeName": "pv-disk"}})
     api.put(f"{claims}/other", {"spec": {"storageClassName": "standard"}})
+    # Claims not yet bound whose class does not exist, each with a PV made for it in advance (claimRef),
+    # as the storage e2e suite's static provisioning does: the PV's driver tells.
+    api.put(f"{claims}/prebound", {"spec": {"storageClassName": "no-such-class"}})
+    api.put("/api/v1/persistentvolumes/pv-prebound", {"spec": {"csi": {"driver": "objfs.csi.dev"},
+                                                               "claimRef": {"namespace": "team", "name": "prebound"}}})
+    api.put(f"{claims}/prebound-disk", {"spec": {"storageClassName": "no-such-class"}})
+    ref = {"namespace": "team", "name": "prebound-disk"}
+    api.put("/api/v1/persistentvolumes/pv-prebound-disk",
+            {"spec": {"csi": {"driver": "pd.csi.storage.gke.io"}, "claimRef": ref}})
     return api
 
 
@@ -263,14 +272,15 @@ def test_claims_are_looked_up(native: WebhookProcess) -> None:
     def claim(name: str) -> dict[str, Any]:
         return {"name": name, "persistentVolumeClaim": {"claimName": name}}
 
-    for name in ("models", "pending"):  # bound to an objfs PV; not yet bound, objfs StorageClass
+    # bound to an objfs PV; not yet bound, objfs StorageClass; not yet bound, an objfs PV made for it
+    for name in ("models", "pending", "prebound"):
         after, response = native.mutate(pod(volumes=[claim(name)]))
         sidecar_of(after, native=True)
         assert "warnings" not in response
     template = {"spec": {"storageClassName": "objfs-prefix"}}
     ephemeral = {"name": "scratch", "ephemeral": {"volumeClaimTemplate": template}}
     sidecar_of(native.mutate(pod(volumes=[ephemeral]))[0], native=True)
-    for name in ("disk", "other"):
+    for name in ("disk", "other", "prebound-disk"):
         response = native.review(pod(volumes=[claim(name)]))
         assert "patch" not in response and "warnings" not in response
     response = native.review(pod(volumes=[claim("missing")]))  # 404: cannot tell, say so

@@ -16,6 +16,7 @@ from typing import Any
 import botocore.exceptions
 import pytest
 import trio
+import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -561,3 +562,41 @@ async def test_failed_complete_is_aborted_and_retried_whole(
     assert raw_get(s3_server, bucket, "complete") == data
     await h.release()
     assert uploads(s3_server, bucket) == []
+
+
+class PartFailsWhenLetGo(AsyncStore):
+    """The real store, except that part ``number`` waits for ``gate`` and then fails once, as a part
+    held by a data service that restarts fails (fusefs.wire.grant)."""
+
+    def __init__(self, inner: AsyncStore, number: int) -> None:
+        super().__init__(inner.blocking)
+        self.number, self.gate, self.failed = number, trio.Event(), False
+
+    async def upload_part(self, upload: Any, number: int, data: bytes | memoryview) -> None:
+        if number == self.number and not self.failed:
+            await self.gate.wait()
+            self.failed = True
+            raise errors.TransientError("injected: the data service restarted during this upload", key=upload.key)
+        await super().upload_part(upload, number, data)
+
+
+async def test_part_failing_while_the_upload_finishes_falls_back_to_the_staged_file(
+    s3_server: RcloneS3, bucket: str, astore: AsyncStore, nursery: trio.Nursery, staging: str
+) -> None:
+    store = PartFailsWhenLetGo(astore, number=2)
+    data = rand(2 * PART + 99, seed=18)
+    h = open_handle(store, "late-part", nursery, staging)
+    await write_chunks(h, data, chunk=MiB)  # parts 1 and 2 sent; part 2 held
+    results: list[ObjectInfo] = []
+
+    async def flush() -> None:
+        results.append(await h.flush())
+
+    async with trio.open_nursery() as n:
+        n.start_soon(flush)
+        await trio.testing.wait_all_tasks_blocked()  # the flush waits for part 2 (no error seen yet)
+        assert not results and not store.failed
+        store.gate.set()  # part 2 fails now, while the upload is finishing
+    assert store.failed and results[0].size == len(data)
+    assert raw_get(s3_server, bucket, "late-part") == data
+    await h.release()
