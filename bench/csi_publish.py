@@ -25,7 +25,7 @@ SOCKET_WAIT = 30.0
 
 def csi_available(repo: Path) -> str | None:
     exe = Path(sys.executable).parent / "objfs-csi"
-    if not (repo / "csi" / "node.py").exists():
+    if not (repo / "csi" / "services" / "node.py").exists():
         return "csi/services/node.py is not there"
     if not exe.exists():
         return f"{exe} is not installed"
