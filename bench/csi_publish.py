@@ -19,6 +19,7 @@ from pathlib import Path
 from bench import procs
 from bench.report import Goal, Scenario
 from bench.scenarios import Ctx
+from testing.servers import stop_process
 
 SOCKET_WAIT = 30.0
 
@@ -121,11 +122,6 @@ def node_publish(ctx: Ctx) -> Scenario:
         for target in targets:  # whatever the plugin did not unpublish
             with contextlib.suppress(Exception):
                 procs.force_unmount(target, None, timeout=10)
-        plugin.terminate()
-        try:
-            plugin.wait(10)
-        except subprocess.TimeoutExpired:
-            plugin.kill()
-            plugin.wait()
+        stop_process(plugin)
         log.close()
     return sc

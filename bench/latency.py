@@ -159,12 +159,10 @@ class LatencyProcess:
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            # here, not at the top: the proxy's own process (this module's main) needs no test servers
+            from testing.servers import stop_process
+
+            stop_process(self.proc)
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fusefs.kernel import find_mount
+from testing.servers import stop_process
 
 _ACTIVE: dict[str, subprocess.Popen[bytes] | None] = {}  # mount point -> server process we started
 
@@ -122,12 +123,7 @@ def force_unmount(path: Path, proc: subprocess.Popen[bytes] | None = None, timeo
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, grace=5)
     _ACTIVE.pop(target, None)
 
 
