@@ -237,6 +237,33 @@ class S3Store:
             return self._body(getattr(body, "_raw_stream", body), r.get("ETag", ""), r.get("ContentLength"), length,
                               key, version)
 
+    def get_first(self, key: str, length: int) -> tuple[ObjectInfo, bytes]:
+        """One ranged GetObject: its headers say what a HEAD says (Content-Range's total is the
+        size; ETag, Last-Modified, x-amz-meta-*), its body is the first ``length`` bytes. An empty
+        object has no byte 0 (416 InvalidRange): a HEAD answers for it instead."""
+        if length <= 0:
+            return self.head(key), b""
+        with self._errors(key):
+            try:
+                r = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes=0-{length - 1}")
+            except botocore.exceptions.ClientError as exc:
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if status != 416 and exc.response.get("Error", {}).get("Code") != "InvalidRange":
+                    raise
+                r = None
+            if r is not None:
+                body = r["Body"]
+                raw = getattr(body, "_raw_stream", body)
+                etag, sent = r.get("ETag", ""), int(r.get("ContentLength") or 0)
+                total = r.get("ContentRange", "").rpartition("/")[2]
+                size = int(total) if total.isdigit() else sent
+                info = _info(key, size, etag, r["LastModified"], r.get("Metadata") or {})
+                if sent > length:  # a store that ignored the range: the description, not its whole body
+                    raw.close()
+                    return info, b""
+                return info, self._body(raw, etag, sent, length, key, None)
+        return self.head(key), b""
+
     def _body(self, raw: Any, etag: str, content_length: Any, length: int, key: str, version: str | None) -> bytes:
         """Read a GET's body and give its connection back (or close it when the body was not read)."""
         done = False
