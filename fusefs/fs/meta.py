@@ -8,14 +8,13 @@ Two caches, both living for the metadata TTL:
 - listings: one LIST (with delimiter, all pages) per directory. While it is fresh, lookup, getattr
   and open of its entries, and lookups of names it does not contain, cost no request;
 - entries: positive and negative answers per path, filled by listings and by single lookups.
-A lookup in a directory not listed asks HEAD key + LIST prefix=key/ max 1, concurrently (on S3 a
-GET of the key's first ``PEEK_BYTES`` instead of the HEAD: the same request, and a small file's
-read then costs none); from
+A lookup in a directory not listed asks HEAD key + LIST prefix=key/ max 1, concurrently; from
 its second miss in that directory on (from the first, when the directory's parent was listed
 that way: a data set read by path), it lists the directory's first page instead: a directory
 that fits in one page (1,000 keys) gets its listing from it, so readers opening files by path
-pay one LIST per directory instead of HEAD + LIST per file. Bigger directories stay with
-HEAD + LIST.
+pay one LIST per directory instead of HEAD + LIST per file. Bigger directories stay with a request
+per name + LIST; on S3 that request is a GET of the name's first ``PEEK_BYTES``, which a small
+file's read then takes (``_peek_lookups``).
 """
 
 from __future__ import annotations
@@ -56,7 +55,8 @@ META_HEADS = 16
 #: (``ls -l`` of a ``fileMetadata`` volume): at most this much per file, a few milliseconds of
 #: transfer against the round trip a read of it would cost. Larger files keep HEAD.
 PEEK_BYTES = 256 * 1024
-#: a lookup of a name no listing answered asks GET (first ``PEEK_BYTES``) + LIST instead of HEAD + LIST
+#: a lookup in a directory too big to be listed for lookups asks GET (first ``PEEK_BYTES``) + LIST
+#: instead of HEAD + LIST (``Meta._peek_lookups``)
 PEEK_LOOKUPS = True
 
 
@@ -194,6 +194,8 @@ class Meta:
         #: many bytes the reader keeps in memory (``first_blocks``); None: files are HEADed
         self._offer: Callable[[ObjectInfo, bytes], bool] | None = None
         self._offer_budget = 0
+        #: big directories where a lookup's GET found a file larger than ``PEEK_BYTES``: HEAD there
+        self._large_files: set[str] = set()
 
     def first_blocks(self, offer: Callable[[ObjectInfo, bytes], bool], budget: int) -> None:
         """Describe small files with a GET of their bytes (``PEEK_BYTES``), handing those to
@@ -529,11 +531,22 @@ class Meta:
                 room -= size
         return chosen
 
-    def _peek_lookups(self) -> bool:
-        """Whether a lookup of an unknown name asks a GET of its first bytes instead of a HEAD
-        (``PEEK_LOOKUPS``; S3 only: a GCS GET's answer carries no custom metadata, so there it
-        would be two requests)."""
-        return PEEK_LOOKUPS and self.config.backend == "s3" and self._peek_length() > 0
+    def _peek_lookups(self, parent: str) -> bool:
+        """Whether a lookup in directory ``parent`` asks a GET of the name's first bytes instead
+        of a HEAD (``PEEK_LOOKUPS``): on S3 (a GCS GET's answer carries no custom metadata: two
+        requests there), in a directory too big to be listed for its lookups, where every name
+        read by path costs a request of its own and a small file's read can take its bytes;
+        not once a GET there found a file larger than ``PEEK_BYTES`` (a directory of large
+        files: HEAD, nothing fetched that the reads do not use). Elsewhere a lookup keeps HEAD:
+        a directory is listed at its first or second miss, after which its lookups cost nothing,
+        and a large file looked up (a model's weights, served from the node cache) costs no bytes."""
+        return (PEEK_LOOKUPS and self.config.backend == "s3" and parent in self._big_dirs
+                and parent not in self._large_files and self._peek_length() > 0)
+
+    def _note_large_files(self, parent: str) -> None:
+        if len(self._large_files) >= _PRUNE_AT:
+            self._large_files.clear()
+        self._large_files.add(parent)
 
     async def _peek(self, key: str) -> ObjectInfo:
         """A GET of ``key``'s first bytes that describes it as HEAD would; a whole first block goes
@@ -565,8 +578,8 @@ class Meta:
 
     async def resolve(self, path: str) -> Entry | None:
         """What ``path`` is: from the caches, else from one LIST page of its directory (a whole small
-        directory), else with HEAD (on S3: a GET of the first bytes, ``_peek``) + LIST (max 1) in
-        parallel."""
+        directory), else with HEAD (or a GET of the first bytes: ``_peek_lookups``) + LIST (max 1)
+        in parallel."""
         if path == "":
             return Entry("", True)
         known, entry = self.cached(path)
@@ -588,7 +601,12 @@ class Meta:
 
         async def do_head() -> None:
             try:
-                head[0] = await (self._peek(key) if self._peek_lookups() else self.store.head(key))
+                if self._peek_lookups(parent):
+                    head[0] = info = await self._peek(key)
+                    if info.size > self._peek_length():
+                        self._note_large_files(parent)
+                else:
+                    head[0] = await self.store.head(key)
             except errors.NotFoundError:
                 pass
 

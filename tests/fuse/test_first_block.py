@@ -1,13 +1,15 @@
 """One request per small file where it will be read anyway, through real mounts on moto's S3
 server, counted at the proxy: a ``fileMetadata`` volume describes each listed small file with a GET
 of its bytes instead of a HEAD (S3 listings carry no user metadata), and the read takes those bytes;
-a lookup by path of a name no listing answered asks a GET of the first bytes beside its LIST."""
+a lookup by path in a directory too big to be listed for lookups asks a GET of the first bytes
+beside its LIST."""
 
 from __future__ import annotations
 
 import os
 import stat
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -65,38 +67,39 @@ def test_a_walk_that_reads_every_file_costs_one_list_and_one_get_per_file(
     assert walk.body_bytes["GET"] == sum(len(body(i)) for i in range(FILES))
 
 
-def test_a_read_by_path_of_an_unknown_small_file_costs_a_get_and_a_list(
+def test_a_read_by_path_in_a_directory_bigger_than_a_list_page_costs_a_get_and_a_list(
     moto_server: MotoS3, tmp_path: Path, mount_fs: Callable[..., Mounted]
 ) -> None:
-    """No listing of its directory yet: the lookup asks GET (first bytes) + LIST (name/, max 1)
-    at once, and the read that follows is served by that GET: two requests, where HEAD + LIST +
-    GET were three. A large file's lookup fetches at most ``PEEK_BYTES`` of it."""
+    """Files read by path in a directory too big to be listed for its lookups (over 1,000 keys):
+    each lookup asks GET (first bytes) + LIST (name/, max 1) at once, and the read that follows
+    is served by that GET: two requests a file, where HEAD + LIST + GET were three. A large file's
+    lookup fetches at most ``PEEK_BYTES`` of it, and the directory's lookups then ask HEAD."""
     bucket = moto_server.create_bucket()
     client = moto_server.client()
-    small, large = os.urandom(70_000), os.urandom(3 * PEEK_BYTES)
-    client.put_object(Bucket=bucket, Key="d/small", Body=small)
+    files = {f"f{i:04d}": body(i % 200) for i in range(1008)}
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda kv: client.put_object(Bucket=bucket, Key=f"d/{kv[0]}", Body=kv[1]), files.items()))
+    large = os.urandom(3 * PEEK_BYTES)
     client.put_object(Bucket=bucket, Key="d/large", Body=large)
-    client.put_object(Bucket=bucket, Key="d/empty", Body=b"")
     with CountingProxy(moto_server.port) as proxy:
         m = mount_fs(MountConfig(backend="s3", bucket=bucket, endpoint_url=proxy.endpoint,
                                  credentials=moto_server.credentials, cache_dir=str(tmp_path / "cache")))
         os.stat(m.path / "d")
+        for name in ("f1000", "f1001"):  # the first miss, then the second: a LIST page, not all of d/
+            assert (m.path / "d" / name).read_bytes() == files[name]
+        for name in ("f1002", "f1003", "f1004"):
+            proxy.reset()
+            assert (m.path / "d" / name).read_bytes() == files[name]
+            tally = proxy.tally()
+            assert tally.requests == {"GET": 1, "LIST": 1}, (name, dict(tally.requests))
+            assert tally.body_bytes["GET"] == len(files[name])
         proxy.reset()
-        assert (m.path / "d" / "small").read_bytes() == small
-        first = proxy.tally()
-        assert first.requests == {"GET": 1, "LIST": 1}, dict(first.requests)
-        assert first.body_bytes["GET"] == len(small)
-        proxy.reset()
-        assert os.stat(m.path / "d" / "large").st_size == len(large)  # the second miss lists d/
-        assert os.stat(m.path / "d" / "empty").st_size == 0
-        assert (m.path / "d" / "large").read_bytes() == large
-        m.unmount()
-        fresh = mount_fs(m.config, "fresh")
-        os.stat(fresh.path / "d")
-        proxy.reset()
-        assert os.stat(fresh.path / "d" / "large").st_size == len(large)
+        assert os.stat(m.path / "d" / "large").st_size == len(large)
         lookup = proxy.tally()
         assert lookup.requests == {"GET": 1, "LIST": 1}, dict(lookup.requests)
         assert lookup.body_bytes["GET"] == PEEK_BYTES
-        assert (fresh.path / "d" / "large").read_bytes() == large
-        fresh.unmount()
+        proxy.reset()
+        assert os.stat(m.path / "d" / "f1005").st_size == len(files["f1005"])
+        assert proxy.tally().requests == {"HEAD": 1, "LIST": 1}
+        assert (m.path / "d" / "large").read_bytes() == large
+        m.unmount()

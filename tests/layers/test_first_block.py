@@ -107,13 +107,39 @@ async def test_a_file_grown_past_the_get_is_read_by_blocks(meta_fs: Fs, monkeypa
     assert fs.store.calls["get_range"] >= 1
 
 
-async def test_a_lookup_by_path_is_answered_by_a_get_that_serves_the_read(meta_fs: Fs) -> None:
-    """No listing yet: a GET of the first bytes (with a LIST of ``name/`` beside it) instead of a
-    HEAD; the read of the small file that follows costs no request."""
+async def test_a_lookup_by_path_in_a_big_directory_is_a_get_that_serves_the_read(meta_fs: Fs) -> None:
+    """A directory bigger than a LIST page is not listed for its lookups: each name read by path
+    there asks the store, with a GET of its first bytes (and a LIST of ``name/`` beside it)
+    instead of a HEAD, and the read of a small file that follows costs no request. Once such a
+    GET found a large file there, lookups in that directory go back to HEAD."""
     fs = meta_fs
+    fs.ops.meta.page_keys = 2  # "big" holds more than one page
+    for name in ("a", "b", "c"):
+        fs.memory.put(f"big/{name}", name.encode() * 10)
     data = b"by path" * 1000
-    fs.memory.put("e/x", data)
-    assert (await fs.lookup("e/x")).st_size == len(data)
-    assert await fs.read_file("e/x") == data
-    assert fs.store.calls["head"] == 0 and fs.store.calls["get_range"] == 0
-    assert fs.store.calls["get_first"] == 2  # "e" (not an object: 404) and "e/x"
+    fs.memory.put("big/x", data)
+    fs.memory.put("big/y", bytes(meta_module.PEEK_BYTES + 1))
+    fs.memory.put("big/z", b"zz")
+    assert (await fs.lookup("big/a")).st_size == 10  # the first miss: HEAD + LIST
+    assert (await fs.lookup("big/b")).st_size == 10  # the second: a LIST page, not all of "big"
+    before = Counter(fs.store.calls)
+    assert (await fs.lookup("big/x")).st_size == len(data)
+    assert await fs.read_file("big/x") == data
+    assert fs.store.calls - before == Counter({"get_first": 1, "list": 1})
+    assert blocks_of(fs, "big/x") == {fs.memory.head("big/x").version: data}
+    before = Counter(fs.store.calls)
+    assert (await fs.lookup("big/y")).st_size == meta_module.PEEK_BYTES + 1  # a large file: its bytes wait
+    assert blocks_of(fs, "big/y") == {}
+    assert (await fs.lookup("big/z")).st_size == 2  # ... and HEAD from now on in "big"
+    assert fs.store.calls - before == Counter({"get_first": 1, "head": 1, "list": 2})
+
+
+async def test_a_first_lookup_elsewhere_keeps_head(meta_fs: Fs) -> None:
+    """Outside big directories a lookup's HEAD stays: the directory gets listed after a miss or
+    two, and a large file looked up (a model's weights) costs no bytes it does not use."""
+    fs = meta_fs
+    fs.memory.put("m/w.bin", bytes(3 * meta_module.PEEK_BYTES))
+    await fs.inode("m")
+    before = Counter(fs.store.calls)
+    assert (await fs.lookup("m/w.bin")).st_size == 3 * meta_module.PEEK_BYTES
+    assert fs.store.calls - before == Counter({"head": 1, "list": 1})
