@@ -266,7 +266,8 @@ class S3Store:
             if r is not None:
                 body = r["Body"]
                 return self._first(getattr(body, "_raw_stream", body), key, length, r.get("ContentRange"),
-                                   r.get("ContentLength"), r.get("ETag", ""), r["LastModified"], r.get("Metadata") or {})
+                                   r.get("ContentLength"), r.get("ETag", ""), r["LastModified"],
+                                   r.get("Metadata") or {})
         return self.head(key), b""
 
     def _first(self, raw: Any, key: str, length: int, content_range: str | None, content_length: Any, etag: str,
