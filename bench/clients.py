@@ -157,11 +157,14 @@ OBJFS_NOCACHE = Client("objfs-nocache", "objfs", False)
 #: the shape of a Kubernetes node: credentials, store client and node cache in a data service process,
 #: the FUSE server reaching them through one socket (what every pod's sidecar does)
 OBJFS_GRANT = Client("objfs-grant", "objfs", True, ("--data-service", "process"))
+#: a volume that keeps each file's mtime, mode and owner in its object's metadata (``fileMetadata``):
+#: S3 listings carry none, so a walk asks the store once per file (small files: a GET that their read takes)
+OBJFS_META = Client("objfs-meta", "objfs", True, ("--file-metadata",))
 S3FS = Client("s3fs", "s3fs", False)
 S3FS_CACHE = Client("s3fs-cache", "s3fs", True)
 RCLONE = Client("rclone", "rclone", False)
 RCLONE_FULL = Client("rclone-full", "rclone", True)
-ALL_MOUNTS = (OBJFS, OBJFS_GRANT, OBJFS_NOCACHE, S3FS, S3FS_CACHE, RCLONE, RCLONE_FULL)
+ALL_MOUNTS = (OBJFS, OBJFS_GRANT, OBJFS_NOCACHE, OBJFS_META, S3FS, S3FS_CACHE, RCLONE, RCLONE_FULL)
 QUICK_MOUNTS = (OBJFS, S3FS, RCLONE_FULL)
 
 

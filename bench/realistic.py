@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import procs
-from bench.clients import OBJFS, OBJFS_GRANT, OBJFS_NOCACHE, Client, Mounted
+from bench.clients import OBJFS, OBJFS_GRANT, OBJFS_META, OBJFS_NOCACHE, Client, Mounted
 from bench.data import LARGE_KEY, MODEL_KEY
 from bench.report import Goal, Scenario
 from bench.scenarios import MB, Ctx, WrongBytes, _check_model, _load_model, buffer, check, rotated, timed_read
@@ -33,7 +33,7 @@ READERS = 8
 def latency_clients(ctx: Ctx) -> list[Client]:
     """objfs in each of its modes, and one mode of each peer (without its disk cache where the
     run has it: a cold read is what these scenarios measure)."""
-    chosen = ctx.clients(OBJFS, OBJFS_GRANT, OBJFS_NOCACHE)
+    chosen = ctx.clients(OBJFS, OBJFS_GRANT, OBJFS_NOCACHE, OBJFS_META)
     for family in ("s3fs", "rclone"):
         mine = sorted((c for c in ctx.mount_clients if c.family == family), key=lambda c: c.cache)
         chosen += mine[:1]

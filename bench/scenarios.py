@@ -242,6 +242,8 @@ def small_files(ctx: Ctx) -> Scenario:
     sc.goals += [Goal("objfs >= 2x the faster peer", "objfs", factor=2.0),
                  Goal("objfs <= 1.05 requests per file", "objfs", ref=None, metric="req/file", op="<=",
                       value=1.05),
+                 Goal("objfs-meta (fileMetadata) <= 1.05 requests per file", "objfs-meta", ref=None,
+                      metric="req/file", op="<=", value=1.05),
                  Goal("objfs CPU per 1,000 files with the node cache <= 1.2x without it", "objfs",
                       ref="objfs-nocache", metric="cpu s/1000 files", op="<=", value=1.2)]
     expected = {k.removeprefix("small/"): ctx.manifest.objects[k] for k in ctx.manifest.small}

@@ -105,6 +105,8 @@ class StoreKind:
         return result
 
     def succeeded(self, result: object, sent: int) -> None:
+        if isinstance(result, tuple) and len(result) == 2:  # a GET that answered a description too
+            result = result[1]
         if isinstance(result, bytes | bytearray | memoryview):
             self.received.inc(len(result))
         elif self.kind == "PUT":

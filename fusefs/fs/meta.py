@@ -12,8 +12,9 @@ A lookup in a directory not listed asks HEAD key + LIST prefix=key/ max 1, concu
 its second miss in that directory on (from the first, when the directory's parent was listed
 that way: a data set read by path), it lists the directory's first page instead: a directory
 that fits in one page (1,000 keys) gets its listing from it, so readers opening files by path
-pay one LIST per directory instead of HEAD + LIST per file. Bigger directories stay with
-HEAD + LIST.
+pay one LIST per directory instead of HEAD + LIST per file. Bigger directories stay with a request
+per name + LIST; on S3 that request is a GET of the name's first ``PEEK_BYTES``, which a small
+file's read then takes (``_peek_lookups``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import functools
 import logging
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -47,6 +49,15 @@ LIST_AFTER_MISSES = 2
 _NO_META = FileMeta()
 #: parallel HEADs for the metadata of one listed directory's files (S3 lists none)
 META_HEADS = 16
+#: a file no larger than this is described by a GET of its bytes instead of a HEAD where the
+#: store must be asked anyway (a listed file's metadata on S3, a lookup of an unknown name): the
+#: same one request, and its read then costs none. The bytes are the price when no read follows
+#: (``ls -l`` of a ``fileMetadata`` volume): at most this much per file, a few milliseconds of
+#: transfer against the round trip a read of it would cost. Larger files keep HEAD.
+PEEK_BYTES = 256 * 1024
+#: a lookup in a directory too big to be listed for lookups asks GET (first ``PEEK_BYTES``) + LIST
+#: instead of HEAD + LIST (``Meta._peek_lookups``)
+PEEK_LOOKUPS = True
 
 
 def _hidden_reason(prefix: str, key: str) -> str:
@@ -179,6 +190,17 @@ class Meta:
         #: that the mount's start (a bucket has no time for an implicit directory)
         self.started = time.time()
         self._dir_times: dict[str, float] = {}
+        #: where a GET that described a file hands its first block (``BlockReader.offer``), and how
+        #: many bytes the reader keeps in memory (``first_blocks``); None: files are HEADed
+        self._offer: Callable[[ObjectInfo, bytes], bool] | None = None
+        self._offer_budget = 0
+        #: big directories where a lookup's GET found a file larger than ``PEEK_BYTES``: HEAD there
+        self._large_files: set[str] = set()
+
+    def first_blocks(self, offer: Callable[[ObjectInfo, bytes], bool], budget: int) -> None:
+        """Describe small files with a GET of their bytes (``PEEK_BYTES``), handing those to
+        ``offer`` (the reader, which keeps ``budget`` bytes in memory)."""
+        self._offer, self._offer_budget = offer, budget
 
     # -- keys ---------------------------------------------------------------------------------
     def key_of(self, path: str) -> str:
@@ -458,19 +480,24 @@ class Meta:
             return
 
     async def _add_file_meta(self, files: dict[str, Entry]) -> None:
-        """Each file's own metadata, for a store whose listing leaves it out (S3): one HEAD per
+        """Each file's own metadata, for a store whose listing leaves it out (S3): one request per
         file, ``META_HEADS`` at a time (GCS listings carry it: no request). Only volumes that
-        keep per-file metadata pay this (``fileMetadata``)."""
+        keep per-file metadata pay this (``fileMetadata``). A small file's request is a GET of
+        its bytes, which its read then takes instead of a GET of its own (``_small_by_get``)."""
         missing = [e for e in files.values() if e.info is not None and e.info.meta is None]
         if not missing:
             return
         limit = trio.CapacityLimiter(META_HEADS)
+        by_get = self._small_by_get(missing)
 
         async def head(entry: Entry) -> None:
             assert entry.info is not None
             async with limit:
                 try:
-                    info = await self.store.head(entry.info.key)
+                    if entry.name in by_get:
+                        info = await self._peek(entry.info.key)
+                    else:
+                        info = await self.store.head(entry.info.key)
                 except errors.NotFoundError:
                     del files[entry.name]  # deleted since the listing
                     return
@@ -482,6 +509,52 @@ class Meta:
                     nursery.start_soon(head, entry)
         except ExceptionGroup as group:
             raise errors.first_store_error(group) from None
+
+    def _peek_length(self) -> int:
+        """The bytes a GET describing a file asks for; 0: describe files with HEAD."""
+        return min(PEEK_BYTES, self.store.block_size) if self._offer is not None else 0
+
+    def _small_by_get(self, entries: list[Entry]) -> set[str]:
+        """The names among a listing's files whose description is a GET of their bytes: those no
+        larger than ``PEEK_BYTES`` (and not empty: an empty object has no bytes to read). Without
+        a node cache to keep them, only as many as half the reader's memory holds: blocks the
+        memory LRU dropped before the walk reached them would cost a second GET each."""
+        length = self._peek_length()
+        if not length:
+            return set()
+        room = float("inf") if self.store.node_cache else self._offer_budget / 2
+        chosen: set[str] = set()
+        for entry in entries:
+            size = entry.info.size if entry.info is not None else 0
+            if 0 < size <= length and size <= room:
+                chosen.add(entry.name)
+                room -= size
+        return chosen
+
+    def _peek_lookups(self, parent: str) -> bool:
+        """Whether a lookup in directory ``parent`` asks a GET of the name's first bytes instead
+        of a HEAD (``PEEK_LOOKUPS``): on S3 (a GCS GET's answer carries no custom metadata: two
+        requests there), in a directory too big to be listed for its lookups, where every name
+        read by path costs a request of its own and a small file's read can take its bytes;
+        not once a GET there found a file larger than ``PEEK_BYTES`` (a directory of large
+        files: HEAD, nothing fetched that the reads do not use). Elsewhere a lookup keeps HEAD:
+        a directory is listed at its first or second miss, after which its lookups cost nothing,
+        and a large file looked up (a model's weights, served from the node cache) costs no bytes."""
+        return (PEEK_LOOKUPS and self.config.backend == "s3" and parent in self._big_dirs
+                and parent not in self._large_files and self._peek_length() > 0)
+
+    def _note_large_files(self, parent: str) -> None:
+        if len(self._large_files) >= _PRUNE_AT:
+            self._large_files.clear()
+        self._large_files.add(parent)
+
+    async def _peek(self, key: str) -> ObjectInfo:
+        """A GET of ``key``'s first bytes that describes it as HEAD would; a whole first block goes
+        to the reader under the version the GET answered."""
+        info, data = await self.store.peek(key, self._peek_length())
+        if data and self._offer is not None:
+            self._offer(info, data)
+        return info
 
     def _note_skipped(self, path: str, keys: list[str]) -> None:
         """One warning per directory (not per key, not per listing) for keys that cannot be shown
@@ -505,7 +578,8 @@ class Meta:
 
     async def resolve(self, path: str) -> Entry | None:
         """What ``path`` is: from the caches, else from one LIST page of its directory (a whole small
-        directory), else with HEAD + LIST (max 1) in parallel."""
+        directory), else with HEAD (or a GET of the first bytes: ``_peek_lookups``) + LIST (max 1)
+        in parallel."""
         if path == "":
             return Entry("", True)
         known, entry = self.cached(path)
@@ -527,7 +601,12 @@ class Meta:
 
         async def do_head() -> None:
             try:
-                head[0] = await self.store.head(key)
+                if self._peek_lookups(parent):
+                    head[0] = info = await self._peek(key)
+                    if info.size > self._peek_length():
+                        self._note_large_files(parent)
+                else:
+                    head[0] = await self.store.head(key)
             except errors.NotFoundError:
                 pass
 

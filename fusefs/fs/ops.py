@@ -145,6 +145,7 @@ class Operations(pyfuse3.Operations):
         self.meta = Meta(store, config)
         self.reader = BlockReader(store, config.tuning)
         self.reader.start(nursery)
+        self.meta.first_blocks(self.reader.offer, self.reader.budget)
         self.small_file = min(SMALL_FILE, config.tuning.block_size)
         self._handles: dict[int, FileHandle | DirHandle] = {}
         self._next_fh = 1

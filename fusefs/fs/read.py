@@ -84,6 +84,18 @@ class BlockReader:
             if self._pool is not None:
                 self._pool.give(data)
 
+    def offer(self, info: ObjectInfo, data: bytes) -> bool:
+        """Block 0 of ``info`` as a GET that described the object returned it (``DataClient.peek``,
+        for a lookup or a listing), kept under exactly the version that GET answered: the read
+        that follows costs no request, and a read of any other version never sees these bytes.
+        Only a whole block (the whole object, or ``block_size`` bytes) is taken."""
+        bid = (info.key, info.version, 0)
+        if (not info.version or not data or len(data) != self._length(info.size, 0) or bid in self._lru
+                or bid in self._flights):
+            return False
+        self._remember(bid, data)
+        return True
+
     def has(self, key: str, version: str, index: int) -> bool:
         bid = (key, version, index)
         return bid in self._lru or bid in self._flights

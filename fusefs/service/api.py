@@ -42,6 +42,14 @@ class DataClient(Protocol):
     async def list(self, prefix: str, delimiter: str | None = "/", token: str | None = None,
                    max_keys: int = 1000) -> ListPage: ...
     async def get_range(self, key: str, start: int, length: int, version: str | None = None) -> bytes: ...
+    async def peek(self, key: str, length: int) -> tuple[ObjectInfo, bytes]:
+        """What ``head`` answers and the object's first ``length`` bytes (at most ``block_size``;
+        fewer when it is shorter), both of the one version described, in one GET. When they are
+        its whole block 0 (the whole object, or a whole block), the service keeps them in the node
+        cache as that block of that version: give them to the reader too, and the read that
+        follows costs no request."""
+        ...
+
     async def put(self, key: str, data: bytes | memoryview, meta: Mapping[str, str] | None = None) -> ObjectInfo:
         """``meta``: the object's user metadata (``fusefs.filemeta``), sent with the upload."""
         ...

@@ -135,6 +135,31 @@ class LocalData:
                                              "at a time", key=info.key)
         return await self.store.get_range(info.key, start, length, info.version or None)
 
+    async def peek(self, key: str, length: int) -> tuple[ObjectInfo, bytes]:
+        key = self.scope.key(key)
+        if not 0 < length <= self.block_size:
+            raise errors.InvalidRequestError(f"the first {length} bytes of {key!r}: at most a block "
+                                             f"({self.block_size})", key=key)
+        info, data = await self.store.get_first(key, length)
+        if info.key != key or len(data) > length:
+            raise errors.StoreError(f"{key!r}: the store answered a GET with another object", key=key)
+        if info.version and data and len(data) == self._length(info, 0):
+            self._authorised.add((info.key, info.version))  # our own GET of that version answered
+            await self._keep_first_block(info, data)
+        return info, data
+
+    async def _keep_first_block(self, info: ObjectInfo, data: bytes) -> None:
+        """Block 0 of ``info`` as this side's own GET of that version returned it, into the node
+        cache through its ordinary path (one writer per block, the write queue beside the read):
+        the next read of it, from any pod of the node, costs no GET. Best effort."""
+        if self.cache is None:
+            return
+
+        async def fetched() -> bytes:
+            return data
+
+        await self.cache.get_or_fetch(self.cache_key(info, 0), fetched)
+
     async def put(self, key: str, data: bytes | memoryview, meta: Mapping[str, str] | None = None) -> ObjectInfo:
         info = await self.store.put(self.scope.write(key), data, _checked(meta, key))
         await self._write_through(info, data)

@@ -118,6 +118,10 @@ class SnapshotData(LocalData):
             i += 1
         return page
 
+    async def peek(self, key: str, length: int) -> tuple[ObjectInfo, bytes]:
+        """The manifest describes it (no request); its bytes are read as blocks of the real object."""
+        return await self.head(key), b""
+
     async def get_range(self, key: str, start: int, length: int, version: str | None = None) -> bytes:
         real = await self._real(key)
         if version and version != real.version:

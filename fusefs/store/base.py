@@ -106,6 +106,11 @@ class BlockingStore(Protocol):
         self, prefix: str, delimiter: str | None = "/", token: str | None = None, max_keys: int = 1000
     ) -> ListPage: ...
     def get_range(self, key: str, start: int, length: int, version: str | None = None) -> bytes: ...
+    def get_first(self, key: str, length: int) -> tuple[ObjectInfo, bytes]:
+        """What ``head`` answers of ``key`` (size, version, user metadata) and its first ``length``
+        bytes (fewer when it is shorter), both of one version, in one GET where the store can
+        (S3: a ranged GetObject carries the description in its headers)."""
+        ...
     def put(self, key: str, data: bytes | memoryview, meta: Mapping[str, str] | None = None) -> ObjectInfo: ...
     def put_file(self, key: str, path: str) -> ObjectInfo: ...
     def create_multipart(self, key: str, meta: Mapping[str, str] | None = None) -> MultipartUpload: ...
@@ -187,6 +192,9 @@ class AsyncStore:
         return await self._run(
             f"GET {key}[{start}:+{length}]", lambda: self.blocking.get_range(key, start, length, version)
         )
+
+    async def get_first(self, key: str, length: int) -> tuple[ObjectInfo, bytes]:
+        return await self._run(f"GET {key}[0:+{length}]", lambda: self.blocking.get_first(key, length))
 
     async def put(self, key: str, data: bytes | memoryview, meta: Mapping[str, str] | None = None) -> ObjectInfo:
         return await self._run(f"PUT {key}", lambda: self.blocking.put(key, data, meta))

@@ -118,6 +118,9 @@ class FaultyStore:
     def get_range(self, key: str, start: int, length: int, version: str | None = None) -> bytes:
         return self._call("get_range", lambda: self.inner.get_range(key, start, length, version), key)
 
+    def get_first(self, key: str, length: int) -> tuple[ObjectInfo, bytes]:
+        return self._call("get_first", lambda: self.inner.get_first(key, length), key)
+
     def put(self, key: str, data: bytes | memoryview, meta: Mapping[str, str] | None = None) -> ObjectInfo:
         return self._call("put", lambda: self.inner.put(key, data, meta), key)
 

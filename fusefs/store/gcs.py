@@ -249,6 +249,14 @@ class GCSStore:
             next_token = it.next_page_token
         return ListPage(objects=objects, prefixes=prefixes, next_token=next_token or None)
 
+    def get_first(self, key: str, length: int) -> tuple[ObjectInfo, bytes]:
+        """Two requests here: the metadata, then a ranged media GET pinned to its generation (a
+        media GET's answer carries no custom metadata). objfs asks it of S3 stores only: GCS
+        listings carry each object's metadata already."""
+        info = self.head(key)
+        n = min(length, info.size)
+        return info, self.get_range(key, 0, n, info.version) if n > 0 else b""
+
     def get_range(self, key: str, start: int, length: int, version: str | None = None) -> bytes:
         """One ranged media GET, read straight into one buffer.
 

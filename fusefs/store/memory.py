@@ -196,6 +196,11 @@ class MemoryStore:
                 f"{len(stored.data)}", key=key)
         return stored.data[start:start + length]
 
+    def get_first(self, key: str, length: int) -> tuple[ObjectInfo, bytes]:
+        with self.server.lock:
+            stored = self._object(key)
+        return stored.info(key), stored.data[:max(0, length)]
+
     # -- writes ------------------------------------------------------------------------------
     def put(self, key: str, data: bytes | memoryview, meta: Mapping[str, str] | None = None) -> ObjectInfo:
         with self.server.lock:

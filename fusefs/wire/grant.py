@@ -17,7 +17,8 @@ mounted /dev/fuse fd (SCM_RIGHTS) where FUSE passthrough may be used; the servic
 the client must know (block size, store limits, whether a node cache and passthrough are there).
 Then requests ``{"id": N, "op": ..., args}``, answered in any order by ``{"id": N, ...result}`` or
 ``{"id": N, "error": {"type": <fusefs.errors class>, "message": ...}}``; a payload carries the bytes
-of ``put``/``part`` requests and of ``read``/``range`` answers. Many requests are in flight at once.
+of ``put``/``part`` requests and of ``read``/``range``/``peek`` answers. Many requests are in flight
+at once.
 
 A lost connection (node plugin restarted or upgraded) is not a lost mount: requests wait for the
 next connection (``GrantClient.replace``, which the restarted plugin hands over from its records)
@@ -74,7 +75,7 @@ ERRORS: dict[str, type[errors.StoreError]] = {
 
 
 #: the store request each grant request stands for, in this server's figures (``fusefs.metrics``)
-STORE_KINDS = {"head": "HEAD", "list": "LIST", "range": "GET", "read": "GET", "put": "PUT",
+STORE_KINDS = {"head": "HEAD", "list": "LIST", "range": "GET", "read": "GET", "peek": "GET", "put": "PUT",
                "mp_create": "CREATE-MULTIPART", "mp_part": "PART", "mp_complete": "COMPLETE", "mp_abort": "ABORT",
                "copy": "COPY", "delete": "DELETE", "check": "CHECK", "set_meta": "SET-META",
                "mp_copy": "PART-COPY"}
@@ -408,6 +409,13 @@ class GrantClient:
                                        "version": version})
         return payload
 
+    async def peek(self, key: str, length: int) -> tuple[ObjectInfo, bytes]:
+        answer, payload = await self._call({"op": "peek", "key": key, "length": length})
+        info = _info_from(answer.get("info"))
+        if info.key != key or len(payload) > length:
+            raise errors.StoreError(f"the data service answered a GET of {key!r} with another object", key=key)
+        return info, payload
+
     async def read_block(self, info: ObjectInfo, index: int, warming: bool = False) -> bytes:
         _, payload = await self._call({"op": "read", "key": info.key, "info": _info_to(info, False), "index": index,
                                        "warming": warming})
@@ -663,6 +671,9 @@ class GrantServer:
                 raise errors.InvalidRequestError("'version' must be a string")
             return {}, await data.get_range(_str(header, "key"), _int(header, "start"), _int(header, "length"),
                                             version)
+        if op == "peek":
+            info, first = await data.peek(_str(header, "key"), _int(header, "length"))
+            return {"info": _info_to(info)}, first
         if op == "head":
             return {"info": _info_to(await data.head(_str(header, "key")))}, b""
         if op == "list":

@@ -264,11 +264,12 @@ def test_without_file_metadata_symlinks_are_eperm_and_times_are_the_stores(
     assert "symlink refused (EPERM)" in m.log_text()
 
 
-def test_a_walk_costs_a_head_per_file_only_where_the_volume_keeps_file_metadata(
+def test_a_walk_that_reads_costs_a_request_per_file_with_or_without_file_metadata(
     moto_server: MotoS3, tmp_path: Path, mount_fs: Callable[..., Mounted]
 ) -> None:
     """S3 lists no user metadata: a volume that shows each file's own attributes asks for them
-    (one HEAD per file, in parallel, once per listing); one that does not pays nothing. (moto:
+    (one request per file, in parallel, once per listing): for these small files the GET that
+    their reads then take, so a walk that reads costs what it costs without metadata. (moto:
     rclone takes an ``mtime`` metadata value for the object's LastModified, which hides the
     difference.)"""
     bucket = moto_server.create_bucket()
@@ -295,7 +296,7 @@ def test_a_walk_costs_a_head_per_file_only_where_the_volume_keeps_file_metadata(
             print(f"\nfileMetadata={keep}: {dict(counts)} -> {per_file[keep]:.3f} requests per file")
             m.unmount()
     assert per_file[False] <= 1.05
-    assert per_file[True] <= 2.05
+    assert per_file[True] <= 1.05
 
 
 # -- what a mount wrote is in the node cache ---------------------------------------------------------

@@ -265,3 +265,80 @@ def test_hello_must_come_first(s3_server: RcloneS3, bucket: str) -> None:
             assert "error" in header and "hello" in json.dumps(header)
 
     run(main)
+
+
+def test_peek_frames_are_pinned_byte_for_byte() -> None:
+    """A GET that describes an object (``peek``): the request the client sends and the answer it
+    reads, as bytes on the socket (the test plays the data service)."""
+
+    async def main() -> None:
+        ours, theirs = socket.socketpair()
+        service = trio.socket.from_stdlib_socket(theirs)
+        hello = {"version": 1, "identity": "s3|x|b", "block_size": BLOCK, "node_cache": False,
+                 "limits": {"max_parts": 10000, "min_part_size": 5 * MiB, "max_part_size": 5 * 1024 * MiB,
+                            "max_object_size": 5 * 1024 * 1024 * MiB, "part_copy": "ranges"}}
+        seen: list[bytes] = []
+
+        async def serve() -> None:
+            await W.read_frame(service)  # hello (pinned by the tests above)
+            await W._send(service, W.encode(hello))
+            raw = b""
+            while len(raw) < 12 or len(raw) < 12 + struct.unpack("!IQ", raw[:12])[0]:
+                raw += await service.recv(4096)
+            seen.append(raw)
+            answer = (b'{"id":1,"info":{"key":"vol/a","size":9,"version":"e1","mtime":2.0,'
+                      b'"meta":{"mtime":"5"}}}')
+            await service.send(struct.pack("!IQ", len(answer), 4) + answer + b"abcd")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            async with W.GrantClient(ours, None, reconnect_wait=5) as client:
+                got = await client.peek("vol/a", 4)
+            nursery.cancel_scope.cancel()
+        request = b'{"id":1,"op":"peek","key":"vol/a","length":4}'
+        assert seen == [struct.pack("!IQ", len(request), 0) + request]
+        assert got == (ObjectInfo("vol/a", 9, "e1", 2.0, (("mtime", "5"),)), b"abcd")
+        assert W.STORE_KINDS["peek"] == "GET"
+
+    run(main)
+
+
+def test_peek_reaches_only_the_grants_prefix_and_fills_the_node_cache(
+        s3_server: RcloneS3, bucket: str, tmp_path: Path) -> None:
+    """``peek`` (a GET of an object's first bytes with its description) is a read: a read-only
+    grant may do it under its prefix, never of another tenant's key or outside its prefix; the
+    block it fetched is in the node cache under the version it answered."""
+    s3 = s3_server.client()
+    s3.put_object(Bucket=bucket, Key="tenant-a/secret.txt", Body=b"a's data")
+    s3.put_object(Bucket=bucket, Key="tenant-b/mine.txt", Body=b"b's data", Metadata={"mode": "33188"})
+    config = MountConfig(backend="s3", bucket=bucket, endpoint_url=s3_server.endpoint,
+                         credentials=s3_server.credentials)
+    cache = NodeCache(str(tmp_path / "cache"), 64 * MiB)
+
+    async def main() -> None:
+        async with connected(local_data(config, "tenant-b/", read_only=True, cache=cache)) as client:
+            info, data = await client.peek("tenant-b/mine.txt", BLOCK)
+            assert (info.size, data, dict(info.meta or ())) == (8, b"b's data", {"mode": "33188"})
+            assert info.version == (await client.head("tenant-b/mine.txt")).version
+            with trio.fail_after(20):
+                while not await client.on_node(info, 0):  # noqa: ASYNC110 (the cache's writer thread)
+                    await trio.sleep(0.05)
+            assert await client.read_block(info, 0) == b"b's data"
+            for key in ("tenant-a/secret.txt", "secret.txt", "tenant-", "", "tenant-b"):
+                with pytest.raises(errors.AccessDeniedError):
+                    await client.peek(key, 8)
+            with pytest.raises(errors.AccessDeniedError):
+                await client._call({"op": "peek", "key": "tenant-a/secret.txt", "length": 8})
+            for header in ({"op": "peek", "key": "tenant-b/mine.txt", "length": 0},
+                           {"op": "peek", "key": "tenant-b/mine.txt", "length": BLOCK + 1},
+                           {"op": "peek", "key": "tenant-b/mine.txt", "length": "8"},
+                           {"op": "peek", "key": ["tenant-b/mine.txt"], "length": 8}):
+                with pytest.raises(errors.InvalidRequestError):
+                    await client._call(header)
+            with pytest.raises(errors.NotFoundError):
+                await client.peek("tenant-b/nothing", 8)
+
+    try:
+        run(main)
+    finally:
+        cache.close()
