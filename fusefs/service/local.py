@@ -29,6 +29,7 @@ from fusefs.nodecache.keys import tenant_of
 from fusefs.passthrough.backing import Registrar
 from fusefs.retry import RetryPolicy
 from fusefs.service.scope import Scope
+from fusefs.service.staging import StagedParts, stage_dir
 from fusefs.store.base import AsyncStore, ListPage, MultipartUpload, ObjectInfo
 
 if TYPE_CHECKING:
@@ -92,6 +93,7 @@ class LocalData:
         self._authorised: set[tuple[str, str]] = set()  # (key, version) this grant fetched or proved
         self._proving: dict[tuple[str, str], trio.Event] = {}
         self._uploads: set[int] = set()  # ids of uploads this grant started
+        self._staged: dict[int, StagedParts] = {}  # upload id -> its parts, for the node cache
         self._refusal_said = False
 
     @classmethod
@@ -156,6 +158,14 @@ class LocalData:
     async def create_multipart(self, key: str, meta: Mapping[str, str] | None = None) -> MultipartUpload:
         upload = await self.store.create_multipart(self.scope.write(key), _checked(meta, key))
         self._uploads.add(id(upload))
+        if self.cache is not None and self.cache.usable:
+            try:
+                directory = await trio.to_thread.run_sync(stage_dir, self.cache.directory)
+            except OSError as exc:
+                log.debug("multipart uploads not written through to the node cache: %s", exc)
+            else:
+                # at most a quarter of the cache: a huge upload is not worth what it would evict
+                self._staged[id(upload)] = StagedParts(directory, self.cache.size_limit // 4)
         return upload
 
     def _own(self, upload: MultipartUpload) -> MultipartUpload:
@@ -167,6 +177,9 @@ class LocalData:
         if not 1 <= number <= self.limits.max_parts:
             raise errors.InvalidRequestError(f"part number {number} is out of range", key=upload.key)
         await self.store.upload_part(self._own(upload), number, data)
+        staged = self._staged.get(id(upload))
+        if staged is not None:  # acknowledged by the store: kept for the node cache
+            await trio.to_thread.run_sync(staged.add, number, data)
 
     async def upload_part_copy(self, upload: MultipartUpload, number: int, src: ObjectInfo, start: int,
                                length: int) -> None:
@@ -175,18 +188,43 @@ class LocalData:
         self.scope.key(src.key)  # a copy reads its source: only from this volume
         if start < 0 or length <= 0 or start + length > src.size or length > self.limits.max_part_size:
             raise errors.InvalidRequestError(f"bytes {start}+{length} of a {src.size}-byte object", key=src.key)
+        staged = self._staged.get(id(upload))
+        if staged is not None:  # bytes this side never sees: the object is not cached
+            staged.give_up()
         await self.store.upload_part_copy(self._own(upload), number, src, start, length)
 
     async def complete(self, upload: MultipartUpload) -> ObjectInfo:
         info = await self.store.complete(self._own(upload))
         self._uploads.discard(id(upload))
+        staged = self._staged.pop(id(upload), None)
+        if staged is not None:
+            try:
+                await self._write_through_parts(info, staged)
+            finally:
+                await trio.to_thread.run_sync(staged.close)
         return info
+
+    async def _write_through_parts(self, info: ObjectInfo, staged: StagedParts) -> None:
+        """A completed multipart upload's bytes into the node cache (``fusefs.service.staging``),
+        as ``_write_through`` does for a single upload. Best effort."""
+        cache = self.cache
+        if cache is None or not info.version:
+            return
+
+        def put(index: int, block: bytes) -> bool:
+            return cache.put(self.cache_key(info, index), block)
+
+        if await trio.to_thread.run_sync(staged.write_blocks, info.version, info.size, self.block_size, put):
+            self._authorised.add((info.key, info.version))  # its own bytes: no proof GET before reading them
 
     async def abort(self, upload: MultipartUpload) -> None:
         try:
             await self.store.abort(self._own(upload))
         finally:
             self._uploads.discard(id(upload))
+            staged = self._staged.pop(id(upload), None)
+            if staged is not None:
+                staged.close()
 
     async def copy(self, src: str, dst: str) -> ObjectInfo:
         return await self.store.copy(self.scope.key(src), self.scope.write(dst))
@@ -319,4 +357,6 @@ class LocalData:
             log.debug("closing backing id %d: %s", backing_id, exc)
 
     async def aclose(self) -> None:
-        return None
+        staged, self._staged = list(self._staged.values()), {}
+        for parts in staged:  # uploads never completed nor aborted (a client gone)
+            parts.close()
