@@ -362,6 +362,41 @@ def test_a_walk_costs_a_head_per_file_only_where_the_volume_keeps_file_metadata(
     assert per_file[True] <= 2.05
 
 
+def test_directory_attributes_cost_a_head_per_directory_on_a_walk(
+    gcs_server: FakeGCS, tmp_path: Path, mount_fs: Callable[..., Mounted]
+) -> None:
+    """A listing shows subdirectories as prefixes only: a volume that keeps per-file metadata
+    asks for each one's marker (one HEAD per directory, once per listing of its parent) and
+    nothing more per file where the listing carries files' metadata (GCS)."""
+    bucket = gcs_server.create_bucket()
+    blobs = gcs_server.client().bucket(bucket)
+    dirs = 12
+    for i in range(dirs):
+        marker = blobs.blob(f"t/d{i:02d}/")
+        marker.metadata = {"mode": str(stat.S_IFDIR | 0o700), "mtime": str(1_000_000_000 + i)}
+        marker.upload_from_string(b"")
+        for j in range(3):
+            blobs.blob(f"t/d{i:02d}/f{j}").upload_from_string(b"x")
+    with CountingProxy(gcs_server.port) as proxy:
+        config = MountConfig(backend="gcs", bucket=bucket, endpoint_url=proxy.endpoint,
+                             credentials=gcs_server.credentials, cache_dir=str(tmp_path / "cache"),
+                             file_metadata=True)
+        m = mount_fs(config)
+        proxy.reset()
+        seen = {}
+        for top, subdirs, _ in os.walk(m.path / "t"):
+            for name in subdirs:
+                st = os.stat(Path(top) / name)
+                seen[name] = (stat.S_IMODE(st.st_mode), st.st_mtime)
+        counts = proxy.snapshot()
+    assert seen == {f"d{i:02d}": (0o700, 1_000_000_000 + i) for i in range(dirs)}
+    print(f"\nwalk of {dirs} directories, {3 * dirs} files: {dict(counts)}")
+    # t's HEAD at the root's listing, then one per directory when t is listed
+    assert counts["HEAD"] <= dirs + 1, dict(counts)
+    assert counts["LIST"] <= dirs + 2, dict(counts)
+    assert sum(counts.values()) == counts["HEAD"] + counts["LIST"], dict(counts)
+
+
 # -- what a mount wrote is in the node cache ---------------------------------------------------------
 def test_read_after_write_costs_no_get(
     s3_config: MountConfig, counting_proxy: CountingProxy, mount_fs: Callable[..., Mounted]
