@@ -19,7 +19,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import trio
 
@@ -176,10 +176,28 @@ class LocalData:
     async def upload_part(self, upload: MultipartUpload, number: int, data: bytes | memoryview) -> None:
         if not 1 <= number <= self.limits.max_parts:
             raise errors.InvalidRequestError(f"part number {number} is out of range", key=upload.key)
-        await self.store.upload_part(self._own(upload), number, data)
         staged = self._staged.get(id(upload))
-        if staged is not None:  # acknowledged by the store: kept for the node cache
-            await trio.to_thread.run_sync(staged.add, number, data)
+        if staged is None:
+            await self.store.upload_part(self._own(upload), number, data)
+            return
+        # The part goes to local disk while it goes to the store, kept once the store acknowledged it.
+        written: list[IO[bytes] | None] = [None]
+
+        async def stage() -> None:
+            written[0] = await trio.to_thread.run_sync(staged.write, data)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stage)
+                await self.store.upload_part(self._own(upload), number, data)
+        except BaseException as exc:
+            if written[0] is not None:
+                written[0].close()
+            if isinstance(exc, ExceptionGroup):
+                raise errors.first_store_error(exc) from None
+            raise
+        if written[0] is not None:
+            staged.keep(number, written[0], len(data))
 
     async def upload_part_copy(self, upload: MultipartUpload, number: int, src: ObjectInfo, start: int,
                                length: int) -> None:
@@ -199,12 +217,12 @@ class LocalData:
         staged = self._staged.pop(id(upload), None)
         if staged is not None:
             try:
-                await self._write_through_parts(info, staged)
+                await self._write_through_parts(upload, info, staged)
             finally:
                 await trio.to_thread.run_sync(staged.close)
         return info
 
-    async def _write_through_parts(self, info: ObjectInfo, staged: StagedParts) -> None:
+    async def _write_through_parts(self, upload: MultipartUpload, info: ObjectInfo, staged: StagedParts) -> None:
         """A completed multipart upload's bytes into the node cache (``fusefs.service.staging``),
         as ``_write_through`` does for a single upload. Best effort."""
         cache = self.cache
@@ -214,7 +232,10 @@ class LocalData:
         def put(index: int, block: bytes) -> bool:
             return cache.put(self.cache_key(info, index), block)
 
-        if await trio.to_thread.run_sync(staged.write_blocks, info.version, info.size, self.block_size, put):
+        # where the store named the version by a HEAD after completing (S3), the completion's own ETag
+        answered = getattr(upload, "completed_etag", None)
+        if await trio.to_thread.run_sync(staged.write_blocks, info.version, answered, info.size, self.block_size,
+                                         put):
             self._authorised.add((info.key, info.version))  # its own bytes: no proof GET before reading them
 
     async def abort(self, upload: MultipartUpload) -> None:

@@ -35,7 +35,6 @@ class StagedParts:
     directory: str
     budget: int  # bytes this upload may stage; beyond them it is not cached
     parts: dict[int, tuple[IO[bytes], int]] = field(default_factory=dict)
-    digests: dict[int, bytes] = field(default_factory=dict)  # part number -> MD5 of its bytes
     given_up: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)  # parts are staged in parallel threads
 
@@ -44,37 +43,46 @@ class StagedParts:
         with self._lock:
             return sum(length for _, length in self.parts.values())
 
-    def add(self, number: int, data: bytes | memoryview) -> None:
-        """Keep part ``number`` (blocking: run it in a worker thread). A part sent again replaces
-        the first, as in the store."""
+    def write(self, data: bytes | memoryview) -> IO[bytes] | None:
+        """A part's bytes in an unnamed file (None: not kept: given up, over budget, a disk
+        error). Blocking: run it in a worker thread, beside the part's upload; ``keep`` it once
+        the store acknowledged the part, else close it."""
         with self._lock:
-            if self.given_up:
-                return
-            old = self.parts.pop(number, None)
-            if sum(length for _, length in self.parts.values()) + len(data) > self.budget:
+            if self.given_up or sum(length for _, length in self.parts.values()) + len(data) > self.budget:
                 self.given_up = True
-        if old is not None:
-            old[0].close()
         if self.given_up:
             self.close()
-            return
+            return None
         f: IO[bytes] | None = None
-        digest = hashlib.md5(data).digest()
         try:
             f = tempfile.TemporaryFile(dir=self.directory)  # unnamed: gone with the process
             f.write(data)
+            return f
         except OSError as exc:
             if f is not None:
                 f.close()
-            log.debug("not staging part %d for the node cache: %s", number, exc)
+            log.debug("not staging a part for the node cache: %s", exc)
             self.give_up()
-            return
+            return None
+
+    def keep(self, number: int, f: IO[bytes], length: int) -> None:
+        """Part ``number`` as the store acknowledged it; one sent again replaces the first, as
+        in the store."""
         with self._lock:
-            if not self.given_up:
-                self.parts[number], f = (f, len(data)), None
-                self.digests[number] = digest
-        if f is not None:  # given up meanwhile
+            kept = not self.given_up
+            old = self.parts.get(number) if kept else None
+            if kept:
+                self.parts[number] = (f, length)
+        if old is not None:
+            old[0].close()
+        if not kept:
             f.close()
+
+    def add(self, number: int, data: bytes | memoryview) -> None:
+        """``write`` and ``keep`` (blocking)."""
+        f = self.write(data)
+        if f is not None:
+            self.keep(number, f, len(data))
 
     def give_up(self) -> None:
         """The upload will not be cached (a part copied in the store, too big, a disk error)."""
@@ -84,41 +92,39 @@ class StagedParts:
 
     def close(self) -> None:
         with self._lock:
-            files, self.parts, self.digests = list(self.parts.values()), {}, {}
+            files, self.parts = list(self.parts.values()), {}
         for f, _ in files:
             f.close()
 
-    def proves(self, version: str) -> bool:
+    def proves(self, version: str, answered: str | None) -> bool:
         """Whether ``version``, which the store named after completing the upload, is the version
-        of these bytes. An S3 store names it by a HEAD after the completion (the completion's
-        own ETag is not what some stores list), which could see another writer's object: an
-        MD5-shaped ETag must be the multipart ETag of these parts (MD5 of their MD5s, "-" and
-        their count) or the MD5 of all their bytes (rclone); a generation (GCS) is the compose
-        request's own answer. Anything else is not cached. Blocking (may read every part)."""
+        of these bytes. ``answered``: the ETag the completion itself answered, when the version
+        came from a later HEAD (S3: some stores list another ETag than the completion's), which
+        could have seen another writer's object; None when the completion named the version
+        (GCS's compose, the in-memory store). A HEAD that names the completion's ETag saw this
+        upload's object; one that names a content MD5 (rclone) is checked against these bytes.
+        Anything else is not cached. Blocking (may read every part)."""
         etag = version.strip('"').lower()
-        if etag.isdigit():
-            return True
-        with self._lock:
-            numbers = sorted(self.parts)
-            joined = b"".join(self.digests[n] for n in numbers)
-        if etag == f"{hashlib.md5(joined).hexdigest()}-{len(numbers)}":
+        if answered is None or etag == answered.strip('"').lower():
             return True
         if not _MD5.match(etag):
             return False
+        with self._lock:
+            ordered = [self.parts[n] for n in sorted(self.parts)]
         whole = hashlib.md5()
-        for n in numbers:
-            f, _ = self.parts[n]
+        for f, _ in ordered:
             f.seek(0)
             while chunk := f.read(1 << 20):
                 whole.update(chunk)
         return whole.hexdigest() == etag
 
-    def write_blocks(self, version: str, size: int, block_size: int, put: Callable[[int, bytes], bool]) -> bool:
+    def write_blocks(self, version: str, answered: str | None, size: int, block_size: int,
+                     put: Callable[[int, bytes], bool]) -> bool:
         """Store the blocks of the object (``version``, ``size`` bytes, as completed) with
         ``put(index, block)``, cut from the parts in number order, one block in memory at a time;
         False (nothing more stored) when the parts are not that object (``proves``) or the cache
         refuses a block. Blocking."""
-        if self.given_up or self.staged != size or not size or not self.proves(version):
+        if self.given_up or self.staged != size or not size or not self.proves(version, answered):
             return False
         with self._lock:
             ordered = [self.parts[n] for n in sorted(self.parts)]

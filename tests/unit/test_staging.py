@@ -1,5 +1,6 @@
 """``fusefs.service.staging``: the parts of a multipart upload become node-cache blocks only when
-they are the object the store completed (its version checked against their MD5s)."""
+they are the object the store completed (the version a HEAD named after the completion must be
+the completion's own ETag, or the MD5 of these bytes)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,18 @@ def multipart_etag(parts: list[bytes]) -> str:
     return f"{hashlib.md5(b''.join(hashlib.md5(p).digest() for p in parts)).hexdigest()}-{len(parts)}"
 
 
-def blocks_of(staged: StagedParts, version: str, size: int, block: int) -> dict[int, bytes] | None:
+def blocks_of(staged: StagedParts, version: str, size: int, block: int, answered: str | None = None
+              ) -> dict[int, bytes] | None:
+    """The blocks ``write_blocks`` stores; ``answered`` defaults to ``version`` (a HEAD that saw
+    the completed upload's object)."""
     got: dict[int, bytes] = {}
 
     def put(index: int, data: bytes) -> bool:
         got[index] = data
         return True
 
-    return got if staged.write_blocks(version, size, block, put) else None
+    return got if staged.write_blocks(version, version if answered is None else answered, size, block, put) \
+        else None
 
 
 def test_parts_out_of_order_and_sent_again_make_the_blocks_in_number_order(tmp_path: Path) -> None:
@@ -37,9 +42,10 @@ def test_parts_out_of_order_and_sent_again_make_the_blocks_in_number_order(tmp_p
     assert got is not None
     assert b"".join(got[i] for i in sorted(got)) == whole
     assert sorted(got) == list(range(-(-len(whole) // 4096)))
-    # rclone names a multipart object by the MD5 of its bytes; a GCS generation is the compose's answer
-    assert blocks_of(staged, hashlib.md5(whole).hexdigest(), len(whole), 4096) == got
-    assert blocks_of(staged, "1700000000123456", len(whole), 4096) == got
+    # rclone's HEAD names a multipart object by the MD5 of its bytes, not the completion's ETag
+    assert blocks_of(staged, hashlib.md5(whole).hexdigest(), len(whole), 4096, multipart_etag(parts)) == got
+    # a version the completion named itself (a GCS compose's generation)
+    assert staged.write_blocks("1700000000123456", None, len(whole), 4096, lambda i, b: True)
     staged.close()
 
 
@@ -48,10 +54,12 @@ def test_another_objects_version_or_size_is_not_cached(tmp_path: Path) -> None:
     staged = StagedParts(str(tmp_path), budget=1 << 20)
     for n, p in enumerate(parts, 1):
         staged.add(n, p)
+    ours = multipart_etag(parts)
     other = multipart_etag([b"x" * 5000, b"z" * 100])  # another writer's object, the same size
-    assert blocks_of(staged, other, 5100, 4096) is None
-    assert blocks_of(staged, hashlib.md5(b"not these bytes").hexdigest(), 5100, 4096) is None
-    assert blocks_of(staged, "an ETag of another form", 5100, 4096) is None
+    assert blocks_of(staged, other, 5100, 4096, answered=ours) is None
+    assert blocks_of(staged, hashlib.md5(b"not these bytes").hexdigest(), 5100, 4096, answered=ours) is None
+    assert blocks_of(staged, "an ETag of another form", 5100, 4096, answered=ours) is None
+    assert blocks_of(staged, ours, 5100, 4096, answered="") is None  # the completion's answer was lost
     assert blocks_of(staged, multipart_etag(parts), 5101, 4096) is None
     assert blocks_of(staged, multipart_etag(parts), 5100, 4096) is not None
     staged.close()
@@ -79,6 +87,6 @@ def test_a_refused_block_stops_the_rest(tmp_path: Path) -> None:
         offered.append(index)
         return index < 1
 
-    assert not staged.write_blocks(multipart_etag([b"q" * 1000]), 1000, 256, put)
+    assert not staged.write_blocks("e", "e", 1000, 256, put)
     assert offered == [0, 1]
     staged.close()
