@@ -94,6 +94,7 @@ class LocalData:
         self._proving: dict[tuple[str, str], trio.Event] = {}
         self._uploads: set[int] = set()  # ids of uploads this grant started
         self._staged: dict[int, StagedParts] = {}  # upload id -> its parts, for the node cache
+        self._writing: dict[tuple[str, str], trio.Event] = {}  # (key, version) -> set once in the node cache
         self._refusal_said = False
 
     @classmethod
@@ -216,27 +217,45 @@ class LocalData:
         self._uploads.discard(id(upload))
         staged = self._staged.pop(id(upload), None)
         if staged is not None:
-            try:
-                await self._write_through_parts(upload, info, staged)
-            finally:
-                await trio.to_thread.run_sync(staged.close)
+            self._start_write_through(info, getattr(upload, "completed_etag", None), staged)
         return info
 
-    async def _write_through_parts(self, upload: MultipartUpload, info: ObjectInfo, staged: StagedParts) -> None:
+    def _start_write_through(self, info: ObjectInfo, answered: str | None, staged: StagedParts) -> None:
         """A completed multipart upload's bytes into the node cache (``fusefs.service.staging``),
-        as ``_write_through`` does for a single upload. Best effort."""
+        after the completion is answered: the close that waits for it does not wait for the
+        cache too. Reads of that version through this service wait for it instead
+        (``_written_through``): their blocks are on their way from local disk. ``answered``: the
+        completion's own ETag, where the version came from a HEAD after it (S3). Best effort."""
+        ident = (info.key, info.version)
         cache = self.cache
-        if cache is None or not info.version:
+        if cache is None or not info.version or ident in self._writing:
+            staged.close()
             return
+        done = self._writing[ident] = trio.Event()
 
         def put(index: int, block: bytes) -> bool:
             return cache.put(self.cache_key(info, index), block)
 
-        # where the store named the version by a HEAD after completing (S3), the completion's own ETag
-        answered = getattr(upload, "completed_etag", None)
-        if await trio.to_thread.run_sync(staged.write_blocks, info.version, answered, info.size, self.block_size,
-                                         put):
-            self._authorised.add((info.key, info.version))  # its own bytes: no proof GET before reading them
+        async def write() -> None:
+            try:
+                if await trio.to_thread.run_sync(staged.write_blocks, info.version, answered, info.size,
+                                                 self.block_size, put):
+                    self._authorised.add(ident)  # its own bytes: no proof GET before reading them
+            except Exception as exc:  # never fails the process: the next read fetches the object
+                log.warning("%s not written through to the node cache: %s", info.key, exc)
+            finally:
+                staged.close()
+                del self._writing[ident]
+                done.set()
+
+        # A task of the run, not of a request (LocalData owns no nursery); it ends with the run.
+        trio.lowlevel.spawn_system_task(write)
+
+    async def _written_through(self, info: ObjectInfo) -> None:
+        """Wait while this service puts ``info``'s version into the node cache."""
+        pending = self._writing.get((info.key, info.version))
+        if pending is not None:
+            await pending.wait()
 
     async def abort(self, upload: MultipartUpload) -> None:
         try:
@@ -293,6 +312,7 @@ class LocalData:
         self._check_block(info, index)
         if self.cache is None:
             return await self._from_store(info, index), True
+        await self._written_through(info)
         fetched = False
 
         async def fetch() -> bytes:
@@ -340,6 +360,7 @@ class LocalData:
         if self.cache is None or self.registrar is None or fuse_fd is None or info.size <= self.block_size:
             return 0
         self._check_object(info)
+        await self._written_through(info)
         path = await trio.to_thread.run_sync(self.cache.complete_file, self.cache_key(info, 0).object_id())
         if path is None:
             return 0
