@@ -1,5 +1,6 @@
 """A file's own attributes kept in its object's user metadata (S3 ``x-amz-meta-*``, GCS custom
-metadata): modification time, mode (with the file type: ``S_IFLNK`` marks a symlink), owner.
+metadata): modification time, mode (with the file type: ``S_IFLNK`` marks a symlink, ``S_IFDIR``
+a directory's ``dir/`` marker, as s3fs writes them), owner.
 
 The names are s3fs's (``mtime``, ``mode``, ``uid``, ``gid``, decimal), so a bucket written by one is
 read by the other; ``mtime`` carries nanoseconds as a decimal fraction (s3fs reads the seconds).
@@ -56,8 +57,8 @@ class FileMeta:
         if m:
             mtime_ns = int(m.group(1)) * 1_000_000_000 + int((m.group(2) or "0").ljust(9, "0"))
         mode = _small_int(d.get(MODE), 0o177777)
-        if mode is not None and stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFLNK):
-            mode = None  # a type objfs does not serve (a directory, a device): the mount's default
+        if mode is not None and stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFLNK, stat.S_IFDIR):
+            mode = None  # a type objfs does not serve (a device, a FIFO): the mount's default
         return cls(mtime_ns, mode, _small_int(d.get(UID), 2**32 - 1), _small_int(d.get(GID), 2**32 - 1))
 
 

@@ -196,6 +196,9 @@ class Meta:
         self._offer_budget = 0
         #: big directories where a lookup's GET found a file larger than ``PEEK_BYTES``: HEAD there
         self._large_files: set[str] = set()
+        #: directories' own attributes from their marker's metadata (``config.file_metadata``):
+        #: asked when their parent is listed or they are looked up; absent: not known (defaults)
+        self._dir_meta: dict[str, FileMeta] = {}
 
     def first_blocks(self, offer: Callable[[ObjectInfo, bytes], bool], budget: int) -> None:
         """Describe small files with a GET of their bytes (``PEEK_BYTES``), handing those to
@@ -307,10 +310,16 @@ class Meta:
         a.st_gid = self.config.gid
         a.st_blksize = 1 << 20  # invites large reads and writes
         if node.is_dir:
-            a.st_mode = stat.S_IFDIR | self.config.dir_mode
+            own = self.dir_meta(node.path)
+            a.st_mode = stat.S_IFDIR | (stat.S_IMODE(own.mode) if own.mode is not None else self.config.dir_mode)
+            if own.uid is not None:
+                a.st_uid = own.uid
+            if own.gid is not None:
+                a.st_gid = own.gid
             a.st_nlink = 2
             a.st_size = 0
-            mtime_ns = int(self._dir_times.get(node.path, self.started) * 1e9)
+            mtime_ns = own.mtime_ns if own.mtime_ns is not None else int(
+                self._dir_times.get(node.path, self.started) * 1e9)
         else:
             own = pending if pending is not None else self.file_meta(node.info)
             a.st_mode = stat.S_IFREG | self.config.file_mode
@@ -362,6 +371,17 @@ class Meta:
     def dir_made(self, path: str, when: float) -> None:
         """A directory this mount made (its marker's time)."""
         self._dir_times[path] = when
+
+    def dir_meta(self, path: str) -> FileMeta:
+        """A directory's own attributes, from its marker (volumes that keep them; none: defaults)."""
+        return self._dir_meta.get(path, _NO_META) if self.config.file_metadata else _NO_META
+
+    def set_dir_meta(self, path: str, own: FileMeta | None) -> None:
+        """What a directory's marker now holds (None: the directory is gone)."""
+        if own is None:
+            self._dir_meta.pop(path, None)
+        else:
+            self._dir_meta[path] = own
 
     def invalidate_listing(self, path: str) -> None:
         self._listings.pop(path, None)
@@ -415,6 +435,8 @@ class Meta:
                 name = info.key[len(prefix):]
                 if name == "" and info.key == prefix:
                     marker = info.mtime  # the directory's own marker
+                    if info.meta is not None and path:  # GCS listings carry its metadata
+                        self._dir_meta[path] = self.file_meta(info)
                     continue
                 # a key outside the prefix asked for (a store or proxy that misbehaves) is not ours
                 if info.key.startswith(prefix) and valid_name(name):
@@ -436,6 +458,7 @@ class Meta:
             self._note_conflict(join(path, name))
         if self.config.file_metadata:
             await self._add_file_meta(files)
+            await self._add_dir_meta(path, dirs)
         entries = {**files, **dirs}  # a name that is both shows the directory
         when = marker if marker is not None else max(
             (e.info.mtime for e in files.values() if e.info is not None), default=None)
@@ -556,6 +579,37 @@ class Meta:
             self._offer(info, data)
         return info
 
+    async def _add_dir_meta(self, path: str, dirs: dict[str, Entry]) -> None:
+        """Each subdirectory's own attributes: one HEAD of its ``dir/`` marker, ``META_HEADS`` at
+        a time (a listing shows a subdirectory as a common prefix only, on S3 and GCS alike); a
+        directory without a marker shows the volume's. Only volumes that keep per-file metadata
+        pay this: one request per directory listed, none per file."""
+        if not dirs:
+            return
+        limit = trio.CapacityLimiter(META_HEADS)
+
+        async def head(name: str) -> None:
+            async with limit:
+                await self._head_marker(join(path, name))
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for name in dirs:
+                    nursery.start_soon(head, name)
+        except ExceptionGroup as group:
+            raise errors.first_store_error(group) from None
+
+    async def _head_marker(self, path: str, marker: ObjectInfo | None = None) -> None:
+        """Remember directory ``path``'s own attributes: from ``marker`` (its ``dir/`` object as
+        listed) when that carries metadata, else from a HEAD of the marker."""
+        if marker is None or marker.meta is None:
+            try:
+                marker = await self.store.head(self.dir_prefix(path))
+            except errors.NotFoundError:
+                self._dir_meta[path] = _NO_META  # only implied by its keys
+                return
+        self._dir_meta[path] = self.file_meta(marker)
+
     def _note_skipped(self, path: str, keys: list[str]) -> None:
         """One warning per directory (not per key, not per listing) for keys that cannot be shown
         as names inside the mount: empty segments ('a//b', a leading '/'), '.', '..', names over
@@ -598,6 +652,7 @@ class Meta:
         key = self.key_of(path)
         head: list[ObjectInfo | None] = [None]
         is_dir = [False]
+        marker: list[ObjectInfo | None] = [None]
 
         async def do_head() -> None:
             try:
@@ -613,6 +668,8 @@ class Meta:
         async def do_list() -> None:
             page = await self.store.list(key + "/", "/", None, 1)
             is_dir[0] = bool(page.objects or page.prefixes)
+            if page.objects and page.objects[0].key == key + "/":
+                marker[0] = page.objects[0]  # listed first: nothing sorts before it
 
         try:
             async with trio.open_nursery() as nursery:
@@ -627,6 +684,11 @@ class Meta:
             if head[0] is not None:
                 self._note_conflict(path)
             entry = Entry(name, True)
+            if self.config.file_metadata:  # its own attributes: a HEAD of its marker on S3, none on GCS
+                if marker[0] is None:
+                    self._dir_meta[path] = _NO_META
+                else:
+                    await self._head_marker(path, marker[0])
         elif head[0] is not None:
             entry = Entry(name, False, head[0])
         else:

@@ -276,7 +276,8 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         node = self.meta.node(inode)
-        own = self.config.file_metadata and not node.is_dir
+        # the mount's root has no marker of its own to keep them in (the bucket's root has no key)
+        own = self.config.file_metadata and node.path != ""
         if (fields.update_mode or fields.update_uid or fields.update_gid) and not own:
             self._check_owner_mode(node, attr, fields)
         if fields.update_size:
@@ -285,10 +286,34 @@ class Operations(pyfuse3.Operations):
                 raise _fail(errno.EISDIR)
             await self._truncate(node, fh, attr.st_size)
         if own and (fields.update_mode or fields.update_uid or fields.update_gid or fields.update_mtime):
-            await self._set_own(node, attr, fields)
-        # Without per-file metadata (or on a directory), atime/mtime are accepted and ignored:
+            await (self._set_dir_own if node.is_dir else self._set_own)(node, attr, fields)
+        # Without per-file metadata (or on the root), atime/mtime are accepted and ignored:
         # objects have only their store's time, and touch works.
         return self._attrs(node)
+
+    async def _set_dir_own(self, node: Node, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> None:
+        """chmod, chown, utimens of a directory whose volume keeps per-file metadata: kept in its
+        ``dir/`` marker's metadata. A marker is an empty object, so it is written again with the
+        new metadata (a directory only implied by its keys gets one); a marker holding bytes
+        (another client's) gets a metadata replace pinned to its version instead."""
+        now = self._current_meta(node)
+        new = now.merged(
+            mode=stat.S_IFDIR | stat.S_IMODE(attr.st_mode) if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None, gid=attr.st_gid if fields.update_gid else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None)
+        if new == now:
+            return
+        self._writable()
+        key = self.meta.dir_prefix(node.path)
+        try:
+            marker: ObjectInfo | None = await self.store.head(key)
+        except errors.NotFoundError:
+            marker = None
+        if marker is not None and marker.size and marker.version:
+            await self.store.set_meta(marker, new.to_store())
+        else:
+            await self.store.put(key, b"", new.to_store())
+        self.meta.set_dir_meta(node.path, new)
 
     async def _set_own(self, node: Node, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> None:
         """chmod, chown, utimens of a file whose volume keeps per-file metadata: an open writer
@@ -406,8 +431,12 @@ class Operations(pyfuse3.Operations):
         path = self._child_path(parent_inode, name)
         if await self.meta.resolve(path) is not None:
             raise _fail(errno.EEXIST)
-        marker = await self.store.put(self.meta.dir_prefix(path), b"")  # the `dir/` marker keeps it when empty
+        # the `dir/` marker keeps it when empty, and its own attributes where the volume keeps them
+        own = self._new_meta(stat.S_IFDIR | stat.S_IMODE(mode), ctx) if self.config.file_metadata else None
+        marker = await self.store.put(self.meta.dir_prefix(path), b"", own.to_store() if own is not None else None)
         self.meta.dir_made(path, marker.mtime)
+        if own is not None:
+            self.meta.set_dir_meta(path, own)
         entry = Entry(name_of(path), True)
         self.meta.remember(path, entry)
         node = self.meta.node_for(path, entry)
@@ -428,6 +457,7 @@ class Operations(pyfuse3.Operations):
         if page.prefixes or any(o.key != marker for o in page.objects):
             raise _fail(errno.ENOTEMPTY)
         await self.store.delete(marker)
+        self.meta.set_dir_meta(path, None)
         self.meta.remember(path, None)
         self.meta.invalidate_listing(path)
         self.meta.move(path, f"\0deleted:{path}")

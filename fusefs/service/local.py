@@ -19,7 +19,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import trio
 
@@ -29,6 +29,7 @@ from fusefs.nodecache.keys import tenant_of
 from fusefs.passthrough.backing import Registrar
 from fusefs.retry import RetryPolicy
 from fusefs.service.scope import Scope
+from fusefs.service.staging import StagedParts, stage_dir
 from fusefs.store.base import AsyncStore, ListPage, MultipartUpload, ObjectInfo
 
 if TYPE_CHECKING:
@@ -92,6 +93,8 @@ class LocalData:
         self._authorised: set[tuple[str, str]] = set()  # (key, version) this grant fetched or proved
         self._proving: dict[tuple[str, str], trio.Event] = {}
         self._uploads: set[int] = set()  # ids of uploads this grant started
+        self._staged: dict[int, StagedParts] = {}  # upload id -> its parts, for the node cache
+        self._writing: dict[tuple[str, str], trio.Event] = {}  # (key, version) -> set once in the node cache
         self._refusal_said = False
 
     @classmethod
@@ -181,6 +184,14 @@ class LocalData:
     async def create_multipart(self, key: str, meta: Mapping[str, str] | None = None) -> MultipartUpload:
         upload = await self.store.create_multipart(self.scope.write(key), _checked(meta, key))
         self._uploads.add(id(upload))
+        if self.cache is not None and self.cache.usable:
+            try:
+                directory = await trio.to_thread.run_sync(stage_dir, self.cache.directory)
+            except OSError as exc:
+                log.debug("multipart uploads not written through to the node cache: %s", exc)
+            else:
+                # at most a quarter of the cache: a huge upload is not worth what it would evict
+                self._staged[id(upload)] = StagedParts(directory, self.cache.size_limit // 4)
         return upload
 
     def _own(self, upload: MultipartUpload) -> MultipartUpload:
@@ -191,7 +202,28 @@ class LocalData:
     async def upload_part(self, upload: MultipartUpload, number: int, data: bytes | memoryview) -> None:
         if not 1 <= number <= self.limits.max_parts:
             raise errors.InvalidRequestError(f"part number {number} is out of range", key=upload.key)
-        await self.store.upload_part(self._own(upload), number, data)
+        staged = self._staged.get(id(upload))
+        if staged is None:
+            await self.store.upload_part(self._own(upload), number, data)
+            return
+        # The part goes to local disk while it goes to the store, kept once the store acknowledged it.
+        written: list[IO[bytes] | None] = [None]
+
+        async def stage() -> None:
+            written[0] = await trio.to_thread.run_sync(staged.write, data)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stage)
+                await self.store.upload_part(self._own(upload), number, data)
+        except BaseException as exc:
+            if written[0] is not None:
+                written[0].close()
+            if isinstance(exc, ExceptionGroup):
+                raise errors.first_store_error(exc) from None
+            raise
+        if written[0] is not None:
+            staged.keep(number, written[0], len(data))
 
     async def upload_part_copy(self, upload: MultipartUpload, number: int, src: ObjectInfo, start: int,
                                length: int) -> None:
@@ -200,18 +232,64 @@ class LocalData:
         self.scope.key(src.key)  # a copy reads its source: only from this volume
         if start < 0 or length <= 0 or start + length > src.size or length > self.limits.max_part_size:
             raise errors.InvalidRequestError(f"bytes {start}+{length} of a {src.size}-byte object", key=src.key)
+        staged = self._staged.get(id(upload))
+        if staged is not None:  # bytes this side never sees: the object is not cached
+            staged.give_up()
         await self.store.upload_part_copy(self._own(upload), number, src, start, length)
 
     async def complete(self, upload: MultipartUpload) -> ObjectInfo:
         info = await self.store.complete(self._own(upload))
         self._uploads.discard(id(upload))
+        staged = self._staged.pop(id(upload), None)
+        if staged is not None:
+            self._start_write_through(info, getattr(upload, "completed_etag", None), staged)
         return info
+
+    def _start_write_through(self, info: ObjectInfo, answered: str | None, staged: StagedParts) -> None:
+        """A completed multipart upload's bytes into the node cache (``fusefs.service.staging``),
+        after the completion is answered: the close that waits for it does not wait for the
+        cache too. Reads of that version through this service wait for it instead
+        (``_written_through``): their blocks are on their way from local disk. ``answered``: the
+        completion's own ETag, where the version came from a HEAD after it (S3). Best effort."""
+        ident = (info.key, info.version)
+        cache = self.cache
+        if cache is None or not info.version or ident in self._writing:
+            staged.close()
+            return
+        done = self._writing[ident] = trio.Event()
+
+        def put(index: int, block: bytes) -> bool:
+            return cache.put(self.cache_key(info, index), block)
+
+        async def write() -> None:
+            try:
+                if await trio.to_thread.run_sync(staged.write_blocks, info.version, answered, info.size,
+                                                 self.block_size, put):
+                    self._authorised.add(ident)  # its own bytes: no proof GET before reading them
+            except Exception as exc:  # never fails the process: the next read fetches the object
+                log.warning("%s not written through to the node cache: %s", info.key, exc)
+            finally:
+                staged.close()
+                del self._writing[ident]
+                done.set()
+
+        # A task of the run, not of a request (LocalData owns no nursery); it ends with the run.
+        trio.lowlevel.spawn_system_task(write)
+
+    async def _written_through(self, info: ObjectInfo) -> None:
+        """Wait while this service puts ``info``'s version into the node cache."""
+        pending = self._writing.get((info.key, info.version))
+        if pending is not None:
+            await pending.wait()
 
     async def abort(self, upload: MultipartUpload) -> None:
         try:
             await self.store.abort(self._own(upload))
         finally:
             self._uploads.discard(id(upload))
+            staged = self._staged.pop(id(upload), None)
+            if staged is not None:
+                staged.close()
 
     async def copy(self, src: str, dst: str) -> ObjectInfo:
         return await self.store.copy(self.scope.key(src), self.scope.write(dst))
@@ -259,6 +337,7 @@ class LocalData:
         self._check_block(info, index)
         if self.cache is None:
             return await self._from_store(info, index), True
+        await self._written_through(info)
         fetched = False
 
         async def fetch() -> bytes:
@@ -306,6 +385,7 @@ class LocalData:
         if self.cache is None or self.registrar is None or fuse_fd is None or info.size <= self.block_size:
             return 0
         self._check_object(info)
+        await self._written_through(info)
         path = await trio.to_thread.run_sync(self.cache.complete_file, self.cache_key(info, 0).object_id())
         if path is None:
             return 0
@@ -344,4 +424,6 @@ class LocalData:
             log.debug("closing backing id %d: %s", backing_id, exc)
 
     async def aclose(self) -> None:
-        return None
+        staged, self._staged = list(self._staged.values()), {}
+        for parts in staged:  # uploads never completed nor aborted (a client gone)
+            parts.close()

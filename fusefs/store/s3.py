@@ -439,6 +439,9 @@ class S3MultipartUpload:
         self.size = 0
         self._complete_sent = False  # a CompleteMultipartUpload went out (its answer may be lost)
         self._completed = False  # the store said it completed
+        #: the ETag the completion answered ("": not known): the version ``complete`` returns comes
+        #: from a HEAD after it, which names this upload's object when the two are the same
+        self.completed_etag = ""
 
     def upload_part(self, number: int, data: bytes | memoryview) -> None:
         r = self.store._call(
@@ -475,10 +478,11 @@ class S3MultipartUpload:
             resent, self._complete_sent = self._complete_sent, True
         if not self._completed:
             try:
-                self.store._call(
+                r = self.store._call(
                     self.key, self.store.client.complete_multipart_upload, Key=self.key,
                     UploadId=self.upload_id, MultipartUpload={"Parts": parts},
                 )
+                self.completed_etag = str(r.get("ETag") or "").strip('"')
             except errors.NotFoundError:
                 if not resent:
                     raise

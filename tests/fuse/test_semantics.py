@@ -93,12 +93,14 @@ def make_tree(root: Path, nested: bool) -> None:
     os.utime(root / "link", ns=(PAST_NS, PAST_NS), follow_symlinks=False)
 
 
-def differences(src: Path, dst: Path) -> list[str]:
+def differences(src: Path, dst: Path, volume_root: bool = False) -> list[str]:
     """What ``rsync -a`` would still change to make ``dst`` like ``src`` (empty: the same modes,
-    owners, times, sizes, symlinks). Directory times are not kept by objfs (-O)."""
-    out = subprocess.run(["rsync", "-a", "-O", "--dry-run", "--itemize-changes", f"{src}/", f"{dst}/"],
+    owners, times, sizes, symlinks, of directories too). ``volume_root``: ``dst`` shows the root
+    of a volume, which has no ``dir/`` marker to keep its own attributes in (a bucket's root has
+    no key): its line (``./``, and only it) is left out."""
+    out = subprocess.run(["rsync", "-a", "--dry-run", "--itemize-changes", f"{src}/", f"{dst}/"],
                          check=True, capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if line.strip() and not line.startswith(".d")]
+    return [line for line in out.splitlines() if line.strip() and not (volume_root and line.endswith(" ./"))]
 
 
 def test_chmod_chown_that_change_nothing_succeed(s3_config: MountConfig, mount_fs: Callable[..., Mounted]) -> None:
@@ -159,21 +161,25 @@ def test_cp_a_and_rsync_a_round_trip(store: Store, tmp_path: Path, mount_fs: Cal
         subprocess.run(["cp", "-a", str(src), str(m.path / "cp")], check=True, capture_output=True)
         subprocess.run(["rsync", "-a", f"{src}/", f"{m.path / 'rs'}/"], check=True, capture_output=True)
         targets = [m.path / "cp", m.path / "rs"]
-    else:  # no mkdir on this store: into the volume's root
+    else:
+        # rclone serve s3 over a folder cannot keep a `d/` marker beside the keys under d/ (it
+        # stores the marker as a file `d`): no directories on it, the tree goes into the root,
+        # whose own attributes are the volume's on every store (see ``differences``)
         subprocess.run(["cp", "-a", f"{src}/.", str(m.path)], check=True, capture_output=True)
         targets = [m.path]
+    root = not store.keeps_markers
     for target in targets:
-        assert differences(src, target) == []
+        assert differences(src, target, root) == []
     assert store.read("link" if not store.keeps_markers else "cp/link") == b"a.txt"  # text to other clients
     # the metadata is in the store, not in this mount's memory: a new mount sees it, and copies it out
     m.unmount()
     again = mount_fs(store.config, "again")
     for target in targets:
         moved = again.path / target.relative_to(m.path)
-        assert differences(src, moved) == []
+        assert differences(src, moved, root) == []
         out = tmp_path / f"out-{target.name}"
         subprocess.run(["cp", "-a", f"{moved}/.", str(out)], check=True, capture_output=True)
-        assert differences(src, out) == []
+        assert differences(src, out, root) == []
         assert os.readlink(out / "link") == "a.txt"
 
 
@@ -227,6 +233,64 @@ def test_symlinks_survive_a_remount_and_chmod_chown_are_kept(
     assert caught.value.errno == errno.EINVAL
     os.unlink(again.path / "rel")
     assert sorted(os.listdir(again.path)) == ["abs", "target.txt"]
+
+
+def test_directories_keep_their_mode_owner_and_time_in_their_marker(
+    store: Store, mount_fs: Callable[..., Mounted]
+) -> None:
+    """mkdir stores the mode asked (less the umask) in the ``d/`` marker; chmod, chown, utime of
+    a directory rewrite it; a directory only implied by its keys gets a marker when they are
+    set. A new mount shows them all, from the markers."""
+    if not store.keeps_markers:
+        pytest.skip("rclone serve s3 stores the d/ marker as a file d: no directories there")
+    if store.name == "gcs":
+        store.server.client().bucket(store.config.bucket).blob("implied/x").upload_from_string(b"x")
+    else:
+        store.server.client().put_object(Bucket=store.config.bucket, Key="implied/x", Body=b"x")
+    m = mount_fs(store.config)
+    old = os.umask(0o022)
+    try:
+        os.mkdir(m.path / "d", 0o751)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(m.path / "d").st_mode) == 0o751
+    assert int(store.user_meta("d/")["mode"]) == stat.S_IFDIR | 0o751
+    (m.path / "d" / "f").write_bytes(b"f")
+    os.chmod(m.path / "d", 0o700)
+    os.chown(m.path / "d", 1234, 5678)
+    os.utime(m.path / "d", ns=(PAST_NS, PAST_NS))
+    os.chmod(m.path / "implied", 0o705)
+    os.utime(m.path / "implied", ns=(PAST_NS + 1, PAST_NS + 1))
+    assert store.read("implied/") == b"" and store.read("d/") == b""  # markers stay empty
+    assert store.user_meta("d/")["mtime"] == "1000000000.123456789"
+    m.unmount()
+    again = mount_fs(store.config, "again")
+    st = os.stat(again.path / "d")
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns) == (0o700, 1234, 5678, PAST_NS)
+    st = os.stat(again.path / "implied")
+    assert (stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (0o705, PAST_NS + 1)
+    assert sorted(os.listdir(again.path / "implied")) == ["x"]  # its marker is not an entry
+    assert (again.path / "d" / "f").read_bytes() == b"f"
+
+
+def test_without_file_metadata_directories_show_the_volumes_attributes(
+    moto_server: MotoS3, tmp_path: Path, mount_fs: Callable[..., Mounted]
+) -> None:
+    """A volume that keeps no per-file metadata writes bare markers and ignores a marker's
+    metadata (another client's, s3fs's): directories show its dirMode, uid, gid."""
+    bucket = moto_server.create_bucket()
+    moto_server.client().put_object(Bucket=bucket, Key="s3fs/", Body=b"",
+                                    Metadata={"mode": str(stat.S_IFDIR | 0o700), "uid": "42"})
+    config = MountConfig(backend="s3", bucket=bucket, endpoint_url=moto_server.endpoint,
+                         credentials=moto_server.credentials, cache_dir=str(tmp_path / "cache"))
+    m = mount_fs(config)
+    os.mkdir(m.path / "d", 0o700)
+    for name in ("d", "s3fs"):
+        st = os.stat(m.path / name)
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (config.dir_mode, config.uid, config.gid)
+    assert moto_server.client().head_object(Bucket=bucket, Key="d/")["Metadata"] == {}
+    with pytest.raises(PermissionError):
+        os.chmod(m.path / "d", 0o700 if config.dir_mode != 0o700 else 0o755)
 
 
 def test_mkdir_then_write_then_list(store: Store, mount_fs: Callable[..., Mounted]) -> None:
@@ -299,6 +363,41 @@ def test_a_walk_that_reads_costs_a_request_per_file_with_or_without_file_metadat
     assert per_file[True] <= 1.05
 
 
+def test_directory_attributes_cost_a_head_per_directory_on_a_walk(
+    gcs_server: FakeGCS, tmp_path: Path, mount_fs: Callable[..., Mounted]
+) -> None:
+    """A listing shows subdirectories as prefixes only: a volume that keeps per-file metadata
+    asks for each one's marker (one HEAD per directory, once per listing of its parent) and
+    nothing more per file where the listing carries files' metadata (GCS)."""
+    bucket = gcs_server.create_bucket()
+    blobs = gcs_server.client().bucket(bucket)
+    dirs = 12
+    for i in range(dirs):
+        marker = blobs.blob(f"t/d{i:02d}/")
+        marker.metadata = {"mode": str(stat.S_IFDIR | 0o700), "mtime": str(1_000_000_000 + i)}
+        marker.upload_from_string(b"")
+        for j in range(3):
+            blobs.blob(f"t/d{i:02d}/f{j}").upload_from_string(b"x")
+    with CountingProxy(gcs_server.port) as proxy:
+        config = MountConfig(backend="gcs", bucket=bucket, endpoint_url=proxy.endpoint,
+                             credentials=gcs_server.credentials, cache_dir=str(tmp_path / "cache"),
+                             file_metadata=True)
+        m = mount_fs(config)
+        proxy.reset()
+        seen = {}
+        for top, subdirs, _ in os.walk(m.path / "t"):
+            for name in subdirs:
+                st = os.stat(Path(top) / name)
+                seen[name] = (stat.S_IMODE(st.st_mode), st.st_mtime)
+        counts = proxy.snapshot()
+    assert seen == {f"d{i:02d}": (0o700, 1_000_000_000 + i) for i in range(dirs)}
+    print(f"\nwalk of {dirs} directories, {3 * dirs} files: {dict(counts)}")
+    # t's HEAD at the root's listing, then one per directory when t is listed
+    assert counts["HEAD"] <= dirs + 1, dict(counts)
+    assert counts["LIST"] <= dirs + 2, dict(counts)
+    assert sum(counts.values()) == counts["HEAD"] + counts["LIST"], dict(counts)
+
+
 # -- what a mount wrote is in the node cache ---------------------------------------------------------
 def test_read_after_write_costs_no_get(
     s3_config: MountConfig, counting_proxy: CountingProxy, mount_fs: Callable[..., Mounted]
@@ -319,6 +418,37 @@ def test_read_after_write_costs_no_get(
 
 # -- partial overwrites send what changed -------------------------------------------------------------
 MiB = 1024 * 1024
+
+
+@pytest.mark.parametrize("name", ["rclone", "moto", "gcs"])
+def test_read_after_a_multipart_write_costs_no_get(
+    name: str, request: pytest.FixtureRequest, tmp_path: Path, mount_fs: Callable[..., Mounted]
+) -> None:
+    """A file bigger than a part is uploaded in parts (by the data service): it keeps them on
+    local disk until the store completes the upload and names its version, then puts its blocks
+    into the node cache. Reading it back, here or from another mount on the node, costs no GET."""
+    server = request.getfixturevalue({"rclone": "s3_server", "moto": "moto_server", "gcs": "gcs_server"}[name])
+    data = os.urandom(21 * MiB + 5)  # three 8 MiB parts (the last short), blocks across their edges
+    with CountingProxy(server.port) as proxy:
+        config = MountConfig(backend="gcs" if name == "gcs" else "s3", bucket=server.create_bucket(),
+                             endpoint_url=proxy.endpoint, credentials=server.credentials,
+                             cache_dir=str(tmp_path / "cache"))
+        m = mount_fs(config)
+        with open(m.path / "w.bin", "wb") as f:
+            for off in range(0, len(data), MiB):
+                f.write(data[off:off + MiB])
+        uploaded = proxy.snapshot()
+        assert uploaded["PUT" if name == "gcs" else "PART"] >= 3, dict(uploaded)  # GCS: parts are objects
+        proxy.reset()
+        assert (m.path / "w.bin").read_bytes() == data
+        assert proxy.snapshot()["GET"] == 0, dict(proxy.snapshot())
+        other = mount_fs(config, "other")
+        assert (other.path / "w.bin").read_bytes() == data
+        tally = proxy.tally()
+    if config.credentials.access_key_id:
+        assert tally.requests["GET"] == 0, dict(tally.requests)
+    else:  # fake-gcs-server takes no credentials: the other grant proves it may read, one byte
+        assert tally.requests["GET"] == 1 and tally.body_bytes["GET"] == 1, dict(tally.requests)
 
 
 def mount_looked_up(mount_fs: Callable[..., Mounted], config: MountConfig, name: str,

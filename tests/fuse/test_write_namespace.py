@@ -1,4 +1,5 @@
-"""Writes and namespace changes through real FUSE mounts on a real ``rclone serve s3``."""
+"""Writes and namespace changes through real FUSE mounts on real S3 servers (``rclone serve s3``;
+moto, which keeps directory markers as S3 does, where a test makes directories: ``S3Target``)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import pytest
 from fusefs.config import MiB, MountConfig
 from testing.fsmount import Mounted
 from testing.proxy import CountingProxy
-from testing.servers import RcloneS3, random_bytes
+from testing.servers import MotoS3, RcloneS3, random_bytes
+from tests.fuse.conftest import S3Target
 
 pytestmark = pytest.mark.fuse
 
@@ -47,30 +49,29 @@ def test_large_sequential_write_is_stored_byte_exact(
         assert hashlib.sha256(f.read()).digest() == digest.digest()
 
 
-def test_create_overwrite_truncate_append(
-    s3_server: RcloneS3, s3_config: MountConfig, mount_fs: Callable[..., Mounted]
-) -> None:
-    m = mount_fs(s3_config)
-    p = m.path / "notes.txt"
+def test_create_overwrite_truncate_append(s3_target: S3Target, mount_fs: Callable[..., Mounted]) -> None:
+    d = s3_target.under(mount_fs(s3_target.config).path)
+    p = d / "notes.txt"
     p.write_bytes(b"hello world")
-    assert s3_server.read_object(s3_config.bucket, "notes.txt") == b"hello world"
+    assert s3_target.read("notes.txt") == b"hello world"
     assert p.read_bytes() == b"hello world"
     p.write_bytes(b"short")  # O_TRUNC overwrite
-    assert s3_server.read_object(s3_config.bucket, "notes.txt") == b"short"
+    assert s3_target.read("notes.txt") == b"short"
     assert p.read_bytes() == b"short"
     with open(p, "ab") as f:
         f.write(b"+more")
-    assert s3_server.read_object(s3_config.bucket, "notes.txt") == b"short+more"
+    assert s3_target.read("notes.txt") == b"short+more"
     os.truncate(p, 3)
-    assert s3_server.read_object(s3_config.bucket, "notes.txt") == b"sho"
+    assert s3_target.read("notes.txt") == b"sho"
     assert os.stat(p).st_size == 3
     with open(p, "r+b") as f:  # random write inside an existing object
         f.seek(1)
         f.write(b"X")
-    assert s3_server.read_object(s3_config.bucket, "notes.txt") == b"sXo"
-    (m.path / "empty").touch()
-    assert s3_server.read_object(s3_config.bucket, "empty") == b""
-    os.utime(m.path / "empty", (1, 1))  # accepted, a no-op
+    assert s3_target.read("notes.txt") == b"sXo"
+    (d / "empty").touch()
+    assert s3_target.read("empty") == b""
+    os.utime(d / "empty", (1, 1))  # accepted, a no-op
+    assert s3_target.keys() == ["empty", "notes.txt"]
 
 
 def test_unlink_rename_mkdir_rmdir(
@@ -98,7 +99,7 @@ def test_unlink_rename_mkdir_rmdir(
 
     # rclone's local backend stores a `newdir/` marker as an empty *file* `newdir` (real S3 and GCS
     # keep it as a marker), so a fresh LIST from rclone would show a file: list the root first so
-    # the check below sees the mount's own view, which is what this test is about.
+    # the check below sees the mount's own view. (test_mkdir_write_list_rmdir does more on moto.)
     os.listdir(m.path)
     counting_proxy.reset()
     os.mkdir(m.path / "newdir")
@@ -111,6 +112,43 @@ def test_unlink_rename_mkdir_rmdir(
     assert "newdir" not in os.listdir(m.path)
     assert not any(k.startswith("newdir") for k in keys(s3_server, s3_config.bucket))
     assert counting_proxy.snapshot()["DELETE"] == 1
+
+
+def test_mkdir_write_list_rmdir(moto_server: MotoS3, tmp_path: Path, mount_fs: Callable[..., Mounted]) -> None:
+    """The workflow rclone's local backend cannot hold (a `d/` marker beside keys under d/), on
+    moto, which keeps both as S3 does: mkdir, write inside, list, rename inside, rmdir refused
+    while full, then emptied and removed; a new mount sees what the store holds."""
+    bucket = moto_server.create_bucket()
+    with CountingProxy(moto_server.port) as proxy:
+        config = MountConfig(backend="s3", bucket=bucket, endpoint_url=proxy.endpoint,
+                             credentials=moto_server.credentials, cache_dir=str(tmp_path / "cache"))
+        m = mount_fs(config)
+        proxy.reset()
+        os.mkdir(m.path / "newdir")
+        assert proxy.snapshot()["PUT"] == 1  # the `newdir/` marker
+        os.mkdir(m.path / "newdir" / "sub")
+        (m.path / "newdir" / "a.txt").write_bytes(b"a")
+        (m.path / "newdir" / "sub" / "b.txt").write_bytes(b"b")
+        os.rename(m.path / "newdir" / "a.txt", m.path / "newdir" / "sub" / "c.txt")
+        assert sorted(os.listdir(m.path / "newdir")) == ["sub"]
+        assert sorted(os.listdir(m.path / "newdir" / "sub")) == ["b.txt", "c.txt"]
+        client = moto_server.client()
+        listed = client.list_objects_v2(Bucket=bucket)
+        assert sorted(o["Key"] for o in listed["Contents"]) == [
+            "newdir/", "newdir/sub/", "newdir/sub/b.txt", "newdir/sub/c.txt"]
+        with pytest.raises(OSError) as exc:
+            os.rmdir(m.path / "newdir")
+        assert exc.value.errno == errno.ENOTEMPTY
+        m.unmount()
+        again = mount_fs(config, "again")
+        assert (again.path / "newdir" / "sub" / "c.txt").read_bytes() == b"a"
+        for name in ("b.txt", "c.txt"):
+            os.unlink(again.path / "newdir" / "sub" / name)
+        assert os.listdir(again.path / "newdir" / "sub") == []  # its marker keeps it
+        os.rmdir(again.path / "newdir" / "sub")
+        os.rmdir(again.path / "newdir")
+        assert os.listdir(again.path) == []
+    assert "Contents" not in client.list_objects_v2(Bucket=bucket)
 
 
 def test_read_only_mount_refuses_writes(
@@ -153,15 +191,15 @@ def test_owner_modes_and_statfs(
 
 
 def test_rename_before_close_and_reading_while_another_handle_writes(
-    s3_server: RcloneS3, s3_config: MountConfig, mount_fs: Callable[..., Mounted]
+    s3_target: S3Target, mount_fs: Callable[..., Mounted]
 ) -> None:
-    m = mount_fs(s3_config)
-    with open(m.path / "part.tmp", "wb") as f:
+    d = s3_target.under(mount_fs(s3_target.config).path)
+    with open(d / "part.tmp", "wb") as f:
         f.write(b"checkpoint")
         f.flush()
-        with open(m.path / "part.tmp", "rb") as r:  # another handle sees the unflushed bytes
+        with open(d / "part.tmp", "rb") as r:  # another handle sees the unflushed bytes
             assert r.read() == b"checkpoint"
-        os.rename(m.path / "part.tmp", m.path / "final.bin")  # written before it is copied
-    assert keys(s3_server, s3_config.bucket) == ["final.bin"]
-    assert s3_server.read_object(s3_config.bucket, "final.bin") == b"checkpoint"
-    assert (m.path / "final.bin").read_bytes() == b"checkpoint"
+        os.rename(d / "part.tmp", d / "final.bin")  # written before it is copied
+    assert s3_target.keys() == ["final.bin"]
+    assert s3_target.read("final.bin") == b"checkpoint"
+    assert (d / "final.bin").read_bytes() == b"checkpoint"

@@ -76,7 +76,9 @@ def test_gcs_metadata_listed_and_patched_without_a_new_generation(gcs_server: Fa
 def test_metadata_from_a_store_is_untrusted_text() -> None:
     assert FileMeta.from_store([("Mtime", "12.5"), ("MODE", "33261"), ("uid", "x"), ("gid", "99999999999")]) == \
         FileMeta(12_500_000_000, 0o100755, None, None)
-    assert FileMeta.from_store([("mode", str(0o040755))]).mode is None  # a directory's mode on a file: ignored
+    assert FileMeta.from_store([("mode", str(0o040755))]).mode == 0o040755  # a `dir/` marker's (s3fs writes it)
+    assert FileMeta.from_store([("mode", str(0o010644))]).mode is None  # a FIFO's: not a type objfs serves
+    assert FileMeta.from_store([("mode", str(0o060644))]).mode is None  # a block device's
     assert FileMeta.from_store([("mtime", "-5")]).mtime_ns is None
     assert FileMeta.from_store([("mode", str(0o120777))]).is_symlink
     assert FileMeta(5_000_000_001, None, None, None).to_store() == {"mtime": "5.000000001"}
