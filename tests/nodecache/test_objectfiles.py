@@ -336,13 +336,13 @@ def _fill_and_die(directory: str, kill_at: str) -> None:
     if kill_at == "mid-block":
         pwrite_all = directio.pwrite_all
 
-        def torn(fd: int, data: bytes, offset: int, direct: int | None = None) -> None:
+        def torn(fd: int, data: bytes | bytearray | memoryview, offset: int, direct_fd: int | None = None) -> None:
             if offset == 2 * BS:
-                pwrite_all(fd, data[:len(data) // 2], offset, direct)
+                pwrite_all(fd, data[:len(data) // 2], offset, direct_fd)
                 die()
-            pwrite_all(fd, data, offset, direct)
+            pwrite_all(fd, data, offset, direct_fd)
 
-        objectfiles.directio.pwrite_all = torn  # type: ignore[attr-defined]
+        directio.pwrite_all = torn  # (the module objectfiles writes through)
     elif kill_at == "before-publish":
         assert cache._writer is not None
         cache._writer._after_batch = lambda oid: die() if all(cache.contains(key(i)) for i in range(4)) else None
