@@ -1,6 +1,6 @@
 """The node cache's background writer: fetched blocks are written beside the read path, never in it.
 
-A fetched block is returned to its reader at once and queued here; a thread writes what is queued in
+A fetched block is queued here and returned to its reader; a thread writes what is queued in
 one SQLite transaction per batch and then releases the blocks' cross-process locks (``locks``), so
 servers that waited for a block find it in the cache. The queue is bounded in bytes (it is memory the
 reader may already have dropped). When it is full, a block of a data file (an object larger than a
