@@ -15,6 +15,7 @@ The read that completes an object asks for it to be published after the blocks q
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -45,6 +46,8 @@ HAND_OVER_WAIT = 0.5
 #: or a publish) before it gives up waiting (seconds): a stuck cache disk must not stall reads. One
 #: batch is at most 16 MiB, written and read back: a small fraction of this on any working disk.
 STALL = 2.0
+#: how often a read waiting for room looks again, should no wake-up come (seconds)
+ROOM_POLL = 0.05
 # The writer commits what is queued at once in one transaction, up to these caps (a transaction
 # holds SQLite's write lock, which other servers' LRU reads wait for).
 WRITE_BATCH_ITEMS = 64
@@ -88,6 +91,8 @@ class Writer:
         #: batches (and barriers) done so far: how a waiting read tells a slow disk from a stuck one
         self.progress = 0
         self._stalled_at = -1  # ``progress`` when a read last gave up waiting for it
+        self._room: trio.Event | None = None  # set when the writer takes what is queued (trio side)
+        self._token: trio.lowlevel.TrioToken | None = None
         self._submit_lock = threading.Lock()  # orders try_submit against close: nothing queued after _STOP
         self._thread = threading.Thread(target=self._loop, name="objfs-cache-writer", daemon=True)
         self._thread.start()
@@ -134,6 +139,7 @@ class Writer:
     def _loop(self) -> None:
         while True:
             batch, barrier, stop = self._next_batch()
+            self._made_room()
             filled = list(dict.fromkeys(it[0].object_id() for it in batch if not it[0].whole))
             try:
                 self.store_batch([(key, data) for key, data, _ in batch])  # never raises
@@ -213,13 +219,14 @@ class Writer:
 
     # -- handing blocks over (trio side) ----------------------------------------------------------
 
-    def try_submit(self, key: BlockKey, data: bytes, lock: BlockLock | None) -> str:
+    def try_submit(self, key: BlockKey, data: bytes, lock: BlockLock | None, room: int = 0) -> str:
         """Queue a fetched block; the writer releases ``lock`` after writing it.
-        "queued", or "full" / "closed" (then the caller still holds the lock)."""
+        "queued", or "full" / "closed" (then the caller still holds the lock). ``room``: the
+        queue's bound in bytes, if not the writer's own."""
         with self._submit_lock:
             if self.closed:
                 return "closed"
-            if self._queued and self._queued + len(data) > self._queue_bytes:
+            if self._queued and self._queued + len(data) > (room or self._queue_bytes):
                 return "full"
             self._queued += len(data)
             self._queue.put_nowait((key, data, lock))
@@ -258,18 +265,38 @@ class Writer:
         done (memory: the queue's bound, plus the blocks of the reads waiting, which their readers
         hold anyway). Not cached if the writer wrote nothing for ``STALL`` seconds, nor, until it
         writes again, any other block that finds the queue full: a stuck disk holds reads back once."""
-        delay = LOCK_POLL_FIRST
         seen, since = self.progress, trio.current_time()
-        while (result := self.try_submit(key, data, lock)) == "full":
+        # twice the queue's bound: these blocks do not go to overflow tasks, which hold as much
+        while (result := self.try_submit(key, data, lock, 2 * self._queue_bytes)) == "full":
             if self.progress != seen:
                 seen, since = self.progress, trio.current_time()
             elif seen == self._stalled_at or trio.current_time() - since >= STALL:
                 self._stalled_at = seen
                 self.counters.count("store_skipped")
                 return False
-            await trio.sleep(delay)
-            delay = min(delay * 2, LOCK_POLL_MAX)
+            await self._room_made()
         return result == "queued"
+
+    async def _room_made(self) -> None:
+        """Until the writer takes what is queued (it wakes us: a poll of 10 ms cost each waiting
+        read up to that much) or ``ROOM_POLL`` passes."""
+        if self._room is None:
+            self._room = trio.Event()
+            self._token = trio.lowlevel.current_trio_token()
+        with trio.move_on_after(ROOM_POLL):
+            await self._room.wait()
+
+    def _made_room(self) -> None:
+        """(writer thread) Wake the reads waiting for room in the queue."""
+        room, token = self._room, self._token
+        if room is not None and token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(self._wake, room)
+
+    def _wake(self, room: trio.Event) -> None:
+        if self._room is room:
+            self._room = None
+        room.set()
 
     def _overflow_room(self, data: bytes) -> bool:
         return not self._overflow or self._overflow + len(data) <= self._queue_bytes
