@@ -21,6 +21,7 @@ import errno
 import mmap
 import os
 import threading
+from collections.abc import Iterator
 
 #: alignment for O_DIRECT: the page size covers every logical block size in use (512, 4096)
 ALIGN = mmap.PAGESIZE
@@ -40,11 +41,12 @@ def _bounce() -> mmap.mmap:
     return buf
 
 
-def open_direct(fd: int) -> int | None:
-    """A second descriptor of the file ``fd`` refers to, opened with O_DIRECT for writing; None
-    where the filesystem does not support it. Works for unlinked files too (through /proc)."""
+def open_direct(fd: int, access: int = os.O_WRONLY) -> int | None:
+    """A second descriptor of the file ``fd`` refers to, opened with O_DIRECT for writing (or
+    ``access``: O_RDWR to read back what was written); None where the filesystem does not support
+    it. Works for unlinked files too (through /proc)."""
     try:
-        return os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        return os.open(f"/proc/self/fd/{fd}", access | os.O_DIRECT | os.O_CLOEXEC)
     except OSError as exc:
         if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOENT, errno.EACCES):
             return None
@@ -80,6 +82,35 @@ def write_new_file(path: str, data: bytes | bytearray | memoryview) -> None:
                 os.close(direct)
     finally:
         os.close(fd)
+
+
+def pread_pieces(fd: int, offset: int, length: int, direct_fd: int | None = None) -> Iterator[memoryview]:
+    """``length`` bytes at ``offset`` of ``fd``, in pieces: views of this thread's bounce buffer,
+    each valid until the next is asked for (to checksum a block without holding it whole). The
+    aligned middle is read through ``direct_fd`` (an O_DIRECT descriptor of the same file open for
+    reading) when one is given: what the disk holds, with no page-cache copy, so a check reads
+    what was written rather than the kernel's memory of it. Ends early at the end of the file."""
+    view = memoryview(_bounce())
+    end = offset + length
+    while offset < end:
+        want, source = min(end - offset, BOUNCE), fd
+        if direct_fd is not None:
+            head = -offset % ALIGN
+            if head:
+                want = min(want, head)
+            elif want >= ALIGN:
+                want, source = want - want % ALIGN, direct_fd
+        try:
+            n = os.preadv(source, [view[:want]], offset)
+        except OSError as exc:
+            if source != direct_fd or exc.errno != errno.EINVAL:
+                raise
+            direct_fd = None  # the filesystem refused O_DIRECT after all: read the ordinary way
+            continue
+        if n <= 0:
+            return
+        yield view[:n]
+        offset += n
 
 
 def _pwrite_plain(fd: int, view: memoryview, offset: int) -> None:

@@ -8,14 +8,19 @@ serves, in named parts:
 - ``checks``       a CRC-32C per block, whole-file checks of complete files
 - ``locks``        one fetch per block per node (in-process flights, cross-process lock stripes)
 - ``writer``       the background writer and its back-pressure
+- ``fills``        which blocks of objects being read are in: the read completing one publishes it
 - ``refill``       completing data files whose blocks were skipped
 - ``counters``     counters and once-per-kind problem reports
 
 ``get_or_fetch`` gives one fetch per block per node: on a miss it takes the block's cross-process lock,
-looks again, fetches, returns the bytes at once and hands them to the writer, which releases the lock
-once the block is in the cache. Every failure of the cache itself (full disk, corrupt database,
-read-only directory, lock files that cannot be opened) degrades to direct reads: the caller always
-gets the fetched bytes, and the problem is logged once per kind, not once per block.
+looks again, fetches, hands the bytes to the writer, which releases the lock once the block is in the
+cache, and returns them (a block of a data file once it is queued: the fill keeps pace with the
+reader). The read whose block makes an object whole returns once the object's file is published, so
+the object is complete, ready for FUSE passthrough, when its reader is done.
+
+Every failure of the cache itself (full disk, corrupt database, read-only directory, lock files that
+cannot be opened) degrades to direct reads: the caller always gets the fetched bytes, and the
+problem is logged once per kind, not once per block.
 
 Security: every key carries its tenant (``keys.tenant_of``), so a mount is served only what the same
 credentials fetched. No key, tenant or secret appears in a file name (hashes only). The directory is
@@ -34,6 +39,7 @@ import trio
 
 from fusefs.nodecache.counters import Counters
 from fusefs.nodecache.entries import SmallObjects
+from fusefs.nodecache.fills import Fills
 from fusefs.nodecache.index import open_index
 from fusefs.nodecache.keys import BlockKey, ObjectId
 from fusefs.nodecache.locks import LOCK_WAIT, BlockLock, Flight
@@ -56,6 +62,7 @@ class NodeCache:
         self._lock_dir = os.path.join(directory, "locks")
         self.counters = Counters(directory)
         self._flights: dict[BlockKey, Flight] = {}
+        self._fills = Fills()
         self._index: diskcache.Cache | None = None
         self._small: SmallObjects | None = None
         self._files: ObjectFiles | None = None
@@ -129,6 +136,8 @@ class NodeCache:
         Blocking: from trio, call it through ``trio.to_thread.run_sync``."""
         if self._writer is not None:
             self._writer.close()  # from here reads go direct and nothing more is queued
+        if self._files is not None:
+            self._files.close()
         if self._index is not None:
             with contextlib.suppress(Exception):
                 self._index.close()
@@ -214,9 +223,32 @@ class NodeCache:
         return data
 
     async def _lead(self, key: BlockKey, fetch: Fetch, wait: bool) -> bytes:
+        data, handed = await self._lead_fill(key, fetch, wait)
+        if self._fills.mark(key, handed):
+            await self._published(key.object_id())
+        return data
+
+    async def _published(self, oid: ObjectId) -> None:
+        """Have the writer publish ``oid``'s file after the blocks queued so far, and wait for
+        that while it makes progress (a stuck disk does not hold the read back)."""
+        if self._writer is None:
+            return
+        done = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+
+        def set_done() -> None:  # in the writer thread
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(done.set)
+
+        if self._writer.publish_after(oid, set_done):
+            await self._writer.wait_while_writing(done)
+
+    async def _lead_fill(self, key: BlockKey, fetch: Fetch, wait: bool) -> tuple[bytes, bool]:
+        """The block, and whether it was handed to the writer (False: found in the cache, or
+        fetched and not cached)."""
         data, lock, held = await trio.to_thread.run_sync(self._first_look, key)
         if data is not None:
-            return data
+            return data, False
         if lock is None:  # no lock files: still correct, just no cross-process single flight
             return await self._fetch_and_submit(key, fetch, wait)
         handed = False
@@ -235,22 +267,23 @@ class NodeCache:
                 # look again under the lock: the other fetcher has most likely written the block
                 data = await trio.to_thread.run_sync(self._look_again, key)
                 if data is not None:
-                    return data
+                    return data, False
             self.counters.count("fetches")
             data = await fetch()
             handed = await self._hand_over(key, data, lock, wait)
             if not handed:
                 self._refill_later(key, fetch)
-            return data
+            return data, handed
         finally:
             if not handed:
                 lock.release()  # idempotent
 
-    async def _fetch_and_submit(self, key: BlockKey, fetch: Fetch, wait: bool) -> bytes:
+    async def _fetch_and_submit(self, key: BlockKey, fetch: Fetch, wait: bool) -> tuple[bytes, bool]:
         data = await self._fetch(fetch)
-        if not await self._hand_over(key, data, None, wait):
+        handed = await self._hand_over(key, data, None, wait)
+        if not handed:
             self._refill_later(key, fetch)
-        return data
+        return data, handed
 
     async def _hand_over(self, key: BlockKey, data: bytes, lock: BlockLock | None, wait: bool) -> bool:
         if self._writer is None:

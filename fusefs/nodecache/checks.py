@@ -16,7 +16,7 @@ from typing import Any, BinaryIO, cast
 
 import crc32c
 
-from fusefs import buffers
+from fusefs import buffers, directio
 from fusefs.nodecache.keys import FORMAT, BlockKey, ObjectId
 
 #: how long a node trusts a whole-file check of a complete file that has not changed since (seconds).
@@ -34,12 +34,26 @@ def checksum(data: bytes | bytearray | memoryview, key: BlockKey) -> int:
     # Seeded with the block's key (the CRC of key + data): an index row that names another key's
     # intact file, with that file's tag (a damaged or mixed-up index), fails the check instead of
     # serving another object's bytes (tests/nodecache/test_faults.py swaps two rows).
-    return int(crc32c.crc32c(data, crc32c.crc32c(key.encode().encode())))
+    return int(crc32c.crc32c(data, _seed(key)))
+
+
+def _seed(key: BlockKey) -> int:
+    return int(crc32c.crc32c(key.encode().encode()))
 
 
 def tag(data: bytes | bytearray, key: BlockKey) -> int:
     """The block's index tag: length in the high bits, CRC-32C in the low 32 (one integer column)."""
     return (len(data) << 32) | checksum(data, key)
+
+
+def tag_on_disk(fd: int, key: BlockKey, length: int, direct_fd: int | None = None) -> int:
+    """The tag of the ``length`` bytes of block ``key`` as the file holds them, read in pieces
+    (``directio.pread_pieces``: from the disk itself through ``direct_fd``), never held whole."""
+    crc, got = _seed(key), 0
+    for piece in directio.pread_pieces(fd, key.index * key.block_size, length, direct_fd):
+        crc = crc32c.crc32c(piece, crc)
+        got += len(piece)
+    return (got << 32) | crc
 
 
 def read_into(fd: int, buf: bytearray, offset: int = 0) -> bytearray:
@@ -97,7 +111,13 @@ def seal(path: str, oid: ObjectId) -> int:
     change time and the object's key, as one SQLite integer (an int is kept in the index row
     itself, where any other value would be a file of its own). With the object in it, an index row
     that comes to name another object's file (as a damaged index may) does not inherit its check."""
-    st = os.stat(path)
+    return seal_of(os.stat(path), oid)
+
+
+def seal_of(st: os.stat_result, oid: ObjectId) -> int:
+    """``seal`` of a file whose status is ``st``. Taking the status marks the change time as seen:
+    from Linux 6.13 on (multigrain timestamps) any later write gives the file a new change time,
+    even within the same clock tick; before that, a write in the same tick as this call keeps it."""
     ident = f"{st.st_ino}:{st.st_size}:{st.st_ctime_ns}:{oid.encode(FORMAT)}"
     digest = hashlib.blake2b(ident.encode(), digest_size=7).digest()
     return int.from_bytes(digest, "big")

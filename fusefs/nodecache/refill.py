@@ -1,5 +1,6 @@
 """Completing whole-object files in the background: blocks of data files that were fetched but not
-cached (the writer was behind) are fetched again once the writer is idle.
+cached (the writer wrote nothing for ``writer.STALL``: a stuck disk) are fetched again once the
+writer is idle.
 
 Without it, one skipped block keeps an object's file from ever being complete, and every later pod on
 the node reads it through the server and the store instead of through FUSE passthrough. Keys only (the

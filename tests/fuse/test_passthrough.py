@@ -21,6 +21,7 @@ from fusefs.config import MiB, MountConfig, Tuning
 from fusefs.passthrough import backing
 from fusefs.passthrough.broker import BrokerClient
 from testing.fsmount import Mounted
+from testing.proxy import CountingProxy
 from testing.scrape import parse, value
 from testing.servers import RcloneS3, random_bytes
 
@@ -28,7 +29,6 @@ pytestmark = pytest.mark.fuse
 
 TUNING = Tuning(block_size=1 * MiB, max_prefetch_blocks=2, memory_blocks=4, readahead_kb=1024)
 SIZE = 6 * MiB + 777
-FILL_ATTEMPTS = 4
 STOPPED_READ_LIMIT = 120.0  # seconds: a read the stopped server would have to answer never ends
 
 needs_passthrough = pytest.mark.skipif(
@@ -48,15 +48,12 @@ def data(s3_server: RcloneS3, config: MountConfig) -> bytes:
 
 
 def cached(mount_fs: Callable[..., Mounted], config: MountConfig, data: bytes) -> None:
-    """Read the object through a mount until its complete file is in the node cache (a read
-    does not wait for a busy cache disk: a block it could not hand over is filled by the next)."""
-    for attempt in range(FILL_ATTEMPTS):
-        m = mount_fs(config, f"filler{attempt}")
-        assert (m.path / "w.bin").read_bytes() == data
-        m.unmount()  # the server drains its writer, which publishes the complete file
-        if list(Path(config.cache_dir or "").rglob("*.obj")):
-            return
-    raise AssertionError(f"no complete file was published after {FILL_ATTEMPTS} reads")
+    """Read the object through a mount: its complete file is in the node cache when the read
+    returns (the fill keeps pace with the reader, whose last block waits for the publish)."""
+    m = mount_fs(config, "filler")
+    assert (m.path / "w.bin").read_bytes() == data
+    assert list(Path(config.cache_dir or "").rglob("*.obj"))
+    m.unmount()
 
 
 def figures_at_exit(m: Mounted) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -143,6 +140,70 @@ def test_reads_of_a_complete_file_never_reach_the_server(
     assert value(figures, "objfs_fuse_passthrough_opens_total") == 2
     assert value(figures, "objfs_fuse_operation_seconds_count", op="read") == 0
     assert value(figures, "objfs_store_requests_total", kind="GET") == 0
+
+
+#: blocks larger than any one FUSE read (1 MiB at most): a reader needs block 0's fetch through the
+#: node cache, not only its first read's own small GET (``BlockReader.read``, urgent)
+BIG_BLOCKS = Tuning(block_size=2 * MiB, max_prefetch_blocks=2, memory_blocks=4, readahead_kb=1024)
+
+
+@needs_passthrough
+def test_an_object_is_complete_the_moment_its_first_read_returns(
+    s3_server: RcloneS3, config: MountConfig, mount_fs: Callable[..., Mounted], stopped: Callable[[Mounted], None],
+    tmp_path: Path,
+) -> None:
+    config = dataclasses.replace(config, tuning=BIG_BLOCKS)
+    payload = random_bytes(9 * MiB + 777, 13)
+    s3_server.client().put_object(Bucket=config.bucket, Key="model.bin", Body=payload)
+    first = mount_fs(dataclasses.replace(config, metrics_path=str(tmp_path / "first.prom")), "first")
+    second = mount_fs(config, "second")
+    with open(first.path / "model.bin", "rb") as f:  # read from start to end, and closed
+        assert f.read() == payload
+    # No wait, no polling: the object's file is complete and published now.
+    (done,) = Path(config.cache_dir or "").rglob("*.obj")
+    assert done.read_bytes() == payload
+    assert not list(Path(config.cache_dir or "").rglob("*.part"))
+    # Another mount of the node passes it through: its reads never reach its (stopped) server.
+    fd = os.open(second.path / "model.bin", os.O_RDONLY)
+    try:
+        stopped(second)
+        got = read_while_stopped(fd, len(payload))
+        os.kill(second.proc.pid, signal.SIGCONT)
+        assert got is not None, "the second mount's reads reached its server: the open was not passed through"
+        assert got == payload
+    finally:
+        os.close(fd)
+    # And the first mount's next open is passed through too.
+    assert (first.path / "model.bin").read_bytes() == payload
+    figures = figures_at_exit(first)
+    assert value(figures, "objfs_fuse_passthrough_opens_total") == 1
+    assert value(figures, "objfs_node_cache_published_objects_total") == 1
+    assert value(figures, "objfs_node_cache_skipped_blocks_total") == 0
+
+
+def test_a_second_mount_reads_the_cached_part_of_an_object_from_the_cache_and_completes_it(
+    s3_server: RcloneS3, s3_config: MountConfig, counting_proxy: CountingProxy, mount_fs: Callable[..., Mounted],
+    tmp_path: Path,
+) -> None:
+    config = dataclasses.replace(s3_config, endpoint_url=counting_proxy.endpoint, metadata_ttl=0, tuning=TUNING)
+    payload = random_bytes(8 * MiB + 99, 14)  # nine blocks
+    s3_server.client().put_object(Bucket=config.bucket, Key="part.bin", Body=payload)
+    first = mount_fs(dataclasses.replace(config, metrics_path=str(tmp_path / "first.prom")), "first")
+    with open(first.path / "part.bin", "rb") as f:
+        assert f.read(3 * MiB) == payload[:3 * MiB]  # a part of it, and closed
+    # its server drains its writer as it stops: blocks 0-2 (and whatever it prefetched) are cached
+    assert value(figures_at_exit(first), "objfs_node_cache_skipped_blocks_total") == 0
+    assert not list(Path(config.cache_dir or "").rglob("*.obj"))
+    counting_proxy.reset()
+    second = mount_fs(dataclasses.replace(config, metrics_path=str(tmp_path / "second.prom")), "second")
+    assert (second.path / "part.bin").read_bytes() == payload
+    (done,) = Path(config.cache_dir or "").rglob("*.obj")  # the second reader completed it
+    assert done.read_bytes() == payload
+    figures = figures_at_exit(second)
+    fetched = value(figures, "objfs_node_cache_fetches_total")
+    assert fetched <= 6  # blocks 0-2 came from the node cache, not the store
+    assert value(figures, "objfs_node_cache_hits_total") >= 9 - fetched  # as did every other cached block
+    assert counting_proxy.tally().requests["GET"] == fetched  # one GET per block that was not cached
 
 
 @needs_passthrough

@@ -4,7 +4,9 @@ tenants in keys."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
 import stat
 from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
@@ -16,6 +18,7 @@ import trio.lowlevel
 
 from fusefs.config import Credentials, MountConfig
 from fusefs.errors import ObjectChangedError
+from fusefs.nodecache import writer as writer_module
 from fusefs.nodecache.cache import BlockKey, NodeCache
 from fusefs.nodecache.keys import tenant_of
 from testing.servers import random_bytes
@@ -222,11 +225,14 @@ async def _until(check: Callable[[], bool], seconds: float = 30.0) -> None:
 
 
 class SlowDisk:
-    """A cold read that outruns the disk: a cache whose writer's queue holds one block and whose
-    writer is held at the door, so of the object's four blocks 1 is queued, 2 waits in a task and 3
-    is not cached. Records every fetch; ``replaced`` makes later fetches fail as a replaced object's."""
+    """A cold read that outruns a stuck disk: a cache whose writer's queue holds one block (two
+    of a data file's, which go to no overflow task) and whose writer is held at the door, so of
+    the object's four blocks 0 is being written, 1 and 2 are queued, and 3 waits for room until
+    the writer is seen stuck (``STALL``, shortened here) and is not cached. Records every fetch;
+    ``replaced`` makes later fetches fail as a replaced object's."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(writer_module, "STALL", 0.2)
         self.cache = NodeCache(str(tmp_path / "cache"), 64 * MiB, write_queue_bytes=BS)
         self.writer = GatedWriter(self.cache)
         self.calls: list[int] = []
@@ -255,12 +261,14 @@ class SlowDisk:
         await trio.to_thread.run_sync(self.cache.close)
 
 
-async def test_blocks_skipped_behind_a_slow_writer_are_refilled_until_the_file_is_complete(tmp_path: Path) -> None:
-    disk = SlowDisk(tmp_path)
+async def test_blocks_skipped_behind_a_stuck_writer_are_refilled_until_the_file_is_complete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = SlowDisk(tmp_path, monkeypatch)
     c = disk.cache
     try:
         await disk.read_all()
-        disk.writer.gate.set()  # the disk catches up: the refiller fetches block 3 again, the writer publishes
+        disk.writer.gate.set()  # the disk works again: the refiller fetches 3 again, the writer publishes
         await _until(lambda: bool(files(tmp_path / "cache", ".obj")))
         path = c.complete_file(key(0).object_id())
         assert path is not None and await trio.Path(path).read_bytes() == OBJ
@@ -270,8 +278,10 @@ async def test_blocks_skipped_behind_a_slow_writer_are_refilled_until_the_file_i
         await disk.close()
 
 
-async def test_a_refill_of_a_replaced_object_leaves_its_file_partial_and_never_wrong(tmp_path: Path) -> None:
-    disk = SlowDisk(tmp_path)
+async def test_a_refill_of_a_replaced_object_leaves_its_file_partial_and_never_wrong(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = SlowDisk(tmp_path, monkeypatch)
     c = disk.cache
     try:
         await disk.read_all()
@@ -307,3 +317,72 @@ def test_a_complete_file_is_checked_whole_once_per_node_until_it_changes(
     assert new_server() == (path, 0)
     monkeypatch.setattr("fusefs.nodecache.checks.VERIFIED_FOR", 0.0)  # a check older than VERIFIED_FOR: again
     assert new_server() == (path, 1)
+
+
+# -- a crash while filling a file -------------------------------------------------------------------
+
+def _fill_and_die(directory: str, kill_at: str) -> None:
+    """A server process filling the object's file through ``get_or_fetch`` that is killed
+    (SIGKILL: nothing runs after it) at ``kill_at``: halfway through writing block 2's bytes,
+    after the last block's marker and before the publish, or in the publish after the check and
+    before the rename."""
+    from fusefs import directio
+    from fusefs.nodecache import objectfiles
+
+    def die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    cache = NodeCache(directory, 64 * MiB)
+    if kill_at == "mid-block":
+        pwrite_all = directio.pwrite_all
+
+        def torn(fd: int, data: bytes | bytearray | memoryview, offset: int, direct_fd: int | None = None) -> None:
+            if offset == 2 * BS:
+                pwrite_all(fd, data[:len(data) // 2], offset, direct_fd)
+                die()
+            pwrite_all(fd, data, offset, direct_fd)
+
+        directio.pwrite_all = torn  # (the module objectfiles writes through)
+    elif kill_at == "before-publish":
+        assert cache._writer is not None
+        cache._writer._after_batch = lambda oid: die() if all(cache.contains(key(i)) for i in range(4)) else None
+    else:
+        objectfiles.publish = lambda directory, data: die()  # type: ignore[assignment,return-value]
+
+    async def read_all() -> None:
+        for i in range(4):
+            await cache.get_or_fetch(key(i), partial(trio.to_thread.run_sync, block, i))
+
+    trio.run(read_all)
+
+
+@pytest.mark.parametrize("kill_at", ["mid-block", "before-publish", "before-rename"])
+def test_a_server_killed_while_filling_a_file_never_leaves_it_published_unchecked(tmp_path: Path, kill_at: str) -> None:
+    directory = str(tmp_path / "cache")
+    child = multiprocessing.get_context("spawn").Process(target=_fill_and_die, args=(directory, kill_at))
+    child.start()
+    child.join(120)
+    assert child.exitcode == -signal.SIGKILL
+    assert not files(tmp_path / "cache", ".obj")  # nothing published by the dead server
+    (part,) = files(tmp_path / "cache", ".part")
+    oid = key(0).object_id()
+    if kill_at != "mid-block":
+        # Every block and marker is there, but the checks the dead server made as it wrote died
+        # with it: the next server reads the whole file back before it publishes anything.
+        with open(part, "r+b") as f:
+            f.seek(BS + 5)
+            f.write(b"\xff\xfe")
+    again = NodeCache(directory, 64 * MiB)
+    try:
+        marked = [again.contains(key(i)) for i in range(4)]
+        # (blocks 0 and 1 may have been in the killed transaction with block 2)
+        assert marked[2:] == [False, False] if kill_at == "mid-block" else all(marked)
+        assert again.complete_file(oid) is None
+        assert not files(tmp_path / "cache", ".obj")
+        for i in range(4):  # what is missing or damaged is stored again: then it publishes, right
+            if again.get(key(i)) is None:
+                assert again.put(key(i), block(i))
+        path = again.complete_file(oid)
+        assert path is not None and Path(path).read_bytes() == OBJ
+    finally:
+        again.close()
