@@ -95,6 +95,7 @@ class Tally:
     faults: Counter[str] = field(default_factory=Counter)  # fault kind -> requests it was injected into
     faulted: Counter[tuple[str, str]] = field(default_factory=Counter)  # (request kind, fault kind) -> count
     sent_bytes: Counter[str] = field(default_factory=Counter)  # kind -> request body bytes (uploads)
+    gets: Counter[str] = field(default_factory=Counter)  # object path (/bucket/key) -> GET requests
 
     @property
     def total(self) -> int:
@@ -302,18 +303,21 @@ class CountingProxy:
     def tally(self) -> Tally:
         with self._lock:
             return Tally(Counter(self._tally.requests), Counter(self._tally.body_bytes), self._tally.errors,
-                         Counter(self._tally.faults), Counter(self._tally.faulted), Counter(self._tally.sent_bytes))
+                         Counter(self._tally.faults), Counter(self._tally.faulted), Counter(self._tally.sent_bytes),
+                         Counter(self._tally.gets))
 
     def snapshot(self) -> Counter[str]:
         """Requests by kind since the last reset (LIST, GET, HEAD, PUT, PART, DELETE, ...)."""
         return self.tally().requests
 
-    def _record(self, kind: str, status: int, nbytes: int, request: bool = True) -> None:
-        """Count a response (``request``) and ``nbytes`` of its body."""
+    def _record(self, kind: str, status: int, nbytes: int, request: bool = True, target: str = "") -> None:
+        """Count a response (``request``) and ``nbytes`` of its body; a GET also by its object."""
         with self._lock:
             self._tally.body_bytes[kind] += nbytes
             if request:
                 self._tally.requests[kind] += 1
+                if kind == "GET":
+                    self._tally.gets[urlsplit(target).path] += 1
                 if status >= 400:
                     self._tally.errors += 1
 
@@ -420,7 +424,7 @@ class CountingProxy:
         keep = "close" not in (resp.get("connection", "") + req.get("connection", "")).lower()
         bodyless = method == "HEAD" or status in (204, 304)
         length = 0 if bodyless or "content-length" not in resp else int(resp["content-length"])
-        self._record(kind, status, length)
+        self._record(kind, status, length, target=target)
         client.sendall(b"".join(head) + b"\r\n")
         if bodyless:
             return keep
