@@ -26,13 +26,14 @@ names; an object changed since fails its pinned GET (ObjectChangedError), exactl
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
 
+from fusefs import errors
 from fusefs.config import MiB, Tuning
-from fusefs.fs.meta import Listing, name_of, parent_of
+from fusefs.fs.meta import Listing, join, name_of, parent_of
 from fusefs.fs.read import BlockReader
 from fusefs.store.base import ObjectInfo
 
@@ -49,6 +50,8 @@ MAX_FILES = 512
 #: readers' windows and files read): files fetched ahead must still be there when opened
 MAX_BYTES = 32 * MiB
 LRU_SHARE = 0.4
+#: directories a walk's next one is looked for through (those holding only directories are passed)
+WALK_LISTS = 4
 #: GETs in flight ahead of readers: at a 20 ms round trip, 32 keep ~1,600 files/s coming
 IN_FLIGHT = 32
 
@@ -63,6 +66,9 @@ class _Dir:
     scanned: int = 0  # positions considered: the whole listing once, from where fetching started
     last_open: float = 0.0
     active: bool = False  # TRIGGER files opened: fetching ahead
+    last_index: int = -1  # listing position of the last file opened
+    in_order: bool = True  # every file opened after the one before it in listing order: a walk
+    walked_on: bool = False  # the walk's next directory was looked for from here
 
 
 class DirAhead:
@@ -71,9 +77,13 @@ class DirAhead:
     (the fresh one, or None: nothing is fetched from a listing not known or expired)."""
 
     def __init__(self, reader: BlockReader, listing_of: Callable[[str], Listing | None], *,
-                 first_files: int, max_files: int, max_bytes: int, in_flight: int) -> None:
+                 first_files: int, max_files: int, max_bytes: int, in_flight: int,
+                 list_dir: Callable[[str], Awaitable[Listing]] | None = None) -> None:
         self.reader = reader
         self.listing_of = listing_of
+        #: lists a directory (one LIST, shared with other callers): the walk's next one, ahead of it
+        self.list_dir = list_dir
+        self._walking = False  # a walk's next directory is being listed
         self.small = reader.block_size
         self.first_files = max(0, min(first_files, max_files))
         self.max_files = max(0, max_files)
@@ -84,8 +94,10 @@ class DirAhead:
         self._ahead_files = 0
         self._ahead_bytes = 0
         self._in_flight = 0
-        self._idle = trio.Event()  # set while no fetch ahead is in flight
+        self._tasks = 0  # fetches and listings ahead in flight
+        self._idle = trio.Event()  # set while none is
         self._idle.set()
+        self._active = 0  # directories fetched ahead in
         self._consumed = 0  # files opened in followed directories: how far the window has grown
         # figures for stats and tests
         self.fetched = 0  # fetches ahead started
@@ -105,9 +117,16 @@ class DirAhead:
         return self._in_flight
 
     async def settled(self) -> None:
-        """Until no fetch ahead is in flight (the fetches it started since have been answered)."""
+        """Until no fetch or listing ahead is in flight (those started meanwhile too)."""
         while not self._idle.is_set():
             await self._idle.wait()
+
+    def _busy(self, change: int) -> None:
+        if not self._tasks and change > 0:
+            self._idle = trio.Event()
+        self._tasks += change
+        if not self._tasks:
+            self._idle.set()
 
     @property
     def ahead(self) -> tuple[int, int]:
@@ -135,6 +154,10 @@ class DirAhead:
                 self._drop(next(iter(self._dirs)))
         self._dirs[directory] = state  # the most recently opened last
         state.last_open = now
+        index = listing.index.get(name, -1)
+        if index < state.last_index:
+            state.in_order = False
+        state.last_index = index
         if name not in state.opened:
             state.opened.add(name)
             size = state.ahead.pop(name, None)
@@ -142,12 +165,19 @@ class DirAhead:
                 self._ahead_files -= 1
                 self._ahead_bytes -= size
                 self.used += 1
-            if state.active or len(state.opened) >= TRIGGER:
+            if state.active or len(state.opened) >= self._trigger(state):
                 self._consumed += 1
-        if not state.active and len(state.opened) >= TRIGGER:
+        if not state.active and len(state.opened) >= self._trigger(state):
             state.active = True
+            self._active += 1
             state.pos = listing.index.get(name, 0) + 1
         self._fill(now)
+
+    def _trigger(self, state: _Dir) -> int:
+        """Files to open in a directory before fetching ahead there: ``TRIGGER``, or the first one
+        while readers are reading another directory's files this way (a walk going on to the next
+        directory, shuffled readers reaching one more directory of their data set)."""
+        return 1 if self._active - state.active > 0 else TRIGGER
 
     def forget(self, directory: str) -> None:
         """The directory changed (its listing was dropped): fetch nothing more from it."""
@@ -163,6 +193,7 @@ class DirAhead:
         self._ahead_files -= len(state.ahead)
         self._ahead_bytes -= sum(state.ahead.values())
         state.ahead.clear()
+        self._active -= state.active
         state.active = False
         if not self._dirs:
             self._consumed = 0  # nobody reading: the window starts small again
@@ -201,11 +232,73 @@ class DirAhead:
                 state.ahead[name] = info.size
                 self._ahead_files += 1
                 self._ahead_bytes += info.size
-                if not self._in_flight:
-                    self._idle = trio.Event()
                 self._in_flight += 1
+                self._busy(1)
                 self.fetched += 1
                 self._nursery.start_soon(self._fetch, state, name, info)
+        self._walk_on()
+
+    # -- a walk's next directory -------------------------------------------------------------
+    def _walk_on(self) -> None:
+        """A walk (files opened in listing order) whose directory has all its files fetched or
+        on their way, with room left in the window: list the directory it goes to next, so
+        that directory's listing and first files are there when it arrives."""
+        if self._walking or self.list_dir is None or self._nursery is None or not self._dirs:
+            return
+        directory, state = next(reversed(self._dirs.items()))
+        if (not state.active or not state.in_order or state.walked_on
+                or state.scanned < len(state.listing.names) or self._ahead_files >= self.window):
+            return
+        state.walked_on = True
+        self._walking = True
+        self._busy(1)
+        self._nursery.start_soon(self._list_next, directory)
+
+    async def _list_next(self, directory: str) -> None:
+        assert self.list_dir is not None
+        try:
+            for _ in range(WALK_LISTS):
+                following = self._following(directory)
+                if following is None:
+                    return
+                listing = await self.list_dir(following)
+                directory = following
+                if any(e.info is not None and not e.is_dir for e in listing.entries.values()):
+                    state = _Dir(listing, active=True, last_open=time.monotonic())
+                    self._drop(directory)
+                    while len(self._dirs) >= MAX_DIRS:
+                        self._drop(next(iter(self._dirs)))
+                    self._dirs[directory] = state
+                    self._active += 1
+                    return
+        except errors.StoreError:
+            return  # the walk lists it itself when it gets there, and reports
+        finally:
+            self._walking = False
+            self._busy(-1)
+            self._fill(time.monotonic())
+
+    def _following(self, directory: str) -> str | None:
+        """The directory a walk (top-down, in listing order, as ``os.walk`` and ``find`` go)
+        enters after ``directory``'s files, as far as fresh listings tell; None at the end or
+        where a listing is not known."""
+        listing = self.listing_of(directory)
+        if listing is None:
+            return None
+        sub = _first_dir(listing, 0)
+        if sub is not None:
+            return join(directory, sub)
+        while directory:
+            parent = parent_of(directory)
+            above = self.listing_of(parent)
+            index = above.index.get(name_of(directory)) if above is not None else None
+            if above is None or index is None:
+                return None
+            sibling = _first_dir(above, index + 1)
+            if sibling is not None:
+                return join(parent, sibling)
+            directory = parent
+        return None
 
     def _next(self, state: _Dir) -> tuple[str, ObjectInfo] | None:
         """The next file of the directory to fetch ahead: in listing order from where fetching
@@ -232,8 +325,7 @@ class DirAhead:
             ok = await self.reader.fetch_ahead(info, 0)
         finally:
             self._in_flight -= 1
-            if not self._in_flight:
-                self._idle.set()
+            self._busy(-1)
         if not ok and state.ahead.pop(name, None) is not None:
             self._ahead_files -= 1  # nothing held: it does not count as fetched ahead
             self._ahead_bytes -= info.size
@@ -241,10 +333,21 @@ class DirAhead:
 
 
 
-def for_reader(reader: BlockReader, listing_of: Callable[[str], Listing | None], tuning: Tuning) -> DirAhead:
+def _first_dir(listing: Listing, start: int) -> str | None:
+    """The first directory of ``listing`` from position ``start`` on."""
+    for i in range(start, len(listing.names)):
+        if listing.live(i):
+            entry = listing.entries.get(listing.names[i])
+            if entry is not None and entry.is_dir:
+                return entry.name
+    return None
+
+
+def for_reader(reader: BlockReader, listing_of: Callable[[str], Listing | None], tuning: Tuning,
+               list_dir: Callable[[str], Awaitable[Listing]] | None = None) -> DirAhead:
     """The server's ``DirAhead``: its first window ``tuning.small_file_prefetch`` files (0: none
     fetched ahead), its bytes a share of the reader's memory."""
     return DirAhead(reader, listing_of, first_files=tuning.small_file_prefetch,
                     max_files=MAX_FILES if tuning.small_file_prefetch > 0 else 0,
                     max_bytes=min(MAX_BYTES, int(reader.budget * LRU_SHARE)),
-                    in_flight=min(IN_FLIGHT, tuning.max_concurrent_requests))
+                    in_flight=min(IN_FLIGHT, tuning.max_concurrent_requests), list_dir=list_dir)

@@ -139,7 +139,7 @@ class Operations(pyfuse3.Operations):
         self.meta = Meta(store, config)
         self.reader = BlockReader(store, config.tuning)
         self.reader.start(nursery)
-        self.ahead = dirahead.for_reader(self.reader, self.meta.listing_if_fresh, config.tuning)
+        self.ahead = dirahead.for_reader(self.reader, self.meta.listing_if_fresh, config.tuning, self.meta.listing)
         self.ahead.start(nursery)
         self._handles: dict[int, FileHandle | DirHandle] = {}
         self._next_fh = 1

@@ -183,3 +183,49 @@ async def test_a_file_this_mount_overwrote_after_its_fetch_ahead_reads_as_what_i
     new = rand(300, 77)
     await fs.write_file(changed, new)
     assert await fs.read_file(changed) == new
+
+
+async def test_a_second_directory_read_after_the_first_fetches_ahead_from_its_first_file(fs: Fs) -> None:
+    first = put_dir(fs, "two/a", 3)
+    second = put_dir(fs, "two/b", 10)
+    await fs.readdir("two/a")
+    await fs.readdir("two/b")
+    for path in sorted(first, reverse=True)[:TRIGGER]:  # shuffled readers, say: a directory being read
+        assert await fs.read_file(path) == first[path]
+    one = sorted(second)[5]
+    assert await fs.read_file(one) == second[one]
+    await settled(fs)
+    assert all(gets(fs).get(fs.key(p)) == 1 for p in second)  # the others fetched ahead after one
+
+
+async def test_a_walk_finds_the_next_directory_listed_and_its_files_fetched_when_it_gets_there(fs: Fs) -> None:
+    tree = {**put_dir(fs, "walk/a", 6), **put_dir(fs, "walk/b/x", 6), **put_dir(fs, "walk/c", 6)}
+    await fs.readdir("walk")
+    await fs.readdir("walk/a")
+    for path in sorted(p for p in tree if p.startswith("walk/a/")):
+        assert await fs.read_file(path) == tree[path]
+    await settled(fs)
+    # walk/b holds only a directory: the walk goes on into walk/b/x, listed ahead of it
+    assert fs.ops.meta.listing_if_fresh("walk/b") is not None
+    assert fs.ops.meta.listing_if_fresh("walk/b/x") is not None
+    assert all(gets(fs).get(fs.key(p)) == 1 for p in tree if p.startswith("walk/b/x/"))
+    lists = fs.store.calls["list"]
+    for directory in ("walk/b", "walk/b/x", "walk/c"):  # os.walk's order
+        names = await fs.readdir(directory)
+        for name in names:
+            path = f"{directory}/{name}"
+            if path in tree:
+                assert await fs.read_file(path) == tree[path]
+    await settled(fs)
+    assert gets(fs) == {fs.key(p): 1 for p in tree}
+    assert fs.store.calls["list"] - lists <= 1  # walk/c's, at most: the others were listed ahead
+
+
+async def test_files_opened_out_of_listing_order_do_not_list_other_directories(fs: Fs) -> None:
+    tree = {**put_dir(fs, "rand/a", 6), **put_dir(fs, "rand/b", 6)}
+    await fs.readdir("rand")
+    await fs.readdir("rand/a")
+    for path in sorted((p for p in tree if p.startswith("rand/a/")), reverse=True):
+        assert await fs.read_file(path) == tree[path]
+    await settled(fs)
+    assert fs.ops.meta.listing_if_fresh("rand/b") is None
