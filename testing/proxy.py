@@ -310,14 +310,12 @@ class CountingProxy:
         """Requests by kind since the last reset (LIST, GET, HEAD, PUT, PART, DELETE, ...)."""
         return self.tally().requests
 
-    def _record(self, kind: str, status: int, nbytes: int, request: bool = True, target: str = "") -> None:
-        """Count a response (``request``) and ``nbytes`` of its body; a GET also by its object."""
+    def _record(self, kind: str, status: int, nbytes: int, request: bool = True) -> None:
+        """Count a response (``request``) and ``nbytes`` of its body."""
         with self._lock:
             self._tally.body_bytes[kind] += nbytes
             if request:
                 self._tally.requests[kind] += 1
-                if kind == "GET":
-                    self._tally.gets[urlsplit(target).path] += 1
                 if status >= 400:
                     self._tally.errors += 1
 
@@ -424,7 +422,10 @@ class CountingProxy:
         keep = "close" not in (resp.get("connection", "") + req.get("connection", "")).lower()
         bodyless = method == "HEAD" or status in (204, 304)
         length = 0 if bodyless or "content-length" not in resp else int(resp["content-length"])
-        self._record(kind, status, length, target=target)
+        if kind == "GET":
+            with self._lock:
+                self._tally.gets[urlsplit(target).path] += 1
+        self._record(kind, status, length)
         client.sendall(b"".join(head) + b"\r\n")
         if bodyless:
             return keep
