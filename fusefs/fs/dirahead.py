@@ -179,10 +179,6 @@ class DirAhead:
         directory, shuffled readers reaching one more directory of their data set)."""
         return 1 if self._active - state.active > 0 else TRIGGER
 
-    def forget(self, directory: str) -> None:
-        """The directory changed (its listing was dropped): fetch nothing more from it."""
-        self._drop(directory)
-
     # -- fetching -----------------------------------------------------------------------------
     def _drop(self, directory: str) -> None:
         state = self._dirs.pop(directory, None)
