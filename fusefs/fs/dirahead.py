@@ -91,6 +91,7 @@ class DirAhead:
         self.in_flight_max = max(1, in_flight)
         self._nursery: trio.Nursery | None = None
         self._dirs: dict[str, _Dir] = {}  # by last open, oldest first
+        self._work: dict[str, _Dir] = {}  # those fetching ahead with files left to consider, likewise
         self._ahead_files = 0
         self._ahead_bytes = 0
         self._in_flight = 0
@@ -146,6 +147,7 @@ class DirAhead:
         now = time.monotonic()
         state = self._dirs.pop(directory, None)
         if state is not None and state.listing is not listing:
+            self._work.pop(directory, None)
             self._release(state)
             state = None
         if state is None:
@@ -171,6 +173,9 @@ class DirAhead:
             state.active = True
             self._active += 1
             state.pos = listing.index.get(name, 0) + 1
+        if state.active and state.scanned < len(listing.names):
+            self._work.pop(directory, None)
+            self._work[directory] = state  # the most recently opened last
         self._fill(now)
 
     def _trigger(self, state: _Dir) -> int:
@@ -181,6 +186,7 @@ class DirAhead:
 
     # -- fetching -----------------------------------------------------------------------------
     def _drop(self, directory: str) -> None:
+        self._work.pop(directory, None)
         state = self._dirs.pop(directory, None)
         if state is not None:
             self._release(state)
@@ -204,18 +210,18 @@ class DirAhead:
                 break
             self._drop(oldest)
         # the most recently opened directory first: a walk's, or the one readers are in now
-        for directory in reversed(list(self._dirs)):
-            if self._in_flight >= self.in_flight_max or self._ahead_files >= self.window:
+        window = self.window
+        for directory in reversed(list(self._work)):
+            if self._in_flight >= self.in_flight_max or self._ahead_files >= window:
                 return
-            state = self._dirs[directory]
-            if not state.active:
-                continue
+            state = self._work[directory]
             if self.listing_of(directory) is not state.listing:
                 self._drop(directory)
                 continue
-            while self._in_flight < self.in_flight_max and self._ahead_files < self.window:
+            while self._in_flight < self.in_flight_max and self._ahead_files < window:
                 found = self._next(state)
                 if found is None:
+                    del self._work[directory]  # every file considered
                     break
                 name, info = found
                 if self._ahead_bytes + info.size > self.max_bytes:
@@ -242,8 +248,8 @@ class DirAhead:
         if self._walking or self.list_dir is None or self._nursery is None or not self._dirs:
             return
         directory, state = next(reversed(self._dirs.items()))
-        if (not state.active or not state.in_order or state.walked_on
-                or state.scanned < len(state.listing.names) or self._ahead_files >= self.window):
+        if (not state.active or not state.in_order or state.walked_on or directory in self._work
+                or self._ahead_files >= self.window):
             return
         state.walked_on = True
         self._walking = True
@@ -265,6 +271,7 @@ class DirAhead:
                     while len(self._dirs) >= MAX_DIRS:
                         self._drop(next(iter(self._dirs)))
                     self._dirs[directory] = state
+                    self._work[directory] = state
                     self._active += 1
                     return
         except errors.StoreError:
