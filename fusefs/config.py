@@ -71,7 +71,7 @@ class Tuning:
     max_prefetch_blocks: int = 6  # sequential read window, in blocks
     max_concurrent_requests: int = 16  # store requests in flight per server
     memory_blocks: int = 10  # blocks kept in memory per server: the prefetch window and some (bounds RSS)
-    small_file_prefetch: int = 16  # small objects fetched ahead of a directory walk
+    small_file_prefetch: int = 16  # small files fetched ahead of readers at first (fusefs.fs.dirahead; 0: none)
     part_size: int = 8 * MiB  # multipart upload part size
     max_upload_parts_in_flight: int = 8
     readahead_kb: int = 16 * 1024  # kernel readahead for the mount's bdi

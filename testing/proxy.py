@@ -95,6 +95,7 @@ class Tally:
     faults: Counter[str] = field(default_factory=Counter)  # fault kind -> requests it was injected into
     faulted: Counter[tuple[str, str]] = field(default_factory=Counter)  # (request kind, fault kind) -> count
     sent_bytes: Counter[str] = field(default_factory=Counter)  # kind -> request body bytes (uploads)
+    gets: Counter[str] = field(default_factory=Counter)  # object path (/bucket/key) -> GET requests
 
     @property
     def total(self) -> int:
@@ -302,7 +303,8 @@ class CountingProxy:
     def tally(self) -> Tally:
         with self._lock:
             return Tally(Counter(self._tally.requests), Counter(self._tally.body_bytes), self._tally.errors,
-                         Counter(self._tally.faults), Counter(self._tally.faulted), Counter(self._tally.sent_bytes))
+                         Counter(self._tally.faults), Counter(self._tally.faulted), Counter(self._tally.sent_bytes),
+                         Counter(self._tally.gets))
 
     def snapshot(self) -> Counter[str]:
         """Requests by kind since the last reset (LIST, GET, HEAD, PUT, PART, DELETE, ...)."""
@@ -420,6 +422,9 @@ class CountingProxy:
         keep = "close" not in (resp.get("connection", "") + req.get("connection", "")).lower()
         bodyless = method == "HEAD" or status in (204, 304)
         length = 0 if bodyless or "content-length" not in resp else int(resp["content-length"])
+        if kind == "GET":
+            with self._lock:
+                self._tally.gets[urlsplit(target).path] += 1
         self._record(kind, status, length)
         client.sendall(b"".join(head) + b"\r\n")
         if bodyless:

@@ -22,9 +22,10 @@ import pyfuse3
 import trio
 
 from fusefs import errors, metrics
-from fusefs.config import MiB, MountConfig
+from fusefs.config import MountConfig
 from fusefs.filemeta import FileMeta, pairs_of
-from fusefs.fs.meta import Entry, Listing, Meta, Node, join, name_of, parent_of, valid_name
+from fusefs.fs import dirahead
+from fusefs.fs.meta import Entry, Listing, Meta, Node, join, name_of, valid_name
 from fusefs.fs.read import BlockReader, Sequential
 from fusefs.fs.write import WriteHandle
 from fusefs.passthrough.backing import Passthrough, file_info
@@ -37,7 +38,6 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 SYMLINK_MAX = 4095  # PATH_MAX less its NUL
-SMALL_FILE = 1 * MiB  # files up to this size are fetched ahead of a directory walk
 CACHED, DIRECT, PASSTHROUGH = "cached", "direct", "passthrough"  # FileHandle.mode
 
 
@@ -119,12 +119,6 @@ class DirHandle:
     listing: Listing  # a snapshot: offsets stay valid while the directory changes
 
 
-@dataclass
-class _Walk:
-    last: int = -10
-    upto: int = 0
-
-
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
@@ -146,12 +140,12 @@ class Operations(pyfuse3.Operations):
         self.reader = BlockReader(store, config.tuning)
         self.reader.start(nursery)
         self.meta.first_blocks(self.reader.offer, self.reader.budget)
-        self.small_file = min(SMALL_FILE, config.tuning.block_size)
+        self.ahead = dirahead.for_reader(self.reader, self.meta.listing_if_fresh, config.tuning, self.meta.listing)
+        self.ahead.start(nursery)
         self._handles: dict[int, FileHandle | DirHandle] = {}
         self._next_fh = 1
         self._writers: dict[int, SharedWrite] = {}  # inode -> its write state, while open for writing
         self._flushing = 0  # uploads at flush/fsync/release in progress
-        self._walks: dict[str, _Walk] = {}
         self._io: dict[int, _InodeIO] = {}
         #: set by ``fusefs.proc.serve.serve`` once INIT negotiated passthrough and a registrar exists
         self.passthrough: Passthrough | None = None
@@ -641,8 +635,8 @@ class Operations(pyfuse3.Operations):
                 # Keep the kernel's page cache when the object is the version it cached last time.
                 keep = node.open_version == pinned.version
                 node.open_version = pinned.version
-                if pinned.size <= self.small_file:
-                    self._walk_prefetch(node)
+                if pinned.size <= self.reader.block_size:
+                    self.ahead.opened(node.path)  # its directory's next files, fetched ahead
         except BaseException:
             del self._handles[fh]
             raise
@@ -703,29 +697,6 @@ class Operations(pyfuse3.Operations):
             self.meta.backed[inode] = pinned.version
             metrics.PASSTHROUGH_OPENS.inc()
         return backing_id
-
-    def _walk_prefetch(self, node: Node) -> None:
-        """Opening small files of a listed directory in listing order: fetch the next ones now,
-        in parallel, so a walk pays one round trip per many files instead of one per file."""
-        parent = parent_of(node.path)
-        listing = self.meta.listing_if_fresh(parent)
-        if listing is None:
-            return
-        idx = listing.index.get(name_of(node.path))
-        if idx is None:
-            return
-        walk = self._walks.setdefault(parent, _Walk())
-        if idx < walk.last:
-            walk.upto = 0  # a new walk of the same directory
-        ahead = self.tuning.small_file_prefetch
-        if 0 < idx - walk.last <= 2 and ahead > 0:
-            end = min(len(listing.names), idx + 1 + ahead)
-            for i in range(max(idx + 1, walk.upto), end):
-                e = listing.entries.get(listing.names[i]) if listing.live(i) else None
-                if e is not None and e.info is not None and 0 < e.info.size <= self.small_file:
-                    self.reader.prefetch(e.info, 0, 1)
-            walk.upto = max(walk.upto, end)
-        walk.last = idx
 
     @fuse_errors
     async def create(
@@ -844,6 +815,8 @@ class Operations(pyfuse3.Operations):
         h = self._handles.pop(fh, None)
         if isinstance(h, FileHandle):
             await self._release_io(h)
+            if h.info is not None and h.info.size <= self.reader.block_size:
+                self.reader.done_with(h.info)  # read: its block goes before those fetched ahead
         if not isinstance(h, FileHandle) or h.writer is None:
             return
         try:

@@ -34,6 +34,7 @@ class _Flight:
     done: trio.Event = field(default_factory=trio.Event)
     data: bytes | None = None
     error: BaseException | None = None
+    ahead: bool = False  # started ahead of any reader (``fetch_ahead``): a reader retries its failure
 
 
 class BlockReader:
@@ -125,7 +126,7 @@ class BlockReader:
             flight.done.set()
             self.gets += 1
 
-    def _start(self, info: ObjectInfo, index: int) -> _Flight | None:
+    def _start(self, info: ObjectInfo, index: int, ahead: bool = False) -> _Flight | None:
         """Start fetching a block unless it is in memory or on its way; the flight or None."""
         bid = (info.key, info.version, index)
         if bid in self._lru:
@@ -134,7 +135,7 @@ class BlockReader:
         if flight is None:
             if self._nursery is None:
                 raise RuntimeError("BlockReader.start(nursery) was not called")
-            flight = _Flight()
+            flight = _Flight(ahead=ahead)
             self._flights[bid] = flight
             self._nursery.start_soon(self._run_flight, bid, flight, info, index)
         return flight
@@ -151,9 +152,27 @@ class BlockReader:
                 continue
             await flight.done.wait()
             if flight.error is not None:
+                if flight.ahead:
+                    continue  # a fetch ahead failed: this reader's own fetch retries it
                 raise flight.error
             assert flight.data is not None
             return flight.data
+
+    async def fetch_ahead(self, info: ObjectInfo, index: int) -> bool:
+        """Fetch a block a reader is expected to ask for soon (``fusefs.fs.dirahead``) into memory,
+        or join its fetch; whether it is there now. A failure is the reader's to retry and report."""
+        flight = self._start(info, index, ahead=True)
+        if flight is None:
+            return True
+        await flight.done.wait()
+        return flight.error is None
+
+    def done_with(self, info: ObjectInfo) -> None:
+        """A small object's block has been read whole (the kernel's page cache holds it now):
+        first to go when memory is short, before blocks fetched ahead that no reader has had yet."""
+        bid = (info.key, info.version, 0)
+        if bid in self._lru:
+            self._lru.move_to_end(bid, last=False)
 
     async def _on_node(self, info: ObjectInfo, index: int) -> bool:
         """Whether the node cache holds the block (then it answers fast, and without a request)."""

@@ -66,6 +66,7 @@ class FaultyStore:
         self.bucket = store.bucket
         self.limits = store.limits
         self.calls: Counter[str] = Counter()  # op -> calls made (failed ones included)
+        self.keys: Counter[tuple[str, str]] = Counter()  # (op, key) -> calls made, for calls naming a key
         self.failed: Counter[str] = Counter()  # op -> calls failed here
         self._faults: list[Fault] = []
         self._random = random.Random(seed)
@@ -99,6 +100,9 @@ class FaultyStore:
 
     def _call(self, op: str, fn: Callable[[], T], key: str | None = None) -> T:
         fault, call = self._fault_for(op)
+        if key is not None:
+            with self._lock:
+                self.keys[op, key] += 1
         if fault is None:
             return fn()
         if fault.after:
