@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from fusefs.config import MountConfig
+from fusefs.config import MountConfig, Tuning
 from fusefs.fs.meta import PEEK_BYTES
-from fusefs.fs.ops import SMALL_FILE
 from testing.fsmount import Mounted
 from testing.proxy import CountingProxy
 from testing.servers import MotoS3
@@ -24,9 +23,9 @@ from testing.servers import MotoS3
 pytestmark = pytest.mark.fuse
 
 FILES = 60
-#: described by HEAD (its bytes are not fetched for a stat), and larger than the small files a walk
-#: that reads fetches ahead
-BIG = max(PEEK_BYTES, SMALL_FILE) + 1
+#: described by HEAD (its bytes are not fetched for a stat), and larger than the small files (one
+#: block at most) that readers' directory listings fetch ahead of them (``fusefs.fs.dirahead``)
+BIG = max(PEEK_BYTES, Tuning().block_size) + 1
 
 
 def body(i: int) -> bytes:
