@@ -23,7 +23,7 @@ import functools
 import logging
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -101,6 +101,24 @@ def parent_of(path: str) -> str:
 
 def name_of(path: str) -> str:
     return path.rpartition("/")[2]
+
+
+async def side_by_side(calls: list[Callable[[], Awaitable[None]]], limit: int) -> None:
+    """Run ``calls`` concurrently, at most ``limit`` at a time. A failure comes out as the first
+    store error among them: requests failing side by side in a nursery fail as a group, which the
+    FUSE layer took for an unexpected error (EIO: a revoked key gave EIO, not EACCES)."""
+    limiter = trio.CapacityLimiter(limit)
+
+    async def bounded(call: Callable[[], Awaitable[None]]) -> None:
+        async with limiter:
+            await call()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for call in calls:
+                nursery.start_soon(bounded, call)
+    except ExceptionGroup as group:
+        raise errors.first_store_error(group) from None
 
 
 @dataclass(frozen=True)
@@ -457,8 +475,8 @@ class Meta:
         for name in files.keys() & dirs.keys():
             self._note_conflict(join(path, name))
         if self.config.file_metadata:
-            await self._add_file_meta(files)
-            await self._add_dir_meta(path, dirs)
+            # files' and subdirectories' requests in one fan-out, not one after the other
+            await side_by_side(self._file_meta_calls(files) + self._dir_meta_calls(path, dirs), META_HEADS)
         entries = {**files, **dirs}  # a name that is both shows the directory
         when = marker if marker is not None else max(
             (e.info.mtime for e in files.values() if e.info is not None), default=None)
@@ -502,36 +520,27 @@ class Meta:
                 flight.set()
             return
 
-    async def _add_file_meta(self, files: dict[str, Entry]) -> None:
-        """Each file's own metadata, for a store whose listing leaves it out (S3): one request per
-        file, ``META_HEADS`` at a time (GCS listings carry it: no request). Only volumes that
+    def _file_meta_calls(self, files: dict[str, Entry]) -> list[Callable[[], Awaitable[None]]]:
+        """The requests for each file's own metadata, for a store whose listing leaves it out (S3):
+        one per file, each updating ``files`` (GCS listings carry it: none). Only volumes that
         keep per-file metadata pay this (``fileMetadata``). A small file's request is a GET of
         its bytes, which its read then takes instead of a GET of its own (``_small_by_get``)."""
         missing = [e for e in files.values() if e.info is not None and e.info.meta is None]
-        if not missing:
-            return
-        limit = trio.CapacityLimiter(META_HEADS)
         by_get = self._small_by_get(missing)
 
         async def head(entry: Entry) -> None:
             assert entry.info is not None
-            async with limit:
-                try:
-                    if entry.name in by_get:
-                        info = await self._peek(entry.info.key)
-                    else:
-                        info = await self.store.head(entry.info.key)
-                except errors.NotFoundError:
-                    del files[entry.name]  # deleted since the listing
-                    return
+            try:
+                if entry.name in by_get:
+                    info = await self._peek(entry.info.key)
+                else:
+                    info = await self.store.head(entry.info.key)
+            except errors.NotFoundError:
+                del files[entry.name]  # deleted since the listing
+                return
             files[entry.name] = Entry(entry.name, False, info)
 
-        try:
-            async with trio.open_nursery() as nursery:
-                for entry in missing:
-                    nursery.start_soon(head, entry)
-        except ExceptionGroup as group:
-            raise errors.first_store_error(group) from None
+        return [functools.partial(head, entry) for entry in missing]
 
     def _peek_length(self) -> int:
         """The bytes a GET describing a file asks for; 0: describe files with HEAD."""
@@ -579,25 +588,12 @@ class Meta:
             self._offer(info, data)
         return info
 
-    async def _add_dir_meta(self, path: str, dirs: dict[str, Entry]) -> None:
-        """Each subdirectory's own attributes: one HEAD of its ``dir/`` marker, ``META_HEADS`` at
-        a time (a listing shows a subdirectory as a common prefix only, on S3 and GCS alike); a
-        directory without a marker shows the volume's. Only volumes that keep per-file metadata
-        pay this: one request per directory listed, none per file."""
-        if not dirs:
-            return
-        limit = trio.CapacityLimiter(META_HEADS)
-
-        async def head(name: str) -> None:
-            async with limit:
-                await self._head_marker(join(path, name))
-
-        try:
-            async with trio.open_nursery() as nursery:
-                for name in dirs:
-                    nursery.start_soon(head, name)
-        except ExceptionGroup as group:
-            raise errors.first_store_error(group) from None
+    def _dir_meta_calls(self, path: str, dirs: dict[str, Entry]) -> list[Callable[[], Awaitable[None]]]:
+        """The requests for each subdirectory's own attributes: one HEAD of its ``dir/`` marker (a
+        listing shows a subdirectory as a common prefix only, on S3 and GCS alike); a directory
+        without a marker shows the volume's. Only volumes that keep per-file metadata pay this:
+        one request per directory listed, none per file."""
+        return [functools.partial(self._head_marker, join(path, name)) for name in dirs]
 
     async def _head_marker(self, path: str, marker: ObjectInfo | None = None) -> None:
         """Remember directory ``path``'s own attributes: from ``marker`` (its ``dir/`` object as
@@ -671,14 +667,7 @@ class Meta:
             if page.objects and page.objects[0].key == key + "/":
                 marker[0] = page.objects[0]  # listed first: nothing sorts before it
 
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(do_head)
-                nursery.start_soon(do_list)
-        except ExceptionGroup as group:
-            # A failed HEAD or LIST comes out of the nursery wrapped in a group, which the FUSE
-            # layer took for an unexpected error (EIO): a revoked key gave EIO, not EACCES.
-            raise errors.first_store_error(group) from None
+        await side_by_side([do_head, do_list], 2)
         name = name_of(path)
         if is_dir[0]:
             if head[0] is not None:
