@@ -217,6 +217,10 @@ class Meta:
         #: directories' own attributes from their marker's metadata (``config.file_metadata``):
         #: asked when their parent is listed or they are looked up; absent: not known (defaults)
         self._dir_meta: dict[str, FileMeta] = {}
+        #: directory -> files this mount created and has not stored yet (a new file reaches the
+        #: store at its first flush): merged into listings fetched meanwhile, so `ls` while a
+        #: file is being written shows it, as the create's own entry does
+        self._unstored: dict[str, dict[str, Entry]] = {}
 
     def first_blocks(self, offer: Callable[[ObjectInfo, bytes], bool], budget: int) -> None:
         """Describe small files with a GET of their bytes (``PEEK_BYTES``), handing those to
@@ -376,6 +380,10 @@ class Meta:
             self._entries = {k: v for k, v in self._entries.items() if v[1] > now}
             # Sweep again only after as many new entries as are left: linear, even when none expire.
             self._prune_at = max(_PRUNE_AT, 2 * len(self._entries))
+        unstored = self._unstored.get(parent_of(path))
+        if unstored is not None and name_of(path) in unstored and (
+                entry is None or entry.is_dir or (entry.info is not None and entry.info.version)):
+            self._drop_unstored(path)  # stored now, or gone
         listing = self._listings.get(parent_of(path))
         if listing is not None and path:
             if entry is None:
@@ -385,6 +393,33 @@ class Meta:
         ino = self.by_path.get(path)
         if ino is not None and entry is not None and entry.info is not None:
             self._set_info(self.nodes[ino], entry.info, exp)
+
+    def created(self, path: str, entry: Entry) -> None:
+        """A file this mount created, not in the store until its first flush."""
+        self.remember(path, entry)
+        self._unstored.setdefault(parent_of(path), {})[name_of(path)] = entry
+
+    def _drop_unstored(self, path: str) -> None:
+        unstored = self._unstored.get(parent_of(path))
+        if unstored is not None:
+            unstored.pop(name_of(path), None)
+            if not unstored:
+                del self._unstored[parent_of(path)]
+
+    def released_unstored(self, path: str) -> None:
+        """The last handle of a file created here is closed: what its flush did not store does not
+        exist (a failed upload leaves no phantom entry in later listings)."""
+        unstored = self._unstored.get(parent_of(path))
+        if unstored is not None and name_of(path) in unstored:
+            self._drop_unstored(path)
+            self.forget_entry(path)
+
+    def forget_entry(self, path: str) -> None:
+        """Drop what the caches say of ``path``: the next lookup asks the store."""
+        self._entries.pop(path, None)
+        listing = self._listings.get(parent_of(path))
+        if listing is not None and path:
+            listing.remove(name_of(path))
 
     def dir_made(self, path: str, when: float) -> None:
         """A directory this mount made (its marker's time)."""
@@ -478,6 +513,8 @@ class Meta:
             # files' and subdirectories' requests in one fan-out, not one after the other
             await side_by_side(self._file_meta_calls(files) + self._dir_meta_calls(path, dirs), META_HEADS)
         entries = {**files, **dirs}  # a name that is both shows the directory
+        for name, entry in self._unstored.get(path, {}).items():
+            entries.setdefault(name, entry)  # created here, stored at its first flush
         when = marker if marker is not None else max(
             (e.info.mtime for e in files.values() if e.info is not None), default=None)
         if when is not None:

@@ -197,6 +197,8 @@ class Operations(pyfuse3.Operations):
         if not shared.fhs:
             del self._writers[inode]
             await shared.writer.release()
+            if inode in self.meta.nodes:
+                self.meta.released_unstored(self.meta.nodes[inode].path)
 
     def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
         shared = self._writers.get(node.inode)
@@ -711,7 +713,7 @@ class Operations(pyfuse3.Operations):
         own = self._new_meta(stat.S_IFREG | mode, ctx) if self.config.file_metadata else None
         # whole seconds, as stores keep them (S3): the time does not jump back once stored
         entry = Entry(name_of(path), False, ObjectInfo(self.meta.key_of(path), 0, "", float(int(time.time()))))
-        self.meta.remember(path, entry)
+        self.meta.created(path, entry)
         node = self.meta.node_for(path, entry)
         node.open_version = None
         handle = FileHandle(node, None, Sequential(self.tuning.block_size, 0))

@@ -203,3 +203,18 @@ def test_rename_before_close_and_reading_while_another_handle_writes(
     assert s3_target.keys() == ["final.bin"]
     assert s3_target.read("final.bin") == b"checkpoint"
     assert (d / "final.bin").read_bytes() == b"checkpoint"
+
+
+def test_a_file_being_written_is_listed_before_its_close(
+    s3_server: RcloneS3, s3_config: MountConfig, mount_fs: Callable[..., Mounted]
+) -> None:
+    # metadata_ttl=0: every readdir lists the store again, which holds nothing of the file until
+    # its close: `ls` while a checkpoint is written must show it all the same (as any filesystem).
+    m = mount_fs(dataclasses.replace(s3_config, metadata_ttl=0.0))
+    with open(m.path / "ckpt.part", "wb") as f:
+        f.write(b"x" * 1000)
+        assert keys(s3_server, s3_config.bucket) == []
+        assert os.listdir(m.path) == ["ckpt.part"]
+        assert [e.name for e in os.scandir(m.path)] == ["ckpt.part"]
+    assert keys(s3_server, s3_config.bucket) == ["ckpt.part"]
+    assert os.listdir(m.path) == ["ckpt.part"]
