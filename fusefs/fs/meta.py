@@ -8,6 +8,10 @@ Two caches, both living for the metadata TTL:
 - listings: one LIST (with delimiter, all pages) per directory. While it is fresh, lookup, getattr
   and open of its entries, and lookups of names it does not contain, cost no request;
 - entries: positive and negative answers per path, filled by listings and by single lookups.
+With ``fileMetadata``, a listing also asks each subdirectory's first LIST page (its ``dir/``
+marker, which holds the directory's own attributes, comes back first): held until the TTL from
+then, it is that subdirectory's listing when a walk gets there (``_prelist``), so a walk costs a
+LIST per directory as without the option, plus a HEAD per marker on S3.
 A lookup in a directory not listed asks HEAD key + LIST prefix=key/ max 1, concurrently; from
 its second miss in that directory on (from the first, when the directory's parent was listed
 that way: a data set read by path), it lists the directory's first page instead: a directory
@@ -33,7 +37,7 @@ from fusefs import errors, metrics
 from fusefs.config import MountConfig
 from fusefs.filemeta import FileMeta
 from fusefs.service.api import DataClient
-from fusefs.store.base import ObjectInfo
+from fusefs.store.base import ListPage, ObjectInfo
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,11 @@ LIST_AFTER_MISSES = 2
 _NO_META = FileMeta()
 #: parallel HEADs for the metadata of one listed directory's files (S3 lists none)
 META_HEADS = 16
+#: keys of subdirectories' first LIST pages held for their own listings (``Meta._prelist``): a
+#: listed directory of many big subdirectories that nobody walks into holds no more than this
+#: (about 20 MB); pages beyond it are not kept, and their directories are listed again when
+#: walked into (one more LIST each)
+PRELISTED_KEYS = 50_000
 #: a file no larger than this is described by a GET of its bytes instead of a HEAD where the
 #: store must be asked anyway (a listed file's metadata on S3, a lookup of an unknown name): the
 #: same one request, and its read then costs none. The bytes are the price when no read follows
@@ -221,6 +230,13 @@ class Meta:
         #: store at its first flush): merged into listings fetched meanwhile, so `ls` while a
         #: file is being written shows it, as the create's own entry does
         self._unstored: dict[str, dict[str, Entry]] = {}
+        #: subdirectories' first LIST pages, asked when their parent was listed (``_prelist``) and
+        #: held until their own listing takes them or the TTL from when they were asked ends
+        self._prelisted: dict[str, tuple[ListPage, float]] = {}
+        self._prelisted_keys = 0
+        self._prelist_flights: dict[str, trio.Event] = {}
+        #: directories changed by this mount while their page was being asked: it is not kept
+        self._prelist_stale: set[str] = set()
 
     def first_blocks(self, offer: Callable[[ObjectInfo, bytes], bool], budget: int) -> None:
         """Describe small files with a GET of their bytes (``PEEK_BYTES``), handing those to
@@ -384,6 +400,8 @@ class Meta:
         if unstored is not None and name_of(path) in unstored and (
                 entry is None or entry.is_dir or (entry.info is not None and entry.info.version)):
             self._drop_unstored(path)  # stored now, or gone
+        if path:
+            self._page_changed(parent_of(path))
         listing = self._listings.get(parent_of(path))
         if listing is not None and path:
             if entry is None:
@@ -431,6 +449,7 @@ class Meta:
 
     def set_dir_meta(self, path: str, own: FileMeta | None) -> None:
         """What a directory's marker now holds (None: the directory is gone)."""
+        self._page_changed(path)  # its marker there is the old one
         if own is None:
             self._dir_meta.pop(path, None)
         else:
@@ -438,6 +457,7 @@ class Meta:
 
     def invalidate_listing(self, path: str) -> None:
         self._listings.pop(path, None)
+        self._page_changed(path)
 
     def listing_if_fresh(self, path: str) -> Listing | None:
         listing = self._listings.get(path)
@@ -481,9 +501,13 @@ class Meta:
         token: str | None = None
         marker: float | None = None
         pages = 0
+        asked_until: float | None = None  # the TTL of a first page asked before (``_prelist``)
         while True:
             pages += 1
-            page = await self.store.list(prefix, "/", token, self.page_keys)
+            if pages == 1:
+                page, asked_until = await self._first_page(path)
+            else:
+                page = await self.store.list(prefix, "/", token, self.page_keys)
             for info in page.objects:
                 name = info.key[len(prefix):]
                 if name == "" and info.key == prefix:
@@ -519,7 +543,7 @@ class Meta:
             (e.info.mtime for e in files.values() if e.info is not None), default=None)
         if when is not None:
             self._dir_times[path] = when
-        exp = self._expiry()
+        exp = self._expiry() if asked_until is None else min(asked_until, self._expiry())
         for name, entry in entries.items():
             self._entries[join(path, name)] = (entry, exp)
             ino = self.by_path.get(join(path, name))
@@ -626,11 +650,76 @@ class Meta:
         return info
 
     def _dir_meta_calls(self, path: str, dirs: dict[str, Entry]) -> list[Callable[[], Awaitable[None]]]:
-        """The requests for each subdirectory's own attributes: one HEAD of its ``dir/`` marker (a
-        listing shows a subdirectory as a common prefix only, on S3 and GCS alike); a directory
-        without a marker shows the volume's. Only volumes that keep per-file metadata pay this:
-        one request per directory listed, none per file."""
-        return [functools.partial(self._head_marker, join(path, name)) for name in dirs]
+        """The requests for each subdirectory's own attributes (a listing shows a subdirectory as
+        a common prefix only, on S3 and GCS alike): a LIST of its first page each (``_prelist``),
+        which tells whether it has a ``dir/`` marker and which its own listing then takes. Only
+        volumes that keep per-file metadata ask them."""
+        return [functools.partial(self._prelist, join(path, name)) for name in dirs]
+
+    async def _prelist(self, path: str) -> None:
+        """Directory ``path``'s own attributes, asked when its parent is listed: a LIST of its first
+        page rather than a HEAD of its marker. The marker, when there is one, comes back first
+        (nothing under the prefix sorts before it): a GCS listing carries its metadata, on S3 one
+        HEAD asks for it; a directory without one (most data other tools wrote) needs nothing
+        more. The page is held for the directory's own listing (``_first_page``), which a walk
+        asks next: a walk costs a LIST per directory, as without per-file metadata, and a HEAD
+        per marker on S3. A directory listed already (or being listed) is asked with a HEAD."""
+        if (self.listing_if_fresh(path) is not None or path in self._listing_flights
+                or path in self._prelist_flights):
+            await self._head_marker(path)
+            return
+        prefix = self.dir_prefix(path)
+        flight = self._prelist_flights[path] = trio.Event()
+        self._prelist_stale.discard(path)
+        until = self._expiry()  # from when it is asked, as a listing's
+        try:
+            page = await self.store.list(prefix, "/", None, self.page_keys)
+            if path not in self._prelist_stale:
+                self._keep_prelisted(path, page, until)
+        finally:
+            self._prelist_stale.discard(path)
+            del self._prelist_flights[path]
+            flight.set()
+        first = page.objects[0] if page.objects else None
+        if first is not None and first.key == prefix:
+            await self._head_marker(path, first)
+        else:
+            self._dir_meta[path] = _NO_META  # only implied by its keys
+
+    async def _first_page(self, path: str) -> tuple[ListPage, float | None]:
+        """The first LIST page of directory ``path``: the one asked when its parent was listed,
+        while fresh (with the end of its TTL), else asked now."""
+        flight = self._prelist_flights.get(path)
+        if flight is not None:
+            await flight.wait()  # asked already: not twice
+        held = self._drop_prelisted(path)
+        if held is not None and held[1] > time.monotonic():
+            return held
+        return await self.store.list(self.dir_prefix(path), "/", None, self.page_keys), None
+
+    def _keep_prelisted(self, path: str, page: ListPage, until: float) -> None:
+        self._drop_prelisted(path)
+        keys = len(page.objects) + len(page.prefixes)
+        if self._prelisted_keys + keys > PRELISTED_KEYS:
+            now = time.monotonic()
+            for old in [p for p, (_, until) in self._prelisted.items() if until <= now]:
+                self._drop_prelisted(old)
+            if self._prelisted_keys + keys > PRELISTED_KEYS:
+                return  # those held are the ones a walk reaches first: this one is listed again
+        self._prelisted[path] = (page, until)
+        self._prelisted_keys += keys
+
+    def _drop_prelisted(self, path: str) -> tuple[ListPage, float] | None:
+        held = self._prelisted.pop(path, None)
+        if held is not None:
+            self._prelisted_keys -= len(held[0].objects) + len(held[0].prefixes)
+        return held
+
+    def _page_changed(self, path: str) -> None:
+        """Directory ``path`` changed here: a first page of it asked before would hide that."""
+        self._drop_prelisted(path)
+        if path in self._prelist_flights:
+            self._prelist_stale.add(path)
 
     async def _head_marker(self, path: str, marker: ObjectInfo | None = None) -> None:
         """Remember directory ``path``'s own attributes: from ``marker`` (its ``dir/`` object as

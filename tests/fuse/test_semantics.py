@@ -363,42 +363,63 @@ def test_a_walk_that_reads_costs_a_request_per_file_with_or_without_file_metadat
     assert per_file[True] <= 1.05
 
 
-def test_directory_attributes_cost_a_head_per_directory_on_a_walk(
-    gcs_server: FakeGCS, tmp_path: Path, mount_fs: Callable[..., Mounted]
+@pytest.mark.parametrize("markers", ["none", "some"])
+@pytest.mark.parametrize("name", ["moto", "gcs"])
+def test_a_walk_learns_directory_attributes_from_the_listings_it_sends_anyway(
+    name: str, markers: str, request: pytest.FixtureRequest, tmp_path: Path, mount_fs: Callable[..., Mounted]
 ) -> None:
     """A listing shows subdirectories as prefixes only: a volume that keeps per-file metadata
-    asks for each one's marker (one HEAD per directory, once per listing of its parent) and
-    nothing more per file where the listing carries files' metadata (GCS)."""
-    bucket = gcs_server.create_bucket()
-    blobs = gcs_server.client().bucket(bucket)
-    dirs = 12
-    for i in range(dirs):
-        marker = blobs.blob(f"t/d{i:02d}/")
-        marker.metadata = {"mode": str(stat.S_IFDIR | 0o700), "mtime": str(1_000_000_000 + i)}
-        marker.upload_from_string(b"")
-        for j in range(3):
-            blobs.blob(f"t/d{i:02d}/f{j}").upload_from_string(b"x")
-    with CountingProxy(gcs_server.port) as proxy:
-        config = MountConfig(backend="gcs", bucket=bucket, endpoint_url=proxy.endpoint,
-                             credentials=gcs_server.credentials, cache_dir=str(tmp_path / "cache"),
-                             file_metadata=True)
+    lists each subdirectory when its parent is listed (its ``dir/`` marker, if any, comes back
+    first) and keeps that page for the subdirectory's own listing, which the walk asks next. So
+    a walk costs one LIST per directory, as without the metadata, and a GET per file; a marker
+    costs one HEAD more on S3 (GCS lists its metadata); a tree written without markers (by
+    another tool) none. Each directory shows its marker's attributes, or the volume's."""
+    server = request.getfixturevalue({"moto": "moto_server", "gcs": "gcs_server"}[name])
+    bucket = server.create_bucket()
+    marked = {"a1", "a3", "a0/b1", "a1/b1", "a2/b1", "a3/b1"} if markers == "some" else set()
+    dirs = [f"a{i}" for i in range(4)] + [f"a{i}/b{j}" for i in range(4) for j in range(3)]
+    files = {f"{d}/f{k}": os.urandom(1000 + k) for d in dirs if "/" in d for k in range(2)}
+    own = {d: (0o700 + n, 1_000_000_000 + n) for n, d in enumerate(sorted(marked))}
+
+    def put(key: str, data: bytes, meta: dict[str, str] | None = None) -> None:
+        if name == "gcs":
+            blob = server.client().bucket(bucket).blob(key)
+            blob.metadata = meta
+            blob.upload_from_string(data)
+        else:
+            server.client().put_object(Bucket=bucket, Key=key, Body=data, Metadata=meta or {})
+
+    for d, (mode, mtime) in own.items():
+        put(f"{d}/", b"", {"mode": str(stat.S_IFDIR | mode), "mtime": str(mtime)})
+    for key, data in files.items():
+        put(key, data)
+    with CountingProxy(server.port) as proxy:
+        config = MountConfig(backend="s3" if name == "moto" else "gcs", bucket=bucket,
+                             endpoint_url=proxy.endpoint, credentials=server.credentials,
+                             cache_dir=str(tmp_path / "cache"), file_metadata=True)
         m = mount_fs(config)
         proxy.reset()
-        seen = {}
-        for top, subdirs, _ in os.walk(m.path / "t"):
-            for name in subdirs:
-                st = os.stat(Path(top) / name)
-                seen[name] = (stat.S_IMODE(st.st_mode), st.st_mtime)
+        seen, read = {}, {}
+        for top, subdirs, names in os.walk(m.path):
+            for sub in subdirs:
+                st = os.stat(Path(top) / sub)
+                seen[os.path.relpath(Path(top) / sub, m.path)] = (stat.S_IMODE(st.st_mode), st.st_mtime)
+            for n in names:
+                read[os.path.relpath(Path(top) / n, m.path)] = (Path(top) / n).read_bytes()
         counts = proxy.snapshot()
-    assert seen == {f"d{i:02d}": (0o700, 1_000_000_000 + i) for i in range(dirs)}
-    print(f"\nwalk of {dirs} directories, {3 * dirs} files: {dict(counts)}")
-    # t's HEAD at the root's listing, then one per directory when t is listed
-    assert counts["HEAD"] <= dirs + 1, dict(counts)
-    assert counts["LIST"] <= dirs + 2, dict(counts)
-    assert sum(counts.values()) == counts["HEAD"] + counts["LIST"], dict(counts)
+    print(f"\nwalk of {len(dirs)} directories ({len(marked)} with markers), {len(files)} files: {dict(counts)}")
+    assert read == files
+    for d in dirs:
+        if d in own:
+            assert seen[d] == own[d], d
+        else:
+            assert seen[d][0] == config.dir_mode, d
+    assert counts["LIST"] == len(dirs) + 1, dict(counts)  # the root and each directory, once
+    assert counts["HEAD"] == (len(marked) if name == "moto" else 0), dict(counts)
+    assert counts["GET"] <= len(files), dict(counts)
+    assert sum(counts.values()) == counts["LIST"] + counts["HEAD"] + counts["GET"], dict(counts)
 
 
-# -- what a mount wrote is in the node cache ---------------------------------------------------------
 def test_read_after_write_costs_no_get(
     s3_config: MountConfig, counting_proxy: CountingProxy, mount_fs: Callable[..., Mounted]
 ) -> None:

@@ -156,3 +156,18 @@ async def fs(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest
         yield Fs(ops, memory, faulty, config)
         nursery.cancel_scope.cancel()
     await data.aclose()
+
+
+@pytest.fixture
+async def meta_fs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Fs]:
+    """The layers' filesystem on a volume that keeps per-file metadata (S3: listings carry none)."""
+    monkeypatch.setattr(pyfuse3, "readdir_reply", DirReply.add)
+    memory = MemoryStore("layers")
+    faulty = FaultyStore(memory)
+    config = MountConfig(backend="s3", bucket="layers", cache_dir=None, tuning=TUNING, file_metadata=True)
+    data = LocalData.for_config(config, AsyncStore(faulty, policy=POLICY))
+    async with trio.open_nursery() as nursery:
+        ops = Operations(config, data, nursery, str(tmp_path))
+        yield Fs(ops, memory, faulty, config)
+        nursery.cancel_scope.cancel()
+    await data.aclose()

@@ -5,22 +5,15 @@ between the LIST and the GET is shown, and read, as the new version only."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-import pyfuse3
 import pytest
-import trio
 
-from fusefs.config import MountConfig
 from fusefs.fs import meta as meta_module
-from fusefs.fs.ops import Operations
-from fusefs.service.local import LocalData
-from fusefs.store.base import AsyncStore, ObjectInfo
-from fusefs.store.faulty import FaultyStore
+from fusefs.store.base import ObjectInfo
 from fusefs.store.memory import MemoryStore
-from tests.layers.conftest import POLICY, TUNING, DirReply, Fs
+from tests.layers.conftest import Fs
 
 
 @dataclass
@@ -41,21 +34,6 @@ class Replacing:
                 self.memory.put(key, self.data)
             return get_first(key, length)
         return replaced_first
-
-
-@pytest.fixture
-async def meta_fs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Fs]:
-    """The layers' filesystem on a volume that keeps per-file metadata (S3: listings carry none)."""
-    monkeypatch.setattr(pyfuse3, "readdir_reply", DirReply.add)
-    memory = MemoryStore("layers")
-    faulty = FaultyStore(memory)
-    config = MountConfig(backend="s3", bucket="layers", cache_dir=None, tuning=TUNING, file_metadata=True)
-    data = LocalData.for_config(config, AsyncStore(faulty, policy=POLICY))
-    async with trio.open_nursery() as nursery:
-        ops = Operations(config, data, nursery, str(tmp_path))
-        yield Fs(ops, memory, faulty, config)
-        nursery.cancel_scope.cancel()
-    await data.aclose()
 
 
 def blocks_of(fs: Fs, key: str) -> dict[str, bytes]:
