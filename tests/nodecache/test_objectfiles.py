@@ -172,6 +172,46 @@ async def test_the_writer_publishes_a_file_whose_last_block_came_first(tmp_path:
     assert not files(tmp_path / "cache", ".part")
 
 
+async def test_blocks_a_server_wrote_are_not_read_back_and_others_blocks_are(
+    tmp_path: Path, cache: NodeCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reading every block this server wrote back from the disk doubled the disk reads and the CRC
+    # work of a cold read (issue 26): its tag covers the very buffer it wrote, and the file's seal
+    # shows that nothing was written since. A block another server wrote is read back at publish.
+    from fusefs.nodecache import checks
+
+    read_back: list[int] = []
+    tag_on_disk = checks.tag_on_disk
+
+    def counted(fd: int, bkey: BlockKey, length: int, direct_fd: int | None = None) -> int:
+        read_back.append(bkey.index)
+        return tag_on_disk(fd, bkey, length, direct_fd)
+
+    monkeypatch.setattr(checks, "tag_on_disk", counted)
+    for i in range(4):  # the read that completes the object returns with its file published
+        assert await cache.get_or_fetch(key(i), partial(trio.to_thread.run_sync, block, i)) == block(i)
+    (path,) = files(tmp_path / "cache", ".obj")
+    assert path.read_bytes() == OBJ
+    await trio.to_thread.run_sync(cache.close)
+    assert read_back == []
+
+    other = key(0, version="v2").object_id()
+    first = NodeCache(str(tmp_path / "cache"), 64 * MiB)
+    try:
+        for i in range(3):
+            assert first.put(key(i, version="v2"), block(i))
+    finally:
+        first.close()
+    second = NodeCache(str(tmp_path / "cache"), 64 * MiB)
+    try:
+        assert second.put(key(3, version="v2"), block(3))
+        done = second.complete_file(other)
+        assert done is not None and Path(done).read_bytes() == OBJ
+    finally:
+        second.close()
+    assert sorted(read_back) == [0, 1, 2]  # the first server's blocks, once each
+
+
 def test_two_servers_publishing_one_file_at_once_leave_it_published(tmp_path: Path, cache: NodeCache,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     # Server 2 has checked the partial file (its blocks read through an fd opened before the
