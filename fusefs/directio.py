@@ -21,7 +21,7 @@ import errno
 import mmap
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 #: alignment for O_DIRECT: the page size covers every logical block size in use (512, 4096)
 ALIGN = mmap.PAGESIZE
@@ -53,20 +53,28 @@ def open_direct(fd: int, access: int = os.O_WRONLY) -> int | None:
         raise
 
 
-def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int, direct_fd: int | None = None) -> None:
+#: told each piece of a write as the kernel took it, in order (``pwrite_all``)
+Seen = Callable[[memoryview], None]
+
+
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int, direct_fd: int | None = None,
+               seen: Seen | None = None) -> None:
     """Write all of ``data`` at ``offset`` of ``fd``; the aligned middle through ``direct_fd``
-    (an O_DIRECT descriptor of the same file) when one is given."""
+    (an O_DIRECT descriptor of the same file) when one is given. ``seen`` is given every piece
+    the kernel took, in order, as it took it (from the bounce buffer for a direct write): a
+    checksum over them covers the bytes written, not the caller's buffer, and is computed while
+    they are hot in the CPU's cache."""
     view = memoryview(data).cast("B")
     if direct_fd is not None and len(view) >= MIN_DIRECT:
         head = -offset % ALIGN
         if head:
-            _pwrite_plain(fd, view[:head], offset)
+            _pwrite_plain(fd, view[:head], offset, seen)
             view, offset = view[head:], offset + head
         aligned = len(view) - len(view) % ALIGN
-        if aligned and not _pwrite_direct(direct_fd, view[:aligned], offset):
+        if aligned and not _pwrite_direct(direct_fd, view[:aligned], offset, seen):
             aligned = 0  # the filesystem refused O_DIRECT after all: write it the ordinary way
         view, offset = view[aligned:], offset + aligned
-    _pwrite_plain(fd, view, offset)
+    _pwrite_plain(fd, view, offset, seen)
 
 
 def write_new_file(path: str, data: bytes | bytearray | memoryview) -> None:
@@ -113,13 +121,15 @@ def pread_pieces(fd: int, offset: int, length: int, direct_fd: int | None = None
         offset += n
 
 
-def _pwrite_plain(fd: int, view: memoryview, offset: int) -> None:
+def _pwrite_plain(fd: int, view: memoryview, offset: int, seen: Seen | None = None) -> None:
     while view:
         n = os.pwrite(fd, view, offset)
+        if seen is not None:
+            seen(view[:n])
         view, offset = view[n:], offset + n
 
 
-def _pwrite_direct(fd: int, view: memoryview, offset: int) -> bool:
+def _pwrite_direct(fd: int, view: memoryview, offset: int, seen: Seen | None = None) -> bool:
     """Write an aligned range through the bounce buffer; False if O_DIRECT was refused before
     anything was written (EINVAL), so the caller can write it the ordinary way."""
     buf = _bounce()
@@ -135,18 +145,20 @@ def _pwrite_direct(fd: int, view: memoryview, offset: int) -> bool:
             raise
         if written <= 0:
             raise OSError(errno.EIO, "short direct write")
+        if seen is not None:
+            seen(memoryview(buf)[:written])
         first = False
         view, offset = view[written:], offset + written
         if written % ALIGN:  # a short write left us unaligned: finish the ordinary way
-            return _finish_plain(fd, view, offset)
+            return _finish_plain(fd, view, offset, seen)
     return True
 
 
-def _finish_plain(direct_fd: int, view: memoryview, offset: int) -> bool:
+def _finish_plain(direct_fd: int, view: memoryview, offset: int, seen: Seen | None) -> bool:
     flags = os.O_WRONLY | os.O_CLOEXEC
     fd = os.open(f"/proc/self/fd/{direct_fd}", flags)
     try:
-        _pwrite_plain(fd, view, offset)
+        _pwrite_plain(fd, view, offset, seen)
     finally:
         os.close(fd)
     return True

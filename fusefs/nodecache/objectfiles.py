@@ -8,8 +8,8 @@ length and CRC-32C). Once every block is there and each has been checked against
 (read back from the disk, or known as this process wrote it: below), the file is made read-only (0400) and renamed to ``<id>-<token>.obj``: a complete file is
 never written again, and is what FUSE passthrough serves (``fusefs.passthrough.backing``).
 
-The process that writes a block remembers its tag, computed over the very buffer it handed to the
-kernel, and the file's seal (inode, size, change time) as that write left it (``_Written``). At
+The process that writes a block remembers its tag, computed over the bytes as the kernel took them
+(``directio.pwrite_all``), and the file's seal (inode, size, change time) as that write left it (``_Written``). At
 publish, such blocks are not read again as long as the seal still holds (no write into the file
 since: any write moves its change time); every other block (written by another process or before a
 restart, or followed by any other write) is read back from the disk then. So the last block of a cold
@@ -17,8 +17,7 @@ read publishes the file in milliseconds instead of a second read of the whole fi
 1 GiB on a loaded node): the object is complete when its first reader is done.
 
 Why a block this process wrote is not read back: a write that returned in full put exactly the bytes
-the tag covers into the file (the same buffer, unchanged while the writer holds it: the reader is
-handed that buffer too), and a read right after it would come from the disk's own write cache, so it
+the tag covers into the file, and a read right after it would come from the disk's own write cache, so it
 proves nothing more, at the price of reading every cached byte twice: a thread reading each block
 back with O_DIRECT as it was written cost the cold read a fifth to a half of its speed here (disk and
 CPU taken from the reader; see issue 26). A later change to the file is caught by its seal (here),
@@ -169,7 +168,6 @@ class ObjectFiles:
                 df = self.data_file(oid)  # (add() removed ours)
         if df is None or df.complete:
             return
-        block_tag = checks.tag(data, key)
         try:
             fd = os.open(os.path.join(self.directory, df.relpath), os.O_WRONLY | os.O_CLOEXEC)
         except FileNotFoundError:  # evicted, or published, meanwhile
@@ -178,7 +176,12 @@ class ObjectFiles:
             direct = directio.open_direct(fd) if len(data) >= directio.MIN_DIRECT else None
             try:
                 before = checks.seal_of(os.fstat(fd), oid)
-                directio.pwrite_all(fd, data, key.index * key.block_size, direct)
+                # The tag is taken over the bytes as the kernel took them (from the bounce buffer
+                # of a direct write, while they are in the CPU's cache: cheaper than a pass over
+                # the block of its own), so the marker says what the write put into the file.
+                tagger = checks.Tagger(key)
+                directio.pwrite_all(fd, data, key.index * key.block_size, direct, tagger.add)
+                block_tag = tagger.tag()
                 self._wrote(df.relpath, before, checks.seal_of(os.fstat(fd), oid), key.index, block_tag)
             finally:
                 if direct is not None:

@@ -376,11 +376,12 @@ def _fill_and_die(directory: str, kill_at: str) -> None:
     if kill_at == "mid-block":
         pwrite_all = directio.pwrite_all
 
-        def torn(fd: int, data: bytes | bytearray | memoryview, offset: int, direct_fd: int | None = None) -> None:
+        def torn(fd: int, data: bytes | bytearray | memoryview, offset: int, direct_fd: int | None = None,
+                 seen: directio.Seen | None = None) -> None:
             if offset == 2 * BS:
-                pwrite_all(fd, data[:len(data) // 2], offset, direct_fd)
+                pwrite_all(fd, data[:len(data) // 2], offset, direct_fd, seen)
                 die()
-            pwrite_all(fd, data, offset, direct_fd)
+            pwrite_all(fd, data, offset, direct_fd, seen)
 
         directio.pwrite_all = torn  # (the module objectfiles writes through)
     elif kill_at == "before-publish":
