@@ -4,9 +4,10 @@ An object larger than one block is cached as a single data file under ``<cache>/
 blocks written at their offsets as they are fetched (``<id>-<token>.part``, sparse, 0600). The
 node cache's index (diskcache) holds one entry for the file, which carries its size for the LRU
 and unlinks it on eviction, and one size-less marker per block (the file's token and the block's
-length and CRC-32C). Once every block is there and each has been checked against its marker
-(read back from the disk, or known as this process wrote it: below), the file is made read-only (0400) and renamed to ``<id>-<token>.obj``: a complete file is
-never written again, and is what FUSE passthrough serves (``fusefs.passthrough.backing``).
+length and CRC-32C). Once every block is there and each has been checked against its marker (read
+back from the disk, or known as this process wrote it: below), the file is made read-only (0400)
+and renamed to ``<id>-<token>.obj``: a complete file is never written again, and is what FUSE
+passthrough serves (``fusefs.passthrough.backing``).
 
 The process that writes a block remembers its tag, computed over the bytes as the kernel took them
 (``directio.pwrite_all``), and the file's seal (inode, size, change time) as that write left it (``_Written``). At

@@ -172,41 +172,45 @@ async def test_the_writer_publishes_a_file_whose_last_block_came_first(tmp_path:
     assert not files(tmp_path / "cache", ".part")
 
 
-async def test_blocks_a_server_wrote_are_not_read_back_and_others_blocks_are(
-    tmp_path: Path, cache: NodeCache, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Reading every block this server wrote back from the disk doubled the disk reads and the CRC
-    # work of a cold read (issue 26): its tag covers the very buffer it wrote, and the file's seal
-    # shows that nothing was written since. A block another server wrote is read back at publish.
+@pytest.fixture
+def read_back(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The blocks read back from the disk to be checked (``checks.tag_on_disk``), in order."""
     from fusefs.nodecache import checks
 
-    read_back: list[int] = []
+    seen: list[int] = []
     tag_on_disk = checks.tag_on_disk
 
     def counted(fd: int, bkey: BlockKey, length: int, direct_fd: int | None = None) -> int:
-        read_back.append(bkey.index)
+        seen.append(bkey.index)
         return tag_on_disk(fd, bkey, length, direct_fd)
 
     monkeypatch.setattr(checks, "tag_on_disk", counted)
+    return seen
+
+
+async def test_blocks_a_server_wrote_are_not_read_back(tmp_path: Path, cache: NodeCache, read_back: list[int]) -> None:
+    # Reading every block this server wrote back from the disk doubled the disk reads and the CRC
+    # work of a cold read (issue 26): its tag covers the bytes as the kernel took them, and the
+    # file's seal shows that nothing was written since.
     for i in range(4):  # the read that completes the object returns with its file published
         assert await cache.get_or_fetch(key(i), partial(trio.to_thread.run_sync, block, i)) == block(i)
-    (path,) = files(tmp_path / "cache", ".obj")
-    assert path.read_bytes() == OBJ
     await trio.to_thread.run_sync(cache.close)
+    check_published(cache.directory)
     assert read_back == []
 
-    other = key(0, version="v2").object_id()
+
+def test_blocks_another_server_wrote_are_read_back_at_publish(tmp_path: Path, read_back: list[int]) -> None:
     first = NodeCache(str(tmp_path / "cache"), 64 * MiB)
     try:
         for i in range(3):
-            assert first.put(key(i, version="v2"), block(i))
+            assert first.put(key(i), block(i))
     finally:
         first.close()
     second = NodeCache(str(tmp_path / "cache"), 64 * MiB)
     try:
-        assert second.put(key(3, version="v2"), block(3))
-        done = second.complete_file(other)
-        assert done is not None and Path(done).read_bytes() == OBJ
+        assert second.put(key(3), block(3))
+        path = second.complete_file(key(0).object_id())
+        assert path is not None and Path(path).read_bytes() == OBJ
     finally:
         second.close()
     assert sorted(read_back) == [0, 1, 2]  # the first server's blocks, once each

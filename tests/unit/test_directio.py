@@ -82,10 +82,11 @@ def test_random_pwrites_match_a_model(where: Path, ops: list[tuple[int, int, int
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     direct = directio.open_direct(fd)
     model = bytearray()
+    seen: list[bytes] = []
     try:
         for offset, length, seed in ops:
             data = random_bytes(length, seed=seed)
-            seen: list[bytes] = []
+            seen.clear()
             directio.pwrite_all(fd, data, offset, direct, lambda piece: seen.append(bytes(piece)))
             assert b"".join(seen) == data
             if length and len(model) < offset + length:  # an empty write does not extend a file
