@@ -10,13 +10,16 @@ cache as well buys little.
 
 O_DIRECT wants the buffer address, the file offset and the length aligned to the device's logical
 block size. Python's bytes are not aligned, so data goes through a per-thread, page-aligned bounce
-buffer (one memcpy in user space, which is far cheaper than the page-cache path). Anything that
+buffer (one memcpy in user space, which is far cheaper than the page-cache path), except from a
+buffer that is aligned already (``fusefs.buffers.page_aligned``: fetched blocks), which the kernel
+takes where it is. Anything that
 cannot go direct (an unaligned offset or tail, a filesystem without O_DIRECT such as tmpfs) is
 written the ordinary way: the result on disk is the same either way.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -61,9 +64,9 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int, direc
                seen: Seen | None = None) -> None:
     """Write all of ``data`` at ``offset`` of ``fd``; the aligned middle through ``direct_fd``
     (an O_DIRECT descriptor of the same file) when one is given. ``seen`` is given every piece
-    the kernel took, in order, as it took it (from the bounce buffer for a direct write): a
-    checksum over them covers the bytes written, not the caller's buffer, and is computed while
-    they are hot in the CPU's cache."""
+    the kernel took, in order, where it took it from (the bounce buffer where the bytes were
+    copied there first): a checksum over them covers the bytes written, computed while they are
+    hot in the CPU's cache."""
     view = memoryview(data).cast("B")
     if direct_fd is not None and len(view) >= MIN_DIRECT:
         head = -offset % ALIGN
@@ -130,15 +133,19 @@ def _pwrite_plain(fd: int, view: memoryview, offset: int, seen: Seen | None = No
 
 
 def _pwrite_direct(fd: int, view: memoryview, offset: int, seen: Seen | None = None) -> bool:
-    """Write an aligned range through the bounce buffer; False if O_DIRECT was refused before
-    anything was written (EINVAL), so the caller can write it the ordinary way."""
-    buf = _bounce()
+    """Write an aligned range, from where it is if its memory is aligned too (``_in_place``),
+    else through the bounce buffer; False if O_DIRECT was refused before anything was written
+    (EINVAL), so the caller can write it the ordinary way."""
     first = True
     while view:
-        n = min(len(view), BOUNCE)
-        buf[:n] = view[:n]
+        if _in_place(view):
+            source = view  # no copy: one write of the whole range
+        else:
+            buf, n = _bounce(), min(len(view), BOUNCE)
+            buf[:n] = view[:n]
+            source = memoryview(buf)[:n]
         try:
-            written = os.pwrite(fd, memoryview(buf)[:n], offset)
+            written = os.pwrite(fd, source, offset)
         except OSError as exc:
             if first and exc.errno == errno.EINVAL:
                 return False
@@ -146,12 +153,25 @@ def _pwrite_direct(fd: int, view: memoryview, offset: int, seen: Seen | None = N
         if written <= 0:
             raise OSError(errno.EIO, "short direct write")
         if seen is not None:
-            seen(memoryview(buf)[:written])
+            seen(source[:written])
+        del source
         first = False
         view, offset = view[written:], offset + written
         if written % ALIGN:  # a short write left us unaligned: finish the ordinary way
             return _finish_plain(fd, view, offset, seen)
     return True
+
+
+def _in_place(view: memoryview) -> bool:
+    """Whether O_DIRECT can take ``view``'s bytes where they are: writable memory (a bytearray,
+    such as ``fusefs.buffers.page_aligned`` gives) starting at an ``ALIGN`` boundary."""
+    if view.readonly or not view.c_contiguous:
+        return False
+    anchor = ctypes.c_char.from_buffer(view)  # (holds an export of view until it is dropped)
+    try:
+        return ctypes.addressof(anchor) % ALIGN == 0
+    finally:
+        del anchor
 
 
 def _finish_plain(direct_fd: int, view: memoryview, offset: int, seen: Seen | None) -> bool:

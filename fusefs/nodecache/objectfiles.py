@@ -177,9 +177,8 @@ class ObjectFiles:
             direct = directio.open_direct(fd) if len(data) >= directio.MIN_DIRECT else None
             try:
                 before = checks.seal_of(os.fstat(fd), oid)
-                # The tag is taken over the bytes as the kernel took them (from the bounce buffer
-                # of a direct write, while they are in the CPU's cache: cheaper than a pass over
-                # the block of its own), so the marker says what the write put into the file.
+                # The tag is taken over the bytes as the kernel took them, right after each piece
+                # is written, so the marker says what the write put into the file.
                 tagger = checks.Tagger(key)
                 directio.pwrite_all(fd, data, key.index * key.block_size, direct, tagger.add)
                 block_tag = tagger.tag()

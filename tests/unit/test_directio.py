@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fusefs import directio
+from fusefs import buffers, directio
 from testing.servers import random_bytes
 
 KiB = 1024
@@ -63,6 +63,31 @@ def test_bytearray_and_memoryview_sources(where: Path) -> None:
     directio.write_new_file(str(where / "mv"), memoryview(data)[5:])
     assert (where / "ba").read_bytes() == data
     assert (where / "mv").read_bytes() == data[5:]
+
+
+@pytest.mark.parametrize("size", [directio.MIN_DIRECT, 8 * MiB, 8 * MiB + 123])
+def test_a_page_aligned_buffer_is_written_where_it_is(where: Path, size: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fetched block (``buffers.page_aligned``) goes to O_DIRECT without a copy into the bounce
+    buffer; its unaligned tail, if any, the ordinary way. The file holds exactly its bytes."""
+    data = buffers.page_aligned(size)
+    data[:] = random_bytes(size, seed=size)
+
+    def no_bounce() -> None:
+        raise AssertionError("copied into the bounce buffer")
+
+    monkeypatch.setattr(directio, "_bounce", no_bounce)
+    path = where / "aligned"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    direct = directio.open_direct(fd)
+    seen: list[bytes] = []
+    try:
+        directio.pwrite_all(fd, data, 4096, direct, lambda piece: seen.append(bytes(piece)))
+    finally:
+        if direct is not None:
+            os.close(direct)
+        os.close(fd)
+    assert path.read_bytes() == bytes(4096) + data
+    assert b"".join(seen) == data
 
 
 writes = st.lists(
