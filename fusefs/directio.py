@@ -12,9 +12,9 @@ O_DIRECT wants the buffer address, the file offset and the length aligned to the
 block size. Python's bytes are not aligned, so data goes through a per-thread, page-aligned bounce
 buffer (one memcpy in user space, which is far cheaper than the page-cache path), except from a
 buffer that is aligned already (``fusefs.buffers.page_aligned``: fetched blocks), which the kernel
-takes where it is. Anything that
-cannot go direct (an unaligned offset or tail, a filesystem without O_DIRECT such as tmpfs) is
-written the ordinary way: the result on disk is the same either way.
+takes where it is. Anything that cannot go direct (an unaligned offset or tail, a filesystem
+without O_DIRECT such as tmpfs) is written the ordinary way: the result on disk is the same either
+way.
 """
 
 from __future__ import annotations
@@ -65,8 +65,7 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int, direc
     """Write all of ``data`` at ``offset`` of ``fd``; the aligned middle through ``direct_fd``
     (an O_DIRECT descriptor of the same file) when one is given. ``seen`` is given every piece
     the kernel took, in order, where it took it from (the bounce buffer where the bytes were
-    copied there first): a checksum over them covers the bytes written, computed while they are
-    hot in the CPU's cache."""
+    copied there first), once it is written: a checksum over them covers the bytes written."""
     view = memoryview(data).cast("B")
     if direct_fd is not None and len(view) >= MIN_DIRECT:
         head = -offset % ALIGN
