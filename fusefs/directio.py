@@ -10,18 +10,21 @@ cache as well buys little.
 
 O_DIRECT wants the buffer address, the file offset and the length aligned to the device's logical
 block size. Python's bytes are not aligned, so data goes through a per-thread, page-aligned bounce
-buffer (one memcpy in user space, which is far cheaper than the page-cache path). Anything that
-cannot go direct (an unaligned offset or tail, a filesystem without O_DIRECT such as tmpfs) is
-written the ordinary way: the result on disk is the same either way.
+buffer (one memcpy in user space, which is far cheaper than the page-cache path), except from a
+buffer that is aligned already (``fusefs.buffers.page_aligned``: fetched blocks), which the kernel
+takes where it is. Anything that cannot go direct (an unaligned offset or tail, a filesystem
+without O_DIRECT such as tmpfs) is written the ordinary way: the result on disk is the same either
+way.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 #: alignment for O_DIRECT: the page size covers every logical block size in use (512, 4096)
 ALIGN = mmap.PAGESIZE
@@ -53,20 +56,27 @@ def open_direct(fd: int, access: int = os.O_WRONLY) -> int | None:
         raise
 
 
-def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int, direct_fd: int | None = None) -> None:
+#: told each piece of a write as the kernel took it, in order (``pwrite_all``)
+Seen = Callable[[memoryview], None]
+
+
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int, direct_fd: int | None = None,
+               seen: Seen | None = None) -> None:
     """Write all of ``data`` at ``offset`` of ``fd``; the aligned middle through ``direct_fd``
-    (an O_DIRECT descriptor of the same file) when one is given."""
+    (an O_DIRECT descriptor of the same file) when one is given. ``seen`` is given every piece
+    the kernel took, in order, where it took it from (the bounce buffer where the bytes were
+    copied there first), once it is written: a checksum over them covers the bytes written."""
     view = memoryview(data).cast("B")
     if direct_fd is not None and len(view) >= MIN_DIRECT:
         head = -offset % ALIGN
         if head:
-            _pwrite_plain(fd, view[:head], offset)
+            _pwrite_plain(fd, view[:head], offset, seen)
             view, offset = view[head:], offset + head
         aligned = len(view) - len(view) % ALIGN
-        if aligned and not _pwrite_direct(direct_fd, view[:aligned], offset):
+        if aligned and not _pwrite_direct(direct_fd, view[:aligned], offset, seen):
             aligned = 0  # the filesystem refused O_DIRECT after all: write it the ordinary way
         view, offset = view[aligned:], offset + aligned
-    _pwrite_plain(fd, view, offset)
+    _pwrite_plain(fd, view, offset, seen)
 
 
 def write_new_file(path: str, data: bytes | bytearray | memoryview) -> None:
@@ -113,40 +123,61 @@ def pread_pieces(fd: int, offset: int, length: int, direct_fd: int | None = None
         offset += n
 
 
-def _pwrite_plain(fd: int, view: memoryview, offset: int) -> None:
+def _pwrite_plain(fd: int, view: memoryview, offset: int, seen: Seen | None = None) -> None:
     while view:
         n = os.pwrite(fd, view, offset)
+        if seen is not None:
+            seen(view[:n])
         view, offset = view[n:], offset + n
 
 
-def _pwrite_direct(fd: int, view: memoryview, offset: int) -> bool:
-    """Write an aligned range through the bounce buffer; False if O_DIRECT was refused before
-    anything was written (EINVAL), so the caller can write it the ordinary way."""
-    buf = _bounce()
+def _pwrite_direct(fd: int, view: memoryview, offset: int, seen: Seen | None = None) -> bool:
+    """Write an aligned range, from where it is if its memory is aligned too (``_in_place``),
+    else through the bounce buffer; False if O_DIRECT was refused before anything was written
+    (EINVAL), so the caller can write it the ordinary way."""
     first = True
     while view:
-        n = min(len(view), BOUNCE)
-        buf[:n] = view[:n]
+        if _in_place(view):
+            source = view  # no copy: one write of the whole range
+        else:
+            buf, n = _bounce(), min(len(view), BOUNCE)
+            buf[:n] = view[:n]
+            source = memoryview(buf)[:n]
         try:
-            written = os.pwrite(fd, memoryview(buf)[:n], offset)
+            written = os.pwrite(fd, source, offset)
         except OSError as exc:
             if first and exc.errno == errno.EINVAL:
                 return False
             raise
         if written <= 0:
             raise OSError(errno.EIO, "short direct write")
+        if seen is not None:
+            seen(source[:written])
+        del source
         first = False
         view, offset = view[written:], offset + written
         if written % ALIGN:  # a short write left us unaligned: finish the ordinary way
-            return _finish_plain(fd, view, offset)
+            return _finish_plain(fd, view, offset, seen)
     return True
 
 
-def _finish_plain(direct_fd: int, view: memoryview, offset: int) -> bool:
+def _in_place(view: memoryview) -> bool:
+    """Whether O_DIRECT can take ``view``'s bytes where they are: writable memory (a bytearray,
+    such as ``fusefs.buffers.page_aligned`` gives) starting at an ``ALIGN`` boundary."""
+    if view.readonly or not view.c_contiguous:
+        return False
+    anchor = ctypes.c_char.from_buffer(view)  # (holds an export of view until it is dropped)
+    try:
+        return ctypes.addressof(anchor) % ALIGN == 0
+    finally:
+        del anchor
+
+
+def _finish_plain(direct_fd: int, view: memoryview, offset: int, seen: Seen | None) -> bool:
     flags = os.O_WRONLY | os.O_CLOEXEC
     fd = os.open(f"/proc/self/fd/{direct_fd}", flags)
     try:
-        _pwrite_plain(fd, view, offset)
+        _pwrite_plain(fd, view, offset, seen)
     finally:
         os.close(fd)
     return True

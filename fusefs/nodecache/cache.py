@@ -136,8 +136,6 @@ class NodeCache:
         Blocking: from trio, call it through ``trio.to_thread.run_sync``."""
         if self._writer is not None:
             self._writer.close()  # from here reads go direct and nothing more is queued
-        if self._files is not None:
-            self._files.close()
         if self._index is not None:
             with contextlib.suppress(Exception):
                 self._index.close()

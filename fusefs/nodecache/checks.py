@@ -46,14 +46,28 @@ def tag(data: bytes | bytearray, key: BlockKey) -> int:
     return (len(data) << 32) | checksum(data, key)
 
 
+class Tagger:
+    """The tag of block ``key`` computed a piece at a time (``add`` the pieces in order)."""
+
+    def __init__(self, key: BlockKey) -> None:
+        self._crc = _seed(key)
+        self._length = 0
+
+    def add(self, piece: bytes | bytearray | memoryview) -> None:
+        self._crc = int(crc32c.crc32c(piece, self._crc))
+        self._length += len(piece)
+
+    def tag(self) -> int:
+        return (self._length << 32) | self._crc
+
+
 def tag_on_disk(fd: int, key: BlockKey, length: int, direct_fd: int | None = None) -> int:
     """The tag of the ``length`` bytes of block ``key`` as the file holds them, read in pieces
     (``directio.pread_pieces``: from the disk itself through ``direct_fd``), never held whole."""
-    crc, got = _seed(key), 0
+    tagger = Tagger(key)
     for piece in directio.pread_pieces(fd, key.index * key.block_size, length, direct_fd):
-        crc = crc32c.crc32c(piece, crc)
-        got += len(piece)
-    return (got << 32) | crc
+        tagger.add(piece)
+    return tagger.tag()
 
 
 def read_into(fd: int, buf: bytearray, offset: int = 0) -> bytearray:

@@ -4,19 +4,27 @@ An object larger than one block is cached as a single data file under ``<cache>/
 blocks written at their offsets as they are fetched (``<id>-<token>.part``, sparse, 0600). The
 node cache's index (diskcache) holds one entry for the file, which carries its size for the LRU
 and unlinks it on eviction, and one size-less marker per block (the file's token and the block's
-length and CRC-32C). Once every block is there and each has been checked on disk against its
-marker, the file is made read-only (0400) and renamed to ``<id>-<token>.obj``: a complete file is
-never written again, and is what FUSE passthrough serves (``fusefs.passthrough.backing``).
+length and CRC-32C). Once every block is there and each has been checked against its marker (read
+back from the disk, or known as this process wrote it: below), the file is made read-only (0400)
+and renamed to ``<id>-<token>.obj``: a complete file is never written again, and is what FUSE
+passthrough serves (``fusefs.passthrough.backing``).
 
-The process that writes a block remembers the file's seal (inode, size, change time) as its write
-left it (``_Written``), and a checker thread of its own reads the block back from the disk (O_DIRECT)
-soon after and checks it (``_Checker``; beside the writer, not in its way: the writer must keep pace
-with the reader). At publish, blocks checked that way are not read again as long as the seal still
-holds (no write into the file since: a write moves its change time); every other block (not checked
-yet, written by another process or before a restart, or followed by any other write) is read back
-then. So the last block of a cold read publishes the file in milliseconds instead of a second read of
-the whole file (seven seconds for 1 GiB on a loaded node): the object is complete when its first
+The process that writes a block remembers its tag, computed over the bytes as the kernel took them
+(``directio.pwrite_all``), and the file's seal (inode, size, change time) as that write left it
+(``_Written``). At publish, such blocks are not read again as long as the seal still holds (no
+write into the file since: any write moves its change time); every other block (written by another
+process or before a restart, or followed by any other write) is read back from the disk then. So
+the last block of a cold read publishes the file in milliseconds instead of a second read of the
+whole file (seven seconds for 1 GiB on a loaded node): the object is complete when its first
 reader is done.
+
+Why a block this process wrote is not read back: a write that returned in full put exactly the
+bytes the tag covers into the file, and a read right after it is most likely answered from the
+disk's own write cache, so it proves little more, at the price of reading every cached byte twice:
+a thread that read each block back with O_DIRECT as it was written cost the cold read about a
+quarter of its speed (357 against 258 MB/s, issue 26) and a third of the server's CPU samples. A
+later change to the file is caught by its seal (here), by the block check of every read through a
+server, and by the whole-file check every new server makes of a complete file (``complete_file``).
 
 The token (random, per data file) ties markers to the file they were written into: markers left
 over from an evicted or discarded file point at a token no file has, and read as misses.
@@ -30,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import queue
 import secrets
 import threading
 import time
@@ -108,45 +115,18 @@ def publish(directory: str, data: DataFile) -> DataFile:
 
 #: partly filled objects whose first missing block the writer remembers (``publish_when_whole``)
 MISSING_KEPT = 1024
-#: partial files whose blocks this process wrote and checked it remembers (``_Written``)
+#: partial files whose blocks this process wrote it remembers (``_Written``)
 WRITTEN_KEPT = 256
 
 
 @dataclass
 class _Written:
-    """Blocks of one partial file this process wrote (index -> tag), those of them its checker
-    read back intact, and the file's seal as the last of those writes left it. While the seal
-    holds, nothing was written into the file since, so checked blocks need not be read again."""
+    """Blocks of one partial file this process wrote (index -> tag), and the file's seal as the
+    last of those writes left it. While the seal holds, nothing was written into the file since,
+    so those blocks hold what their tags cover and need not be read again."""
 
     seal: int
     tags: dict[int, int] = field(default_factory=dict)
-    checked: dict[int, int] = field(default_factory=dict)
-
-
-class _Checker:
-    """A thread reading back, from the disk, the blocks this process wrote, and recording those
-    that match their tags (``check``). Keys only are queued, not bytes: its memory is small."""
-
-    def __init__(self, files: ObjectFiles) -> None:
-        self._files = files
-        self._queue: queue.SimpleQueue[tuple[str, BlockKey, int] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name="objfs-cache-checker", daemon=True)
-        self._thread.start()
-
-    def submit(self, relpath: str, key: BlockKey, block_tag: int) -> None:
-        self._queue.put((relpath, key, block_tag))
-
-    def close(self) -> None:
-        """Stop (what is not checked yet is read back at publish instead). Blocking."""
-        self._queue.put(None)
-        self._thread.join()
-
-    def _loop(self) -> None:
-        while (item := self._queue.get()) is not None:
-            try:
-                self._files.check(*item)
-            except Exception as exc:  # a cache error: the block is simply not known checked
-                self._files.counters.problem("check", exc)
 
 
 class ObjectFiles:
@@ -161,13 +141,9 @@ class ObjectFiles:
         #: a block each partly filled object was found missing last (writer thread only), looked at
         #: first: an object filled in any order costs one lookup per batch, not one per block
         self._missing: OrderedDict[ObjectId, int] = OrderedDict()
-        #: partial files (relpath) and the blocks this process checked in them (``_Written``)
+        #: partial files (relpath) and the blocks this process wrote into them (``_Written``)
         self._written: OrderedDict[str, _Written] = OrderedDict()
-        self._written_lock = threading.Lock()  # the writer stores, the checker checks, workers publish
-        self._checker = _Checker(self)
-
-    def close(self) -> None:
-        self._checker.close()
+        self._written_lock = threading.Lock()  # the writer stores, workers publish
 
     def data_file(self, oid: ObjectId) -> DataFile | None:
         """The object's indexed data file (its access time updated), or None."""
@@ -194,7 +170,6 @@ class ObjectFiles:
                 df = self.data_file(oid)  # (add() removed ours)
         if df is None or df.complete:
             return
-        block_tag = checks.tag(data, key)
         try:
             fd = os.open(os.path.join(self.directory, df.relpath), os.O_WRONLY | os.O_CLOEXEC)
         except FileNotFoundError:  # evicted, or published, meanwhile
@@ -203,7 +178,11 @@ class ObjectFiles:
             direct = directio.open_direct(fd) if len(data) >= directio.MIN_DIRECT else None
             try:
                 before = checks.seal_of(os.fstat(fd), oid)
-                directio.pwrite_all(fd, data, key.index * key.block_size, direct)
+                # The tag is taken over the bytes as the kernel took them, right after each piece
+                # is written, so the marker says what the write put into the file.
+                tagger = checks.Tagger(key)
+                directio.pwrite_all(fd, data, key.index * key.block_size, direct, tagger.add)
+                block_tag = tagger.tag()
                 self._wrote(df.relpath, before, checks.seal_of(os.fstat(fd), oid), key.index, block_tag)
             finally:
                 if direct is not None:
@@ -211,55 +190,28 @@ class ObjectFiles:
         finally:
             os.close(fd)
         self.index.set(key.encode(), df.token, tag=block_tag)
-        self._checker.submit(df.relpath, key, block_tag)
-
-    def check(self, relpath: str, key: BlockKey, block_tag: int) -> None:
-        """Read a block this process wrote back from the disk (the checker's thread): record it
-        checked if it matches its tag; if not, drop its marker (it is fetched again), as any
-        block found damaged. Raises for cache errors."""
-        try:
-            fd = os.open(os.path.join(self.directory, relpath), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:  # evicted, or published, meanwhile
-            return
-        try:
-            direct = directio.open_direct(fd, os.O_RDONLY) if block_tag >> 32 >= directio.MIN_DIRECT else None
-            try:
-                on_disk = checks.tag_on_disk(fd, key, block_tag >> 32, direct)
-            finally:
-                if direct is not None:
-                    os.close(direct)
-        finally:
-            os.close(fd)
-        if on_disk != block_tag:
-            drop_corrupt(self.index, self.counters, key)
-            return
-        with self._written_lock:
-            written = self._written.get(relpath)
-            if written is not None and written.tags.get(key.index) == block_tag:
-                written.checked[key.index] = block_tag
 
     def _wrote(self, relpath: str, before: int, after: int, index: int, block_tag: int) -> None:
-        """Remember a block written and checked in ``relpath``, which had the seal ``before`` just
-        before the write and ``after`` after the check. A ``before`` other than the seal our last
-        write left means something else wrote into the file meanwhile: what we checked earlier
-        is then read again at publish."""
+        """Remember a block written into ``relpath``, which had the seal ``before`` just before the
+        write and ``after`` just after it. A ``before`` other than the seal our last write left
+        means something else wrote into the file meanwhile: what we wrote earlier is then read
+        again at publish."""
         with self._written_lock:
             written = self._written.get(relpath)
             if written is None or written.seal != before:
                 written = self._written[relpath] = _Written(after)
             written.seal = after
             written.tags[index] = block_tag
-            written.checked.pop(index, None)  # (written again: to be checked again)
             self._written.move_to_end(relpath)
             while len(self._written) > WRITTEN_KEPT:
                 self._written.popitem(last=False)
 
-    def _checked_since(self, relpath: str, seal: int) -> dict[int, int]:
-        """The blocks of ``relpath`` this process wrote and checked, if the file's seal is still
-        ``seal`` as the last of those writes left it (nothing written since); else none."""
+    def _written_since(self, relpath: str, seal: int) -> dict[int, int]:
+        """The blocks of ``relpath`` this process wrote, if the file's seal is still ``seal`` as
+        the last of those writes left it (nothing written since); else none."""
         with self._written_lock:
             written = self._written.get(relpath)
-            return dict(written.checked) if written is not None and written.seal == seal else {}
+            return dict(written.tags) if written is not None and written.seal == seal else {}
 
     def lookup(self, key: BlockKey) -> bytes | None:
         """A block from its object's data file, checked against its marker; None on a miss.
@@ -338,9 +290,9 @@ class ObjectFiles:
     def verify(self, oid: ObjectId, df: DataFile) -> bool | None:
         """Check every block of ``df`` against its marker: True if all match, None if a marker is
         missing or names another file (not all there: not corrupt), False if a block is wrong (its
-        marker is then removed). Blocks this process checked as it wrote them, with nothing
-        written into the file since, are not read again (``_Written``); the others are read from
-        the disk (O_DIRECT where the filesystem has it), a piece at a time."""
+        marker is then removed). Blocks this process wrote, with nothing written into the file
+        since, are not read again (``_Written``); the others are read from the disk (O_DIRECT
+        where the filesystem has it), a piece at a time."""
         self.counters.count("file_checks")
         tags = []
         for index in range(oid.blocks()):
@@ -351,7 +303,7 @@ class ObjectFiles:
             tags.append((bkey, tag))
         fd = os.open(os.path.join(self.directory, df.relpath), os.O_RDONLY | os.O_CLOEXEC)
         try:
-            checked = self._checked_since(df.relpath, checks.seal_of(os.fstat(fd), oid))
+            checked = self._written_since(df.relpath, checks.seal_of(os.fstat(fd), oid))
             unread = [(bkey, tag) for bkey, tag in tags if checked.get(bkey.index) != tag]
             direct = directio.open_direct(fd, os.O_RDONLY) if unread else None
             try:

@@ -44,7 +44,8 @@ WRITE_QUEUE_BYTES = 16 * 1024 * 1024
 HAND_OVER_WAIT = 0.5
 #: how long a read waits for a writer that writes nothing (a block of a data file waiting for room,
 #: or a publish) before it gives up waiting (seconds): a stuck cache disk must not stall reads. One
-#: batch is at most 16 MiB, written and read back: a small fraction of this on any working disk.
+#: batch is at most 16 MiB written (a publish reads back at most the blocks other servers wrote): a
+#: small fraction of this on any working disk.
 STALL = 2.0
 #: how often a read waiting for room looks again, should no wake-up come (seconds)
 ROOM_POLL = 0.05

@@ -172,6 +172,50 @@ async def test_the_writer_publishes_a_file_whose_last_block_came_first(tmp_path:
     assert not files(tmp_path / "cache", ".part")
 
 
+@pytest.fixture
+def read_back(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The blocks read back from the disk to be checked (``checks.tag_on_disk``), in order."""
+    from fusefs.nodecache import checks
+
+    seen: list[int] = []
+    tag_on_disk = checks.tag_on_disk
+
+    def counted(fd: int, bkey: BlockKey, length: int, direct_fd: int | None = None) -> int:
+        seen.append(bkey.index)
+        return tag_on_disk(fd, bkey, length, direct_fd)
+
+    monkeypatch.setattr(checks, "tag_on_disk", counted)
+    return seen
+
+
+async def test_blocks_a_server_wrote_are_not_read_back(tmp_path: Path, cache: NodeCache, read_back: list[int]) -> None:
+    # Reading every block this server wrote back from the disk doubled the disk reads and the CRC
+    # work of a cold read (issue 26): its tag covers the bytes as the kernel took them, and the
+    # file's seal shows that nothing was written since.
+    for i in range(4):  # the read that completes the object returns with its file published
+        assert await cache.get_or_fetch(key(i), partial(trio.to_thread.run_sync, block, i)) == block(i)
+    await trio.to_thread.run_sync(cache.close)
+    check_published(cache.directory)
+    assert read_back == []
+
+
+def test_blocks_another_server_wrote_are_read_back_at_publish(tmp_path: Path, read_back: list[int]) -> None:
+    first = NodeCache(str(tmp_path / "cache"), 64 * MiB)
+    try:
+        for i in range(3):
+            assert first.put(key(i), block(i))
+    finally:
+        first.close()
+    second = NodeCache(str(tmp_path / "cache"), 64 * MiB)
+    try:
+        assert second.put(key(3), block(3))
+        path = second.complete_file(key(0).object_id())
+        assert path is not None and Path(path).read_bytes() == OBJ
+    finally:
+        second.close()
+    assert sorted(read_back) == [0, 1, 2]  # the first server's blocks, once each
+
+
 def test_two_servers_publishing_one_file_at_once_leave_it_published(tmp_path: Path, cache: NodeCache,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     # Server 2 has checked the partial file (its blocks read through an fd opened before the
@@ -336,11 +380,12 @@ def _fill_and_die(directory: str, kill_at: str) -> None:
     if kill_at == "mid-block":
         pwrite_all = directio.pwrite_all
 
-        def torn(fd: int, data: bytes | bytearray | memoryview, offset: int, direct_fd: int | None = None) -> None:
+        def torn(fd: int, data: bytes | bytearray | memoryview, offset: int, direct_fd: int | None = None,
+                 seen: directio.Seen | None = None) -> None:
             if offset == 2 * BS:
-                pwrite_all(fd, data[:len(data) // 2], offset, direct_fd)
+                pwrite_all(fd, data[:len(data) // 2], offset, direct_fd, seen)
                 die()
-            pwrite_all(fd, data, offset, direct_fd)
+            pwrite_all(fd, data, offset, direct_fd, seen)
 
         directio.pwrite_all = torn  # (the module objectfiles writes through)
     elif kill_at == "before-publish":

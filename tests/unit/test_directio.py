@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fusefs import directio
+from fusefs import buffers, directio
 from testing.servers import random_bytes
 
 KiB = 1024
@@ -65,6 +65,31 @@ def test_bytearray_and_memoryview_sources(where: Path) -> None:
     assert (where / "mv").read_bytes() == data[5:]
 
 
+@pytest.mark.parametrize("size", [directio.MIN_DIRECT, 8 * MiB, 8 * MiB + 123])
+def test_a_page_aligned_buffer_is_written_where_it_is(where: Path, size: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fetched block (``buffers.page_aligned``) goes to O_DIRECT without a copy into the bounce
+    buffer; its unaligned tail, if any, the ordinary way. The file holds exactly its bytes."""
+    data = buffers.page_aligned(size)
+    data[:] = random_bytes(size, seed=size)
+
+    def no_bounce() -> None:
+        raise AssertionError("copied into the bounce buffer")
+
+    monkeypatch.setattr(directio, "_bounce", no_bounce)
+    path = where / "aligned"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    direct = directio.open_direct(fd)
+    seen: list[bytes] = []
+    try:
+        directio.pwrite_all(fd, data, 4096, direct, lambda piece: seen.append(bytes(piece)))
+    finally:
+        if direct is not None:
+            os.close(direct)
+        os.close(fd)
+    assert path.read_bytes() == bytes(4096) + data
+    assert b"".join(seen) == data
+
+
 writes = st.lists(
     st.tuples(st.integers(0, 6 * MiB), st.integers(0, 2 * MiB + 100), st.integers(0, 2**16)),
     min_size=1, max_size=6,
@@ -75,15 +100,20 @@ writes = st.lists(
 @given(ops=writes)
 def test_random_pwrites_match_a_model(where: Path, ops: list[tuple[int, int, int]]) -> None:
     """Writes at any offset and length, through the direct fd where they are aligned and large
-    enough and the ordinary fd elsewhere, leave the same bytes as writes into memory would."""
+    enough and the ordinary fd elsewhere, leave the same bytes as writes into memory would; and
+    the pieces a write reports as the kernel took them are exactly its bytes, in order (the node
+    cache's block tags are computed from them)."""
     path = where / "staging"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     direct = directio.open_direct(fd)
     model = bytearray()
+    seen: list[bytes] = []
     try:
         for offset, length, seed in ops:
             data = random_bytes(length, seed=seed)
-            directio.pwrite_all(fd, data, offset, direct)
+            seen.clear()
+            directio.pwrite_all(fd, data, offset, direct, lambda piece: seen.append(bytes(piece)))
+            assert b"".join(seen) == data
             if length and len(model) < offset + length:  # an empty write does not extend a file
                 model.extend(bytes(offset + length - len(model)))
             model[offset:offset + length] = data
