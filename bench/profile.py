@@ -46,6 +46,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--perf", action="store_true", help="record a perf profile of the server")
     ap.add_argument("--perf-all", action="store_true", help="record a perf profile of the whole machine")
     ap.add_argument("--py-spy", action="store_true", help="sample the server's Python stacks with py-spy")
+    ap.add_argument("--rate", type=int, default=200, help="with --py-spy: samples per second")
     ap.add_argument("--gil", action="store_true",
                     help="with --py-spy: only the thread holding the GIL (the server's Python CPU time, without waits)")
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/objfs-bench"))
@@ -159,7 +160,7 @@ def main() -> int:
                                          "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(0.5)
             if args.py_spy:
-                spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-r", "200",
+                spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-r", str(args.rate),
                                         "-f", "raw", "-o", str(results / f"py-spy-{args.mode}.txt"),
                                         *(["--gil"] if args.gil else []), "-p", str(srv.pid)],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -1,8 +1,11 @@
 """Prometheus figures of one FUSE server (one volume: every server is its own process).
 
-The metric objects live at module level in ``REGISTRY``, without a ``volume`` label, so that the
-hot paths bind their label children once (at import or decoration time) and a count costs one
-locked add: no label lookup per call. ``exposition()`` adds the bounded labels of this server
+The metric objects live at module level in ``REGISTRY``, without a ``volume`` label. The figures of
+the hot paths (every FUSE operation's latency, every store request) are plain numbers bound once
+per operation or request kind, read by a collector when the figures are collected: a count costs
+an add, not a ``prometheus_client`` call (its label lookups, observability checks and value locks
+were measurable CPU per file of a walk of small files). Rare events (errors, problems) keep
+``prometheus_client``'s own metrics. ``exposition()`` adds the bounded labels of this server
 (``volume``, and ``pod`` under Kubernetes) to every sample when the figures leave the process:
 written to ``MountConfig.metrics_path`` every ``WRITE_INTERVAL`` seconds and at exit (temp file
 + rename, 0644: the node plugin re-exports it), and served over HTTP for a standalone
@@ -14,19 +17,22 @@ The server's health for the node plugin's volume condition rides in the same fil
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from fusefs import errors
 
@@ -50,19 +56,19 @@ prometheus_client.disable_created_metrics()
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-STORE_REQUESTS = Counter("objfs_store_requests", "Requests sent to the object store, retries included, by kind",
-                         ["kind"], registry=REGISTRY)
-STORE_RETRIES = Counter("objfs_store_retries", "Store requests that were attempts after a transient failure",
-                        ["kind"], registry=REGISTRY)
 STORE_FAILURES = Counter("objfs_store_errors", "Store requests that failed for good (after retries), by kind "
                          "and error class", ["kind", "error"], registry=REGISTRY)
-STORE_RECEIVED = Counter("objfs_store_received_bytes", "Object bytes received from the store (GET bodies)",
-                         ["kind"], registry=REGISTRY)
-STORE_SENT = Counter("objfs_store_sent_bytes", "Object bytes uploaded to the store (PUT bodies, multipart parts)",
-                     ["kind"], registry=REGISTRY)
-FUSE_SECONDS = Histogram("objfs_fuse_operation_seconds", "Time to answer a FUSE operation, by operation",
-                         ["op"], registry=REGISTRY,
-                         buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0))
+#: (name, help) of the counters every ``StoreKind`` keeps, by kind (``_StoreCollector``)
+_STORE_COUNTERS = (
+    ("objfs_store_requests", "Requests sent to the object store, retries included, by kind"),
+    ("objfs_store_retries", "Store requests that were attempts after a transient failure"),
+    ("objfs_store_received_bytes", "Object bytes received from the store (GET bodies)"),
+    ("objfs_store_sent_bytes", "Object bytes uploaded to the store (PUT bodies, multipart parts)"),
+)
+FUSE_SECONDS_NAME = "objfs_fuse_operation_seconds"
+FUSE_SECONDS_HELP = "Time to answer a FUSE operation, by operation"
+FUSE_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
+_FUSE_LE = (*(floatToGoString(b) for b in FUSE_BUCKETS), "+Inf")
 FUSE_ERRORS = Counter("objfs_fuse_errors", "FUSE operations answered with an error, by operation and errno",
                       ["op", "errno"], registry=REGISTRY)
 PASSTHROUGH_OPENS = Counter("objfs_fuse_passthrough_opens", "Opens answered with FUSE passthrough of a complete "
@@ -81,21 +87,24 @@ PROBLEM = Gauge("objfs_volume_problem", "1 while this server has a problem a use
 
 
 class StoreKind:
-    """The counters of one kind of store request, bound once."""
+    """The counters of one kind of store request, bound once: plain numbers under a lock of
+    their own (requests finish in worker threads), exported by ``_StoreCollector``."""
 
-    __slots__ = ("kind", "received", "requests", "retries", "sent")
+    __slots__ = ("_lock", "kind", "received", "requests", "retries", "sent")
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        self.requests = STORE_REQUESTS.labels(kind)
-        self.retries = STORE_RETRIES.labels(kind)
-        self.received = STORE_RECEIVED.labels(kind)
-        self.sent = STORE_SENT.labels(kind)
+        self._lock = threading.Lock()
+        self.requests = 0
+        self.retries = 0
+        self.received = 0
+        self.sent = 0
 
     def attempt(self, number: int) -> None:
-        self.requests.inc()
-        if number > 1:
-            self.retries.inc()
+        with self._lock:
+            self.requests += 1
+            if number > 1:
+                self.retries += 1
 
     def call(self, fn: Callable[[], T], sent: int) -> T:
         """``fn()`` counted as it returns, in its worker thread: a request abandoned by a
@@ -107,17 +116,25 @@ class StoreKind:
     def succeeded(self, result: object, sent: int) -> None:
         if isinstance(result, tuple) and len(result) == 2:  # a GET that answered a description too
             result = result[1]
+        received = 0
         if isinstance(result, bytes | bytearray | memoryview):
-            self.received.inc(len(result))
+            received = len(result)
         elif self.kind == "PUT":
             sent = getattr(result, "size", sent)  # put and put_file answer the stored object's size
-        if sent:
-            self.sent.inc(sent)
+        if received or sent:
+            with self._lock:
+                self.received += received
+                self.sent += sent
         _health.store_answered()
 
     def failed(self, exc: BaseException) -> None:
         STORE_FAILURES.labels(self.kind, type(exc).__name__).inc()  # errors are rare: a lookup is fine
         _health.store_failed(exc)
+
+    def figures(self) -> tuple[int, int, int, int]:
+        """(requests, retries, received bytes, sent bytes), in the order of ``_STORE_COUNTERS``."""
+        with self._lock:
+            return self.requests, self.retries, self.received, self.sent
 
 
 _KINDS = {kind: StoreKind(kind) for kind in STORE_KINDS}
@@ -129,20 +146,68 @@ def store_kind(what: str) -> StoreKind:
     return _KINDS.get(what.split(" ", 1)[0], _OTHER)
 
 
+class _StoreCollector(Collector):
+    """The ``StoreKind`` counters, every kind (zeros included), as ``prometheus_client``'s
+    labelled counters showed them."""
+
+    def collect(self) -> Iterator[Metric]:
+        kinds = [*_KINDS.values(), _OTHER]
+        figures = [k.figures() for k in kinds]
+        for i, (name, doc) in enumerate(_STORE_COUNTERS):
+            family = CounterMetricFamily(name, doc, labels=["kind"])
+            for kind, values in zip(kinds, figures, strict=True):
+                family.add_metric([kind.kind], values[i])
+            yield family
+
+
 class FuseOp:
-    """The latency histogram of one FUSE operation, bound once (at decoration time)."""
+    """The latency histogram of one FUSE operation, bound once (at decoration time): counts per
+    bucket and a sum, kept by the trio thread that answers the operations, exported by
+    ``_FuseCollector`` as ``objfs_fuse_operation_seconds{op=...}``."""
 
-    __slots__ = ("op", "seconds")
+    __slots__ = ("counts", "op", "total")
+    op: str
+    counts: list[int]
+    total: float
+    _all: ClassVar[dict[str, FuseOp]] = {}
 
-    def __init__(self, op: str) -> None:
-        self.op = op
-        self.seconds = FUSE_SECONDS.labels(op)
+    def __new__(cls, op: str) -> FuseOp:
+        known = cls._all.get(op)  # one histogram per operation, however often it is bound
+        if known is not None:
+            return known
+        made = super().__new__(cls)
+        made.op = op
+        made.counts = [0] * (len(FUSE_BUCKETS) + 1)  # per bucket (not cumulative), +Inf last
+        made.total = 0.0
+        cls._all[op] = made
+        return made
 
     def observe(self, started: float) -> None:
-        self.seconds.observe(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.counts[bisect.bisect_left(FUSE_BUCKETS, seconds)] += 1  # le: the first bound >= it
+        self.total += seconds
 
     def error(self, code: int) -> None:
         FUSE_ERRORS.labels(self.op, errno.errorcode.get(code, str(code))).inc()
+
+
+class _FuseCollector(Collector):
+    """Every bound ``FuseOp`` as one histogram sample set (cumulative buckets, count, sum)."""
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(FUSE_SECONDS_NAME, FUSE_SECONDS_HELP, labels=["op"])
+        for op in list(FuseOp._all.values()):
+            counts, total = list(op.counts), op.total  # a snapshot: the trio thread goes on counting
+            cumulative, buckets = 0, []
+            for le, count in zip(_FUSE_LE, counts, strict=True):
+                cumulative += count
+                buckets.append((le, cumulative))
+            family.add_metric([op.op], buckets, total)
+        yield family
+
+
+REGISTRY.register(_StoreCollector())
+REGISTRY.register(_FuseCollector())
 
 
 class _Health:

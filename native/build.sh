@@ -165,8 +165,9 @@ import pyfuse3
 here = os.path.dirname(pyfuse3.__file__)
 maps = open("/proc/self/maps").read()
 missing = [n for n in ("passthrough_supported", "fuse_fd") if not hasattr(pyfuse3, n)]
-if missing or not hasattr(pyfuse3.FileInfo(), "backing_id"):
-    sys.exit(f"native: {here} lacks the passthrough API ({missing})")
+missing += [n for n in ("backing_id", "noflush") if not hasattr(pyfuse3.FileInfo(), n)]
+if missing:
+    sys.exit(f"native: {here} lacks the patch's API ({missing})")
 if os.path.join(here, "libfuse3.so.4") not in maps:
     sys.exit(f"native: {pyfuse3.__file__} does not load the libfuse3.so.4 beside it")
 EOF

@@ -643,7 +643,7 @@ class Operations(pyfuse3.Operations):
             del self._handles[fh]
             raise
         handle.mode = PASSTHROUGH if backing_id else self._ordinary_mode(inode)
-        return file_info(fh, backing_id, keep, handle.mode == DIRECT)
+        return file_info(fh, backing_id, keep, handle.mode == DIRECT, noflush=not writing)
 
     def _leave_backed(self, inode: int, elsewhere: bool, pinned: ObjectInfo | None) -> None:
         """An open that cannot join the inode's passthrough opens (``elsewhere``: a write, or

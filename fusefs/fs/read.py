@@ -160,11 +160,18 @@ class BlockReader:
 
     async def fetch_ahead(self, info: ObjectInfo, index: int) -> bool:
         """Fetch a block a reader is expected to ask for soon (``fusefs.fs.dirahead``) into memory,
-        or join its fetch; whether it is there now. A failure is the reader's to retry and report."""
-        flight = self._start(info, index, ahead=True)
-        if flight is None:
+        or join its fetch; whether it is there now. A failure is the reader's to retry and report.
+        The caller is a task of the server's nursery already (not a FUSE request's): a new fetch
+        runs in it rather than in one more task (a walk of small files fetches one per file)."""
+        bid = (info.key, info.version, index)
+        if bid in self._lru:
             return True
-        await flight.done.wait()
+        flight = self._flights.get(bid)
+        if flight is None:
+            flight = self._flights[bid] = _Flight(ahead=True)
+            await self._run_flight(bid, flight, info, index)
+        else:
+            await flight.done.wait()
         return flight.error is None
 
     def done_with(self, info: ObjectInfo) -> None:

@@ -184,3 +184,16 @@ def test_node_cache_evictions_are_counted(tmp_path: Path) -> None:
         cache.close()
     assert entries < 8
     assert (metrics.REGISTRY.get_sample_value(removed) or 0) - before == 8 - entries
+
+
+def test_closing_a_read_only_open_sends_no_flush(config: MountConfig, mount_fs: Callable[..., Mounted]) -> None:
+    """A read-only open has nothing to flush: its open answers FOPEN_NOFLUSH, and the kernel sends
+    no FLUSH at close (a request less per file a data loader opens); a write open still flushes,
+    which is where its data is stored."""
+    m = mount_fs(config)
+    (m.path / "w").write_bytes(b"written")  # one write open, closed: one FLUSH at least
+    for _ in range(5):
+        assert (m.path / "w").read_bytes() == b"written"
+    figures = figures_at_exit(m)
+    assert value(figures, "objfs_fuse_operation_seconds_count", op="open") >= 5
+    assert value(figures, "objfs_fuse_operation_seconds_count", op="flush") == 1
