@@ -747,6 +747,7 @@ class Operations(pyfuse3.Operations):
             self.reader.prefetch(h.info, last + 1, window)
             for index in h.seq.passed(off):
                 self.reader.discard(h.info, index)
+            self.reader.demote(h.info, h.seq.behind(off))
         if not urgent:
             data = await self.reader.read(h.info, off, size)
         # A memoryview of the block for most reads: pyfuse3 takes any buffer (its stub says bytes).

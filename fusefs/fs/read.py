@@ -85,6 +85,17 @@ class BlockReader:
             if self._pool is not None:
                 self._pool.give(data)
 
+    def demote(self, info: ObjectInfo, indexes: range) -> None:
+        """Blocks a sequential reader is past but that a late readahead request may still ask for:
+        first to go when memory is short, lowest first. Else a block fetched ahead and not read
+        yet is the oldest in the LRU (it arrived before the reader last touched the blocks behind
+        it) and goes first, to be fetched again when the reader gets there (issue 26: a cold 1 GiB
+        read fetched 10-22 of its 128 blocks twice)."""
+        for index in reversed(indexes):
+            bid = (info.key, info.version, index)
+            if bid in self._lru:
+                self._lru.move_to_end(bid, last=False)
+
     def offer(self, info: ObjectInfo, data: bytes) -> bool:
         """Block 0 of ``info`` as a GET that described the object returned it (``DataClient.peek``,
         for a lookup or a listing), kept under exactly the version that GET answered: the read
@@ -274,3 +285,11 @@ class Sequential:
         gone = range(self.dropped, max(self.dropped, upto))
         self.dropped = max(self.dropped, upto)
         return gone
+
+    def behind(self, offset: int) -> range:
+        """Blocks wholly below ``offset`` that a sequential stream has not discarded yet: passed,
+        but within reach of a late readahead request (``BlockReader.demote``)."""
+        if self.window == 0:
+            return range(0)
+        start = max(self.dropped, (offset - self.slack) // self.block_size)  # no more than the slack
+        return range(start, max(start, offset // self.block_size))
