@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+
 import trio
 
 from fusefs.config import MiB
