@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from fusefs import buffers
 from fusefs.config import MountConfig
-from fusefs.nodecache import index
+from fusefs.nodecache import index, locks
 from fusefs.nodecache.cache import BlockKey, NodeCache
 from fusefs.store import AsyncStore, open_store
 
@@ -57,16 +57,20 @@ def value_files(directory: Path) -> list[Path]:
     return sorted(directory.rglob("*.val"))
 
 
-def lock_fds(cache_dir: Path) -> int:
-    """Descriptors of this process open on the cache's lock files (SQLite's own come and go per thread)."""
-    locks = str(cache_dir / "locks")
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            count += os.readlink(f"/proc/self/fd/{fd}").startswith(locks)
-        except OSError:
-            pass
-    return count
+def locks_held(cache_dir: Path) -> int:
+    """flock locks held (by any process) on the cache's lock files, from /proc/locks (servers keep
+    the files open: ``locks.LockStripes``)."""
+    inodes = set()
+    for p in (cache_dir / "locks").iterdir():
+        st = p.stat()
+        inodes.add(f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}")
+    held = 0
+    with open("/proc/locks") as f:
+        for line in f:
+            fields = line.split()
+            if "FLOCK" in fields and "->" not in fields:  # a lock held, not one blocked waiting
+                held += fields[fields.index("FLOCK") + 4] in inodes
+    return held
 
 
 @pytest.fixture
@@ -313,6 +317,45 @@ async def test_single_flight_within_one_process(tmp_path: Path) -> None:
             c.close()
 
 
+def test_lock_stripes_exclude_within_and_across_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lock files are opened once, not per block, and still exclude: two blocks of one stripe in
+    one process take turns, another process (another ``LockStripes``) waits, and releasing an
+    acquisition twice does not release the next holder's."""
+    monkeypatch.setattr(locks, "LOCK_STRIPES", 1)  # every block in one stripe
+    opened: list[str] = []
+    real_open = os.open
+
+    def counted(path: str, *args: Any, **kwargs: Any) -> int:
+        opened.append(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", counted)
+    (tmp_path / "locks").mkdir()
+    ours, theirs = locks.LockStripes(str(tmp_path / "locks")), locks.LockStripes(str(tmp_path / "locks"))
+    try:
+        a, b = ours.for_block(bkey(0)), ours.for_block(bkey(1))
+        assert a.try_acquire()
+        assert not b.try_acquire()  # same stripe, same process: waits its turn
+        assert not theirs.for_block(bkey(0)).try_acquire()
+        a.release()
+        assert b.try_acquire()
+        a.release()  # a second release of a must not release b
+        assert not theirs.for_block(bkey(2)).try_acquire()
+        b.release()
+        other = theirs.for_block(bkey(3))
+        assert other.try_acquire()
+        assert not ours.for_block(bkey(4)).try_acquire()
+        other.release()
+        for i in range(5, 9):
+            lock = ours.for_block(bkey(i))
+            assert lock.try_acquire()
+            lock.release()
+        assert len(opened) == 2  # one open per LockStripes, not one per block
+    finally:
+        ours.close()
+        theirs.close()
+
+
 async def test_fetch_error_releases_lock_and_propagates(tmp_path: Path) -> None:
     c1, c2 = (NodeCache(str(tmp_path / "cache"), 64 * MiB) for _ in range(2))
 
@@ -322,7 +365,7 @@ async def test_fetch_error_releases_lock_and_propagates(tmp_path: Path) -> None:
     try:
         with pytest.raises(ConnectionError):
             await c1.get_or_fetch(bkey(0), broken)
-        assert lock_fds(tmp_path / "cache") == 0
+        assert locks_held(tmp_path / "cache") == 0
         fetch = Fetcher(blob(0))
         assert await c2.get_or_fetch(bkey(0), fetch) == blob(0)  # would hang if the lock were kept
         assert fetch.calls == 1
@@ -357,7 +400,7 @@ async def test_cancellation_releases_lock(tmp_path: Path) -> None:
             waiter.cancel()  # cancel a waiter
             await trio.sleep(0.05)
             nursery.cancel_scope.cancel()  # cancel the fetcher
-        assert lock_fds(tmp_path / "cache") == 0
+        assert locks_held(tmp_path / "cache") == 0
         fetch = Fetcher(blob(0))
         assert await c3.get_or_fetch(bkey(0), fetch) == blob(0)
         assert fetch.calls == 1
@@ -389,7 +432,7 @@ async def test_stuck_fetcher_does_not_stall_other_readers(tmp_path: Path) -> Non
     finally:
         c1.close()
         c2.close()
-    assert lock_fds(tmp_path / "cache") == 0
+    assert locks_held(tmp_path / "cache") == 0
 
 
 class GatedWriter:
@@ -421,7 +464,7 @@ async def test_full_write_queue_skips_caching_and_releases_lock(tmp_path: Path) 
         assert await c.get_or_fetch(bkey(2), Fetcher(blob(2))) == blob(2)
         assert await c.get_or_fetch(bkey(3), Fetcher(blob(3))) == blob(3)  # no room there either: not cached
         assert c.stats()["store_skipped"] == 1
-        assert lock_fds(tmp_path / "cache") == 3  # blocks 0 (being written), 1 (queued), 2 (waiting) locked
+        assert locks_held(tmp_path / "cache") == 3  # blocks 0 (being written), 1 (queued), 2 (waiting) locked
         # block 3's lock was released at once: another reader fetches it instead of waiting
         fetch = Fetcher(blob(3))
         assert await other.get_or_fetch(bkey(3), fetch) == blob(3)
@@ -431,7 +474,7 @@ async def test_full_write_queue_skips_caching_and_releases_lock(tmp_path: Path) 
         # blocks 1 and 2 reach the cache: a reader waiting on their locks finds them there
         for i in (1, 2):
             assert await other.get_or_fetch(bkey(i), Fetcher(b"wrong")) == blob(i)
-        assert lock_fds(tmp_path / "cache") == 0  # every lock was released once its block was written
+        assert locks_held(tmp_path / "cache") == 0  # every lock was released once its block was written
     finally:
         writer.gate.set()
         c.close()
