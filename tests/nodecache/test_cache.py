@@ -148,6 +148,18 @@ def test_block_directories_made_only_when_missing(tmp_path: Path, monkeypatch: p
     assert stat.S_IMODE(sub.stat().st_mode) == 0o700
 
 
+def test_block_files_share_few_directories(cache: NodeCache, tmp_path: Path) -> None:
+    """Block files go into one level of 256 sub-directories, not diskcache's 65,536 two levels
+    deep, where nearly every block of a walk of small files made a directory of its own."""
+    for i in range(300):
+        assert cache.put(bkey(i), blob(i, 4 * KiB))
+    files = value_files(tmp_path / "cache")
+    assert len(files) == 300
+    assert all(len(p.relative_to(tmp_path / "cache").parts) == 2 for p in files)
+    assert len({p.parent for p in files}) <= 256
+    assert all(cache.get(bkey(i)) == blob(i, 4 * KiB) for i in range(300))
+
+
 def test_lru_eviction(tmp_path: Path) -> None:
     limit, size = 4 * MiB, 256 * KiB
     c = NodeCache(str(tmp_path / "cache"), limit)
