@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import resource
 import threading
 import zlib
 
@@ -25,6 +26,15 @@ LOCK_POLL_FIRST = 0.0005
 LOCK_POLL_MAX = 0.01
 #: longest wait for another fetcher of the same block (seconds); then fetch ourselves
 LOCK_WAIT = 30.0
+
+
+def kept_fds() -> int:
+    """Lock-file descriptors a process keeps open: every stripe's, unless that would be more than
+    an eighth of its descriptor limit (containers may run with a soft limit of 1024)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return LOCK_STRIPES
+    return max(1, min(LOCK_STRIPES, soft // 8))
 
 
 class LockStripes:
@@ -57,18 +67,35 @@ class LockStripes:
                 self._fds.clear()
                 self._held.clear()
                 self._pid = os.getpid()
-            if stripe not in self._fds and not self._closed:
-                path = os.path.join(self._dir, f"{stripe:04d}.lock")
-                self._fds[stripe] = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            if not self._closed:
+                self._open(stripe)
         return BlockLock(self, stripe)
+
+    def _open(self, stripe: int) -> int:
+        """(under the guard) The stripe's descriptor, opened if it is not. At most ``kept_fds()``
+        are kept (beyond them, one not held is closed: that releases nothing), so that a process
+        under a low descriptor limit does not spend it on lock files."""
+        fd = self._fds.get(stripe)
+        if fd is not None:
+            return fd
+        if len(self._fds) >= kept_fds():
+            spare = next((s for s in self._fds if s not in self._held), None)
+            if spare is not None:
+                os.close(self._fds.pop(spare))
+        path = os.path.join(self._dir, f"{stripe:04d}.lock")
+        fd = self._fds[stripe] = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return fd
 
     def take(self, stripe: int) -> bool:
         with self._guard:
             if self._closed:  # the cache is closed: nothing more is written, no one to wait for us
                 return True
-            fd = self._fds.get(stripe)
-            if fd is None or stripe in self._held:
+            if stripe in self._held:
                 return False
+            try:
+                fd = self._open(stripe)  # closed meanwhile to keep within the limit
+            except OSError:
+                return False  # as if another held it: the waiter gives up after LOCK_WAIT
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

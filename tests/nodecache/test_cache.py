@@ -368,6 +368,33 @@ def test_lock_stripes_exclude_within_and_across_processes(tmp_path: Path, monkey
         theirs.close()
 
 
+def test_lock_stripes_keep_few_descriptors_under_a_low_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a low descriptor limit only a few lock files stay open; closing one that is not held
+    releases nothing, and a held one is never closed."""
+    monkeypatch.setattr(locks, "kept_fds", lambda: 2)
+    (tmp_path / "locks").mkdir()
+    ours, theirs = locks.LockStripes(str(tmp_path / "locks")), locks.LockStripes(str(tmp_path / "locks"))
+    try:
+        held = [ours.for_block(bkey(i)) for i in range(6)]
+        stripes = {lock._stripe for lock in held}
+        taken = [lock for lock in held if lock.try_acquire()]
+        assert len(taken) == len(stripes)  # one per stripe, each opened again when needed
+        assert locks_held(tmp_path) == len(stripes)
+        assert len(ours._fds) == len(stripes)  # a held stripe's descriptor is never closed
+        assert not any(theirs.for_block(bkey(i)).try_acquire() for i in range(6))
+        assert len(theirs._fds) <= 2
+        for lock in taken:
+            lock.release()
+        assert locks_held(tmp_path) == 0
+        again = theirs.for_block(bkey(0))
+        assert again.try_acquire()
+        again.release()
+        assert len(theirs._fds) <= 2
+    finally:
+        ours.close()
+        theirs.close()
+
+
 async def test_fetch_error_releases_lock_and_propagates(tmp_path: Path) -> None:
     c1, c2 = (NodeCache(str(tmp_path / "cache"), 64 * MiB) for _ in range(2))
 
