@@ -42,7 +42,7 @@ from fusefs.nodecache.entries import SmallObjects
 from fusefs.nodecache.fills import Fills
 from fusefs.nodecache.index import open_index
 from fusefs.nodecache.keys import BlockKey, ObjectId
-from fusefs.nodecache.locks import LOCK_WAIT, BlockLock, Flight
+from fusefs.nodecache.locks import LOCK_WAIT, BlockLock, Flight, LockStripes
 from fusefs.nodecache.objectfiles import ObjectFiles
 from fusefs.nodecache.refill import Refiller
 from fusefs.nodecache.writer import WRITE_QUEUE_BYTES, Writer
@@ -60,6 +60,7 @@ class NodeCache:
         self.size_limit = size_limit
         self.lock_wait = lock_wait
         self._lock_dir = os.path.join(directory, "locks")
+        self._locks = LockStripes(self._lock_dir)
         self.counters = Counters(directory)
         self._flights: dict[BlockKey, Flight] = {}
         self._fills = Fills()
@@ -139,6 +140,7 @@ class NodeCache:
         if self._index is not None:
             with contextlib.suppress(Exception):
                 self._index.close()
+        self._locks.close()
 
     def _store_one(self, key: BlockKey, data: bytes) -> None:
         assert self._small is not None and self._files is not None
@@ -197,7 +199,7 @@ class NodeCache:
             return data, None, False
         self.counters.count("misses")
         try:
-            lock = BlockLock.for_block(self._lock_dir, key)
+            lock = self._locks.for_block(key)
         except OSError as exc:
             self.counters.problem("lock", exc)
             return None, None, False

@@ -54,21 +54,38 @@ class BlockDisk(diskcache.Disk):
             raise
         return len(value), diskcache.core.MODE_BINARY, filename, None
 
+    def filename(self, key: Any = diskcache.core.UNKNOWN, value: Any = diskcache.core.UNKNOWN) -> tuple[str, str]:
+        """A new random file name in one of 256 sub-directories (diskcache's own: one of
+        65,536, two levels deep). With that many, nearly every block of a cache of fewer than a
+        few hundred thousand blocks made a directory of its own (and emptied it on eviction):
+        creating those inodes was the largest part of the mkdir and openat time in a walk of
+        small files (issue 26 profile). ext4 indexes large directories, so a few thousand files
+        each (a million small objects) cost nothing on a lookup. Entries written with the old
+        layout keep their names: the index stores each one's."""
+        name = os.urandom(16).hex()
+        filename = os.path.join(name[:2], name[2:] + ".val")
+        return filename, os.path.join(self._directory, filename)
+
     def remove(self, file_path: str) -> None:
         metrics.CACHE_REMOVED.inc()  # LRU evictions mostly (see fusefs.metrics)
         super().remove(file_path)
 
 
 def write_new_file(path: str, data: bytes) -> None:
+    """Write a new block file, making its sub-directory only when the create says it is missing:
+    a ``makedirs`` before every block (two stats and a mkdir that fails) was, with the lock files,
+    a tenth of the server's CPU in a walk of small files (issue 26). The error is also how a
+    directory that vanished is noticed: eviction removes emptied sub-directories (diskcache's
+    ``Disk.remove``), also those of other servers, also between our mkdir and our create."""
     directory = os.path.dirname(path)
     for attempt in range(10):
-        os.makedirs(directory, mode=0o700, exist_ok=True)
         try:
             directio.write_new_file(path, data)  # O_DIRECT: see fusefs.directio for why
             return
-        except FileNotFoundError:  # another process removed the emptied sub-directory meanwhile
-            if attempt == 9 or os.path.isdir(directory):
+        except FileNotFoundError:
+            if attempt == 9:
                 raise
+        os.makedirs(directory, mode=0o700, exist_ok=True)
 
 
 def open_index(directory: str, size_limit: int) -> diskcache.Cache:

@@ -85,13 +85,13 @@ def new_partial(directory: str, oid: ObjectId, fmt: str = FORMAT) -> DataFile:
     rel = os.path.join(SUBDIR, name[:2], f"{name}-{token:016x}{PARTIAL}")
     path = os.path.join(directory, rel)
     for attempt in range(10):
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        try:
+        try:  # the sub-directory is made when missing (``index.write_new_file`` says why)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             break
-        except FileNotFoundError:  # another process removed the emptied sub-directory meanwhile
+        except FileNotFoundError:
             if attempt == 9:
                 raise
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     try:
         os.ftruncate(fd, oid.size)
     except BaseException:

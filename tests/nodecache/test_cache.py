@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from fusefs import buffers
 from fusefs.config import MountConfig
+from fusefs.nodecache import index, locks
 from fusefs.nodecache.cache import BlockKey, NodeCache
 from fusefs.store import AsyncStore, open_store
 
@@ -56,16 +57,20 @@ def value_files(directory: Path) -> list[Path]:
     return sorted(directory.rglob("*.val"))
 
 
-def lock_fds(cache_dir: Path) -> int:
-    """Descriptors of this process open on the cache's lock files (SQLite's own come and go per thread)."""
-    locks = str(cache_dir / "locks")
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            count += os.readlink(f"/proc/self/fd/{fd}").startswith(locks)
-        except OSError:
-            pass
-    return count
+def locks_held(cache_dir: Path) -> int:
+    """flock locks held (by any process) on the cache's lock files, from /proc/locks (servers keep
+    the files open: ``locks.LockStripes``)."""
+    inodes = set()
+    for p in (cache_dir / "locks").iterdir():
+        st = p.stat()
+        inodes.add(f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}")
+    held = 0
+    with open("/proc/locks") as f:
+        for line in f:
+            fields = line.split()
+            if "FLOCK" in fields and "->" not in fields:  # a lock held, not one blocked waiting
+                held += fields[fields.index("FLOCK") + 4] in inodes
+    return held
 
 
 @pytest.fixture
@@ -116,6 +121,43 @@ async def test_lock_files_private(tmp_path: Path, cache: NodeCache) -> None:
     locks = list((tmp_path / "cache" / "locks").iterdir())
     assert locks
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in locks)
+
+
+def test_block_directories_made_only_when_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block file's sub-directory is made when the create finds it missing (made once, or again
+    after eviction removed it), not before every block: that cost a walk of small files a tenth
+    of the server's CPU (issue 26)."""
+    made: list[str] = []
+    makedirs = os.makedirs
+
+    def counted(name: str, *args: Any, **kwargs: Any) -> None:
+        made.append(name)  # makedirs calls itself for missing parents: those are not counted below
+        makedirs(name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "makedirs", counted)
+    sub = tmp_path / "ab" / "cd"
+    for i in range(3):
+        index.write_new_file(str(sub / f"{i}.val"), blob(i, 4 * KiB))
+    assert made.count(str(sub)) == 1
+    for p in sub.iterdir():  # evicted: diskcache removes the emptied directories too
+        p.unlink()
+    os.removedirs(sub)
+    index.write_new_file(str(sub / "3.val"), blob(3, 4 * KiB))
+    assert made.count(str(sub)) == 2
+    assert (sub / "3.val").read_bytes() == blob(3, 4 * KiB)
+    assert stat.S_IMODE(sub.stat().st_mode) == 0o700
+
+
+def test_block_files_share_few_directories(cache: NodeCache, tmp_path: Path) -> None:
+    """Block files go into one level of 256 sub-directories, not diskcache's 65,536 two levels
+    deep, where nearly every block of a walk of small files made a directory of its own."""
+    for i in range(300):
+        assert cache.put(bkey(i), blob(i, 4 * KiB))
+    files = value_files(tmp_path / "cache")
+    assert len(files) == 300
+    assert all(len(p.relative_to(tmp_path / "cache").parts) == 2 for p in files)
+    assert len({p.parent for p in files}) <= 256
+    assert all(cache.get(bkey(i)) == blob(i, 4 * KiB) for i in range(300))
 
 
 def test_lru_eviction(tmp_path: Path) -> None:
@@ -287,6 +329,72 @@ async def test_single_flight_within_one_process(tmp_path: Path) -> None:
             c.close()
 
 
+def test_lock_stripes_exclude_within_and_across_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lock files are opened once, not per block, and still exclude: two blocks of one stripe in
+    one process take turns, another process (another ``LockStripes``) waits, and releasing an
+    acquisition twice does not release the next holder's."""
+    monkeypatch.setattr(locks, "LOCK_STRIPES", 1)  # every block in one stripe
+    opened: list[str] = []
+    real_open = os.open
+
+    def counted(path: str, *args: Any, **kwargs: Any) -> int:
+        opened.append(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", counted)
+    (tmp_path / "locks").mkdir()
+    ours, theirs = locks.LockStripes(str(tmp_path / "locks")), locks.LockStripes(str(tmp_path / "locks"))
+    try:
+        a, b = ours.for_block(bkey(0)), ours.for_block(bkey(1))
+        assert a.try_acquire()
+        assert not b.try_acquire()  # same stripe, same process: waits its turn
+        assert not theirs.for_block(bkey(0)).try_acquire()
+        a.release()
+        assert b.try_acquire()
+        a.release()  # a second release of a must not release b
+        assert not theirs.for_block(bkey(2)).try_acquire()
+        b.release()
+        other = theirs.for_block(bkey(3))
+        assert other.try_acquire()
+        assert not ours.for_block(bkey(4)).try_acquire()
+        other.release()
+        for i in range(5, 9):
+            lock = ours.for_block(bkey(i))
+            assert lock.try_acquire()
+            lock.release()
+        assert len(opened) == 2  # one open per LockStripes, not one per block
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_lock_stripes_keep_few_descriptors_under_a_low_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a low descriptor limit only a few lock files stay open; closing one that is not held
+    releases nothing, and a held one is never closed."""
+    monkeypatch.setattr(locks, "kept_fds", lambda: 2)
+    (tmp_path / "locks").mkdir()
+    ours, theirs = locks.LockStripes(str(tmp_path / "locks")), locks.LockStripes(str(tmp_path / "locks"))
+    try:
+        held = [ours.for_block(bkey(i)) for i in range(6)]
+        stripes = {lock._stripe for lock in held}
+        taken = [lock for lock in held if lock.try_acquire()]
+        assert len(taken) == len(stripes)  # one per stripe, each opened again when needed
+        assert locks_held(tmp_path) == len(stripes)
+        assert len(ours._fds) == len(stripes)  # a held stripe's descriptor is never closed
+        assert not any(theirs.for_block(bkey(i)).try_acquire() for i in range(6))
+        assert len(theirs._fds) <= 2
+        for lock in taken:
+            lock.release()
+        assert locks_held(tmp_path) == 0
+        again = theirs.for_block(bkey(0))
+        assert again.try_acquire()
+        again.release()
+        assert len(theirs._fds) <= 2
+    finally:
+        ours.close()
+        theirs.close()
+
+
 async def test_fetch_error_releases_lock_and_propagates(tmp_path: Path) -> None:
     c1, c2 = (NodeCache(str(tmp_path / "cache"), 64 * MiB) for _ in range(2))
 
@@ -296,7 +404,7 @@ async def test_fetch_error_releases_lock_and_propagates(tmp_path: Path) -> None:
     try:
         with pytest.raises(ConnectionError):
             await c1.get_or_fetch(bkey(0), broken)
-        assert lock_fds(tmp_path / "cache") == 0
+        assert locks_held(tmp_path / "cache") == 0
         fetch = Fetcher(blob(0))
         assert await c2.get_or_fetch(bkey(0), fetch) == blob(0)  # would hang if the lock were kept
         assert fetch.calls == 1
@@ -331,7 +439,7 @@ async def test_cancellation_releases_lock(tmp_path: Path) -> None:
             waiter.cancel()  # cancel a waiter
             await trio.sleep(0.05)
             nursery.cancel_scope.cancel()  # cancel the fetcher
-        assert lock_fds(tmp_path / "cache") == 0
+        assert locks_held(tmp_path / "cache") == 0
         fetch = Fetcher(blob(0))
         assert await c3.get_or_fetch(bkey(0), fetch) == blob(0)
         assert fetch.calls == 1
@@ -363,7 +471,7 @@ async def test_stuck_fetcher_does_not_stall_other_readers(tmp_path: Path) -> Non
     finally:
         c1.close()
         c2.close()
-    assert lock_fds(tmp_path / "cache") == 0
+    assert locks_held(tmp_path / "cache") == 0
 
 
 class GatedWriter:
@@ -395,7 +503,7 @@ async def test_full_write_queue_skips_caching_and_releases_lock(tmp_path: Path) 
         assert await c.get_or_fetch(bkey(2), Fetcher(blob(2))) == blob(2)
         assert await c.get_or_fetch(bkey(3), Fetcher(blob(3))) == blob(3)  # no room there either: not cached
         assert c.stats()["store_skipped"] == 1
-        assert lock_fds(tmp_path / "cache") == 3  # blocks 0 (being written), 1 (queued), 2 (waiting) locked
+        assert locks_held(tmp_path / "cache") == 3  # blocks 0 (being written), 1 (queued), 2 (waiting) locked
         # block 3's lock was released at once: another reader fetches it instead of waiting
         fetch = Fetcher(blob(3))
         assert await other.get_or_fetch(bkey(3), fetch) == blob(3)
@@ -405,7 +513,7 @@ async def test_full_write_queue_skips_caching_and_releases_lock(tmp_path: Path) 
         # blocks 1 and 2 reach the cache: a reader waiting on their locks finds them there
         for i in (1, 2):
             assert await other.get_or_fetch(bkey(i), Fetcher(b"wrong")) == blob(i)
-        assert lock_fds(tmp_path / "cache") == 0  # every lock was released once its block was written
+        assert locks_held(tmp_path / "cache") == 0  # every lock was released once its block was written
     finally:
         writer.gate.set()
         c.close()
