@@ -16,34 +16,18 @@ import errno
 import os
 import random
 import stat
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pyfuse3
 import pytest
-import trio
 
-from fusefs.config import MiB, MountConfig
-from fusefs.fs.ops import Operations
-from fusefs.service.local import LocalData
-from fusefs.store.base import AsyncStore
-from fusefs.store.faulty import FaultyStore
-from fusefs.store.memory import MemoryStore
-from tests.layers.conftest import POLICY, TUNING, DirReply, Fs, setattr_fields
+from fusefs.config import MiB
+from tests.layers.conftest import Fs, setattr_fields
 
 
 @pytest.fixture
-async def fs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Fs]:
-    """The conftest's filesystem, on a volume that keeps per-file metadata."""
-    monkeypatch.setattr(pyfuse3, "readdir_reply", DirReply.add)
-    memory = MemoryStore("stale")
-    faulty = FaultyStore(memory)
-    config = MountConfig(backend="s3", bucket="stale", cache_dir=None, tuning=TUNING, file_metadata=True)
-    data = LocalData.for_config(config, AsyncStore(faulty, policy=POLICY))
-    async with trio.open_nursery() as nursery:
-        yield Fs(Operations(config, data, nursery, str(tmp_path)), memory, faulty, config)
-        nursery.cancel_scope.cancel()
-    await data.aclose()
+def fs(meta_fs: Fs) -> Fs:
+    """The conftest's filesystem on a volume that keeps per-file metadata (``meta_fs``)."""
+    return meta_fs
 
 
 def newer(fs: Fs, key: str, data: bytes) -> dict[str, str]:
