@@ -56,6 +56,7 @@ class LockStripes:
         self._held: set[int] = set()
         self._pid = os.getpid()
         self._closed = False
+        self._keep = kept_fds()  # asked once, not at every open beyond the limit
 
     def for_block(self, key: BlockKey) -> BlockLock:
         """The block's lock, not taken. Raises OSError if its file cannot be opened."""
@@ -73,12 +74,12 @@ class LockStripes:
 
     def _open(self, stripe: int) -> int:
         """(under the guard) The stripe's descriptor, opened if it is not. At most ``kept_fds()``
-        are kept (beyond them, one not held is closed: that releases nothing), so that a process
+        are kept (``_keep``; beyond them, one not held is closed: that releases nothing), so that a process
         under a low descriptor limit does not spend it on lock files."""
         fd = self._fds.get(stripe)
         if fd is not None:
             return fd
-        if len(self._fds) >= kept_fds():
+        if len(self._fds) >= self._keep:
             spare = next((s for s in self._fds if s not in self._held), None)
             if spare is not None:
                 os.close(self._fds.pop(spare))
