@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import random
+import select
 import socket
 import struct
 import threading
@@ -253,7 +254,12 @@ class CountingProxy:
     ``snapshot()`` is the request count by kind, ``tally()`` adds response bytes, errors and the
     faults injected (``inject``, ``down``). A response is in the tally before its client gets any
     of it, so counts taken after the calls returned are exact; requests still in flight (a
-    background prefetch) may or may not be in it yet: tests count only what they waited for."""
+    background prefetch) may or may not be in it yet: tests count only what they waited for.
+
+    A client that has exited (an unmounted server) may still have requests in flight here: the
+    store answers them after the client is gone, and they are counted then. ``settle()`` waits
+    for those, so that a ``reset()`` after it starts a count none of them can reach, and a count
+    after it holds all of them."""
 
     def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1", host: str = "127.0.0.1") -> None:
         self.upstream = (upstream_host, upstream_port)
@@ -261,9 +267,11 @@ class CountingProxy:
         self.listener = socket.create_server((host, 0), backlog=256)
         self.port = int(self.listener.getsockname()[1])
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a connection was finished with (settle)
         self._tally = Tally()
         self._stopping = False
         self._conns: set[socket.socket] = set()
+        self._open = 0  # connections accepted and not finished with: taken under the lock (settle)
         self._plan: FaultPlan | None = None
         self._down: str | None = None  # every request gets this fault
 
@@ -310,6 +318,32 @@ class CountingProxy:
         """Requests by kind since the last reset (LIST, GET, HEAD, PUT, PART, DELETE, ...)."""
         return self.tally().requests
 
+    def settle(self, patience: float = 60.0) -> None:
+        """Until nothing is in flight here: every connection accepted has been closed by its
+        client (a request on it was answered and counted first) and none waits to be accepted.
+
+        Only for when every client of the proxy has exited (or closed its connections), e.g.
+        after ``Mounted.unmount()``, which waits for the server process: a live client's idle
+        keep-alive connection would keep it waiting (past ``patience``: TimeoutError). Once the
+        clients are gone no new connection can come, except those the kernel had completed
+        before (an exited client's request may sit in one, unread): the listener's backlog is
+        looked at under the lock that the accept loop takes each connection under, so a
+        connection is always either pending there or counted open. (A handshake the client
+        never finished carries no request: its SYN-ACK meets a closed socket.)"""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._open == 0 and not self._pending(), patience):
+                raise TimeoutError(f"the proxy still has {self._open} connection(s) open, or one to accept, "
+                                   f"after {patience:.0f} s: is a client still running?")
+
+    def _pending(self) -> bool:
+        """A connection is waiting in the listener's backlog (under the lock)."""
+        ready = select.poll()  # not select.select: no limit on the descriptor's number
+        try:
+            ready.register(self.listener, select.POLLIN)
+        except (OSError, ValueError):  # closed: nothing more comes
+            return False
+        return any(events & select.POLLIN for _, events in ready.poll(0))
+
     def _record(self, kind: str, status: int, nbytes: int, request: bool = True) -> None:
         """Count a response (``request``) and ``nbytes`` of its body."""
         with self._lock:
@@ -326,6 +360,8 @@ class CountingProxy:
     def stop(self) -> None:
         self._stopping = True
         with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept loop's select
+        with contextlib.suppress(OSError):
             self.listener.close()
         for conn in list(self._conns):
             with contextlib.suppress(OSError):
@@ -338,15 +374,37 @@ class CountingProxy:
         self.stop()
 
     def _accept(self) -> None:
+        """Wait for a connection, then take it under the lock (non-blocking) and count it open in
+        the same step: ``settle`` sees each one either in the backlog or open, never between."""
+        self.listener.setblocking(False)
+        ready = select.poll()
+        ready.register(self.listener, select.POLLIN)
         while not self._stopping:
             try:
-                conn, _ = self.listener.accept()
-            except OSError:
+                ready.poll()
+                with self._lock:
+                    try:
+                        conn, _ = self.listener.accept()
+                    except BlockingIOError:  # not complete after all (or taken): wait again
+                        continue
+                    self._open += 1
+            except (OSError, ValueError):  # stopped: the listener is shut down or closed
                 return
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
+        try:
+            with contextlib.suppress(OSError):
+                client.setblocking(True)
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._relay_all(client)
+        finally:
+            with self._changed:
+                self._open -= 1
+                self._changed.notify_all()
+
+    def _relay_all(self, client: socket.socket) -> None:
+        """Relay the requests of one client connection until it closes."""
         self._conns.add(client)
         upstream: socket.socket | None = None
         try:

@@ -359,6 +359,7 @@ def test_a_walk_that_reads_costs_a_request_per_file_with_or_without_file_metadat
             per_file[keep] = sum(counts.values()) / files
             print(f"\nfileMetadata={keep}: {dict(counts)} -> {per_file[keep]:.3f} requests per file")
             m.unmount()
+            proxy.settle()  # what this mount had in flight as it exited is not counted for the next one
     assert per_file[False] <= 1.05
     assert per_file[True] <= 1.05
 
