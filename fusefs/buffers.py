@@ -1,7 +1,7 @@
 """A small pool of block-sized buffers, reused instead of allocated for every block.
 
 Why: each block is a multi-MiB buffer, and glibc gives every buffer that size its own mapping
-(``fusefs.proc.serve.limit_malloc_retention`` keeps it that way, so that RSS follows what is alive).
+(``limit_malloc_retention`` keeps it that way, so that RSS follows what is alive).
 A fresh mapping costs a page fault and a zeroed page per 4 KiB, and an unmap with TLB
 shootdowns when freed: about a fifth of a cold read's CPU here. A buffer handed back when its
 block leaves the reader's memory serves the next block instead.
@@ -99,3 +99,18 @@ def pool() -> BufferPool | None:
 def take(n: int) -> bytearray:
     """A buffer of length ``n`` from the pool (or a new one) whose every byte the caller overwrites."""
     return _pool.take(n) if _pool is not None else bytearray(n)
+
+
+def limit_malloc_retention() -> None:
+    """Blocks are multi-MiB buffers allocated and freed by many threads. glibc's default raises
+    its mmap threshold after the first such free, after which blocks come from per-thread heaps
+    that rarely shrink: RSS grows far past what is alive. A fixed threshold keeps every block in
+    its own mapping, returned to the OS on free; two arenas keep small-object heaps compact.
+    Called first thing by every process that moves blocks: each FUSE server and the node's data
+    service (whose GET threads allocate the blocks of every volume on the node)."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass

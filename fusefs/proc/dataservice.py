@@ -134,6 +134,7 @@ def _json(obj: object) -> bytes:
 
 async def _main(args: argparse.Namespace) -> None:
     os.umask(0o077)  # the cache is this uid's alone (the broker, root, opens what it registers)
+    buffers.limit_malloc_retention()
     # Blocks are sent and dropped: their buffers are taken again by the next GETs (fusefs.buffers),
     # instead of a fresh 8 MiB allocation each (a fifth of the service's time in a cold read here).
     buffers.configure(Tuning().block_size, keep=BUFFERS_KEPT)

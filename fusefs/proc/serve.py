@@ -9,7 +9,6 @@ the filesystem is unmounted or SIGTERM/SIGINT arrive.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fnmatch
 import logging
 import os
@@ -51,19 +50,6 @@ STOP_WRITES_WAIT = 25.0
 
 class MountError(Exception):
     """The mount cannot be served; the message is one line meant for the user."""
-
-
-def limit_malloc_retention() -> None:
-    """Blocks are multi-MiB buffers allocated and freed by many threads. glibc's default raises
-    its mmap threshold after the first such free, after which blocks come from per-thread heaps
-    that rarely shrink: RSS grows far past what is alive. A fixed threshold keeps every block in
-    its own mapping, returned to the OS on free; two arenas keep small-object heaps compact."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-8, 2)  # M_ARENA_MAX
-    except (OSError, AttributeError):
-        pass
 
 
 def fuse_options(config: MountConfig) -> set[str]:
@@ -235,7 +221,7 @@ async def serve(
     where a restarted node plugin hands over the next one (``fusefs.wire.regrant``).
     """
     os.umask(0o077)
-    limit_malloc_retention()
+    buffers.limit_malloc_retention()
     fuse_fd_number = int(mountpoint[len("/dev/fd/"):]) if mountpoint.startswith("/dev/fd/") else None
     async with open_data(config, grant, fuse_fd_number) as (data, cache), trio.open_nursery() as nursery:
         if regrant is not None and isinstance(data, GrantClient):

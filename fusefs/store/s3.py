@@ -47,7 +47,7 @@ COPY_OBJECT_LIMIT = 5 * 1024**3
 COPY_PART_SIZE = 512 * 1024 * 1024
 LIMITS = S3_LIMITS
 # Bounds the temporary buffer of each read from a response body read in pieces. Below glibc's mmap threshold
-# (1 MiB here: fusefs.proc.serve.limit_malloc_retention), so each chunk reuses heap memory instead of
+# (1 MiB here: fusefs.buffers.limit_malloc_retention), so each chunk reuses heap memory instead of
 # a fresh mapping that costs a page fault per 4 KiB (a tenth of a cold read's CPU at 1 MiB).
 READ_CHUNK = 256 * 1024
 
