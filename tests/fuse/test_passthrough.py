@@ -22,7 +22,7 @@ from fusefs.nodecache.cache import NodeCache
 from fusefs.nodecache.keys import BlockKey, tenant_of
 from fusefs.passthrough import backing
 from fusefs.passthrough.broker import BrokerClient
-from fusefs.store.base import ObjectInfo
+from fusefs.store import open_store
 from testing.fsmount import Mounted
 from testing.scrape import parse, value
 from testing.servers import RcloneS3, random_bytes
@@ -183,13 +183,17 @@ def test_an_object_is_complete_the_moment_its_first_read_returns(
     assert value(figures, "objfs_node_cache_skipped_blocks_total") == 0
 
 
-def cached_blocks(config: MountConfig, info: ObjectInfo, count: int) -> set[int]:
-    """Which of an object's first ``count`` blocks the node cache holds, asked with no server running."""
+def cached_blocks(config: MountConfig, key: str) -> set[int]:
+    """Which blocks of object ``key`` the node cache holds, asked with no server running (the
+    store names the object's version and its identity in cache keys, as a server's does)."""
+    store = open_store(config)
+    info = store.head(key)
     cache = NodeCache(config.cache_dir or "", 1 << 30)
     try:
-        return {i for i in range(count)
-                if cache.contains(BlockKey(f"s3|{config.endpoint_url}|{config.bucket}", info.key, info.version, i,
-                                           config.tuning.block_size, info.size, tenant_of(config)))}
+        block_size = config.tuning.block_size
+        return {i for i in range(-(-info.size // block_size))
+                if cache.contains(BlockKey(store.identity, info.key, info.version, i, block_size, info.size,
+                                           tenant_of(config)))}
     finally:
         cache.close()
 
@@ -199,10 +203,7 @@ def test_a_second_mount_reads_the_cached_part_of_an_object_from_the_cache_and_co
 ) -> None:
     config = dataclasses.replace(s3_config, metadata_ttl=0, tuning=TUNING)
     payload = random_bytes(8 * MiB + 99, 14)  # nine blocks
-    client = s3_server.client()
-    client.put_object(Bucket=config.bucket, Key="part.bin", Body=payload)
-    etag = client.head_object(Bucket=config.bucket, Key="part.bin")["ETag"].strip('"')
-    info = ObjectInfo("part.bin", len(payload), etag, 0.0)
+    s3_server.client().put_object(Bucket=config.bucket, Key="part.bin", Body=payload)
     first = mount_fs(dataclasses.replace(config, metrics_path=str(tmp_path / "first.prom")), "first")
     with open(first.path / "part.bin", "rb") as f:
         assert f.read(3 * MiB) == payload[:3 * MiB]  # a part of it, and closed
@@ -212,7 +213,7 @@ def test_a_second_mount_reads_the_cached_part_of_an_object_from_the_cache_and_co
     # the exit: which of those made it into the cache is asked, not assumed.
     assert value(figures_at_exit(first), "objfs_node_cache_skipped_blocks_total") == 0
     assert not list(Path(config.cache_dir or "").rglob("*.obj"))
-    cached = cached_blocks(config, info, 9)
+    cached = cached_blocks(config, "part.bin")
     assert {1, 2} <= cached and len(cached) < 9
     second = mount_fs(dataclasses.replace(config, metrics_path=str(tmp_path / "second.prom")), "second")
     assert (second.path / "part.bin").read_bytes() == payload
