@@ -702,7 +702,7 @@ class Meta:
         keys = len(page.objects) + len(page.prefixes)
         if self._prelisted_keys + keys > PRELISTED_KEYS:
             now = time.monotonic()
-            for old in [p for p, (_, until) in self._prelisted.items() if until <= now]:
+            for old in [p for p, (_, ends) in self._prelisted.items() if ends <= now]:
                 self._drop_prelisted(old)
             if self._prelisted_keys + keys > PRELISTED_KEYS:
                 return  # those held are the ones a walk reaches first: this one is listed again
